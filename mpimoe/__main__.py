@@ -1,0 +1,5 @@
+import sys
+
+from mpimoe.cli import main
+
+sys.exit(main())

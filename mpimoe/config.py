@@ -1,0 +1,200 @@
+"""Model configuration: one validated dataclass, named presets, ``--set`` overrides.
+
+    >>> cfg = model_config('tiny', ['top_k=3'])
+    >>> cfg.moe_layers
+    [1, 2, 3]
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+
+from mpimoe.errors import ConfigError
+
+__all__ = ['ModelConfig', 'PRESETS', 'model_config', 'parse_overrides']
+
+EXPERT_KINDS = ('mlp', 'swiglu')
+DTYPES = ('bfloat16', 'float16')
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only MoE transformer; the first ``n_dense_layers`` are dense."""
+
+    n_layers: int
+    """Transformer blocks in total (dense + MoE)."""
+    n_dense_layers: int
+    """Leading blocks with a dense MLP instead of an MoE FFN."""
+    n_experts: int
+    """Experts per MoE layer (E)."""
+    top_k: int
+    """Experts each token is routed to."""
+    d_model: int
+    """Width of the residual stream."""
+    n_heads: int
+    """Query heads."""
+    n_kv_heads: int
+    """Key/value heads (GQA when smaller than ``n_heads``; must divide it)."""
+    head_dim: int
+    """Width of one attention head (even: RoPE rotates pairs)."""
+    d_expert: int
+    """Hidden width of one expert."""
+    d_dense: int
+    """Hidden width of the dense MLP of the first layers."""
+    expert_kind: str = 'swiglu'
+    """``mlp`` (up, GELU, down) or ``swiglu`` (gate, up, down; Mixtral)."""
+    vocab_size: int = 256
+    """Token ids are in ``[0, vocab_size)``."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    dtype: str = 'bfloat16'
+    """Storage dtype of the weights: ``bfloat16`` or ``float16``."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, _field_type(f)) or isinstance(v, bool):
+                raise ConfigError(f'{f.name}={v!r}: expected {f.type.__name__}')
+        for name in ('n_layers', 'n_experts', 'top_k', 'd_model', 'n_heads',
+                     'n_kv_heads', 'head_dim', 'd_expert', 'd_dense', 'vocab_size'):
+            if getattr(self, name) < 1:
+                raise ConfigError(f'{name}={getattr(self, name)}: must be >= 1')
+        if not 0 <= self.n_dense_layers < self.n_layers:
+            raise ConfigError(f'n_dense_layers={self.n_dense_layers}: must be in '
+                              f'[0, n_layers={self.n_layers}) so that one MoE layer is left')
+        if self.top_k > self.n_experts:
+            raise ConfigError(f'top_k={self.top_k}: must be <= n_experts={self.n_experts}')
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f'n_kv_heads={self.n_kv_heads}: must divide n_heads={self.n_heads}')
+        if self.head_dim % 2:
+            raise ConfigError(f'head_dim={self.head_dim}: must be even (RoPE rotates pairs)')
+        if self.expert_kind not in EXPERT_KINDS:
+            raise ConfigError(f'expert_kind={self.expert_kind!r}: must be one of {EXPERT_KINDS}')
+        if self.dtype not in DTYPES:
+            raise ConfigError(f'dtype={self.dtype!r}: must be one of {DTYPES}')
+        if not self.rope_theta > 0:
+            raise ConfigError(f'rope_theta={self.rope_theta}: must be > 0')
+        if not self.norm_eps > 0:
+            raise ConfigError(f'norm_eps={self.norm_eps}: must be > 0')
+
+    @property
+    def moe_layers(self):
+        """Indices of the MoE layers: ``[n_dense_layers, n_layers)``."""
+        return list(range(self.n_dense_layers, self.n_layers))
+
+    @property
+    def n_moe_layers(self):
+        return self.n_layers - self.n_dense_layers
+
+    @property
+    def expert_matrices(self):
+        """Names of one expert's matrices, in storage order."""
+        return ('gate', 'up', 'down') if self.expert_kind == 'swiglu' else ('up', 'down')
+
+    @property
+    def expert_params(self):
+        """Parameters of one expert (one (layer, expert) pair)."""
+        return len(self.expert_matrices) * self.d_model * self.d_expert
+
+    @property
+    def nonexpert_params(self):
+        """Parameters outside the experts: embedding, attention, norms, dense
+        MLPs, routers, LM head (what a front-end holds)."""
+        d, q, kv = self.d_model, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        attention = d * q + 2 * d * kv + q * d + 2 * d          # wq wk wv wo + 2 norms
+        dense_mlp = len(self.expert_matrices) * d * self.d_dense
+        return (2 * self.vocab_size * d + d + self.n_layers * attention
+                + self.n_dense_layers * dense_mlp + self.n_moe_layers * d * self.n_experts)
+
+    @property
+    def itemsize(self):
+        """Bytes per stored weight (both dtypes are 16-bit)."""
+        return 2
+
+    def replace(self, **changes):
+        """A new validated config with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text):
+        """Inverse of :meth:`to_json`; unknown or missing keys raise ConfigError."""
+        try:
+            d = json.loads(text)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f'config is not valid JSON: {e}') from None
+        if not isinstance(d, dict):
+            raise ConfigError('config is not a JSON object')
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        missing = sorted(n for n in names - set(d))
+        if unknown or missing:
+            raise ConfigError(f'config keys: unknown {unknown}, missing {missing}')
+        return cls(**d)
+
+
+def _field_type(f):
+    """The accepted Python type(s) of a field: a float field accepts an int."""
+    return (int, float) if f.type is float else f.type
+
+
+#: Named configurations.  ``paper-*`` follow the reference deployment
+#: (shared/DESIGN.md); vocabularies are ours: 129280 (DeepSeek-V3's) for
+#: paper-61l, 32000 (Llama/Mixtral's) for the others.  ``tiny`` is for tests,
+#: ``small`` for laptops and CPU benchmarks.
+PRESETS = {
+    'paper-61l': dict(n_layers=61, n_dense_layers=3, n_experts=64, top_k=2,
+                      d_model=7168, n_heads=128, n_kv_heads=128, head_dim=128,
+                      d_expert=2048, d_dense=18432, expert_kind='mlp',
+                      vocab_size=129280, dtype='bfloat16'),
+    'paper-16l': dict(n_layers=16, n_dense_layers=0, n_experts=16, top_k=2,
+                      d_model=4096, n_heads=32, n_kv_heads=32, head_dim=128,
+                      d_expert=16384, d_dense=16384, expert_kind='mlp',
+                      vocab_size=32000, dtype='bfloat16'),
+    'paper-4l': dict(n_layers=4, n_dense_layers=0, n_experts=16, top_k=2,
+                     d_model=8192, n_heads=16, n_kv_heads=16, head_dim=512,
+                     d_expert=32768, d_dense=32768, expert_kind='mlp',
+                     vocab_size=32000, dtype='float16'),
+    'small': dict(n_layers=6, n_dense_layers=1, n_experts=16, top_k=2,
+                  d_model=512, n_heads=8, n_kv_heads=4, head_dim=64,
+                  d_expert=1024, d_dense=2048, expert_kind='swiglu',
+                  vocab_size=4096, dtype='bfloat16'),
+    'tiny': dict(n_layers=4, n_dense_layers=1, n_experts=8, top_k=2,
+                 d_model=64, n_heads=4, n_kv_heads=2, head_dim=16,
+                 d_expert=128, d_dense=128, expert_kind='swiglu',
+                 vocab_size=256, dtype='bfloat16'),
+}
+
+
+def parse_overrides(pairs):
+    """``['top_k=3', 'expert_kind=mlp']`` -> ``{'top_k': 3, 'expert_kind': 'mlp'}``.
+
+    Values are converted to the field's type; an unknown key or a value that
+    does not convert raises ConfigError naming the key.
+    """
+    types = {f.name: _field_type(f) for f in fields(ModelConfig)}
+    out = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition('=')
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f'--set {pair!r}: expected KEY=VALUE')
+        if key not in types:
+            raise ConfigError(f'--set {key}: unknown key; valid keys: {", ".join(types)}')
+        conv = float if types[key] == (int, float) else types[key]
+        try:
+            out[key] = conv(value.strip())
+        except ValueError:
+            raise ConfigError(f'--set {key}={value}: not a valid {conv.__name__}') from None
+    return out
+
+
+def model_config(preset, overrides=()):
+    """The validated config of ``preset`` with ``--set`` style ``overrides``."""
+    if preset not in PRESETS:
+        raise ConfigError(f'unknown preset {preset!r}; choose one of: {", ".join(PRESETS)}')
+    return ModelConfig(**{**PRESETS[preset], **parse_overrides(overrides)})

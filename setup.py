@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+setup(
+    name='mpimoe',
+    version='0.1.0',
+    description='Mixture-of-Experts inference with large expert parallelism over MPI',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.10',
+    packages=find_packages(include=['mpimoe', 'mpimoe.*']),
+    install_requires=['mpi4py>=3.1', 'numpy>=1.24', 'h5py>=3.8', 'ml_dtypes>=0.3'],
+    extras_require={
+        # an MPI library for machines that have none (clusters bring their own)
+        'mpich': ['mpich'],
+        'test': ['pytest>=7', 'pytest-timeout', 'psutil'],
+        'gpu': ['cupy-cuda12x>=14'],
+    },
+    entry_points={'console_scripts': ['mpimoe = mpimoe.cli:main']},
+)
