@@ -49,10 +49,30 @@ def _cmd_make_input(args):
     print(f'wrote {args.num_seqs} sequences to {args.out}')
 
 
+def _cmd_plan(args):
+    from mpimoe.config import model_config
+    from mpimoe.placement import make_plan
+    cfg = model_config(args.preset, args.overrides)
+    plan = make_plan(cfg, args.gpus, mode=args.placement, n_frontends=args.frontends,
+                     gpus_per_node=args.gpus_per_node)
+    print(plan.describe(full=args.full))
+
+
 def _cmd_reference(args):
     from mpimoe.reference import run_reference
     run_reference(args.weights, args.input, args.output, max_new_tokens=args.max_new_tokens,
                   save_logits=args.save_logits, overwrite=args.overwrite, log=print)
+
+
+def _cmd_run(args):
+    from mpimoe.engine import RunOptions, run_engine
+    opts = RunOptions(weights=args.weights, input=args.input, output=args.output,
+                      placement=args.placement, frontends=args.frontends,
+                      micro_batches=args.micro_batches, max_new_tokens=args.max_new_tokens,
+                      save_logits=args.save_logits, metrics=args.metrics,
+                      overwrite=args.overwrite, batch_tokens=args.batch_tokens,
+                      deadline=args.deadline)
+    return run_engine(opts)
 
 
 def _build_parser():
@@ -93,6 +113,21 @@ def _build_parser():
     p.add_argument('--overwrite', action='store_true', help='replace FILE if it exists')
     p.set_defaults(func=_cmd_make_input)
 
+    p = sub.add_parser('plan', help='print the placement of experts on ranks (no MPI needed)',
+                       description='Print which rank hosts which (layer, expert) for a model '
+                       'on a world size, the ranks per role, nodes and weight bytes per rank.')
+    _add_model_args(p)
+    p.add_argument('--gpus', type=int, required=True, metavar='P',
+                   help='world size: MPI ranks, one per GPU')
+    p.add_argument('--gpus-per-node', type=int, metavar='G',
+                   help='ranks per node, block distribution (default: all on one node)')
+    p.add_argument('--placement', default='per-layer', metavar='MODE',
+                   help='per-layer (default), dedicated or packed:K')
+    p.add_argument('--frontends', type=int, metavar='F',
+                   help='front-end ranks (default: the smallest F >= 1 that fits)')
+    p.add_argument('--full', action='store_true', help='list every rank on its own line')
+    p.set_defaults(func=_cmd_plan)
+
     p = sub.add_parser('reference', help='single-process reference inference (the oracle)',
                        description='Run the single-process NumPy reference model over an '
                        'input file and write the output format the engine also writes.')
@@ -105,6 +140,33 @@ def _build_parser():
                    help='also store last_logits [n, vocab] at the last prompt position')
     p.add_argument('--overwrite', action='store_true', help='replace OUTPUT if it exists')
     p.set_defaults(func=_cmd_reference)
+
+    p = sub.add_parser('run', help='distributed expert-parallel inference (under mpiexec/srun)',
+                       description='Run the model over MPI ranks: front-ends run attention and '
+                       'the dense parts, expert ranks their experts; tokens travel by '
+                       'non-blocking all-to-all. Launch as: mpiexec -n P python -m mpi4py '
+                       '-m mpimoe run ... Writes the same output format as `mpimoe reference`.')
+    p.add_argument('--weights', required=True, metavar='FILE')
+    p.add_argument('--input', required=True, metavar='FILE', help='.jsonl or .h5 token sequences')
+    p.add_argument('--output', required=True, metavar='FILE', help='HDF5 output to write')
+    p.add_argument('--placement', default='per-layer', metavar='MODE',
+                   help='per-layer | dedicated | packed:K (default per-layer)')
+    p.add_argument('--frontends', type=int, default=None, metavar='F',
+                   help='front-end ranks (default: the fewest >= 1 that fit the placement)')
+    p.add_argument('--micro-batches', type=int, default=2, metavar='M',
+                   help='micro-batches per pass, pipelined (default 2: double buffering)')
+    p.add_argument('--max-new-tokens', type=int, default=0, metavar='N',
+                   help='greedy tokens to generate per sequence (default 0: prefill only)')
+    p.add_argument('--batch-tokens', type=int, default=4096, metavar='T',
+                   help='prompt-token budget of one front-end batch (default 4096)')
+    p.add_argument('--save-logits', action='store_true',
+                   help='also store last_logits [n, vocab] at the last prompt position')
+    p.add_argument('--metrics', metavar='FILE', help='write the run report (JSON) to FILE')
+    p.add_argument('--deadline', type=float, default=600.0, metavar='SECONDS',
+                   help='abort the job when a wait makes no progress for this long '
+                   '(default 600)')
+    p.add_argument('--overwrite', action='store_true', help='replace OUTPUT if it exists')
+    p.set_defaults(func=_cmd_run)
     return parser
 
 

@@ -1,0 +1,188 @@
+"""Pure layer math of the transformer: norm, RoPE, attention with KV cache, FFNs.
+
+Everything here is FP32 arithmetic on arrays of one array module (NumPy, or CuPy
+through NumPy's dispatch).  A batch is *packed*: ``x [T, d]`` holds the new
+tokens of several sequences back to back, ``ntok [B]`` of them for sequence
+``seqs[b]`` of the KV cache.  Prefill has ``ntok = prompt lengths``; a decode
+step has ``ntok = 1`` for every sequence.
+"""
+
+import math
+
+import numpy as np
+
+from mpimoe.backend import round16
+
+__all__ = ['rms_norm', 'rope_tables', 'apply_rope', 'KVCache', 'attention', 'ffn',
+           'expert_ffn', 'FrontEnd']
+
+
+def rms_norm(x, w, eps):
+    """x: [T, d] float32, w: [d] -> [T, d] float32."""
+    return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)) * w
+
+
+def rope_tables(positions, head_dim, theta):
+    """positions: int [T] -> (cos, sin), each float32 [T, head_dim/2]."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    angles = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (i, i + head_dim/2) of every head (the Llama/Mixtral layout).
+
+    x: [T, h, head_dim] float32; cos, sin: [T, head_dim/2] -> [T, h, head_dim].
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+class KVCache:
+    """Keys and values of ``B`` sequences for every layer, preallocated.
+
+    Sequence ``b`` owns rows ``[start[b], start[b] + capacity[b])`` of each
+    layer's buffers ``k[l], v[l]: float32 [sum(capacity), n_kv_heads, head_dim]``;
+    ``length[b]`` rows of it are filled.
+    """
+
+    def __init__(self, n_layers, capacity, n_kv_heads, head_dim):
+        capacity = np.asarray(capacity, dtype=np.int64)
+        self.start = np.concatenate([[0], np.cumsum(capacity)[:-1]]).astype(np.int64)
+        self.capacity = capacity
+        self.length = np.zeros(len(capacity), dtype=np.int64)
+        shape = (int(capacity.sum()), n_kv_heads, head_dim)
+        self.k = [np.zeros(shape, np.float32) for _ in range(n_layers)]
+        self.v = [np.zeros(shape, np.float32) for _ in range(n_layers)]
+
+    def positions(self, seqs, ntok):
+        """Absolute positions of the next ``ntok[b]`` tokens of ``seqs[b]``: int64 [T]."""
+        base = np.repeat(self.length[seqs], ntok)
+        first = np.repeat(np.cumsum(ntok) - ntok, ntok)
+        return base + np.arange(int(np.sum(ntok))) - first
+
+    def advance(self, seqs, ntok):
+        """Mark ``ntok[b]`` more rows of ``seqs[b]`` as filled (after all layers ran)."""
+        self.length[seqs] += ntok
+        if np.any(self.length[seqs] > self.capacity[seqs]):
+            raise ValueError('KV cache overflow: a sequence outgrew its capacity')
+
+
+def attention(x, w, cfg, cache, layer, seqs, ntok):
+    """Causal multi-head attention with GQA and RoPE over a packed batch.
+
+    x: [T, d] float32 (already normed); w: dict with ``wq [d, H*hd]``,
+    ``wk, wv [d, KV*hd]``, ``wo [H*hd, d]``; seqs, ntok: int [B] with
+    ``sum(ntok) == T``.  Writes the new keys/values into ``cache`` at layer
+    ``layer`` (the caller advances the cache after the last layer).
+    Returns [T, d] float32.
+    """
+    T = x.shape[0]
+    H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    cos, sin = rope_tables(cache.positions(seqs, ntok), hd, cfg.rope_theta)
+    q = apply_rope((x @ w['wq']).reshape(T, H, hd), cos, sin)
+    k = apply_rope((x @ w['wk']).reshape(T, KV, hd), cos, sin)
+    v = (x @ w['wv']).reshape(T, KV, hd)
+    out = np.empty((T, H, hd), dtype=np.float32)
+    kbuf, vbuf = cache.k[layer], cache.v[layer]
+    scale = np.float32(1.0 / math.sqrt(hd))
+    t0 = 0
+    # one sequence at a time: its new queries against its whole cache
+    for s, n in zip(np.asarray(seqs).tolist(), np.asarray(ntok).tolist()):
+        p0, base = int(cache.length[s]), int(cache.start[s])
+        kbuf[base + p0:base + p0 + n] = k[t0:t0 + n]
+        vbuf[base + p0:base + p0 + n] = v[t0:t0 + n]
+        keys, vals = kbuf[base:base + p0 + n], vbuf[base:base + p0 + n]   # [L, KV, hd]
+        qs = q[t0:t0 + n].reshape(n, KV, H // KV, hd)                     # [n, KV, G, hd]
+        scores = np.einsum('nkgd,lkd->kgnl', qs, keys) * scale            # [KV, G, n, L]
+        # query j sits at position p0 + j and sees keys 0 .. p0 + j
+        causal = np.arange(p0 + n)[None, :] > (p0 + np.arange(n))[:, None]
+        scores = np.where(causal, np.float32(-np.inf), scores)
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        probs = scores / scores.sum(axis=-1, keepdims=True)
+        out[t0:t0 + n] = np.einsum('kgnl,lkd->nkgd', probs, vals).reshape(n, H, hd)
+        t0 += n
+    return out.reshape(T, H * hd) @ w['wo']
+
+
+def _gelu(x):
+    """GELU, tanh approximation."""
+    return 0.5 * x * (1.0 + np.tanh(np.float32(0.7978845608028654) * (x + 0.044715 * x * x * x)))
+
+
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def ffn(x, w, kind, narrow=None):
+    """Dense MLP or one expert: ``mlp`` = down(gelu(up x)), ``swiglu`` = down(silu(gate x) * up x).
+
+    x: [n, d] float32; w: dict of ``up``/``gate`` [d, h] and ``down`` [h, d]
+    (float32, or 16-bit on a GPU backend); narrow: optional function applied to
+    the hidden activations (rounding to 16 bits for experts).  Returns [n, d].
+    """
+    if kind == 'swiglu':
+        hidden = _silu(x @ w['gate']) * (x @ w['up'])
+    else:
+        hidden = _gelu(x @ w['up'])
+    if narrow is not None:
+        hidden = narrow(hidden)
+    return hidden @ w['down']
+
+
+def expert_ffn(x16, w, kind, dtype):
+    """One expert on the rows it received, with the 16-bit numerics contract:
+    inputs arrive as 16-bit values (they crossed the wire), GEMMs accumulate in
+    FP32, the hidden activations and the output are rounded to 16 bits.
+
+    x16: [n, d] float32 holding 16-bit-representable values -> [n, d] float32
+    (16-bit-representable).
+    """
+    narrow = lambda a: round16(a, dtype)  # noqa: E731
+    return narrow(ffn(x16, w, kind, narrow))
+
+
+class FrontEnd:
+    """The non-expert part of the model: embedding, attention, dense FFNs,
+    norms, routers and LM head; what a front-end rank holds.
+
+    tensors: dict name -> float32 array, names as in weights/FORMAT.md.
+    """
+
+    def __init__(self, cfg, tensors):
+        self.cfg = cfg
+        self.t = tensors
+        self.layer = [{name: tensors[f'layers/{i}/{name}'] for name in
+                       ('attn_norm', 'wq', 'wk', 'wv', 'wo', 'ffn_norm')}
+                      for i in range(cfg.n_layers)]
+        self.dense = {i: {m: tensors[f'layers/{i}/mlp/{m}'] for m in cfg.expert_matrices}
+                      for i in range(cfg.n_dense_layers)}
+        self.router = {i: tensors[f'layers/{i}/router'] for i in cfg.moe_layers}
+
+    def new_cache(self, capacity):
+        """A KV cache for sequences of the given capacities (prompt + new tokens)."""
+        return KVCache(self.cfg.n_layers, capacity, self.cfg.n_kv_heads, self.cfg.head_dim)
+
+    def embed(self, tokens):
+        """tokens: int [T] -> x: float32 [T, d]."""
+        return self.t['embed'][tokens]
+
+    def attention_block(self, i, x, cache, seqs, ntok):
+        """Residual attention block of layer i: x + attn(norm(x)); x: [T, d]."""
+        w = self.layer[i]
+        return x + attention(rms_norm(x, w['attn_norm'], self.cfg.norm_eps), w, self.cfg,
+                             cache, i, seqs, ntok)
+
+    def ffn_input(self, i, x):
+        """The normed input of layer i's FFN: [T, d]."""
+        return rms_norm(x, self.layer[i]['ffn_norm'], self.cfg.norm_eps)
+
+    def dense_ffn(self, i, h):
+        """Dense MLP of layer i (i < n_dense_layers): [T, d] -> [T, d]."""
+        return ffn(h, self.dense[i], self.cfg.expert_kind)
+
+    def logits(self, x):
+        """Final norm and LM head: x [n, d] -> float32 [n, vocab]."""
+        return rms_norm(x, self.t['final_norm'], self.cfg.norm_eps) @ self.t['lm_head']

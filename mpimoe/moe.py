@@ -1,0 +1,81 @@
+"""The MoE layer's stages that do not communicate: **permute**, **expert**,
+**unpermute**; and the whole layer in one process (the reference).
+
+The distributed engine runs the same functions with **dispatch** and
+**combine** (mpimoe.dispatch) between them, so both paths do the same
+arithmetic in the same order.
+"""
+
+import numpy as np
+
+from mpimoe.backend import round16
+from mpimoe.model import expert_ffn
+from mpimoe.router import route
+
+__all__ = ['permute', 'unpermute', 'run_experts', 'moe_local']
+
+
+def permute(x16, key, n_keys, out=None):
+    """Sort the token copies by ``key`` (destination, then expert).
+
+    x16: [T, d] (FP32 values or 16-bit words); key: int [T, k], each in
+    [0, n_keys); out: optional [T*k, d] array to gather into (a send buffer).
+    Returns (rows [T*k, d] grouped by key, order int64 [T*k]: the flat copy
+    index ``t*k + j`` of each row, counts int64 [n_keys]: rows per key).
+    """
+    k = key.shape[1]
+    flat = np.ravel(key)
+    order = np.argsort(flat, kind='stable')
+    rows = np.take(x16, order // k, axis=0, out=out)
+    return rows, order, np.bincount(flat, minlength=n_keys).astype(np.int64)
+
+
+def unpermute(y, order, weights):
+    """Inverse of :func:`permute` plus the weighted sum over the k copies.
+
+    y: float32 [T*k, d] in permuted order; order: int64 [T*k]; weights:
+    float32 [T, k].  Returns float32 [T, d] = sum_j weights[t, j] * y[copy(t, j)],
+    summed in slot order j = 0, 1, ...
+    """
+    T, k = weights.shape
+    slots = np.empty_like(y)
+    slots[order] = y
+    slots = slots.reshape(T, k, y.shape[1])
+    out = weights[:, 0, None] * slots[:, 0]
+    for j in range(1, k):
+        out += weights[:, j, None] * slots[:, j]
+    return out
+
+
+def run_experts(rows, counts, experts, kind, dtype, poll=None, chunk=None):
+    """Stage **expert**: each expert on its contiguous block of rows.
+
+    rows: float32 [n, d] grouped by expert; counts: int [len(experts)] rows
+    per expert (sum n); experts: list of weight dicts.  With ``chunk``, each
+    block is computed ``chunk`` rows at a time and ``poll()`` is called
+    between pieces (to progress MPI transfers in flight).
+    Returns float32 [n, d].
+    """
+    out = np.empty_like(rows)
+    start = 0
+    for w, c in zip(experts, np.asarray(counts).tolist()):
+        step = chunk or max(c, 1)
+        for a in range(start, start + c, step):
+            b = min(a + step, start + c)
+            out[a:b] = expert_ffn(rows[a:b], w, kind, dtype)
+            if poll is not None:
+                poll()
+        start += c
+    return out
+
+
+def moe_local(h, w_router, experts, cfg, bias=None):
+    """One MoE layer with all experts in this process.
+
+    h: float32 [T, d] (normed FFN input); w_router: [d, E]; experts: list of E
+    weight dicts.  Returns (out float32 [T, d], counts int64 [E]).
+    """
+    chosen, weights = route(h, w_router, cfg.top_k, bias)
+    rows, order, counts = permute(round16(h, cfg.dtype), chosen, cfg.n_experts)
+    y = run_experts(rows, counts, experts, cfg.expert_kind, cfg.dtype)
+    return unpermute(y, order, weights), counts

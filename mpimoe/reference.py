@@ -1,0 +1,85 @@
+"""The single-process reference model: the oracle the engine is checked against.
+
+NumPy, FP32 arithmetic on weights read from the BF16 file; activations
+entering an expert are rounded to 16 bits exactly as they are on the wire in
+the distributed engine (mpimoe.moe.expert_ffn states the contract).
+"""
+
+import time
+
+import numpy as np
+
+from mpimoe import __version__
+from mpimoe.generate import generate, token_batches
+from mpimoe.model import FrontEnd
+from mpimoe.moe import moe_local
+
+__all__ = ['ReferenceModel', 'load_reference', 'run_reference']
+
+
+class ReferenceModel:
+    """The whole model in one process.
+
+    tensors: dict of the non-expert tensors (float32); experts: dict
+    moe layer index -> list of E weight dicts (float32).
+    """
+
+    def __init__(self, cfg, tensors, experts):
+        self.cfg = cfg
+        self.front = FrontEnd(cfg, tensors)
+        self.experts = experts
+
+    def forward(self, tokens, cache, seqs, ntok):
+        """tokens: int [T]; seqs, ntok: int [B] -> logits float32 [B, vocab]
+        at each sequence's last new token."""
+        fe, cfg = self.front, self.cfg
+        x = fe.embed(tokens)
+        for i in range(cfg.n_layers):
+            x = fe.attention_block(i, x, cache, seqs, ntok)
+            h = fe.ffn_input(i, x)
+            if i < cfg.n_dense_layers:
+                x = x + fe.dense_ffn(i, h)
+            else:
+                x = x + moe_local(h, fe.router[i], self.experts[i], cfg)[0]
+        cache.advance(seqs, ntok)
+        return fe.logits(x[np.cumsum(ntok) - 1])
+
+    def generate(self, prompts, max_new_tokens):
+        """prompts: list of int arrays -> (generated int32 [B, N], last_logits [B, V])."""
+        return generate(self.forward, self.front.new_cache, prompts, max_new_tokens)
+
+
+def load_reference(wf):
+    """Read a whole :class:`~mpimoe.checkpoint.WeightFile` into a ReferenceModel."""
+    cfg = wf.config
+    tensors = {k: v.astype(np.float32) for k, v in wf.read_nonexpert().items()}
+    experts = {i: [{m: a.astype(np.float32) for m, a in wf.read_expert(i, e).items()}
+                   for e in range(cfg.n_experts)] for i in cfg.moe_layers}
+    return ReferenceModel(cfg, tensors, experts)
+
+
+def run_reference(weights, input_path, output, max_new_tokens=0, save_logits=False,
+                  overwrite=False, batch_tokens=4096, log=print):
+    """``mpimoe reference``: the reference over a token file, output as in README."""
+    from mpimoe.checkpoint import WeightFile
+    from mpimoe.errors import UsageError
+    from mpimoe.io import OutputWriter, read_inputs
+    if max_new_tokens < 0:
+        raise UsageError(f'--max-new-tokens {max_new_tokens}: must be >= 0')
+    with WeightFile(weights) as wf:
+        model = load_reference(wf)
+    cfg = model.cfg
+    inputs = read_inputs(input_path, cfg.vocab_size)
+    meta = {'producer': 'mpimoe reference', 'mpimoe_version': __version__,
+            'weights': str(weights), 'input': str(input_path),
+            'max_new_tokens': max_new_tokens}
+    t0 = time.perf_counter()
+    with OutputWriter(output, len(inputs), cfg.vocab_size, save_logits, meta,
+                      overwrite=overwrite) as out:
+        for start, stop in token_batches(inputs.lengths, batch_tokens):
+            gen, logits = model.generate([inputs.seq(i) for i in range(start, stop)],
+                                         max_new_tokens)
+            out.write(np.arange(start, stop), inputs.ids[start:stop], list(gen),
+                      logits if save_logits else None)
+    log(f'reference: {len(inputs)} sequences, {int(inputs.lengths.sum())} prompt tokens, '
+        f'{max_new_tokens} new tokens each, {time.perf_counter() - t0:.2f} s -> {output}')

@@ -1,0 +1,34 @@
+"""Stage 1 of an MoE layer, **route** (front-end, no communication): gate
+scores, top-k choice, combine weights.
+
+Softmax over the router logits, top-k experts per token, the chosen
+probabilities renormalised to sum to 1 (as in Mixtral).  An optional
+per-expert ``bias`` shifts the *choice* only, never the combine weights (the
+auxiliary-loss-free balancing scheme).
+"""
+
+import numpy as np
+
+__all__ = ['route', 'expert_counts']
+
+
+def route(h, w_router, top_k, bias=None):
+    """Pick ``top_k`` experts per token.
+
+    h: float32 [T, d] (FFN input); w_router: float32 [d, E]; bias: float32 [E]
+    or None.  Returns (experts int32 [T, top_k], weights float32 [T, top_k]),
+    experts in decreasing score order, ties broken by the lower expert id.
+    """
+    logits = h @ w_router                                            # [T, E]
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    choice = probs if bias is None else probs + bias
+    experts = np.argsort(-choice, axis=1, kind='stable')[:, :top_k]  # [T, k]
+    weights = np.take_along_axis(probs, experts, axis=1)
+    weights /= weights.sum(axis=1, keepdims=True)
+    return experts.astype(np.int32), weights.astype(np.float32)
+
+
+def expert_counts(experts, n_experts):
+    """Token copies per expert: experts int [T, k] -> int64 [n_experts]."""
+    return np.bincount(np.ravel(experts), minlength=n_experts).astype(np.int64)
