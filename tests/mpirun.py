@@ -1,0 +1,58 @@
+"""Launch ``mpimoe`` under ``mpiexec`` from the tests.
+
+    proc = mpiexec(9, ['run', '--weights', w, ...], timeout=60)
+
+The job runs in a session of its own so that a timeout kills every rank
+(mpiexec, its proxies and the Python processes), never leaving one behind.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ['mpiexec', 'mpiexec_path']
+
+
+def mpiexec_path():
+    """The mpiexec next to this Python (the venv's MPICH wheel), else on PATH."""
+    here = Path(sys.executable).parent / 'mpiexec'
+    found = str(here) if here.is_file() else shutil.which('mpiexec')
+    if found is None:
+        raise FileNotFoundError('mpiexec: not next to sys.executable nor on PATH')
+    return found
+
+
+def mpiexec(n, args, timeout, env=None):
+    """Run ``mpiexec -n n python -m mpi4py -m mpimoe *args``; CompletedProcess
+    with text stdout/stderr.
+
+    ``env`` adds to (or overrides) this process's environment; BLAS threads
+    default to 1 because the ranks oversubscribe the cores.  On ``timeout``
+    (seconds) every process of the job is killed and TimeoutExpired raised.
+    """
+    cmd = [mpiexec_path(), '-n', str(n), sys.executable, '-m', 'mpi4py', '-m', 'mpimoe',
+           *map(str, args)]
+    full_env = {'OMP_NUM_THREADS': '1', 'OPENBLAS_NUM_THREADS': '1', **os.environ,
+                **(env or {})}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=full_env, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+        finally:
+            _kill_leftovers(proc.pid)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_leftovers(pgid):
+    """Kill whatever of the job's process group outlived mpiexec."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
