@@ -75,6 +75,15 @@ def _cmd_run(args):
     return run_engine(opts)
 
 
+def _cmd_report(args):
+    from mpimoe.report import load_report, plot, summarize
+    report = load_report(args.file)
+    print(summarize(report))
+    if args.png:
+        for path in plot(report, args.png):
+            print(f'wrote {path}')
+
+
 def _build_parser():
     parser = argparse.ArgumentParser(
         prog='mpimoe', description='Mixture-of-Experts inference with large expert '
@@ -167,6 +176,14 @@ def _build_parser():
                    '(default 600)')
     p.add_argument('--overwrite', action='store_true', help='replace OUTPUT if it exists')
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser('report', help='summarise a run report (run.json), optionally plot it',
+                       description='Print a readable summary of the run.json written by '
+                       '`mpimoe run --metrics`; with --png DIR also write an expert-load '
+                       'heatmap and per-rank time bars (needs matplotlib).')
+    p.add_argument('file', metavar='RUN_JSON')
+    p.add_argument('--png', metavar='DIR', help='write expert_loads.png and rank_times.png here')
+    p.set_defaults(func=_cmd_report)
     return parser
 
 
