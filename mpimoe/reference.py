@@ -66,16 +66,18 @@ def run_reference(weights, input_path, output, max_new_tokens=0, save_logits=Fal
     from mpimoe.io import OutputWriter, read_inputs
     if max_new_tokens < 0:
         raise UsageError(f'--max-new-tokens {max_new_tokens}: must be >= 0')
-    with WeightFile(weights) as wf:
-        model = load_reference(wf)
-    cfg = model.cfg
-    inputs = read_inputs(input_path, cfg.vocab_size)
     meta = {'producer': 'mpimoe reference', 'mpimoe_version': __version__,
             'weights': str(weights), 'input': str(input_path),
             'max_new_tokens': max_new_tokens}
+    # check the weights' header, the inputs and the output path before the long part
+    with WeightFile(weights) as wf:
+        cfg = wf.config
+        inputs = read_inputs(input_path, cfg.vocab_size)
+        writer = OutputWriter(output, len(inputs), cfg.vocab_size, save_logits, meta,
+                              overwrite=overwrite)
+        model = load_reference(wf)
     t0 = time.perf_counter()
-    with OutputWriter(output, len(inputs), cfg.vocab_size, save_logits, meta,
-                      overwrite=overwrite) as out:
+    with writer as out:
         for start, stop in token_batches(inputs.lengths, batch_tokens):
             gen, logits = model.generate([inputs.seq(i) for i in range(start, stop)],
                                          max_new_tokens)

@@ -1,0 +1,52 @@
+"""Shared fixtures: synthetic weight files and a token file, written once per session.
+
+    def test_x(tiny_weights, tiny_inputs, make_weights):
+        mlp = make_weights('tiny', ['expert_kind=mlp'])     # path (str) of an HDF5 file
+
+Files are written with the package's own writers (mpimoe.checkpoint.write_synthetic,
+mpimoe.io.write_synthetic_inputs) into a session temporary directory; tests must
+treat them as read-only (copy a file before corrupting it).
+"""
+
+import pytest
+
+from mpimoe.checkpoint import write_synthetic
+from mpimoe.config import model_config
+from mpimoe.io import write_synthetic_inputs
+
+
+@pytest.fixture(scope='session')
+def make_weights(tmp_path_factory):
+    """Factory ``make_weights(preset='tiny', overrides=(), seed=0) -> path`` (str).
+
+    overrides: ``--set`` style strings, e.g. ``['top_k=8', 'expert_kind=mlp']``.
+    Each distinct (preset, overrides, seed) is written once per session.
+    """
+    root = tmp_path_factory.mktemp('weights')
+    written = {}
+
+    def make(preset='tiny', overrides=(), seed=0):
+        key = (preset, tuple(overrides), seed)
+        if key not in written:
+            path = str(root / f'w{len(written)}-{preset}.h5')
+            write_synthetic(model_config(preset, list(overrides)), path, seed=seed)
+            written[key] = path
+        return written[key]
+
+    return make
+
+
+@pytest.fixture(scope='session')
+def tiny_weights(make_weights):
+    """Path (str) of the ``tiny`` preset's synthetic weights, seed 0."""
+    return make_weights('tiny')
+
+
+@pytest.fixture(scope='session')
+def tiny_inputs(tmp_path_factory):
+    """Path (str) of a JSONL token file for ``tiny``: 12 sequences, ids
+    ``seq-000000``..., lengths 3..20, tokens in [0, 256), seed 0."""
+    path = str(tmp_path_factory.mktemp('inputs') / 'tiny.jsonl')
+    write_synthetic_inputs(path, model_config('tiny').vocab_size, num_seqs=12,
+                           min_len=3, max_len=20, seed=0)
+    return path

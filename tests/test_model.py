@@ -1,0 +1,434 @@
+"""Known-answer tests of the single-process reference model (mpimoe.model,
+mpimoe.router, mpimoe.moe, mpimoe.generate, mpimoe.reference): hand-computed
+norms, RoPE and activations, attention against a naive float64 loop, the MoE
+layer against the dense mixture, the KV cache against full recomputation, batch
+independence, and the scale of the synthetic model's activations and routing.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+from mpimoe.backend import round16
+from mpimoe.checkpoint import WeightFile
+from mpimoe.config import model_config
+from mpimoe.generate import generate
+from mpimoe.io import read_inputs
+from mpimoe.model import KVCache, apply_rope, attention, expert_ffn, ffn, rms_norm, rope_tables
+from mpimoe.moe import moe_local
+from mpimoe.reference import load_reference
+from mpimoe.router import expert_counts, route
+
+#: Bound on the relative L2 difference ``|a - b| / |b|`` of one row of logits
+#: between two computations of the same token that differ only in batching
+#: (companions in the batch, prefill versus cached decode).  They do the same
+#: FP32 arithmetic in differently shaped GEMMs: relative differences of about
+#: sqrt(d) 2^-24, ~1e-6.  But the values entering an expert, its hidden
+#: activations and its output are rounded to bf16 (mpimoe.model.expert_ffn), so
+#: an FP32 difference that straddles a rounding midpoint moves that element by
+#: one bf16 ulp: at most eps(bfloat16) = 2^-7 of the element, so at most 2^-7 of
+#: the norm of its vector.  The synthetic weights preserve norms (N(0, 1/d_in)
+#: matrices, RMSNorm before every block, output projections scaled down;
+#: test_synthetic_weights_keep_activations_order_one) and the residual stream
+#: carries an FFN output with gain <= 1, so one flip moves a row of logits by at
+#: most ~2^-7 relative (typically 2^-7 / sqrt(d), the element being one of d).
+#: A flip needs an FP32 difference (~2^-24 sqrt(d) relative) to straddle a
+#: midpoint (2^-8 relative apart): probability ~1e-4 per rounding, over the
+#: ~10^3 roundings of a token's experts, so a row sees well under one flip on
+#: average; we allow four worst-case flips.  A real bug (a wrong position,
+#: mask, cache row or a companion's token) changes the logits by O(1).
+LOGIT_RTOL = 4 * 2.0 ** -7
+
+TINY = model_config('tiny')
+
+
+def _load(path):
+    """The whole model of weight file ``path`` as a ReferenceModel."""
+    with WeightFile(path) as wf:
+        return load_reference(wf)
+
+
+@pytest.fixture(scope='module')
+def tiny_model(tiny_weights):
+    return _load(tiny_weights)
+
+
+@pytest.fixture(scope='module')
+def prompts(tiny_inputs):
+    """The 12 prompts of tiny_inputs: list of int32 arrays, lengths 3..20."""
+    inputs = read_inputs(tiny_inputs, TINY.vocab_size)
+    return [inputs.seq(i) for i in range(len(inputs))]
+
+
+def _prefill(model, prompts):
+    """One forward over whole ``prompts`` in a fresh cache -> logits [B, V] at
+    each prompt's last token."""
+    lengths = np.array([len(p) for p in prompts])
+    return model.forward(np.concatenate(prompts), model.front.new_cache(lengths),
+                         np.arange(len(prompts)), lengths)
+
+
+def _generate_recorded(model, prompts, n):
+    """Greedy generation through mpimoe.generate.generate, recording every forward.
+
+    -> (generated int32 [B, n], logits float32 [n, B, V]): ``logits[s]`` are the
+    logits ``generated[:, s]`` was picked from.
+    """
+    steps = []
+
+    def forward(*args):
+        steps.append(model.forward(*args))
+        return steps[-1]
+
+    generated, last_logits = generate(forward, model.front.new_cache, prompts, n)
+    assert np.array_equal(last_logits, steps[0])
+    return generated, np.stack(steps)
+
+
+def _assert_logits_close(actual, expected, what):
+    """actual, expected: float32 [..., V]; each row within LOGIT_RTOL (relative
+    L2).  Returns the largest relative difference, for the report."""
+    rel = np.linalg.norm(actual - expected, axis=-1) / np.linalg.norm(expected, axis=-1)
+    assert rel.max() <= LOGIT_RTOL, f'{what}: relative L2 difference {rel.max():.3g} > ' \
+                                    f'{LOGIT_RTOL:.3g}'
+    return float(rel.max())
+
+
+def _run_layers(model, prompts):
+    """ReferenceModel.forward over ``prompts`` (one prefill), layer by layer
+    through the FrontEnd methods, keeping what forward throws away.
+
+    -> (residual: list of n_layers float32 [T, d], the stream after each layer;
+    counts: {moe layer: int64 [E]} token copies per expert; logits float32
+    [T, V] at every position).
+    """
+    fe, cfg = model.front, model.cfg
+    lengths = np.array([len(p) for p in prompts])
+    seqs, cache = np.arange(len(prompts)), fe.new_cache(lengths)
+    x = fe.embed(np.concatenate(prompts))
+    residual, counts = [], {}
+    for i in range(cfg.n_layers):
+        x = fe.attention_block(i, x, cache, seqs, lengths)
+        h = fe.ffn_input(i, x)
+        if i < cfg.n_dense_layers:
+            x = x + fe.dense_ffn(i, h)
+        else:
+            y, counts[i] = moe_local(h, fe.router[i], model.experts[i], cfg)
+            x = x + y
+        residual.append(x)
+    return residual, counts, fe.logits(x)
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+def test_rms_norm_known_values():
+    w = np.array([1, 2], np.float32)
+    out = rms_norm(np.array([[3, 4]], np.float32), w, 0.0)
+    assert out.dtype == np.float32
+    # mean of squares (9 + 16) / 2 = 12.5
+    np.testing.assert_allclose(out, [[3 / math.sqrt(12.5), 8 / math.sqrt(12.5)]], rtol=1e-6)
+    # eps is added to the mean of squares: [1, 1] -> 1 / sqrt(1 + 1); a zero row stays 0
+    out = rms_norm(np.array([[1, 1], [0, 0]], np.float32), w, 1.0)
+    np.testing.assert_allclose(out, [[1 / math.sqrt(2), 2 / math.sqrt(2)], [0, 0]], rtol=1e-6)
+
+
+# ---------------------------------------------------------------- RoPE
+
+def _rope(x, positions, theta=10000.0):
+    """x: [T, h, hd] -> x rotated by mpimoe's RoPE at ``positions``."""
+    x = np.asarray(x, np.float32)
+    cos, sin = rope_tables(np.asarray(positions), x.shape[-1], theta)
+    return apply_rope(x, cos, sin)
+
+
+def test_rope_tables_shape_and_position_zero_is_identity():
+    cos, sin = rope_tables(np.array([0, 1, 2]), 16, 10000.0)
+    assert cos.shape == sin.shape == (3, 8) and cos.dtype == sin.dtype == np.float32
+    x = np.random.default_rng(0).standard_normal((1, 3, 16)).astype(np.float32)
+    np.testing.assert_array_equal(_rope(x, [0]), x)
+
+
+@pytest.mark.parametrize('p', [1, 2, 5, 1000])
+def test_rope_head_dim_2_rotates_by_p_radians(p):
+    out = _rope([[[1, 0]], [[0, 1]]], [p, p])[:, 0]
+    c, s = math.cos(p), math.sin(p)
+    np.testing.assert_allclose(out, [[c, s], [-s, c]], atol=1e-6)
+
+
+def test_rope_head_dim_4_pairs_i_with_i_plus_half():
+    """Frequencies 1 and theta^-1/2; pairs (0, 2) and (1, 3) (rotate-half layout)."""
+    p, theta = 3, 100.0
+    out = _rope(np.eye(4)[:, None, :], [p] * 4, theta)[:, 0]
+    c1, s1 = math.cos(p), math.sin(p)
+    c2, s2 = math.cos(p * theta ** -0.5), math.sin(p * theta ** -0.5)
+    expected = [[c1, 0, s1, 0], [0, c2, 0, s2], [-s1, 0, c1, 0], [0, -s2, 0, c2]]
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    """q(p+s).k(p'+s) == q(p).k(p') for every head; cos/sin are exact to FP32
+    rounding (2^-24 relative), so 16-term dot products agree to ~1e-6 |q||k|."""
+    rng = np.random.default_rng(1)
+    q, k = rng.standard_normal((2, 4, 3, 16)).astype(np.float32)
+    pq, pk = np.array([0, 7, 30, 200]), np.array([0, 3, 31, 150])
+    base = np.einsum('thd,thd->th', _rope(q, pq), _rope(k, pk))
+    scale = np.linalg.norm(q, axis=-1) * np.linalg.norm(k, axis=-1)
+    for shift in (1, 17, 1000):
+        shifted = np.einsum('thd,thd->th', _rope(q, pq + shift), _rope(k, pk + shift))
+        assert np.all(np.abs(shifted - base) <= 1e-5 * scale), shift
+    # and the scores do depend on the relative position
+    moved = np.einsum('thd,thd->th', _rope(q, pq + 1), _rope(k, pk))
+    assert np.abs(moved - base).mean() > 0.01 * scale.mean()
+
+
+# ---------------------------------------------------------------- FFN activations
+
+def test_ffn_known_values():
+    x = np.array([[1, -1], [2, 0]], np.float32)
+    eye = np.eye(2, dtype=np.float32)
+    # mlp: down(gelu(up x)) with GELU's tanh form: gelu(1), gelu(-1), gelu(2), gelu(0)
+    out = ffn(x, {'up': eye, 'down': eye}, 'mlp')
+    np.testing.assert_allclose(out, [[0.8411919906, -0.1588080094], [1.9545976941, 0]],
+                               rtol=1e-6, atol=1e-7)
+    # swiglu: down(silu(gate x) * up x) with up = 2: 2 x^2 sigmoid(x)
+    out = ffn(x, {'gate': eye, 'up': 2 * eye, 'down': eye}, 'swiglu')
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    np.testing.assert_allclose(out, [[2 * sig(1), 2 * sig(-1)], [8 * sig(2), 0]], rtol=1e-6)
+
+
+def test_expert_output_is_16_bit():
+    rng = np.random.default_rng(2)
+    w = {m: rng.standard_normal(s).astype(np.float32) / 8 for m, s in
+         (('gate', (64, 32)), ('up', (64, 32)), ('down', (32, 64)))}
+    x16 = round16(rng.standard_normal((5, 64)).astype(np.float32), 'bfloat16')
+    y = expert_ffn(x16, w, 'swiglu', 'bfloat16')
+    assert y.dtype == np.float32 and y.shape == (5, 64)
+    np.testing.assert_array_equal(round16(y, 'bfloat16'), y)
+
+
+# ---------------------------------------------------------------- router
+
+def test_route_weights_sum_to_one_in_decreasing_order():
+    rng = np.random.default_rng(3)
+    h = rng.standard_normal((50, 16)).astype(np.float32)
+    w_router = rng.standard_normal((16, 8)).astype(np.float32)
+    experts, weights = route(h, w_router, 3)
+    assert experts.shape == weights.shape == (50, 3)
+    assert experts.dtype == np.int32 and weights.dtype == np.float32
+    np.testing.assert_allclose(weights.sum(axis=1), 1, rtol=1e-6)
+    assert np.all(np.diff(weights, axis=1) <= 0)
+    # the chosen experts are the 3 largest logits, best first, in float64 too
+    logits = h.astype(np.float64) @ w_router
+    np.testing.assert_array_equal(experts, np.argsort(-logits, axis=1)[:, :3])
+    assert len({tuple(r) for r in experts.tolist()}) > 10       # not a constant choice
+
+
+def test_route_known_weights_and_ties_to_the_lower_id():
+    # one token with logits [0, ln 3, ln 3, ln 2]: probabilities [1, 3, 3, 2] / 9
+    h = np.ones((1, 1), np.float32)
+    w_router = np.log(np.array([[1, 3, 3, 2]], np.float32))
+    experts, weights = route(h, w_router, 3)
+    assert experts.tolist() == [[1, 2, 3]]
+    np.testing.assert_allclose(weights, [[3 / 8, 3 / 8, 2 / 8]], rtol=1e-6)
+    # all equal: the lowest ids, equal weights
+    experts, weights = route(np.zeros((2, 4), np.float32), np.ones((4, 6), np.float32), 4)
+    assert experts.tolist() == [[0, 1, 2, 3]] * 2
+    np.testing.assert_allclose(weights, 0.25, rtol=1e-6)
+
+
+def test_route_bias_changes_the_choice_not_the_weights():
+    h = np.ones((1, 1), np.float32)
+    w_router = np.log(np.array([[1, 3, 4, 2]], np.float32))    # probabilities [1, 3, 4, 2] / 10
+    bias = np.array([0.5, 0, 0, 0], np.float32)                 # lifts expert 0 to 0.6
+    experts, weights = route(h, w_router, 2, bias)
+    assert experts.tolist() == [[0, 2]]
+    np.testing.assert_allclose(weights, [[1 / 5, 4 / 5]], rtol=1e-6)
+    assert route(h, w_router, 2)[0].tolist() == [[2, 1]]
+
+
+def test_expert_counts():
+    counts = expert_counts(np.array([[0, 3], [3, 1], [0, 3]]), 5)
+    assert counts.dtype == np.int64 and counts.tolist() == [2, 1, 0, 3, 0]
+
+
+# ---------------------------------------------------------------- MoE layer
+
+@pytest.mark.parametrize('overrides', [(), ('expert_kind=mlp',)])
+def test_moe_with_all_experts_is_the_dense_mixture(make_weights, overrides):
+    """top_k = E: moe_local == sum_e softmax(h W)_e expert_e(h), in float64 here.
+
+    Every expert gets every token in token order, so its GEMMs see the same
+    [T, d] rows as expert_ffn on all of h16 below: the expert outputs agree
+    exactly, and the difference is the FP32 route and combine arithmetic.
+    Router logits: |error| <= d 2^-24 (|h| @ |W|) (dot-product bound); a logit
+    error delta moves a probability by <= 2 max|delta| relative; softmax, the
+    renormalisation and the E-term weighted sum add <= 2 (E + 8) 2^-24.
+    """
+    model = _load(make_weights('tiny', overrides))
+    cfg = model.cfg.replace(top_k=model.cfg.n_experts)
+    layer, E = cfg.moe_layers[-1], cfg.n_experts
+    w_router, experts = model.front.router[layer], model.experts[layer]
+    h = np.random.default_rng(4).standard_normal((40, cfg.d_model)).astype(np.float32)
+    out, counts = moe_local(h, w_router, experts, cfg)
+    assert counts.tolist() == [40] * E
+    logits = h.astype(np.float64) @ w_router.astype(np.float64)                 # [T, E]
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    h16 = round16(h, cfg.dtype)
+    y = np.stack([expert_ffn(h16, w, cfg.expert_kind, cfg.dtype) for w in experts], 1)  # [T, E, d]
+    dense = np.einsum('te,ted->td', probs, y)
+    eps = 2.0 ** -24
+    delta = cfg.d_model * eps * (np.abs(h) @ np.abs(w_router)).max(axis=1)      # [T]
+    bound = (2 * delta + 2 * (E + 8) * eps)[:, None] * np.einsum('te,ted->td', probs, np.abs(y))
+    assert np.all(np.abs(out - dense) <= bound)
+    assert np.abs(dense).max() > 0.1                     # the experts are not all zero
+
+
+# ---------------------------------------------------------------- attention
+
+def _naive_attention(x, w, cfg):
+    """One sequence, positions 0..n-1, float64, head by head: x [n, d] -> [n, d]."""
+    n, H, KV, hd = len(x), cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    cos, sin = rope_tables(np.arange(n), hd, cfg.rope_theta)
+    x = x.astype(np.float64)
+    q = apply_rope((x @ w['wq']).reshape(n, H, hd), cos, sin)
+    k = apply_rope((x @ w['wk']).reshape(n, KV, hd), cos, sin)
+    v = (x @ w['wv']).reshape(n, KV, hd)
+    out = np.empty((n, H, hd))
+    for head in range(H):
+        kv = head // (H // KV)          # query heads share a KV head in consecutive groups
+        scores = q[:, head] @ k[:, kv].T / math.sqrt(hd)                        # [n, n]
+        scores[np.triu_indices(n, 1)] = -np.inf
+        p = np.exp(scores - scores.max(axis=1, keepdims=True))
+        out[:, head] = (p / p.sum(axis=1, keepdims=True)) @ v[:, kv]
+    return out.reshape(n, H * hd) @ w['wo']
+
+
+def _attention_weights(cfg, rng):
+    d, q, kv = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {name: (rng.standard_normal(s) / math.sqrt(s[0])).astype(np.float32)
+            for name, s in (('wq', (d, q)), ('wk', (d, kv)), ('wv', (d, kv)), ('wo', (q, d)))}
+
+
+@pytest.mark.parametrize('n_kv_heads', [1, 2, 4])
+def test_attention_prefill_and_decode_match_naive_loop(n_kv_heads):
+    """Two packed sequences: prefill, then two one-token decode steps through
+    the cache, against the float64 loop over the whole sequences.  FP32 GEMMs
+    over d = 64 and softmax sums: errors ~ 64 2^-24 of the magnitudes, so
+    2^-14 of the largest output is a safe bound."""
+    cfg = TINY.replace(n_kv_heads=n_kv_heads)
+    rng = np.random.default_rng(5)
+    w = _attention_weights(cfg, rng)
+    seqs_x = [rng.standard_normal((n, cfg.d_model)).astype(np.float32) for n in (7, 4)]
+    cache = KVCache(1, [7, 4], cfg.n_kv_heads, cfg.head_dim)
+    seqs, pre = np.arange(2), np.array([5, 2])
+    out = [attention(np.concatenate([seqs_x[0][:5], seqs_x[1][:2]]), w, cfg, cache, 0,
+                     seqs, pre)]
+    cache.advance(seqs, pre)
+    for step in range(2):
+        ones = np.ones(2, np.int64)
+        out.append(attention(np.stack([seqs_x[0][5 + step], seqs_x[1][2 + step]]), w, cfg,
+                             cache, 0, seqs, ones))
+        cache.advance(seqs, ones)
+    got = [np.concatenate([out[0][:5], out[1][:1], out[2][:1]]),
+           np.concatenate([out[0][5:], out[1][1:], out[2][1:]])]
+    for g, x in zip(got, seqs_x):
+        ref = _naive_attention(x, w, cfg)
+        np.testing.assert_allclose(g, ref, rtol=0, atol=2.0 ** -14 * np.abs(ref).max())
+
+
+def test_attention_is_causal():
+    """Changing token 5 leaves the outputs of positions 0..4 bit for bit equal
+    (masked scores are exp(-inf) = 0 exactly) and changes positions 5.."""
+    rng = np.random.default_rng(6)
+    w = _attention_weights(TINY, rng)
+    x = rng.standard_normal((8, TINY.d_model)).astype(np.float32)
+    y = x.copy()
+    y[5] = rng.standard_normal(TINY.d_model)
+    a, b = [attention(v, w, TINY, KVCache(1, [8], TINY.n_kv_heads, TINY.head_dim), 0,
+                      np.array([0]), np.array([8])) for v in (x, y)]
+    np.testing.assert_array_equal(a[:5], b[:5])
+    assert np.all(np.abs(a[5:] - b[5:]).max(axis=1) > 1e-3)
+
+
+def test_model_is_causal(tiny_model):
+    """The whole model: a token changed at position 8 leaves the logits of
+    positions 0..7 equal within LOGIT_RTOL (other tokens' expert GEMMs change
+    shape with the routing of the new token) and changes later ones by O(1)."""
+    prompt = np.random.default_rng(9).integers(0, TINY.vocab_size, 12)
+    changed = prompt.copy()
+    changed[8] = (changed[8] + 1) % TINY.vocab_size
+    a, b = (_run_layers(tiny_model, [p])[2] for p in (prompt, changed))
+    _assert_logits_close(b[:8], a[:8], 'positions before the change')
+    rel = np.linalg.norm(b[8:] - a[8:], axis=1) / np.linalg.norm(a[8:], axis=1)
+    assert np.all(rel > 0.05), rel
+
+
+# ---------------------------------------------------------------- KV cache, batching
+
+@pytest.mark.parametrize('overrides', [(), ('expert_kind=mlp',), ('n_kv_heads=1',),
+                                       ('n_kv_heads=4',)])
+def test_cached_decode_equals_full_recompute(make_weights, tiny_inputs, overrides):
+    """Decode step s (one token through the KV cache) against a fresh prefill of
+    prompt + generated[:s]: the same greedy token, logits within LOGIT_RTOL."""
+    model = _load(make_weights('tiny', overrides))
+    inputs = read_inputs(tiny_inputs, model.cfg.vocab_size)
+    prompts = [inputs.seq(i) for i in range(len(inputs))]
+    n = 8
+    generated, logits = _generate_recorded(model, prompts, n)
+    worst = 0.0
+    for s in range(n):
+        full = _prefill(model, [np.concatenate([p, g[:s]]) for p, g in zip(prompts, generated)])
+        assert np.array_equal(full.argmax(axis=1), generated[:, s]), f'step {s}'
+        worst = max(worst, _assert_logits_close(full, logits[s], f'step {s}'))
+    print(f'cached decode vs recompute {overrides}: max relative L2 difference {worst:.2e} '
+          f'(tolerance {LOGIT_RTOL:.2e})')
+
+
+def test_sequence_does_not_depend_on_its_companions(tiny_model, prompts):
+    """Prompt 3 alone, first, middle and last in batches with other companions
+    (longer and shorter): same tokens, every step's logits within LOGIT_RTOL."""
+    n, target = 6, prompts[3]
+    alone_tokens, alone_logits = _generate_recorded(tiny_model, [target], n)
+    batches = [(prompts[:6], 3), ([target, prompts[0], prompts[11], prompts[5]], 0),
+               ([prompts[7], target], 1), ([prompts[8], prompts[9], target], 2)]
+    worst = 0.0
+    for batch, pos in batches:
+        tokens, logits = _generate_recorded(tiny_model, batch, n)
+        assert np.array_equal(tokens[pos], alone_tokens[0]), f'batch of {len(batch)}'
+        worst = max(worst, _assert_logits_close(logits[:, pos], alone_logits[:, 0],
+                                                f'batch of {len(batch)}'))
+    print(f'alone vs in a batch: max relative L2 difference {worst:.2e} '
+          f'(tolerance {LOGIT_RTOL:.2e})')
+
+
+# ---------------------------------------------------------------- scale of the synthetic model
+
+def test_layer_by_layer_run_is_the_forward(tiny_model, prompts):
+    """_run_layers (the instrumentation below) computes what forward computes."""
+    batch = prompts[:4]
+    logits = _run_layers(tiny_model, batch)[2]
+    last = np.cumsum([len(p) for p in batch]) - 1
+    np.testing.assert_array_equal(logits[last], _prefill(tiny_model, batch))
+
+
+@pytest.mark.parametrize('preset', ['tiny', 'small'])
+def test_synthetic_weights_keep_activations_order_one(make_weights, preset):
+    """256 random tokens: every token's residual RMS after every layer is in
+    [0.2, 20]; each MoE layer sends tokens to every expert, none gets more than
+    half of the copies."""
+    model = _load(make_weights(preset))
+    cfg = model.cfg
+    rng = np.random.default_rng(8)
+    batch = [rng.integers(0, cfg.vocab_size, 32) for _ in range(8)]
+    residual, counts, logits = _run_layers(model, batch)
+    for i, x in enumerate(residual):
+        rms = np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=1))
+        assert 0.2 <= rms.min() and rms.max() <= 20, \
+            f'layer {i}: residual RMS in [{rms.min():.3g}, {rms.max():.3g}]'
+    assert np.isfinite(logits).all()
+    assert sorted(counts) == cfg.moe_layers
+    for i, c in counts.items():
+        assert c.sum() == 256 * cfg.top_k
+        assert c.min() >= 1 and c.max() <= c.sum() / 2, f'layer {i}: counts {c.tolist()}'
