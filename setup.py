@@ -14,6 +14,7 @@ setup(
         'mpich': ['mpich'],
         'test': ['pytest>=7', 'pytest-timeout', 'psutil'],
         'gpu': ['cupy-cuda12x>=14'],
+        'hf': ['torch==2.13.0', 'transformers', 'safetensors'],
         'report': ['matplotlib'],
     },
     entry_points={'console_scripts': ['mpimoe = mpimoe.cli:main']},

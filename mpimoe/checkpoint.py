@@ -12,6 +12,7 @@ checks shape, dtype and checksum of what it reads; :func:`inspect_report` is
     ('embed', (256, 64))
 """
 
+import contextlib
 import os
 import time
 import zlib
@@ -25,7 +26,8 @@ from mpimoe.errors import ConfigError, DataError
 from mpimoe.config import ModelConfig
 
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'tensor_specs', 'expert_tensor_names',
-           'nonexpert_tensor_names', 'write_synthetic', 'WeightFile', 'inspect_report']
+           'nonexpert_tensor_names', 'open_for_writing', 'write_tensor', 'write_synthetic',
+           'WeightFile', 'inspect_report']
 
 FORMAT = 'mpimoe-weights'
 FORMAT_VERSION = 1
@@ -116,13 +118,11 @@ def _slabs(shape):
     return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
 
 
-def _write_tensor(f, name, shape, cfg, seed):
-    """Generate tensor ``name`` from (seed, name) slab by slab into ``f``; -> bytes."""
+def _synthetic_slabs(name, shape, cfg, seed):
+    """Tensor ``name`` generated from (seed, name): yields ``(r0, r1, words)``."""
     std = _init_std(name, shape, cfg)
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     dt = storage_dtype(cfg.dtype)
-    ds = f.create_dataset(name, shape=shape, dtype=_WORD)
-    crc = 0
     for r0, r1 in _slabs(shape):
         n = (r1 - r0,) + tuple(shape[1:])
         if std is None:
@@ -130,10 +130,22 @@ def _write_tensor(f, name, shape, cfg, seed):
         else:
             x = rng.standard_normal(n, dtype=np.float32)
             x *= np.float32(std)
-        words = to_words(x.astype(dt)).astype(_WORD, copy=False)
+        yield r0, r1, to_words(x.astype(dt)).astype(_WORD, copy=False)
+
+
+def write_tensor(f, name, shape, dtype, slabs):
+    """Dataset ``name`` [shape] of 16-bit words in the open file ``f``, with the
+    attributes ``dtype`` and ``crc32``; -> bytes written.
+
+    slabs: iterable of ``(r0, r1, words)``, words uint16 [r1 - r0, *shape[1:]]
+    (C order), covering the rows in increasing order.
+    """
+    ds = f.create_dataset(name, shape=shape, dtype=_WORD)
+    crc = 0
+    for r0, r1, words in slabs:
         ds[r0:r1] = words
         crc = zlib.crc32(words, crc)
-    ds.attrs['dtype'] = cfg.dtype
+    ds.attrs['dtype'] = dtype
     ds.attrs['crc32'] = crc
     return ds.size * _WORD.itemsize
 
@@ -147,6 +159,24 @@ def _check_output(path, overwrite):
         raise DataError(f'{path}: directory {parent} does not exist; create it first')
 
 
+@contextlib.contextmanager
+def open_for_writing(path, cfg, overwrite=False):
+    """A new weight file: yields an h5py.File on ``path + '.partial'`` with the
+    root attributes of ``cfg`` written; renamed to ``path`` when the block
+    ends cleanly, removed on any error.  Refuses an existing ``path`` unless
+    ``overwrite``."""
+    _check_output(path, overwrite)
+    partial = path + '.partial'
+    try:
+        with h5py.File(partial, 'w') as f:
+            _write_root_attrs(f, cfg)
+            yield f
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
 def write_synthetic(cfg, path, seed=0, overwrite=False, log=None):
     """Write seeded synthetic weights of ``cfg`` to ``path`` (HDF5, FORMAT.md).
 
@@ -157,26 +187,19 @@ def write_synthetic(cfg, path, seed=0, overwrite=False, log=None):
     """
     if seed < 0:
         raise ConfigError(f'seed={seed}: must be >= 0')
-    _check_output(path, overwrite)
     log = log or (lambda line: None)
     specs = tensor_specs(cfg)
     total = sum(int(np.prod(s)) for _, s in specs) * _WORD.itemsize
-    log(f'writing {path}: {len(specs)} tensors, {total / 1e9:.3f} GB, seed {seed}')
-    partial = path + '.partial'
     t0 = last = time.monotonic()
     done = 0
-    try:
-        with h5py.File(partial, 'w') as f:
-            _write_root_attrs(f, cfg)
-            for name, shape in specs:
-                done += _write_tensor(f, name, shape, cfg, seed)
-                if time.monotonic() - last >= _LOG_EVERY_S:
-                    last = time.monotonic()
-                    log(f'  {done / total:6.1%}  {done / 1e9:.3f} GB  {last - t0:.0f} s  {name}')
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    with open_for_writing(path, cfg, overwrite) as f:
+        log(f'writing {path}: {len(specs)} tensors, {total / 1e9:.3f} GB, seed {seed}')
+        for name, shape in specs:
+            done += write_tensor(f, name, shape, cfg.dtype,
+                                 _synthetic_slabs(name, shape, cfg, seed))
+            if time.monotonic() - last >= _LOG_EVERY_S:
+                last = time.monotonic()
+                log(f'  {done / total:6.1%}  {done / 1e9:.3f} GB  {last - t0:.0f} s  {name}')
     secs = time.monotonic() - t0
     log(f'wrote {path}: {len(specs)} tensors, {total / 1e9:.3f} GB in {secs:.1f} s')
     return {'path': path, 'tensors': len(specs), 'bytes': total, 'seconds': secs}
