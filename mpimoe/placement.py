@@ -27,6 +27,17 @@ mode           K    G
     (192, 3712, 488)
     >>> plan.rank_experts(192)
     [(3, 0)]
+
+**Topology.**  The node of rank ``r`` is ``r // gpus_per_node``.  Given the
+expert loads of a previous run (``loads``: token copies [Lm, E], e.g. from its
+run.json), :func:`make_plan` permutes the experts *within* each MoE layer over
+that layer's slots (the same ranks, the same number of experts per rank) so that
+the busiest node receives as few token copies as we can find: greedy LPT,
+hottest expert first to the least loaded node with a free slot (ties by node
+index), then pairwise swaps out of the busiest node while they lower it; then
+the same within each node over its ranks.  A layer keeps the block layout above
+unless the result is strictly better on (busiest node, busiest rank).  Copies
+from a front-end on the same node are counted as inbound too.
 """
 
 import hashlib
@@ -36,9 +47,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpimoe.config import ModelConfig
-from mpimoe.errors import ConfigError
+from mpimoe.errors import ConfigError, DataError
 
-__all__ = ['Plan', 'make_plan', 'parse_mode']
+__all__ = ['Plan', 'make_plan', 'parse_mode', 'load_stats', 'node_inbound', 'sbatch_script',
+           'write_sbatch']
 
 #: ``describe()`` lists at most this many expert-rank blocks before eliding.
 _MAX_BLOCK_LINES = 12
@@ -86,6 +98,9 @@ class Plan:
     """int32 [n_moe_layers, n_experts]: rank hosting (MoE layer index, expert)."""
     nodes: np.ndarray
     """int32 [world_size]: node of each rank."""
+    loads: np.ndarray = None
+    """float64 [n_moe_layers, n_experts]: token copies per expert the layout was
+    balanced for (None: no stats, the block layout)."""
 
     @property
     def n_expert_ranks(self):
@@ -94,6 +109,13 @@ class Plan:
     @property
     def n_nodes(self):
         return int(self.nodes[-1]) + 1
+
+    @property
+    def block_owner(self):
+        """int32 [n_moe_layers, n_experts]: the block layout of this mode, F, K and
+        G (``owner`` without load balancing)."""
+        return _block_owner(self.n_frontends, self.n_groups, self.experts_per_rank,
+                            self.cfg.n_moe_layers, self.cfg.n_experts)
 
     def is_frontend(self, rank):
         return 0 <= rank < self.n_frontends
@@ -129,7 +151,8 @@ class Plan:
         return h.hexdigest()[:16]
 
     def describe(self, full=False):
-        """Human-readable summary; ``full`` lists every rank on its own line."""
+        """Human-readable summary; ``full`` lists every rank (and node loads) on
+        its own line."""
         cfg, F, P = self.cfg, self.n_frontends, self.world_size
         lm, per_group = cfg.n_moe_layers, cfg.n_moe_layers // self.n_groups
         wb = self.weight_bytes()
@@ -154,7 +177,7 @@ class Plan:
             f'plan hash: {self.plan_hash()}',
         ]
         if full:
-            return '\n'.join(lines + self._describe_ranks(wb))
+            return '\n'.join(lines + self._describe_ranks(wb) + self._describe_loads(full))
         lines.append(f'{_labelled("rank", 0, F - 1)}: {"front-end" if F == 1 else "front-ends"}')
         blocks = self._blocks()
         if len(blocks) > _MAX_BLOCK_LINES:
@@ -167,15 +190,48 @@ class Plan:
             lines += [_block_line(*b) for b in tail]
         else:
             lines += [_block_line(*b) for b in blocks]
-        return '\n'.join(lines)
+        n_perm = int(self._permuted_layers().sum())
+        if n_perm:
+            lines.append(f'(the block layout; the stats permute the experts within '
+                         f'{_count(n_perm, "MoE layer")}: --full lists each rank\'s experts)')
+        return '\n'.join(lines + self._describe_loads(full))
 
-    def _hosted_ranges(self):
-        """Per rank, the layer and expert ranges it hosts: four int64 [P] arrays
-        (first layer, last layer, first expert, last expert; layers as model
-        indices).  Every rank of a block plan hosts such a product of ranges."""
+    def _permuted_layers(self):
+        """bool [n_moe_layers]: layers whose experts differ from the block layout."""
+        return (self.owner != self.block_owner).any(axis=1)
+
+    def _describe_loads(self, full):
+        """Node loads of the block and the balanced layout for ``loads``: lines."""
+        if self.loads is None:
+            return []
+        block, plan = (node_inbound(o, self.nodes, self.loads)
+                       for o in (self.block_owner, self.owner))        # [Lm, N] each
+        hosts = np.unique(self.nodes[self.owner])                        # nodes with experts
+        lines = ['node loads for the stats (token copies into a node per MoE layer; the '
+                 'layers run one after the other):']
+        for name, per in (('block layout', block), ('balanced (LPT)', plan)):
+            worst = per[:, hosts].max(axis=0)                     # [hosts] max over layers
+            m, j = np.unravel_index(np.argmax(per), per.shape)
+            lines.append(f'  {name + ":":16s}busiest node {per.max():.6g} (node {j}, layer '
+                         f'{self.cfg.n_dense_layers + m}); sum over layers of the busiest '
+                         f'node {per.max(axis=1).sum():.6g}; max/mean over nodes '
+                         f'{worst.max() / max(worst.mean(), 1e-300):.3f}')
+        lines.append(f'  {int(self._permuted_layers().sum())} of {self.cfg.n_moe_layers} MoE '
+                     f'layers permuted: busiest node {_change(block.max(), plan.max())}, sum '
+                     f'over layers {_change(block.max(axis=1).sum(), plan.max(axis=1).sum())}'
+                     + ('' if full else ' (--full lists every rank and node)'))
+        if full:
+            lines += [f'  node {j}: block {block[:, j].max():.6g}, balanced {plan[:, j].max():.6g}'
+                      for j in hosts]
+        return lines
+
+    def _hosted_ranges(self, owner):
+        """Per rank, the layer and expert ranges it hosts in ``owner`` (int [Lm, E]):
+        four int64 [P] arrays (first layer, last layer, first expert, last expert;
+        layers as model indices)."""
         P = self.world_size
-        flat = self.owner.ravel()                                            # [Lm*E]
-        moe_idx, experts = np.indices(self.owner.shape).reshape(2, -1)       # [Lm*E] each
+        flat = owner.ravel()                                                 # [Lm*E]
+        moe_idx, experts = np.indices(owner.shape).reshape(2, -1)            # [Lm*E] each
         layers = moe_idx + self.cfg.n_dense_layers
         lo_l, lo_e = np.full(P, np.iinfo(np.int64).max), np.full(P, np.iinfo(np.int64).max)
         hi_l, hi_e = np.full(P, -1), np.full(P, -1)
@@ -186,10 +242,11 @@ class Plan:
         return lo_l, hi_l, lo_e, hi_e
 
     def _blocks(self):
-        """Runs of consecutive expert ranks hosting the same layers and
-        consecutive expert blocks: tuples (first rank, last rank, first layer,
-        last layer, first expert, experts per rank)."""
-        lo_l, hi_l, lo_e, hi_e = (a.tolist() for a in self._hosted_ranges())
+        """Runs of consecutive expert ranks of the block layout hosting the same
+        layers and consecutive expert blocks: tuples (first rank, last rank, first
+        layer, last layer, first expert, experts per rank); with ``loads`` the
+        experts are then permuted within layers (see :meth:`_describe_loads`)."""
+        lo_l, hi_l, lo_e, hi_e = (a.tolist() for a in self._hosted_ranges(self.block_owner))
         blocks = []
         for r in range(self.n_frontends, self.world_size):
             k = hi_e[r] - lo_e[r] + 1
@@ -211,23 +268,35 @@ class Plan:
                 f'{_labelled("node", self.nodes[F], self.n_nodes - 1)}')
 
     def _describe_ranks(self, wb):
-        lo_l, hi_l, lo_e, hi_e = (a.tolist() for a in self._hosted_ranges())
+        """One line per rank: its node, what it hosts (ranges when they form a
+        product of layer and expert ranges, else layer: experts lists), bytes."""
+        lo_l, hi_l, lo_e, hi_e = self._hosted_ranges(self.owner)
+        count = np.bincount(self.owner.ravel(), minlength=self.world_size)
+        box = (count == (hi_l - lo_l + 1) * (hi_e - lo_e + 1)).tolist()
+        lo_l, hi_l, lo_e, hi_e = (a.tolist() for a in (lo_l, hi_l, lo_e, hi_e))
         nodes = self.nodes.tolist()
         out = []
         for r in range(self.world_size):
-            what = ('front-end' if r < self.n_frontends else
-                    f'{_labelled("layer", lo_l[r], hi_l[r])} '
-                    f'{_labelled("expert", lo_e[r], hi_e[r])}')
+            if r < self.n_frontends:
+                what = 'front-end'
+            elif box[r]:
+                what = (f'{_labelled("layer", lo_l[r], hi_l[r])} '
+                        f'{_labelled("expert", lo_e[r], hi_e[r])}')
+            else:
+                what = _pairs_text(self.rank_experts(r))
             out.append(f'rank {r} (node {nodes[r]}): {what}, {_size(wb[r])}')
         return out
 
 
-def make_plan(cfg, world_size, mode='per-layer', n_frontends=None, gpus_per_node=None):
+def make_plan(cfg, world_size, mode='per-layer', n_frontends=None, gpus_per_node=None,
+              loads=None):
     """The placement of ``cfg`` on ``world_size`` ranks.
 
     ``n_frontends=None`` picks the smallest F >= 1 for which the remaining ranks
-    fit ``mode``; ``gpus_per_node=None`` puts every rank on one node.  A world
-    size or F that does not fit raises :class:`ConfigError` saying which fit.
+    fit ``mode``; ``gpus_per_node=None`` puts every rank on one node.  ``loads``
+    (token copies per expert, [n_moe_layers, n_experts]) balances the node links
+    (module docstring).  A world size or F that does not fit raises
+    :class:`ConfigError` saying which fit.
     """
     name, k = parse_mode(mode)
     canonical = f'packed:{k}' if name == 'packed' else name
@@ -258,14 +327,203 @@ def make_plan(cfg, world_size, mode='per-layer', n_frontends=None, gpus_per_node
                               f'{sizes} (got {P})')
     G = (P - F) // ranks_per_group
 
-    # owner[m, e] = F + group(m) * E/K + e // K
-    group = np.arange(lm) // (lm // G)                                    # [Lm]
-    owner = (F + group[:, None] * ranks_per_group + np.arange(E)[None, :] // k).astype(np.int32)
+    owner = _block_owner(F, G, k, lm, E)
     nodes = (np.arange(P) // gpn).astype(np.int32)                        # [P]
+    if loads is not None:
+        loads = _check_loads(loads, cfg)
+        owner = _balance(owner, nodes, loads)
+        loads.flags.writeable = False
     owner.flags.writeable = False
     nodes.flags.writeable = False
     return Plan(cfg=cfg, world_size=P, mode=canonical, n_frontends=F, experts_per_rank=k,
-                n_groups=G, gpus_per_node=gpn, owner=owner, nodes=nodes)
+                n_groups=G, gpus_per_node=gpn, owner=owner, nodes=nodes, loads=loads)
+
+
+def _block_owner(F, G, k, lm, E):
+    """int32 [lm, E]: owner[m, e] = F + group(m) * E/K + e // K (module docstring)."""
+    group = np.arange(lm) // (lm // G)                                    # [lm]
+    return (F + group[:, None] * (E // k) + np.arange(E)[None, :] // k).astype(np.int32)
+
+
+def _check_loads(loads, cfg):
+    """loads as float64 [n_moe_layers, n_experts], finite and >= 0, else ConfigError."""
+    shape = (cfg.n_moe_layers, cfg.n_experts)
+    try:
+        a = np.array(loads, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f'expert loads must be numbers [n_moe_layers, n_experts] = '
+                          f'{list(shape)}') from None
+    if a.shape != shape:
+        raise ConfigError(f'expert loads have shape {list(a.shape)}; this model needs '
+                          f'[n_moe_layers, n_experts] = {list(shape)}')
+    if not np.isfinite(a).all() or (a < 0).any():
+        raise ConfigError('expert loads must be finite and >= 0')
+    return a
+
+
+def _balance(owner, nodes, loads):
+    """Per MoE layer, the LPT permutation of its experts over its slots where it
+    beats the block layout.  owner: int32 [Lm, E]; nodes: int32 [P];
+    loads: float64 [Lm, E] -> int32 [Lm, E]."""
+    out = owner.copy()
+    tol = 1e-9 * max(float(loads.sum()), 1.0)                    # float sums of equal sets
+    for m, w in enumerate(loads):
+        cand = _lpt_layer(owner[m], nodes, w)
+        (n0, r0), (n1, r1) = _busiest(owner[m], nodes, w), _busiest(cand, nodes, w)
+        if n1 < n0 - tol or (n1 <= n0 + tol and r1 < r0 - tol):
+            out[m] = cand
+    return out
+
+
+def _busiest(row, nodes, w):
+    """(busiest node, busiest rank) inbound copies of one layer.  row: int [E]
+    ranks; w: float [E] copies per expert."""
+    return (np.bincount(nodes[row], weights=w).max(), np.bincount(row, weights=w).max())
+
+
+def _lpt_layer(row, nodes, w):
+    """:func:`_pack` of one layer's experts over its slots: first over nodes, then
+    over the ranks of each node.  row: int [E] ranks of the block layout (each rank as
+    often as it has experts); w: float [E] -> int32 [E] new ranks."""
+    ranks, cap = np.unique(row, return_counts=True)                   # [R] each
+    node_ids, node_of_rank = np.unique(nodes[ranks], return_inverse=True)
+    node_cap = np.bincount(node_of_rank, weights=cap).astype(np.int64)
+    to_node = _pack(w, node_cap)                                      # [E]
+    out = np.empty_like(row)
+    for j in range(len(node_ids)):
+        items = np.flatnonzero(to_node == j)
+        here = np.flatnonzero(node_of_rank == j)
+        out[items] = ranks[here[_pack(w[items], cap[here])]]
+    return out
+
+
+def _pack(w, capacity):
+    """Items into bins of fixed capacity, heaviest bin as light as we can:
+    :func:`_lpt`, then :func:`_swap_down`.  w: float [n]; capacity: int [B]
+    summing to n -> int [n] bin of each item."""
+    return _swap_down(w, _lpt(w, capacity), len(capacity))
+
+
+def _swap_down(w, bins, n_bins):
+    """Swap an item of the heaviest bin (lowest index on ties) with a lighter item
+    elsewhere while that lowers the heaviest bin's load without making the other
+    bin as heavy; the best swap first.  w: float [n]; bins: int [n] -> int [n]."""
+    bins = bins.copy()
+    tol = 1e-12 * max(float(w.sum()), 1.0)
+    while True:
+        load = np.bincount(bins, weights=w, minlength=n_bins)               # [B]
+        b = int(np.argmax(load))
+        mine, other = np.flatnonzero(bins == b), np.flatnonzero(bins != b)
+        if not len(other):
+            return bins
+        d = w[mine][:, None] - w[other][None, :]                           # [|mine|, |other|]
+        after = np.maximum(load[b] - d, load[bins[other]][None, :] + d)    # new max of the two
+        i, j = np.unravel_index(np.argmin(after), after.shape)
+        if not after[i, j] < load[b] - tol:
+            return bins
+        bins[mine[i]], bins[other[j]] = bins[other[j]], b
+
+
+def _lpt(w, capacity):
+    """Greedy LPT with capacities: heaviest item first (ties by index) to the bin
+    of least load that has room (ties by lowest bin).  w: float [n];
+    capacity: int [B] summing to n -> int [n] bin of each item."""
+    load = np.zeros(len(capacity))
+    room = np.array(capacity, dtype=np.int64)
+    out = np.empty(len(w), dtype=np.int64)
+    for i in np.argsort(-w, kind='stable'):
+        b = int(np.argmin(np.where(room > 0, load, np.inf)))
+        out[i] = b
+        load[b] += w[i]
+        room[b] -= 1
+    return out
+
+
+def node_inbound(owner, nodes, loads):
+    """Token copies into each node per MoE layer: float64 [Lm, n_nodes].
+    owner: int [Lm, E] ranks; nodes: int [P]; loads: float [Lm, E]."""
+    n_nodes = int(nodes.max()) + 1
+    return np.stack([np.bincount(nodes[row], weights=w, minlength=n_nodes)
+                     for row, w in zip(owner, loads)])
+
+
+def load_stats(path, cfg):
+    """Expert loads from a run.json: ``expert_loads.counts`` as float64 [n_moe_layers,
+    n_experts]; its ``layers`` must be ``cfg.moe_layers``.  Raises DataError."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise DataError(f'--stats {path}: cannot read: {e.strerror}') from None
+    except ValueError as e:
+        raise DataError(f'--stats {path}: not valid JSON: {e}') from None
+    el = doc.get('expert_loads') if isinstance(doc, dict) else None
+    if not isinstance(el, dict) or 'counts' not in el:
+        raise DataError(f'--stats {path}: no expert_loads.counts (expected the run.json '
+                        f'written by `mpimoe run --metrics`)')
+    if 'layers' in el and el['layers'] != cfg.moe_layers:
+        raise DataError(f'--stats {path}: loads are for MoE layers {el["layers"]}, this '
+                        f'model has {cfg.moe_layers}')
+    try:
+        return _check_loads(el['counts'], cfg)
+    except ConfigError as e:
+        raise DataError(f'--stats {path}: {e}') from None
+
+
+def sbatch_script(plan, model_args, micro_batches=2, batch_tokens=None):
+    """A Slurm job script that runs ``plan``: one task per GPU, ``plan.gpus_per_node``
+    per node, ``srun -K1 python -m mpi4py -m mpimoe run ... --placement MODE
+    --frontends F``.  ``model_args`` (e.g. ``'--preset paper-61l'``) completes the
+    `mpimoe plan` command recorded in a comment."""
+    if plan.loads is not None and plan._permuted_layers().any():
+        raise ConfigError('--emit-sbatch with --stats: `mpimoe run` places experts by the '
+                          'block layout and cannot apply a layout balanced by --stats yet; '
+                          'emit the script without --stats')
+    run = [f'--placement {plan.mode}', f'--frontends {plan.n_frontends}',
+           f'--micro-batches {_positive_int("micro_batches", micro_batches)}']
+    if batch_tokens is not None:
+        run.append(f'--batch-tokens {batch_tokens}')
+    return '\n'.join([
+        '#!/bin/bash',
+        f'# Written by: mpimoe plan {model_args} --gpus {plan.world_size} --gpus-per-node '
+        f'{plan.gpus_per_node} --placement {plan.mode} --frontends {plan.n_frontends} '
+        f'--emit-sbatch FILE',
+        f'# {plan.cfg.n_layers}-layer model, placement {plan.mode}: {plan.n_frontends} '
+        f'front-ends + {plan.n_expert_ranks} expert ranks, plan hash {plan.plan_hash()}',
+        '# (`mpimoe run` prints its plan hash: it must match this one).',
+        '# Submit: WEIGHTS=model.h5 INPUT=inputs.jsonl sbatch THIS_FILE',
+        '#SBATCH --job-name=mpimoe',
+        f'#SBATCH --nodes={plan.n_nodes}',
+        f'#SBATCH --ntasks={plan.world_size}',
+        f'#SBATCH --ntasks-per-node={plan.gpus_per_node}',
+        f'#SBATCH --gpus-per-node={plan.gpus_per_node}',
+        '#SBATCH --time=04:00:00',
+        '#SBATCH --output=mpimoe-%j.out',
+        '',
+        'set -euo pipefail',
+        'WEIGHTS=${WEIGHTS:?set WEIGHTS to the HDF5 weight file}',
+        'INPUT=${INPUT:?set INPUT to the token file (.jsonl or .h5)}',
+        'OUTPUT=${OUTPUT:-out-$SLURM_JOB_ID.h5}',
+        'MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}',
+        '',
+        '# -K1: end the whole step when one task fails; python -m mpi4py: an uncaught',
+        '# exception on any rank aborts all of them.',
+        'srun -K1 python -m mpi4py -m mpimoe run \\',
+        '    --weights "$WEIGHTS" --input "$INPUT" --output "$OUTPUT" \\',
+        f'    {" ".join(run)} \\',
+        '    --max-new-tokens "$MAX_NEW_TOKENS" --metrics "run-$SLURM_JOB_ID.json"',
+        ''])
+
+
+def write_sbatch(path, text):
+    """Write the job script ``text`` to ``path``; an existing file is never
+    replaced (DataError)."""
+    try:
+        with open(path, 'x', encoding='utf-8') as f:
+            f.write(text)
+    except FileExistsError:
+        raise DataError(f'--emit-sbatch {path}: file exists; remove it or choose another '
+                        f'name') from None
 
 
 def _positive_int(what, v):
@@ -306,6 +564,20 @@ def _size(nbytes):
     """'62.66 GB', or '0.06 GB (58.72 MB)' below one GB."""
     gb = f'{nbytes / _GB:.2f} GB'
     return gb if nbytes >= _GB else f'{gb} ({nbytes / _MB:.2f} MB)'
+
+
+def _change(before, after):
+    """'-28.1%' (relative change; '+0.0%' when before is 0)."""
+    return f'{100 * (after / before - 1) if before else 0.0:+.1f}%'
+
+
+def _pairs_text(pairs):
+    """[(1, 5), (2, 2), (2, 7)] -> 'layer 1 expert 5; layer 2 experts 2, 7'."""
+    by_layer = {}
+    for layer, e in pairs:
+        by_layer.setdefault(layer, []).append(str(e))
+    return '; '.join(f'layer {layer} expert{"s" if len(es) > 1 else ""} {", ".join(es)}'
+                     for layer, es in by_layer.items())
 
 
 def _block_line(a, b, l0, l1, e0, k):

@@ -1,5 +1,8 @@
 """Placement plans: coverage, sizes, F and G inference, misfits, hash, CLI."""
 
+import functools
+import itertools
+import json
 import subprocess
 import sys
 import time
@@ -8,8 +11,8 @@ import numpy as np
 import pytest
 
 from mpimoe.config import model_config
-from mpimoe.errors import ConfigError
-from mpimoe.placement import make_plan, parse_mode
+from mpimoe.errors import ConfigError, DataError
+from mpimoe.placement import load_stats, make_plan, node_inbound, parse_mode
 
 # (preset, world size, mode) -> expected (F, K, G)
 CASES = {
@@ -159,3 +162,156 @@ def test_cli_plan_misfit_one_line_exit_2():
     assert r.returncode == 2 and r.stdout == ''
     assert r.stderr.startswith('mpimoe: error: placement dedicated needs 3712 expert ranks')
     assert len(r.stderr.splitlines()) == 1 and 'Traceback' not in r.stderr
+
+
+# -- topology: balancing node links for measured expert loads -------------------
+
+def _optimum(w, n_groups):
+    """Brute force: the smallest possible busiest-group sum over partitions of the
+    items w (tuple [n]) into n_groups groups of n / n_groups items."""
+    n, cap, full = len(w), len(w) // n_groups, (1 << len(w)) - 1
+
+    @functools.lru_cache(maxsize=None)
+    def best(mask):                      # mask: items already placed
+        if mask == full:
+            return 0.0
+        free = [i for i in range(n) if not mask >> i & 1]
+        out = np.inf
+        for rest in itertools.combinations(free[1:], cap - 1):
+            group = (free[0],) + rest
+            s = sum(w[i] for i in group)
+            if s < out:
+                out = min(out, max(s, best(mask | sum(1 << i for i in group))))
+        return out
+    return best(0)
+
+
+#: token copies [4 MoE layers, 16 experts] of paper-4l: a few hot experts per layer
+HOT = np.full((4, 16), 10.0)
+HOT[0, [0, 1, 2]] = [100, 90, 80]          # all three hot ones in the first node block
+HOT[1, [3, 9, 14]] = [120, 60, 60]
+HOT[2, [0, 5, 10, 15]] = 50
+HOT[3, [6, 7]] = [300, 200]            # both in the first node block
+
+
+@pytest.mark.parametrize('gpus_per_node', [8, 4])
+def test_balanced_per_layer_meets_brute_force_optimum(gpus_per_node):
+    # 16 expert ranks on 2 (or 4) nodes of their own, front-ends on the first node(s)
+    cfg, F = model_config('paper-4l'), gpus_per_node
+    plan = make_plan(cfg, F + 16, 'per-layer', n_frontends=F, gpus_per_node=gpus_per_node,
+                     loads=HOT)
+    block = make_plan(cfg, F + 16, 'per-layer', n_frontends=F, gpus_per_node=gpus_per_node)
+    ours = node_inbound(plan.owner, plan.nodes, HOT).max(axis=1)            # [Lm]
+    ident = node_inbound(block.owner, block.nodes, HOT).max(axis=1)
+    best = [_optimum(tuple(w), 16 // gpus_per_node) for w in HOT]
+    assert (ours <= ident).all() and ours.tolist() == best
+    assert ours[0] < ident[0]                              # the clustered hot layer gains
+    # still one expert per layer per rank, on the same ranks; the engine's view agrees
+    hosted = np.bincount(plan.owner.ravel(), minlength=plan.world_size)
+    assert (hosted[:F] == 0).all() and (hosted[F:] == cfg.n_moe_layers).all()
+    for m in range(cfg.n_moe_layers):
+        assert sorted(plan.owner[m]) == list(range(F, F + 16))
+        assert plan.layer_ranks(m) == block.layer_ranks(m)
+    pairs = sorted(p for r in range(plan.world_size) for p in plan.rank_experts(r))
+    assert pairs == [(layer, e) for layer in cfg.moe_layers for e in range(16)]
+    assert plan.plan_hash() != block.plan_hash()
+
+
+def test_balanced_never_worse_on_heavy_tailed_loads():
+    cfg = model_config('paper-4l')
+    rng = np.random.default_rng(7)
+    for gpn in (8, 8, 8, 8, 4):              # brute force over 4 nodes takes ~1 s
+        loads = np.floor(rng.pareto(1.2, (4, 16)) * 100)
+        plan = make_plan(cfg, gpn + 16, 'per-layer', n_frontends=gpn, gpus_per_node=gpn,
+                         loads=loads)
+        ours = node_inbound(plan.owner, plan.nodes, loads).max(axis=1)
+        ident = node_inbound(plan.block_owner, plan.nodes, loads).max(axis=1)
+        assert (ours <= ident).all()
+        assert (ours >= [_optimum(tuple(w), 16 // gpn) for w in loads]).all()
+
+
+def test_balanced_packed_keeps_k_per_rank_and_uniform_keeps_block_layout():
+    cfg = model_config('paper-4l')
+    loads = np.ones((4, 16))
+    loads[:, :4] = 50                                  # block layout: all hot on rank 1
+    plan = make_plan(cfg, 5, 'packed:4', n_frontends=1, loads=loads)
+    per_rank = np.stack([np.bincount(row, minlength=5) for row in plan.owner])
+    assert (per_rank[:, 1:] == 4).all()
+    assert np.bincount(plan.owner[0], weights=loads[0]).max() == 53    # one hot per rank
+    assert 'the stats permute the experts within 4 MoE layers' in plan.describe()
+    flat = make_plan(cfg, 5, 'packed:4', n_frontends=1, loads=np.full((4, 16), 3.0))
+    assert (flat.owner == flat.block_owner).all()
+    assert flat.plan_hash() == make_plan(cfg, 5, 'packed:4', n_frontends=1).plan_hash()
+
+
+def test_balanced_dedicated_paper_61l_thousands_of_ranks_fast():
+    cfg = model_config('paper-61l')
+    loads = np.random.default_rng(3).zipf(1.5, (58, 64)).astype(float)
+    t0 = time.perf_counter()
+    plan = make_plan(cfg, 3904, 'dedicated', gpus_per_node=8, loads=loads)
+    text = plan.describe()
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 1.0, f'make_plan + describe took {elapsed:.3f} s'
+    ours, ident = (node_inbound(o, plan.nodes, loads).max() for o in
+                   (plan.owner, plan.block_owner))
+    assert ours < ident
+    assert f'busiest node {ident:.6g}' in text and f'busiest node {ours:.6g}' in text
+    assert plan.layer_ranks(1) == list(range(192)) + list(range(256, 320))
+
+
+@pytest.mark.parametrize('loads,message', [
+    (np.ones((3, 8)), 'expert loads have shape [3, 8]; this model needs [n_moe_layers, '
+     'n_experts] = [4, 16]'),
+    (-np.ones((4, 16)), 'must be finite and >= 0'),
+    ([['a'] * 16] * 4, 'expert loads must be numbers'),
+])
+def test_bad_loads_one_line(loads, message):
+    with pytest.raises(ConfigError) as e:
+        make_plan(model_config('paper-4l'), 17, loads=loads)
+    assert message in str(e.value) and '\n' not in str(e.value)
+
+
+def _run_json(path, counts, layers):
+    """A run.json with the keys `mpimoe run --metrics` writes for expert loads."""
+    path.write_text(json.dumps({'expert_loads': {'layers': layers, 'counts': counts,
+                                                 'max_over_mean': [1.0] * len(counts)}}))
+    return str(path)
+
+
+def test_load_stats(tmp_path):
+    cfg = model_config('tiny')
+    counts = [[i * 8 + e for e in range(8)] for i in range(3)]
+    loads = load_stats(_run_json(tmp_path / 'ok.json', counts, [1, 2, 3]), cfg)
+    assert loads.dtype == np.float64 and loads.tolist() == counts
+    for name, doc, message in [
+            ('layers.json', {'expert_loads': {'layers': [0, 1, 2], 'counts': counts}},
+             'loads are for MoE layers [0, 1, 2], this model has [1, 2, 3]'),
+            ('shape.json', {'expert_loads': {'counts': counts[:2]}}, 'shape [2, 8]'),
+            ('none.json', {'summary': {}}, 'no expert_loads.counts'),
+    ]:
+        (tmp_path / name).write_text(json.dumps(doc))
+        with pytest.raises(DataError) as e:
+            load_stats(str(tmp_path / name), cfg)
+        assert message in str(e.value) and '\n' not in str(e.value)
+    (tmp_path / 'bad.json').write_text('{')
+    with pytest.raises(DataError, match='not valid JSON'):
+        load_stats(str(tmp_path / 'bad.json'), cfg)
+    with pytest.raises(DataError, match='cannot read'):
+        load_stats(str(tmp_path / 'missing.json'), cfg)
+
+
+def test_cli_plan_stats_prints_node_loads(tmp_path):
+    stats = _run_json(tmp_path / 'run.json', HOT.astype(int).tolist(), [0, 1, 2, 3])
+    r = _mpimoe('plan', '--preset', 'paper-4l', '--gpus', '24', '--gpus-per-node', '8',
+                '--frontends', '8', '--stats', stats, '--full')
+    assert r.returncode == 0, r.stderr
+    assert ('block layout:   busiest node 560 (node 1, layer 3); sum over layers of the '
+            'busiest node 1230') in r.stdout
+    assert ('balanced (LPT): busiest node 370 (node 1, layer 3); sum over layers of the '
+            'busiest node 950') in r.stdout
+    assert '2 of 4 MoE layers permuted: busiest node -33.9%, sum over layers -22.8%' in r.stdout
+    assert 'node 1: block 560, balanced 370' in r.stdout
+    assert 'node 2: block 180, balanced 270' in r.stdout
+    assert ('rank 8 (node 1): layer 0 expert 0; layer 1 expert 0; layer 2 expert 0; layer 3 '
+            'expert 6, 4.29 GB') in r.stdout
+    assert 'rank 16 (node 2): layer 0 expert 1; layer 1 expert 8; layer 2 expert 8; ' in r.stdout

@@ -1,0 +1,437 @@
+"""Cost model: memory per rank and predicted speed of a placement plan.
+
+Pure arithmetic on a :class:`~mpimoe.placement.Plan`; no MPI, no GPU.  A *pass*
+is one forward over the batch of the front-ends: the prefill of B sequences of
+S tokens, or one decode step (one new token for each of B sequences at context
+S).  The busiest front-end holds ceil(B/F) sequences; it splits them into
+M' = min(M, ceil(B/F)) micro-batches (whole sequences, as the engine does).
+
+**Memory** per rank, by role: weights (:meth:`Plan.weight_bytes`); KV cache on
+a front-end, ``2 * n_layers * n_kv_heads * head_dim * 2`` bytes per token for its
+ceil(B/F) * S tokens; communication buffers, per micro-batch slot a send and a
+receive buffer of ``rows * d_model * 2`` bytes, rows = tokens of a micro-batch x
+top_k on a front-end, and in the worst case (every row of every front-end's
+micro-batch routed here) F x tokens x min(top_k, K) on an expert rank.
+
+**Time** of one pass, per layer, each stage a roofline
+``max(FLOPs / (gemm_tflops * gemm_efficiency), bytes read / hbm_gbs)`` per
+micro-batch, times M' (weights are read again for every micro-batch):
+
+* front-end: attention projections, scores (causal: q(2c-q+1)/2 query-key pairs
+  per sequence for q new tokens at context c, 4 * n_heads * head_dim FLOPs
+  each), the dense MLP or the gate; bytes: those weights and the KV cache read;
+* experts: the busiest expert rank of the layer; copies per expert = B*q*top_k
+  x the expert's share of the layer's load (the stats, else 1/E); an expert's
+  weights are read when a micro-batch brings it a row (probability
+  1 - (1 - share)^(copies of the micro-batch));
+* network (alpha-beta): dispatch and combine each move every copy (d_model *
+  2 bytes) once; a node's link carries what crosses it in each direction
+  (sequences are dealt to front-ends round-robin; copies between a front-end
+  and an expert rank on the same node go over NVLink instead); time = bytes of
+  the busiest node and direction / link_gbps, or of the busiest GPU's NVLink /
+  nvlink_gbs, whichever is larger.  The messages of one collective travel
+  concurrently: each collective (counts, dispatch, combine; per micro-batch
+  slot, empty or not, as the engine posts them) adds one alpha;
+* an MoE layer pipelines its three stages over the M' micro-batches:
+  ``max + (sum - max) / M'`` (the sum for one micro-batch, the slowest stage
+  for many); dense layers and the LM head (the B last positions) add their
+  front-end time.
+
+Prefill tokens/s = B*S / prefill pass; time per output token = decode pass.
+
+**Constants** (:class:`Constants`): assumed H100 SXM defaults, replaced by a
+calibration JSON written by benchmarks (keys below, all optional, numbers),
+replaced in turn by command-line options::
+
+    {"gemm_tflops": 989,      # dense 16-bit peak, TFLOP/s per GPU; a benchmark that
+                              # measures achieved TFLOP/s writes it with efficiency 1
+     "gemm_efficiency": 0.6,  # fraction of the peak reached by the GEMMs, (0, 1]
+     "hbm_gbs": 3350,         # device memory bandwidth, GB/s
+     "link_gbps": 200,        # inter-node link per node, each direction, Gb/s
+     "nvlink_gbs": 450,       # intra-node bandwidth per GPU, each direction, GB/s
+     "alpha_us": 10}          # latency of one message (one collective), us
+
+    >>> from mpimoe.config import model_config
+    >>> from mpimoe.placement import make_plan
+    >>> plan = make_plan(model_config('paper-4l'), 72, 'dedicated', n_frontends=8,
+    ...                  gpus_per_node=8)
+    >>> p = predict(plan, Workload(8, 128), make_constants(link_gbps=3200))
+    >>> round(p.prefill_tokens_per_s, -3), p.prefill.bound, round(p.decode_ms_per_token, 2)
+    (342000.0, 'experts', 1.87)
+"""
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+from mpimoe.errors import ConfigError, DataError
+from mpimoe.placement import _count, _size
+
+__all__ = ['Constants', 'Workload', 'RankMemory', 'PassTime', 'Prediction',
+           'load_calibration', 'make_constants', 'memory', 'check_memory', 'predict',
+           'pass_time', 'describe']
+
+_GB = 1e9
+
+#: Why each default was chosen (printed next to an assumed constant).
+ASSUMED = {
+    'gemm_tflops': 'H100 SXM dense BF16/FP16 peak',
+    'gemm_efficiency': 'typical of large cuBLAS GEMMs',
+    'hbm_gbs': 'H100 SXM HBM3',
+    'link_gbps': 'one 200 Gb/s HDR/NDR200 port per node; 8 x 400 Gb/s NDR is 3200',
+    'nvlink_gbs': 'H100 NVLink 4, per direction',
+    'alpha_us': 'MPI message latency incl. software overhead',
+}
+
+
+@dataclass(frozen=True)
+class Constants:
+    """Machine constants of the model; ``source`` says where each came from."""
+
+    gemm_tflops: float = 989.0
+    """Dense 16-bit peak TFLOP/s per GPU."""
+    gemm_efficiency: float = 0.6
+    """Fraction of the peak the GEMMs reach, in (0, 1]."""
+    hbm_gbs: float = 3350.0
+    """Device memory bandwidth, GB/s."""
+    link_gbps: float = 200.0
+    """Inter-node bandwidth per node and direction, Gb/s."""
+    nvlink_gbs: float = 450.0
+    """Intra-node bandwidth per GPU and direction, GB/s."""
+    alpha_us: float = 10.0
+    """Latency of one message, microseconds; one per collective."""
+    source: dict = field(default_factory=dict, compare=False)
+    """Constant name -> 'assumed (why)', 'measured (FILE)' or 'option --NAME'."""
+
+    def __post_init__(self):
+        for f in fields(self)[:-1]:
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not \
+                    (math.isfinite(v) and v > 0):
+                raise ConfigError(f'{f.name}={v!r}: must be a number > 0')
+        if self.gemm_efficiency > 1:
+            raise ConfigError(f'gemm_efficiency={self.gemm_efficiency}: must be in (0, 1]')
+
+    @property
+    def flops(self):
+        """Effective GEMM rate, FLOP/s."""
+        return self.gemm_tflops * 1e12 * self.gemm_efficiency
+
+
+_NAMES = [f.name for f in fields(Constants)][:-1]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The batch of one pass."""
+
+    batch_seqs: int
+    """B: sequences in flight over all front-ends."""
+    seq_len: int
+    """S: tokens per sequence (prompt length; the context of a decode step)."""
+    micro_batches: int = 2
+    """M: micro-batches per pass and front-end (the engine's --micro-batches)."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f'{f.name}={v!r}: must be an integer >= 1')
+
+    def seqs_per_frontend(self, plan):
+        """ceil(B / F): sequences of the busiest front-end."""
+        return -(-self.batch_seqs // plan.n_frontends)
+
+
+def load_calibration(path):
+    """Measured constants from a JSON file: dict name -> float (keys above)."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise DataError(f'--calibration {path}: cannot read: {e.strerror}') from None
+    except ValueError as e:
+        raise DataError(f'--calibration {path}: not valid JSON: {e}') from None
+    if not isinstance(doc, dict):
+        raise DataError(f'--calibration {path}: expected a JSON object')
+    unknown = sorted(set(doc) - set(_NAMES))
+    if unknown:
+        raise DataError(f'--calibration {path}: unknown keys {unknown}; valid keys: '
+                        f'{", ".join(_NAMES)}')
+    bad = [k for k, v in doc.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+    if bad:
+        raise DataError(f'--calibration {path}: {bad[0]} must be a number')
+    values = {k: float(v) for k, v in doc.items()}
+    try:
+        Constants(**values)
+    except ConfigError as e:
+        raise DataError(f'--calibration {path}: {e}') from None
+    return values
+
+
+def make_constants(calibration=None, calibration_path=None, **options):
+    """Defaults < ``calibration`` (from ``calibration_path``) < ``options`` that are
+    not None (command-line values, e.g. ``link_gbps=400``)."""
+    values, source = {}, {n: f'assumed ({ASSUMED[n]})' for n in _NAMES}
+    for k, v in (calibration or {}).items():
+        values[k], source[k] = v, f'measured ({calibration_path})'
+    for k, v in options.items():
+        if v is not None:
+            values[k], source[k] = v, f'option --{k.replace("_", "-")}'
+    return Constants(**values, source=source)
+
+
+# -- memory --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes one rank needs."""
+
+    role: str
+    weights: int
+    kv_cache: int
+    buffers: int
+
+    @property
+    def total(self):
+        return self.weights + self.kv_cache + self.buffers
+
+
+def memory(plan, work=None):
+    """[front-end, largest expert rank] :class:`RankMemory`; without a workload
+    only the weights."""
+    cfg = plan.cfg
+    wb = plan.weight_bytes()
+    fe_w, ex_w = int(wb[0]), int(wb[plan.n_frontends:].max())
+    if work is None:
+        return [RankMemory('front-end', fe_w, 0, 0), RankMemory('expert rank', ex_w, 0, 0)]
+    seqs = work.seqs_per_frontend(plan)
+    M = min(work.micro_batches, seqs)
+    mb_tokens = -(-seqs // M) * work.seq_len                    # largest micro-batch
+    row = cfg.d_model * cfg.itemsize
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * cfg.itemsize * seqs * work.seq_len
+    fe_buf = M * 2 * mb_tokens * cfg.top_k * row
+    # a token sends at most min(top_k, K) copies to one rank (K experts of a layer)
+    ex_buf = M * 2 * plan.n_frontends * mb_tokens * min(cfg.top_k, plan.experts_per_rank) * row
+    return [RankMemory('front-end', fe_w, int(kv), int(fe_buf)),
+            RankMemory('expert rank', ex_w, 0, int(ex_buf))]
+
+
+_ADVICE = {
+    'front-end': 'use more front-ends (--frontends), fewer sequences (--batch-seqs) '
+                 'or shorter ones (--seq-len)',
+    'front-end weights': 'its non-expert weights alone do not fit: this model needs GPUs '
+                         'with more memory (front-ends are not split further)',
+    'expert rank': 'the worst-case receive buffers (every row of a pass to this rank) do '
+                   'not fit: use a smaller batch (--batch-seqs, --seq-len)',
+    'expert rank weights': 'its experts do not fit: use more GPUs or a placement with '
+                           'fewer experts per rank (dedicated, packed:K with smaller K)',
+}
+
+
+def check_memory(mems, gpu_memory_gb):
+    """Raise ConfigError (one line) for the first role whose total exceeds the GPU."""
+    if not gpu_memory_gb > 0:
+        raise ConfigError(f'GPU memory {gpu_memory_gb:g} GB: must be > 0')
+    cap = gpu_memory_gb * _GB
+    for m in mems:
+        if m.total > cap:
+            why = m.role + (' weights' if m.weights > cap else '')
+            raise ConfigError(f'{m.role} needs {_parts(m)} > GPU memory {gpu_memory_gb:g} '
+                              f'GB: {_ADVICE[why]}')
+
+
+def _parts(m):
+    """'79.27 GB = weights 62.66 GB + KV cache 16.37 GB + buffers 0.23 GB'."""
+    parts = [f'weights {_size(m.weights)}']
+    if m.kv_cache:
+        parts.append(f'KV cache {_size(m.kv_cache)}')
+    if m.buffers:
+        parts.append(f'buffers {_size(m.buffers)}')
+    return f'{_size(m.total)} = ' + ' + '.join(parts)
+
+
+# -- time ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PassTime:
+    """Seconds of one pass and its stages summed over layers (before overlap)."""
+
+    seconds: float
+    frontend: float
+    experts: float
+    network: float
+    micro_batches: int
+
+    @property
+    def bound(self):
+        """The stage with the largest sum: 'front-end', 'experts' or 'network'."""
+        named = {'front-end': self.frontend, 'experts': self.experts, 'network': self.network}
+        return max(named, key=named.get)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    prefill: PassTime
+    decode: PassTime
+    prefill_tokens_per_s: float
+    decode_ms_per_token: float
+
+
+def predict(plan, work, consts):
+    """Prefill and decode of ``work`` on ``plan`` with machine ``consts``."""
+    pre = pass_time(plan, work, consts, new_tokens=work.seq_len)
+    dec = pass_time(plan, work, consts, new_tokens=1)
+    return Prediction(pre, dec, work.batch_seqs * work.seq_len / pre.seconds,
+                      1e3 * dec.seconds)
+
+
+def pass_time(plan, work, c, new_tokens):
+    """One pass adding ``new_tokens`` per sequence at context ``work.seq_len``."""
+    cfg = plan.cfg
+    seqs = work.seqs_per_frontend(plan)
+    M = min(work.micro_batches, seqs)
+    fe = _frontend_layers(cfg, seqs, new_tokens, work.seq_len, M, c)         # [n_layers]
+    exp, net = _moe_layers(plan, work.batch_seqs, new_tokens, M, work.micro_batches, c)
+    stages = np.stack([fe[cfg.n_dense_layers:], exp, net])                    # [3, Lm]
+    top = stages.max(axis=0)
+    moe = top + (stages.sum(axis=0) - top) / M
+    head = _roofline(2 * seqs * cfg.d_model * cfg.vocab_size,
+                     cfg.vocab_size * cfg.d_model * cfg.itemsize, c)
+    total = fe[:cfg.n_dense_layers].sum() + moe.sum() + head
+    return PassTime(float(total), float(fe.sum() + head), float(exp.sum()), float(net.sum()), M)
+
+
+def _roofline(flops, nbytes, c):
+    return max(flops / c.flops, nbytes / (c.hbm_gbs * _GB))
+
+
+def _frontend_layers(cfg, seqs, q, ctx, M, c):
+    """Seconds of every layer's non-expert work on the busiest front-end:
+    float [n_layers].  seqs sequences, q new tokens each at context ctx."""
+    d, item = cfg.d_model, cfg.itemsize
+    qd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    attn_w = 2 * d * qd + 2 * d * kvd                           # wq wo, wk wv
+    tokens = seqs * q
+    pairs = seqs * q * (2 * ctx - q + 1) / 2                    # causal query-key pairs
+    flops = 2 * tokens * attn_w + 4 * qd * pairs
+    kv_bytes = seqs * ctx * 2 * kvd * item
+    dense_w = len(cfg.expert_matrices) * d * cfg.d_dense
+    gate_w = d * cfg.n_experts
+    out = np.empty(cfg.n_layers)
+    for i in range(cfg.n_layers):
+        ffn_w = dense_w if i < cfg.n_dense_layers else gate_w
+        f = flops + 2 * tokens * ffn_w
+        out[i] = M * _roofline(f / M, (attn_w + ffn_w) * item + kv_bytes / M, c)
+    return out
+
+
+def _shares(plan):
+    """float [Lm, E]: each expert's share of its layer's copies (stats, else 1/E)."""
+    E = plan.cfg.n_experts
+    if plan.loads is None:
+        return np.full(plan.owner.shape, 1.0 / E)
+    tot = plan.loads.sum(axis=1, keepdims=True)
+    return np.where(tot > 0, plan.loads / np.where(tot > 0, tot, 1), 1.0 / E)
+
+
+def _moe_layers(plan, B, q, M, slots, c):
+    """Seconds of the busiest expert rank and of the network, per MoE layer:
+    two float [Lm].  B sequences of q new tokens over all front-ends, M non-empty
+    micro-batches of ``slots`` (every slot posts its collectives, empty or not)."""
+    cfg, P, F = plan.cfg, plan.world_size, plan.n_frontends
+    T = B * q
+    nodes = plan.nodes
+    n_nodes = int(nodes[-1]) + 1
+    share = _shares(plan)                                                 # [Lm, E]
+    copies = T * cfg.top_k * share                                        # [Lm, E]
+    active = 1 - (1 - share) ** (T * cfg.top_k / M)                       # per micro-batch
+    # sequences are dealt round-robin: front-end f sends a share n_f / B of the copies
+    n_f = np.arange(F) < B % F
+    fe_share = (B // F + n_f) / B                                         # [F]
+    fe_frac = np.bincount(nodes[:F], weights=fe_share, minlength=n_nodes)  # [N]
+    fe_top = np.zeros(n_nodes)                                            # busiest front-end
+    np.maximum.at(fe_top, nodes[:F], fe_share)
+    row = cfg.d_model * cfg.itemsize
+    one = cfg.expert_params * cfg.itemsize
+    link, nvlink = c.link_gbps / 8 * _GB, c.nvlink_gbs * _GB               # bytes/s
+    exp, net = np.empty(cfg.n_moe_layers), np.empty(cfg.n_moe_layers)
+    for m, ranks in enumerate(plan.owner):                                # ranks: [E]
+        rank_copies = np.bincount(ranks, weights=copies[m], minlength=P)  # [P]
+        rank_active = np.bincount(ranks, weights=active[m], minlength=P)
+        per_mb = np.maximum(rank_copies / M * 2 * cfg.expert_params / c.flops,
+                            rank_active * one / (c.hbm_gbs * _GB))
+        exp[m] = M * per_mb.max()
+        # copies into each node's expert ranks; what crosses its link each way
+        X = np.bincount(nodes[ranks], weights=copies[m], minlength=n_nodes)   # [N]
+        across = max((X * (1 - fe_frac)).max(), (fe_frac * (X.sum() - X)).max())
+        inside = max((rank_copies * fe_frac[nodes]).max(), (X * fe_top).max())
+        bytes_s = max(across * row / link, inside * row / nvlink)            # one direction
+        net[m] = 3 * slots * c.alpha_us * 1e-6 + 2 * bytes_s
+    return exp, net
+
+
+# -- text -----------------------------------------------------------------------
+
+def describe(plan, work, consts, gpu_memory_gb, baseline=None):
+    """Lines: memory per role, the constants and their sources, and (with a
+    workload) the prediction; ``baseline`` (a Plan, e.g. the block layout with the
+    same stats) adds its prediction for comparison."""
+    if work is None:
+        head = ('memory per rank (weights only: --batch-seqs and --seq-len add the KV cache, '
+                'buffers and time estimates):')
+    else:
+        head = (f'memory per rank (B = {work.batch_seqs} sequences x S = {work.seq_len} tokens '
+                f'over {_count(plan.n_frontends, "front-end")}, '
+                f'{_mbs(work.micro_batches)}):')
+    lines = [head]
+    for m in memory(plan, work):
+        worst = ' (buffers: worst case, every row to this rank)' if m.role == 'expert rank' \
+            and m.buffers else ''
+        share = 100 * m.total / (gpu_memory_gb * _GB)
+        lines.append(f'  {m.role + ":":12s} {_parts(m)}; {share:.0f}% of {gpu_memory_gb:g} GB'
+                     f'{worst}')
+    if work is None:
+        return lines
+    lines.append('cost model constants (the model is stated in mpimoe/costmodel.py):')
+    lines += [f'  {n:16s} {getattr(consts, n):<8g} {consts.source.get(n, "assumed")}'
+              for n in _NAMES]
+    lines += _describe_prediction(predict(plan, work, consts), work)
+    if baseline is not None:
+        b = predict(baseline, work, consts)
+        lines.append(f'block layout with the same stats: prefill {b.prefill_tokens_per_s:,.0f} '
+                     f'tokens/s, decode {_time(b.decode.seconds)} per output token')
+    return lines
+
+
+def _describe_prediction(p, work):
+    def stages(t):
+        return (f'front-end {_time(t.frontend)}, experts {_time(t.experts)}, network '
+                f'{_time(t.network)} summed over layers; '
+                f'{_mbs(t.micro_batches)}; bound by {t.bound}')
+    lines = [
+        f'prefill: {p.prefill_tokens_per_s:,.0f} tokens/s ({work.batch_seqs * work.seq_len:,} '
+        f'tokens in {_time(p.prefill.seconds)}; {stages(p.prefill)})',
+        f'decode: {_time(p.decode.seconds)} per output token (B = {work.batch_seqs} '
+        f'sequences at context {work.seq_len}; {stages(p.decode)})',
+    ]
+    if p.decode.micro_batches < work.micro_batches:
+        used = p.decode.micro_batches
+        verb = 'fills' if used == 1 else 'fill'
+        lines.append(f'note: {_count(used, "sequence")} per front-end {verb} only {used} of '
+                     f'its {work.micro_batches} micro-batches (less overlap); more sequences '
+                     f'per front-end fill them')
+    return lines
+
+
+def _mbs(n):
+    return f'{n} micro-batch' + ('' if n == 1 else 'es')
+
+
+def _time(seconds):
+    """'13.69 s', '2.876 ms', '4.20 us'."""
+    if seconds >= 1:
+        return f'{seconds:.2f} s'
+    return f'{1e3 * seconds:.3f} ms' if seconds >= 1e-3 else f'{1e6 * seconds:.2f} us'
