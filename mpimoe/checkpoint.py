@@ -13,6 +13,7 @@ checks shape, dtype and checksum of what it reads; :func:`inspect_report` is
 """
 
 import contextlib
+import hashlib
 import os
 import time
 import zlib
@@ -369,6 +370,16 @@ class WeightFile:
     def read_nonexpert(self, verify=True):
         """Every tensor outside the experts groups: ``{name: array}``."""
         return {n: self.read(n, verify) for n in nonexpert_tensor_names(self.config)}
+
+    def identity(self):
+        """sha256 hex of the config and every tensor's crc32 attribute: equal for
+        files with the same weights, wherever they lie (reads attributes only)."""
+        h = hashlib.sha256(self.config.to_json().encode())
+        for name, _ in tensor_specs(self.config):
+            ds = self._dataset(name)
+            crc = ds.attrs.get('crc32') if isinstance(ds, h5py.Dataset) else None
+            h.update(f'{name}={crc};'.encode())
+        return h.hexdigest()
 
     def _slab_crc(self, name, ds):
         """crc32 of ``ds`` read slab by slab (bounded memory)."""

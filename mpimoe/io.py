@@ -37,8 +37,11 @@ metadata (str, int or float values; e.g. `weights`, `max_new_tokens`,
 sequences are written; until then it is `OUTPUT.partial`.
 """
 
+import contextlib
+import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import h5py
@@ -46,7 +49,7 @@ import numpy as np
 
 from mpimoe.errors import DataError, UsageError
 
-__all__ = ['Inputs', 'read_inputs', 'write_synthetic_inputs',
+__all__ = ['Inputs', 'InputStream', 'read_inputs', 'file_digest', 'run_identity', 'write_synthetic_inputs',
            'OutputWriter', 'read_outputs']
 
 OUTPUT_FORMAT = 'mpimoe-output'
@@ -96,40 +99,120 @@ def _check_vocab(vocab_size):
 
 
 def read_inputs(path, vocab_size):
-    """Read and validate the token sequences of ``path`` (.jsonl/.json or .h5/.hdf5).
+    """Read and validate all token sequences of ``path`` (.jsonl/.json or .h5/.hdf5).
 
     Any defect raises DataError naming the file and the line (JSONL) or the
     sequence index and id (HDF5).
     """
-    path = os.fspath(path)
-    fmt = _format_of(path)
-    _check_vocab(vocab_size)
-    if not os.path.isfile(path):
-        raise DataError(f'{path}: input file not found')
-    return _read_jsonl(path, vocab_size) if fmt == 'jsonl' else _read_hdf5(path, vocab_size)
+    return next(InputStream(path, vocab_size).batches(budget=None))[1]
+
+
+class InputStream:
+    """The sequences of an input file, read in order, a batch at a time, so an
+    input larger than memory never is in memory whole.
+
+        stream = InputStream(path, vocab_size)
+        len(stream)                                   # sequences in the file
+        for first, batch in stream.batches(budget=4096):
+            ...                                       # batch: Inputs; first: its index
+
+    Validation is that of :func:`read_inputs`, batch by batch; duplicate ids
+    are found through the hash of every id seen (about 100 bytes per sequence).
+    """
+
+    def __init__(self, path, vocab_size):
+        self.path = os.fspath(path)
+        self.format = _format_of(self.path)
+        _check_vocab(vocab_size)
+        self.vocab_size = vocab_size
+        if not os.path.isfile(self.path):
+            raise DataError(f'{self.path}: input file not found')
+        self.n = _count_jsonl(self.path) if self.format == 'jsonl' else \
+            _count_hdf5(self.path)
+        if self.n == 0:
+            raise DataError(f'{self.path}: no sequences')
+
+    def __len__(self):
+        return self.n
+
+    def batches(self, budget, start=0):
+        """Yield (first index, Inputs) for consecutive batches of at most
+        ``budget`` prompt tokens (a longer sequence is a batch of its own;
+        None: one batch of everything), formed from the first sequence on, so
+        the batches are the same whatever ``start``; those ending at or before
+        sequence ``start`` are skipped (they were done before a restart)."""
+        seen = {}           # hash(id) -> position of its first sequence
+        first, ids, chunks, used = 0, [], [], 0
+        for i, (pos, seq_id, tokens) in enumerate(self._sequences()):
+            if hash(seq_id) in seen:
+                self._check_duplicate(seen[hash(seq_id)], pos, seq_id)
+            seen.setdefault(hash(seq_id), pos)
+            if ids and budget is not None and used + len(tokens) > budget:
+                if first + len(ids) > start:
+                    yield first, _pack(ids, chunks)
+                first, ids, chunks, used = i, [], [], 0
+            ids.append(seq_id)
+            chunks.append(tokens)
+            used += len(tokens)
+        if ids and first + len(ids) > start:
+            yield first, _pack(ids, chunks)
+
+    def _check_duplicate(self, first_pos, pos, seq_id):
+        """DataError if the sequence at ``first_pos`` has the id ``seq_id`` (re-read:
+        equal hashes of different ids are possible, though rare)."""
+        if not any(p == first_pos and i == seq_id for p, i, _ in self._sequences()):
+            return
+        if self.format == 'jsonl':
+            raise DataError(f'{self.path}:{pos}: duplicate id {seq_id!r} (first on line '
+                            f'{first_pos})')
+        raise DataError(f'{self.path}: sequence {pos} has id {seq_id!r}, already used by '
+                        f'sequence {first_pos}')
+
+    def _sequences(self):
+        """Yield (position, id, tokens int32 [len]) in file order, validated;
+        position: line number (JSONL) or sequence index (HDF5)."""
+        if self.format == 'jsonl':
+            yield from _jsonl_sequences(self.path, self.vocab_size)
+        else:
+            yield from _hdf5_sequences(self.path, self.vocab_size)
+
+
+def _pack(ids, chunks):
+    offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
+    np.cumsum([len(c) for c in chunks], out=offsets[1:])
+    return Inputs(ids, np.concatenate(chunks), offsets)
+
+
+def run_identity(input_path, weights_identity, max_new_tokens, batch_tokens):
+    """What must not change for a rerun to resume an output: the input's bytes,
+    the weights (:meth:`WeightFile.identity`) and the options that change results
+    (batch composition included, so that a resumed output is bit for bit an
+    uninterrupted one)."""
+    return {'input_sha256': file_digest(input_path), 'weights_sha256': weights_identity,
+            'max_new_tokens': max_new_tokens, 'batch_tokens': batch_tokens}
+
+
+def file_digest(path, block=1 << 22):
+    """sha256 hex digest of a file, read in blocks (the input's identity)."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # --- JSONL ---------------------------------------------------------------
 
-def _read_jsonl(path, vocab_size):
-    ids, chunks, first_line = [], [], {}
+def _count_jsonl(path):
+    with open(path, 'rb') as f:
+        return sum(1 for raw in f if raw.strip())
+
+
+def _jsonl_sequences(path, vocab_size):
     with open(path, 'rb') as f:
         for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f'{path}:{lineno}'
-            seq_id, tokens = _parse_line(where, raw, vocab_size)
-            if seq_id in first_line:
-                raise DataError(f'{where}: duplicate id {seq_id!r} (first on line '
-                                f'{first_line[seq_id]})')
-            first_line[seq_id] = lineno
-            ids.append(seq_id)
-            chunks.append(tokens)
-    if not ids:
-        raise DataError(f'{path}: no sequences (every line is blank)')
-    offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
-    np.cumsum([len(c) for c in chunks], out=offsets[1:])
-    return Inputs(ids, np.concatenate(chunks), offsets)
+            if raw.strip():
+                yield (lineno, *_parse_line(f'{path}:{lineno}', raw, vocab_size))
 
 
 def _parse_line(where, raw, vocab_size):
@@ -168,43 +251,64 @@ def _parse_line(where, raw, vocab_size):
 
 # --- HDF5 ----------------------------------------------------------------
 
-def _read_hdf5(path, vocab_size):
+#: sequences read from an HDF5 input at a time
+_HDF5_SLAB = 4096
+
+
+def _open_hdf5(path):
     try:
         f = h5py.File(path, 'r')
     except OSError as e:
         raise DataError(f'{path}: not a readable HDF5 file ({e})') from None
-    with f:
-        missing = [k for k in ('tokens', 'offsets', 'ids')
-                   if not isinstance(f.get(k), h5py.Dataset)]
-        if missing:
-            raise DataError(f'{path}: missing dataset(s) {", ".join(missing)}; an input file '
-                            'has tokens [total], offsets [n+1] and ids [n]')
-        ids = _read_ids(path, f['ids'])
+    missing = [k for k in ('tokens', 'offsets', 'ids') if not isinstance(f.get(k), h5py.Dataset)]
+    if missing:
+        f.close()
+        raise DataError(f'{path}: missing dataset(s) {", ".join(missing)}; an input file '
+                        'has tokens [total], offsets [n+1] and ids [n]')
+    return f
+
+
+def _count_hdf5(path):
+    with _open_hdf5(path) as f:
+        return len(f['ids'])
+
+
+def _hdf5_sequences(path, vocab_size):
+    """Slabs of ``_HDF5_SLAB`` sequences: offsets are read whole (8 bytes per
+    sequence) and checked first, tokens and ids a slab at a time."""
+    with _open_hdf5(path) as f:
+        ids_ds, tokens_ds = f['ids'], f['tokens']
+        if ids_ds.ndim != 1 or h5py.check_string_dtype(ids_ds.dtype) is None:
+            raise DataError(f'{path}: dataset ids must be a 1-D array of strings '
+                            f'(h5py.string_dtype()), got {ids_ds.dtype} {ids_ds.shape}')
         offsets = _read_int_1d(path, f['offsets'])
-        tokens = _read_int_1d(path, f['tokens'])
-    _check_offsets(path, offsets, len(tokens), ids)
-    _check_unique(path, ids)
-    _check_token_range(path, tokens, offsets, ids, vocab_size)
-    return Inputs(ids, tokens.astype(np.int32, copy=False), offsets.astype(np.int64, copy=False))
+        _read_int_1d(path, tokens_ds, read=False)
+        _check_offsets(path, offsets, tokens_ds.shape[0], ids_ds)
+        for a in range(0, len(ids_ds), _HDF5_SLAB):
+            b = min(a + _HDF5_SLAB, len(ids_ds))
+            ids = _read_ids(path, ids_ds, a, b)
+            base = offsets[a:b + 1] - offsets[a]
+            tokens = tokens_ds[offsets[a]:offsets[b]]
+            _check_token_range(path, tokens, base, ids, vocab_size, a)
+            tokens = tokens.astype(np.int32, copy=False)
+            for j, seq_id in enumerate(ids):
+                yield a + j, seq_id, tokens[base[j]:base[j + 1]]
 
 
-def _read_ids(path, ds):
-    """ids dataset -> list[str] [n]."""
-    if ds.ndim != 1 or h5py.check_string_dtype(ds.dtype) is None:
-        raise DataError(f'{path}: dataset ids must be a 1-D array of strings '
-                        f'(h5py.string_dtype()), got {ds.dtype} {ds.shape}')
+def _read_ids(path, ds, a, b):
+    """ids[a:b] -> list[str]."""
     try:
-        return ds.asstr()[()].tolist()
+        return ds.asstr()[a:b].tolist()
     except UnicodeDecodeError as e:
         raise DataError(f'{path}: dataset ids is not valid UTF-8 ({e.reason})') from None
 
 
-def _read_int_1d(path, ds):
-    """A 1-D integer dataset, read once, in its stored dtype."""
+def _read_int_1d(path, ds, read=True):
+    """A 1-D integer dataset (read once, in its stored dtype, if ``read``)."""
     if ds.ndim != 1 or ds.dtype.kind not in 'iu':
         raise DataError(f'{path}: dataset {ds.name.lstrip("/")} must be a 1-D integer array, '
                         f'got {ds.dtype} {ds.shape}')
-    return ds[()]
+    return ds[()] if read else None
 
 
 def _check_offsets(path, offsets, total, ids):
@@ -223,27 +327,20 @@ def _check_offsets(path, offsets, total, ids):
     if bad.size:
         i = int(bad[0])
         problem = 'is empty' if offsets[i + 1] == offsets[i] else 'has a negative length'
-        raise DataError(f'{path}: sequence {i} (id {ids[i]!r}) {problem}: offsets[{i}] = '
-                        f'{offsets[i]}, offsets[{i + 1}] = {offsets[i + 1]}')
+        raise DataError(f'{path}: sequence {i} (id {_read_ids(path, ids, i, i + 1)[0]!r}) '
+                        f'{problem}: offsets[{i}] = {offsets[i]}, offsets[{i + 1}] = '
+                        f'{offsets[i + 1]}')
 
 
-def _check_unique(path, ids):
-    first = {}
-    for i, seq_id in enumerate(ids):
-        if seq_id in first:
-            raise DataError(f'{path}: sequence {i} has id {seq_id!r}, already used by '
-                            f'sequence {first[seq_id]}')
-        first[seq_id] = i
-
-
-def _check_token_range(path, tokens, offsets, ids, vocab_size):
-    """tokens: int [total]; every value in [0, vocab_size)."""
+def _check_token_range(path, tokens, offsets, ids, vocab_size, first=0):
+    """tokens: int [total] of sequences first, first+1, ... (offsets relative to
+    the slab); every value in [0, vocab_size)."""
     bad = np.flatnonzero((tokens < 0) | (tokens >= vocab_size))
     if bad.size:
         p = int(bad[0])
         i = int(np.searchsorted(offsets, p, side='right')) - 1
-        raise DataError(f'{path}: sequence {i} (id {ids[i]!r}): token {tokens[p]} at position '
-                        f'{p - offsets[i]} is not in [0, vocab_size={vocab_size})')
+        raise DataError(f'{path}: sequence {first + i} (id {ids[i]!r}): token {tokens[p]} at '
+                        f'position {p - offsets[i]} is not in [0, vocab_size={vocab_size})')
 
 
 # --- synthetic inputs ----------------------------------------------------
@@ -306,42 +403,73 @@ def _remove_if_present(path):
 # --- outputs -------------------------------------------------------------
 
 class OutputWriter:
-    """Write the output file (format in the module docstring) in input order.
+    """Write the output file (format in the module docstring) in input order,
+    in committed chunks, so that a killed job resumes where it stopped.
 
-        with OutputWriter(out, n, vocab, save_logits, meta) as w:
-            for batch in ...:
+        with OutputWriter(out, n, vocab, save_logits, meta, identity) as w:
+            for batch in ...:                 # starting at sequence w.written
                 w.write(index, ids, generated, logits)
 
-    Writes go to ``out.partial``; a clean exit with all ``n_seqs`` written
-    renames it to ``out``.  On an exception the partial file is removed and
-    ``out`` (possibly a previous result) is left untouched.
+    Each :meth:`write` commits one chunk file ``OUT.chunks/NNNN.h5``: written
+    under a temporary name, synced, then renamed, so a chunk is visible only
+    when complete whatever moment the job is killed at.  A clean exit with all
+    ``n_seqs`` written assembles the chunks into ``OUT`` (through
+    ``OUT.partial``) and removes the directory.  After a failure the chunks
+    stay; a new writer with the same ``identity`` (input digest, weights,
+    options that change results) resumes after them (``written`` > 0), one with
+    another identity refuses to touch them and says what differs.
     """
 
-    def __init__(self, path, n_seqs, vocab_size, save_logits, meta, overwrite=False):
+    def __init__(self, path, n_seqs, vocab_size, save_logits, meta, identity=None,
+                 overwrite=False):
         self.path = os.fspath(path)
         _refuse_existing(self.path, overwrite)
         if n_seqs < 1:
             raise ValueError(f'n_seqs={n_seqs}: must be >= 1')
         self.n_seqs, self.vocab_size, self.save_logits = n_seqs, vocab_size, save_logits
         self.meta = _checked_meta(meta)
-        self.written = 0        # sequences [0, written) are in the file
-        self._tmp = self.path + '.partial'
-        self._file = None
+        self.identity = {'n_seqs': n_seqs, 'vocab_size': vocab_size,
+                         'save_logits': int(save_logits), **_checked_meta(identity)}
+        self.dir = self.path + '.chunks'
+        self._fresh = overwrite or not os.path.isdir(self.dir)
+        self.chunks = [] if self._fresh else self._committed_chunks()
+        self.written = self.chunks[-1][1] if self.chunks else 0   # [0, written) committed
+
+    def _committed_chunks(self):
+        """(start, stop, file) of the chunks a previous run committed, checked."""
+        manifest = os.path.join(self.dir, 'manifest.json')
+        try:
+            with open(manifest) as f:
+                before = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DataError(f'{self.dir}: unreadable resume manifest ({e}); remove the '
+                            'directory or pass --overwrite to start over') from None
+        diff = [f'{k} {before.get(k)!r} then, {v!r} now' for k, v in self.identity.items()
+                if before.get(k) != v]
+        if diff:
+            raise DataError(f'{self.dir} holds a partial run that differs ({"; ".join(diff)}); '
+                            'rerun with the original input, weights and options, or pass '
+                            '--overwrite to start over')
+        chunks, expect = [], 0
+        for name in sorted(n for n in os.listdir(self.dir) if n.endswith('.h5')):
+            start, stop = (int(v) for v in name[:-3].split('-'))
+            if start != expect:
+                raise DataError(f'{self.dir}: chunk {name} does not follow sequence {expect}; '
+                                'pass --overwrite to start over')
+            chunks.append((start, stop, os.path.join(self.dir, name)))
+            expect = stop
+        return chunks
 
     def __enter__(self):
-        f = self._file = h5py.File(self._tmp, 'w')
-        f.attrs.update({'format': OUTPUT_FORMAT, 'format_version': OUTPUT_VERSION, **self.meta})
-        n = self.n_seqs
-        f.create_dataset('ids', shape=(n,), dtype=h5py.string_dtype())
-        f.create_dataset('generated', shape=(0,), maxshape=(None,), chunks=(1 << 14,),
-                         dtype=np.int32)
-        f.create_dataset('generated_offsets', data=np.zeros(n + 1, dtype=np.int64))
-        if self.save_logits:
-            f.create_dataset('last_logits', shape=(n, self.vocab_size), dtype=np.float32)
+        if self._fresh:
+            if os.path.isdir(self.dir):
+                shutil.rmtree(self.dir)
+            os.makedirs(self.dir)
+            _commit_json(os.path.join(self.dir, 'manifest.json'), self.identity)
         return self
 
     def write(self, index, ids, generated, logits=None):
-        """Append the next ``b`` sequences.
+        """Commit the next ``b`` sequences as one chunk.
 
         index: int [b], must be ``written, written+1, ...``; ids: list[str] [b];
         generated: list of b int arrays [new_i]; logits: float32 [b, vocab]
@@ -352,15 +480,16 @@ class OutputWriter:
         new = np.concatenate([np.asarray(g, dtype=np.int64).ravel() for g in generated])
         if new.size and (new.min() < 0 or new.max() >= self.vocab_size):
             raise ValueError(f'generated token outside [0, vocab_size={self.vocab_size})')
-        f = self._file
-        f['ids'][start:start + b] = ids
-        gen, offs = f['generated'], f['generated_offsets']
-        end = gen.shape[0]
-        gen.resize((end + new.size,))
-        gen[end:] = new.astype(np.int32)
-        offs[start + 1:start + b + 1] = end + np.cumsum([np.size(g) for g in generated])
-        if self.save_logits:
-            f['last_logits'][start:start + b] = logits
+        offsets = np.zeros(b + 1, dtype=np.int64)
+        np.cumsum([np.size(g) for g in generated], out=offsets[1:])
+        name = os.path.join(self.dir, f'{start:012d}-{start + b:012d}.h5')
+        with _committed(name) as tmp, h5py.File(tmp, 'w') as f:
+            f.create_dataset('ids', data=list(ids), dtype=h5py.string_dtype())
+            f.create_dataset('generated', data=new.astype(np.int32))
+            f.create_dataset('generated_offsets', data=offsets)
+            if self.save_logits:
+                f.create_dataset('last_logits', data=np.asarray(logits, dtype=np.float32))
+        self.chunks.append((start, start + b, name))
         self.written += b
 
     def _check_batch(self, index, ids, generated, logits):
@@ -378,16 +507,70 @@ class OutputWriter:
             raise ValueError(f'logits shape {np.shape(logits)}; expected {(b, self.vocab_size)}')
 
     def __exit__(self, exc_type, exc, tb):
-        self._file.flush()
-        self._file.close()
-        if exc_type is None and self.written != self.n_seqs:
-            _remove_if_present(self._tmp)
+        if exc_type is not None:
+            return                      # committed chunks stay for a rerun
+        if self.written != self.n_seqs:
             raise RuntimeError(f'{self.path}: only {self.written} of {self.n_seqs} sequences '
                                'were written; output not saved')
-        if exc_type is None:
-            os.replace(self._tmp, self.path)
-        else:
-            _remove_if_present(self._tmp)
+        tmp = self.path + '.partial'
+        try:
+            self._assemble(tmp)
+        except BaseException:
+            _remove_if_present(tmp)
+            raise
+        os.replace(tmp, self.path)
+        shutil.rmtree(self.dir)
+
+    def _assemble(self, tmp):
+        """Copy the chunks, in order, into one output file ``tmp``."""
+        n = self.n_seqs
+        with h5py.File(tmp, 'w') as out:
+            out.attrs.update({'format': OUTPUT_FORMAT, 'format_version': OUTPUT_VERSION,
+                              **self.meta})
+            ids = out.create_dataset('ids', shape=(n,), dtype=h5py.string_dtype())
+            gen = out.create_dataset('generated', shape=(0,), maxshape=(None,),
+                                     chunks=(1 << 14,), dtype=np.int32)
+            offs = out.create_dataset('generated_offsets', data=np.zeros(n + 1, np.int64))
+            logits = out.create_dataset('last_logits', shape=(n, self.vocab_size),
+                                        dtype=np.float32) if self.save_logits else None
+            for start, stop, name in self.chunks:
+                with h5py.File(name, 'r') as f:
+                    ids[start:stop] = f['ids'].asstr()[()]
+                    end = gen.shape[0]
+                    new = f['generated'][()]
+                    gen.resize((end + new.size,))
+                    gen[end:] = new
+                    offs[start + 1:stop + 1] = end + f['generated_offsets'][1:]
+                    if logits is not None:
+                        logits[start:stop] = f['last_logits'][()]
+
+
+@contextlib.contextmanager
+def _committed(path):
+    """Yield a temporary name for ``path``; on success sync the file, rename it
+    to ``path`` and sync the directory (atomic and durable); on failure remove it."""
+    tmp = path + '.tmp'
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        _remove_if_present(tmp)
+        raise
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path) or '.', os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit_json(path, obj):
+    with _committed(path) as tmp, open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
 
 
 def _checked_meta(meta):

@@ -5,12 +5,10 @@ entering an expert are rounded to 16 bits exactly as they are on the wire in
 the distributed engine (mpimoe.moe.expert_ffn states the contract).
 """
 
-import time
-
 import numpy as np
 
 from mpimoe import __version__
-from mpimoe.generate import generate, token_batches
+from mpimoe.generate import generate
 from mpimoe.model import FrontEnd
 from mpimoe.moe import moe_local
 
@@ -60,10 +58,17 @@ def load_reference(wf):
 
 def run_reference(weights, input_path, output, max_new_tokens=0, save_logits=False,
                   overwrite=False, batch_tokens=4096, log=print):
-    """``mpimoe reference``: the reference over a token file, output as in README."""
+    """``mpimoe reference``: the reference over a token file, output as in README.
+
+    Inputs are streamed a batch at a time; every batch is a committed chunk of
+    the output, so a killed run resumes; SIGTERM/SIGUSR1 stop it cleanly after
+    the current batch (exit 75).
+    """
     from mpimoe.checkpoint import WeightFile
-    from mpimoe.errors import UsageError
-    from mpimoe.io import OutputWriter, read_inputs
+    from mpimoe.errors import Stopped, UsageError
+    from mpimoe.io import InputStream, OutputWriter, run_identity
+    from mpimoe.progress import Progress
+    from mpimoe.signals import StopRequest
     if max_new_tokens < 0:
         raise UsageError(f'--max-new-tokens {max_new_tokens}: must be >= 0')
     meta = {'producer': 'mpimoe reference', 'mpimoe_version': __version__,
@@ -72,16 +77,22 @@ def run_reference(weights, input_path, output, max_new_tokens=0, save_logits=Fal
     # check the weights' header, the inputs and the output path before the long part
     with WeightFile(weights) as wf:
         cfg = wf.config
-        inputs = read_inputs(input_path, cfg.vocab_size)
-        writer = OutputWriter(output, len(inputs), cfg.vocab_size, save_logits, meta,
-                              overwrite=overwrite)
+        stream = InputStream(input_path, cfg.vocab_size)
+        identity = run_identity(input_path, wf.identity(), max_new_tokens, batch_tokens)
+        writer = OutputWriter(output, len(stream), cfg.vocab_size, save_logits, meta,
+                              identity, overwrite=overwrite)
         model = load_reference(wf)
-    t0 = time.perf_counter()
-    with writer as out:
-        for start, stop in token_batches(inputs.lengths, batch_tokens):
-            gen, logits = model.generate([inputs.seq(i) for i in range(start, stop)],
-                                         max_new_tokens)
-            out.write(np.arange(start, stop), inputs.ids[start:stop], list(gen),
+    if writer.written:
+        log(f'reference: resuming {output} after {writer.written} committed sequences')
+    progress = Progress(len(stream), writer.written)
+    with StopRequest() as stop, writer as out:
+        for first, batch in stream.batches(batch_tokens, start=writer.written):
+            prompts = [batch.seq(i) for i in range(len(batch))]
+            gen, logits = model.generate(prompts, max_new_tokens)
+            out.write(np.arange(first, first + len(batch)), batch.ids, list(gen),
                       logits if save_logits else None)
-    log(f'reference: {len(inputs)} sequences, {int(inputs.lengths.sum())} prompt tokens, '
-        f'{max_new_tokens} new tokens each, {time.perf_counter() - t0:.2f} s -> {output}')
+            progress.update(len(batch), int(batch.lengths.sum()) + gen.size)
+            if stop and out.written < len(stream):
+                raise Stopped(f'stopped on {stop.name} after {out.written} of {len(stream)} '
+                              'sequences; rerun the same command to resume')
+    log(f'reference: {progress.line()} -> {output}')

@@ -42,7 +42,8 @@ def test_reference_writes_the_output_format(tmp_path, tiny_weights, tiny_inputs)
     result = _reference('--weights', tiny_weights, '--input', tiny_inputs, '--output', out,
                         '--max-new-tokens', 4, '--save-logits', cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith('reference: 12 sequences') and result.stderr == ''
+    assert result.stdout.startswith('reference: 12/12 sequences (100.0%)')
+    assert all(line.startswith('mpimoe: 12/12 sequences') for line in result.stderr.splitlines())
     inputs = read_inputs(tiny_inputs, 256)
     with h5py.File(out, 'r') as f:
         assert set(f) == {'ids', 'generated', 'generated_offsets', 'last_logits'}
