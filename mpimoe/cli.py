@@ -28,6 +28,11 @@ def _cmd_init_weights(args):
     write_synthetic(cfg, args.out, seed=args.seed, overwrite=args.overwrite, log=print)
 
 
+def _cmd_convert(args):
+    from mpimoe.convert import convert_hf
+    convert_hf(args.from_hf, args.out, overwrite=args.overwrite, log=print)
+
+
 def _cmd_inspect(args):
     from mpimoe.checkpoint import inspect_report
     text, ok = inspect_report(args.file, checksums=not args.no_checksums)
@@ -50,12 +55,35 @@ def _cmd_make_input(args):
 
 
 def _cmd_plan(args):
+    import dataclasses
+    from mpimoe import costmodel
     from mpimoe.config import model_config
-    from mpimoe.placement import make_plan
+    from mpimoe.errors import ConfigError
+    from mpimoe.placement import load_stats, make_plan, sbatch_script, write_sbatch
+    if (args.batch_seqs is None) != (args.seq_len is None):
+        raise ConfigError('--batch-seqs and --seq-len go together (the batch of one pass)')
+    if args.emit_sbatch and args.gpus_per_node is None:
+        raise ConfigError('--emit-sbatch needs --gpus-per-node (GPUs and tasks per node)')
     cfg = model_config(args.preset, args.overrides)
+    loads = load_stats(args.stats, cfg) if args.stats else None
     plan = make_plan(cfg, args.gpus, mode=args.placement, n_frontends=args.frontends,
-                     gpus_per_node=args.gpus_per_node)
+                     gpus_per_node=args.gpus_per_node, loads=loads)
+    work = None if args.batch_seqs is None else costmodel.Workload(
+        args.batch_seqs, args.seq_len, args.micro_batches)
+    calib = costmodel.load_calibration(args.calibration) if args.calibration else None
+    consts = costmodel.make_constants(calib, args.calibration, link_gbps=args.link_gbps)
+    baseline = None if loads is None else dataclasses.replace(plan, owner=plan.block_owner)
+    costmodel.check_memory(costmodel.memory(plan, work), args.gpu_memory_gb)
+    model = ' '.join([f'--preset {args.preset}'] + [f'--set {o}' for o in args.overrides])
+    tokens = None if work is None else work.seqs_per_frontend(plan) * work.seq_len
+    text = sbatch_script(plan, model, args.micro_batches, tokens) if args.emit_sbatch else None
+    if text is not None:
+        write_sbatch(args.emit_sbatch, text)
     print(plan.describe(full=args.full))
+    print('\n'.join(costmodel.describe(plan, work, consts, args.gpu_memory_gb, baseline)))
+    if text is not None:
+        print(f'wrote {args.emit_sbatch}: {plan.n_nodes} nodes x {plan.gpus_per_node} tasks '
+              f'({plan.world_size} in all)')
 
 
 def _cmd_reference(args):
@@ -71,7 +99,8 @@ def _cmd_run(args):
                       micro_batches=args.micro_batches, max_new_tokens=args.max_new_tokens,
                       save_logits=args.save_logits, metrics=args.metrics,
                       overwrite=args.overwrite, batch_tokens=args.batch_tokens,
-                      deadline=args.deadline)
+                      deadline=args.deadline, trace=args.trace, log_dir=args.log_dir,
+                      verbose=args.verbose, progress_every=args.progress_every)
     return run_engine(opts)
 
 
@@ -82,6 +111,15 @@ def _cmd_report(args):
     if args.png:
         for path in plot(report, args.png):
             print(f'wrote {path}')
+
+
+def _cmd_bench(args):
+    from mpimoe.bench import BenchOptions, bench_moe_layer
+    opts = BenchOptions(d_model=args.d_model, experts=args.experts, d_expert=args.d_expert,
+                        top_k=args.top_k, tokens=args.tokens, micro_batches=args.micro_batches,
+                        repeats=args.repeats, warmup=args.warmup, kind=args.kind,
+                        seed=args.seed, placement=args.placement, deadline=args.deadline)
+    return bench_moe_layer(opts)
 
 
 def _build_parser():
@@ -99,6 +137,17 @@ def _build_parser():
     p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
     p.add_argument('--overwrite', action='store_true', help='replace FILE if it exists')
     p.set_defaults(func=_cmd_init_weights)
+
+    p = sub.add_parser('convert', help='convert a Hugging Face Mixtral checkpoint',
+                       description='Convert a Hugging Face MixtralForCausalLM checkpoint '
+                       '(config.json + *.safetensors) to the mpimoe weight format, tensor by '
+                       'tensor. Everything mpimoe cannot run is refused first, in one error.')
+    p.add_argument('--from-hf', required=True, metavar='DIR',
+                   help='directory with config.json and model.safetensors (or shards '
+                   'with model.safetensors.index.json)')
+    p.add_argument('--out', required=True, metavar='FILE', help='HDF5 weight file to write')
+    p.add_argument('--overwrite', action='store_true', help='replace FILE if it exists')
+    p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser('inspect', help='print and validate a weight file',
                        description='Print the config, tensor count and sizes of a weight '
@@ -124,7 +173,8 @@ def _build_parser():
 
     p = sub.add_parser('plan', help='print the placement of experts on ranks (no MPI needed)',
                        description='Print which rank hosts which (layer, expert) for a model '
-                       'on a world size, the ranks per role, nodes and weight bytes per rank.')
+                       'on a world size, the ranks per role, nodes, memory per rank and, for a '
+                       'stated batch, estimated prefill tokens/s and time per output token.')
     _add_model_args(p)
     p.add_argument('--gpus', type=int, required=True, metavar='P',
                    help='world size: MPI ranks, one per GPU')
@@ -135,6 +185,24 @@ def _build_parser():
     p.add_argument('--frontends', type=int, metavar='F',
                    help='front-end ranks (default: the smallest F >= 1 that fits)')
     p.add_argument('--full', action='store_true', help='list every rank on its own line')
+    p.add_argument('--stats', metavar='RUN_JSON',
+                   help='balance node links for the expert loads of a previous run '
+                   '(expert_loads.counts of its run.json)')
+    p.add_argument('--gpu-memory-gb', type=float, default=80.0, metavar='GB',
+                   help='memory per GPU; a rank that does not fit is refused (default 80)')
+    p.add_argument('--batch-seqs', type=int, metavar='B',
+                   help='sequences in flight over all front-ends (with --seq-len: KV '
+                   'cache, buffers, time estimates)')
+    p.add_argument('--seq-len', type=int, metavar='S', help='tokens per sequence')
+    p.add_argument('--micro-batches', type=int, default=2, metavar='M',
+                   help='micro-batches per pass, as for `mpimoe run` (default 2)')
+    p.add_argument('--link-gbps', type=float, metavar='GBPS',
+                   help='inter-node bandwidth per node and direction, Gb/s (default: the '
+                   'calibration file, else 200)')
+    p.add_argument('--calibration', metavar='FILE',
+                   help='measured cost-model constants, JSON (keys in mpimoe/costmodel.py)')
+    p.add_argument('--emit-sbatch', metavar='FILE',
+                   help='write a Slurm job script for this plan (never overwrites FILE)')
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser('reference', help='single-process reference inference (the oracle)',
@@ -174,8 +242,46 @@ def _build_parser():
     p.add_argument('--deadline', type=float, default=600.0, metavar='SECONDS',
                    help='abort the job when a wait makes no progress for this long '
                    '(default 600)')
-    p.add_argument('--overwrite', action='store_true', help='replace OUTPUT if it exists')
+    p.add_argument('--trace', metavar='DIR',
+                   help='write DIR/trace.json: a Chrome/Perfetto timeline of every stage '
+                   'of every rank (for short runs on few ranks)')
+    p.add_argument('--log-dir', metavar='DIR', help='also write one log file per rank here')
+    p.add_argument('--verbose', action='store_true',
+                   help='let every rank log to stderr (default: rank 0 only)')
+    p.add_argument('--progress-every', type=float, default=30.0, metavar='SECONDS',
+                   help='progress line interval when stderr is not a terminal (default 30)')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace OUTPUT if it exists, discarding a partial run to resume')
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser('bench', help='benchmarks that print figures (under mpiexec/srun)',
+                       description='Benchmarks of the distributed engine; each prints a '
+                       'table. See benchmarks/README.md.')
+    bench = p.add_subparsers(dest='benchmark', metavar='BENCHMARK', required=True)
+    p = bench.add_parser('moe-layer', help='one MoE layer over P ranks vs its expert GEMMs',
+                         description='Run one MoE layer (random BF16 weights in memory) over '
+                         'the ranks: 1 front-end + the expert ranks of the placement. Prints '
+                         'tokens/s and the ratio to the same expert computation on rank 0 '
+                         'alone, timed in the same job. Launch as: mpiexec -n 9 python -m '
+                         'mpi4py -m mpimoe bench moe-layer')
+    for flag, default, help_ in (('--d-model', 1024, 'residual width'),
+                                 ('--experts', 8, 'experts in the layer (E)'),
+                                 ('--d-expert', 2048, 'hidden width of an expert'),
+                                 ('--top-k', 2, 'experts per token'),
+                                 ('--tokens', 4096, 'tokens in the batch'),
+                                 ('--micro-batches', 4, 'micro-batches, pipelined'),
+                                 ('--repeats', 5, 'timed repeats'),
+                                 ('--warmup', 1, 'untimed repeats first'),
+                                 ('--seed', 0, 'random seed of weights and activations')):
+        p.add_argument(flag, type=int, default=default, metavar='N',
+                       help=f'{help_} (default {default})')
+    p.add_argument('--kind', choices=('mlp', 'swiglu'), default='mlp',
+                   help='expert kind: mlp = up, GELU, down (default); swiglu = gate, up, down')
+    p.add_argument('--placement', default='per-layer', metavar='MODE',
+                   help='per-layer (default) or packed:K; world size = 1 + expert ranks')
+    p.add_argument('--deadline', type=float, default=600.0, metavar='SECONDS',
+                   help='abort when a wait makes no progress for this long (default 600)')
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser('report', help='summarise a run report (run.json), optionally plot it',
                        description='Print a readable summary of the run.json written by '

@@ -308,23 +308,42 @@ def _roofline(flops, nbytes, c):
     return max(flops / c.flops, nbytes / (c.hbm_gbs * _GB))
 
 
+def _layer_weights(cfg, i):
+    """(attention, FFN) weights of layer i outside the experts (the FFN part is
+    the dense MLP or the router)."""
+    d, qd, kvd = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    attn_w = 2 * d * qd + 2 * d * kvd                           # wq wo, wk wv
+    ffn_w = len(cfg.expert_matrices) * d * cfg.d_dense if i < cfg.n_dense_layers \
+        else d * cfg.n_experts
+    return attn_w, ffn_w
+
+
+def layer_flops(cfg, i, tokens, pairs):
+    """FLOPs of layer i's non-expert work on ``tokens`` new tokens that make
+    ``pairs`` causal query-key pairs."""
+    attn_w, ffn_w = _layer_weights(cfg, i)
+    return 2 * tokens * (attn_w + ffn_w) + 4 * cfg.n_heads * cfg.head_dim * pairs
+
+
+def pass_flops(cfg, tokens, pairs, copies, rows_out):
+    """FLOPs a forward pass does: every layer's non-expert work, ``copies``
+    token copies through an expert (summed over the MoE layers) and the LM
+    head on ``rows_out`` rows."""
+    return (sum(layer_flops(cfg, i, tokens, pairs) for i in range(cfg.n_layers))
+            + 2 * copies * cfg.expert_params + 2 * rows_out * cfg.d_model * cfg.vocab_size)
+
+
 def _frontend_layers(cfg, seqs, q, ctx, M, c):
     """Seconds of every layer's non-expert work on the busiest front-end:
     float [n_layers].  seqs sequences, q new tokens each at context ctx."""
-    d, item = cfg.d_model, cfg.itemsize
-    qd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    attn_w = 2 * d * qd + 2 * d * kvd                           # wq wo, wk wv
     tokens = seqs * q
     pairs = seqs * q * (2 * ctx - q + 1) / 2                    # causal query-key pairs
-    flops = 2 * tokens * attn_w + 4 * qd * pairs
-    kv_bytes = seqs * ctx * 2 * kvd * item
-    dense_w = len(cfg.expert_matrices) * d * cfg.d_dense
-    gate_w = d * cfg.n_experts
+    kv_bytes = seqs * ctx * 2 * cfg.n_kv_heads * cfg.head_dim * cfg.itemsize
     out = np.empty(cfg.n_layers)
     for i in range(cfg.n_layers):
-        ffn_w = dense_w if i < cfg.n_dense_layers else gate_w
-        f = flops + 2 * tokens * ffn_w
-        out[i] = M * _roofline(f / M, (attn_w + ffn_w) * item + kv_bytes / M, c)
+        weights = sum(_layer_weights(cfg, i)) * cfg.itemsize
+        out[i] = M * _roofline(layer_flops(cfg, i, tokens, pairs) / M,
+                               weights + kv_bytes / M, c)
     return out
 
 

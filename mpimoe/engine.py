@@ -8,14 +8,19 @@ the dispatch of m+1 travels while an expert computes m, and the combine of m
 travels back while m+1 computes.  A micro-batch's combine is collected just
 before its next attention block.
 
-Work comes in *rounds*: in round r front-end f takes batch r*F + f of the
-input (batches of at most ``batch_tokens`` prompt tokens), prefills it and
-decodes ``max_new_tokens`` greedily; rank 0 writes the round's results in input
-order.  Before each round rank 0 tells every rank whether one follows.
+Work comes in *rounds*: rank 0 streams the input in batches of at most
+``batch_tokens`` prompt tokens and, each round, hands one batch to each
+front-end, which prefills it and decodes ``max_new_tokens`` greedily; rank 0
+gathers the round's results and commits them as one chunk of the output.
+Before each round rank 0 tells every rank what follows: another round, the
+end, or a clean stop (SIGTERM/SIGUSR1 arrived: exit 75, a rerun resumes after
+the last committed round).
 """
 
 import contextlib
+import itertools
 import json
+import logging
 import os
 import platform
 import time
@@ -26,18 +31,26 @@ import numpy as np
 from mpimoe import __version__
 from mpimoe.backend import from_words, round16, storage_dtype, to_words
 from mpimoe.dispatch import LayerComms, Slot
-from mpimoe.errors import ConfigError, UsageError
-from mpimoe.generate import generate, token_batches
-from mpimoe.metrics import Timers
+from mpimoe.costmodel import pass_flops
+from mpimoe.errors import ConfigError, Stopped, UsageError
+from mpimoe.generate import generate
+from mpimoe.metrics import Timers, write_trace
 from mpimoe.model import FrontEnd
 from mpimoe.moe import permute, run_experts, unpermute
 from mpimoe.mpiutil import MPI, local_rank, node_ids, run_guarded, wait_all
+from mpimoe.progress import Progress
 from mpimoe.router import expert_counts, route
+from mpimoe.signals import StopRequest
 
 __all__ = ['RunOptions', 'run_engine']
 
 #: rows an expert computes between two polls of the transfers in flight
 POLL_ROWS = 1024
+
+#: what rank 0 says before each round
+DONE, MORE, STOP = 0, 1, 2
+
+log = logging.getLogger('mpimoe')
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,10 @@ class RunOptions:
     overwrite: bool = False
     batch_tokens: int = 4096
     deadline: float = 600.0
+    trace: str = None
+    log_dir: str = None
+    verbose: bool = False
+    progress_every: float = 30.0
 
     def validate(self):
         """ConfigError on options that cannot work."""
@@ -66,6 +83,8 @@ class RunOptions:
             raise ConfigError(f'--batch-tokens {self.batch_tokens}: must be >= 1')
         if not self.deadline > 0:
             raise ConfigError(f'--deadline {self.deadline}: must be > 0')
+        if not self.progress_every > 0:
+            raise ConfigError(f'--progress-every {self.progress_every}: must be > 0')
 
 
 def run_engine(opts, comm=None):
@@ -80,10 +99,29 @@ def _collective(e):
     return e
 
 
+def _setup_logging(opts, rank):
+    """Rank 0 logs to stderr at INFO, the others only warnings unless
+    ``verbose``; with ``log_dir`` every rank also writes ``rank-NNNNN.log``."""
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    console = logging.StreamHandler()
+    console.setLevel(logging.INFO if rank == 0 or opts.verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter(f'mpimoe[{rank}]: %(message)s'))
+    log.addHandler(console)
+    if opts.log_dir:
+        os.makedirs(opts.log_dir, exist_ok=True)
+        file = logging.FileHandler(os.path.join(opts.log_dir, f'rank-{rank:05d}.log'))
+        file.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
+        log.addHandler(file)
+
+
 def _run(opts, world):
     from mpimoe.checkpoint import WeightFile
     from mpimoe.placement import make_plan
-    timers = Timers()
+    _setup_logging(opts, world.rank)
+    timers = Timers(trace=bool(opts.trace))
     t_start = time.perf_counter()
     with WeightFile(opts.weights) as wf:
         cfg = wf.config
@@ -92,27 +130,69 @@ def _run(opts, world):
             plan = make_plan(cfg, world.size, opts.placement, opts.frontends)
         except UsageError as e:
             raise _collective(e)
+        # rank 0 checks input and output before anyone spends time loading
+        with timers.span('open', 'io'):
+            io = _open_io(opts, cfg, plan, wf) if world.rank == 0 else None
         layers = _layer_comms(world, plan)
         with timers.span('load', 'load'):
-            if plan.is_frontend(world.rank):
-                role = _FrontEndRank(world, cfg, plan, opts, layers, wf, timers)
-            else:
-                role = _ExpertRank(world, cfg, plan, opts, layers, wf, timers)
+            role = _load_role(world, cfg, plan, opts, layers, wf, timers, io)
+    log.debug('rank %d on %s (node-local rank %d): %s', world.rank, platform.node(),
+              local_rank(world), 'front-end' if plan.is_frontend(world.rank) else
+              f'experts {plan.rank_experts(world.rank)}')
     rowtype = role.rowtype
     world.Barrier()
-    if world.rank == 0:
-        print(f'mpimoe run: {plan.mode} placement, {world.size} ranks '
-              f'({plan.n_frontends} front-ends, {plan.n_expert_ranks} expert ranks), '
-              f'{opts.micro_batches} micro-batches, plan {plan.plan_hash()}', flush=True)
-    role.run()
+    timers.origin = time.perf_counter()
+    log.info(f'{plan.mode} placement, {world.size} ranks ({plan.n_frontends} front-ends, '
+             f'{plan.n_expert_ranks} expert ranks), {opts.micro_batches} micro-batches, '
+             f'plan {plan.plan_hash()}')
+    try:
+        # every rank catches the signals (Slurm and mpiexec send them to all
+        # tasks); rank 0's decides, at the next round
+        with StopRequest() as stop:
+            role.run(stop)
+    finally:
+        if opts.trace:
+            _write_trace(opts, world, role)
     report = role.report()
+    # rank 0 times a GEMM (the CPU peak for the MFU estimate) while the others sleep
+    idle = world.Ibarrier()
+    peak = _cpu_peak_tflops() if world.rank == 0 else None
+    wait_all([idle], opts.deadline, lambda: 'rank 0 to finish its report')
     reports = world.gather(report, root=0)
     if world.rank == 0:
-        _finish_report(opts, cfg, plan, world, reports, time.perf_counter() - t_start)
+        _finish_report(opts, cfg, plan, world, reports, time.perf_counter() - t_start, peak)
     for lc in layers.values():
         lc.free()
     rowtype.Free()
     return 0
+
+
+def _open_io(opts, cfg, plan, wf):
+    """Rank 0: the input stream and the (maybe resumed) output writer."""
+    from mpimoe.io import InputStream, OutputWriter, run_identity
+    stream = InputStream(opts.input, cfg.vocab_size)
+    meta = {'producer': 'mpimoe run', 'mpimoe_version': __version__,
+            'weights': str(opts.weights), 'input': str(opts.input),
+            'max_new_tokens': opts.max_new_tokens, 'placement': plan.mode,
+            'plan_hash': plan.plan_hash()}
+    identity = run_identity(opts.input, wf.identity(), opts.max_new_tokens, opts.batch_tokens)
+    writer = OutputWriter(opts.output, len(stream), cfg.vocab_size, opts.save_logits, meta,
+                          identity, overwrite=opts.overwrite)
+    if writer.written:
+        log.info(f'resuming {opts.output}: {writer.written} of {len(stream)} sequences '
+                 'already committed')
+    return stream, writer
+
+
+def _write_trace(opts, world, role):
+    """Gather every rank's spans; rank 0 writes ``TRACE_DIR/trace.json``."""
+    label = f'rank {world.rank} ({"front-end" if role.is_frontend else "expert"})'
+    events = world.gather(role.timers.chrome_events(world.rank, label), root=0)
+    if world.rank == 0:
+        os.makedirs(opts.trace, exist_ok=True)
+        path = os.path.join(opts.trace, 'trace.json')
+        write_trace(path, [e for part in events for e in part])
+        log.info(f'trace: {path} (open in https://ui.perfetto.dev)')
 
 
 def _layer_comms(world, plan):
@@ -132,6 +212,19 @@ def _layer_comms(world, plan):
     return out
 
 
+def _load_role(world, cfg, plan, opts, layers, wf, timers, io=None):
+    """This rank's role, its weights read from ``wf`` (WeightFile); ``io``
+    (rank 0): the input stream and output writer."""
+    if plan.is_frontend(world.rank):
+        front = FrontEnd(cfg, {k: v.astype(np.float32) for k, v in wf.read_nonexpert().items()})
+        return _FrontEndRank(world, cfg, plan, opts, layers, timers, front, io)
+    hosted = {}   # layer index in the model -> expert weight dicts in slot order
+    for layer, e in sorted(plan.rank_experts(world.rank)):
+        hosted.setdefault(layer, []).append(
+            {m: a.astype(np.float32) for m, a in wf.read_expert(layer, e).items()})
+    return _ExpertRank(world, cfg, plan, opts, layers, timers, hosted)
+
+
 class _Role:
     """What front-ends and expert ranks share: slots, control, timers."""
 
@@ -145,18 +238,27 @@ class _Role:
         self.fault = _parse_fault(os.environ.get('MPIMOE_FAULT'), world.rank)
 
     def maybe_fail(self, stage):
-        """Test hook: MPIMOE_FAULT=STAGE:RANK raises here on that rank."""
+        """Test hook: MPIMOE_FAULT=STAGE:RANK raises here on that rank;
+        MPIMOE_FAULT=hang:RANK hangs that rank in its first expert stage."""
+        while self.fault == 'hang' and stage == 'expert':
+            time.sleep(60)
         if self.fault == stage:
             raise RuntimeError(f'injected fault (MPIMOE_FAULT) in stage {stage}')
 
-    def next_round(self, more=False):
-        """Rank 0 says whether another round follows (``more``); every rank
-        learns it."""
-        flag = np.array([int(more)], dtype=np.int64)
+    def next_round(self, what=DONE):
+        """Rank 0 says what follows (MORE, DONE or STOP: ``what``); every rank
+        learns it.  On STOP every rank raises Stopped (exit 75)."""
+        flag = np.array([what], dtype=np.int64)
         req = self.control.Ibcast(flag, root=0)
         with self.timers.span('control', 'wait'):
             wait_all([req], self.opts.deadline, lambda: 'the next round from rank 0')
-        return bool(flag[0])
+        if flag[0] == STOP:
+            raise _collective(Stopped(self.stopped_message()))
+        return int(flag[0])
+
+    def stopped_message(self):
+        return ('stopped cleanly on a signal after the last committed round; rerun the '
+                'same command to resume')
 
     def report(self):
         return {'rank': self.world.rank, 'host': platform.node(),
@@ -164,29 +266,23 @@ class _Role:
 
 
 class _FrontEndRank(_Role):
-    """A front-end: reads inputs, runs all non-expert layers, writes outputs."""
+    """A front-end: runs all non-expert layers on the batches rank 0 hands it;
+    rank 0 also reads the input and writes the output."""
 
-    def __init__(self, world, cfg, plan, opts, layers, wf, timers):
+    is_frontend = True
+
+    def __init__(self, world, cfg, plan, opts, layers, timers, front, io=None):
+        """front: the :class:`~mpimoe.model.FrontEnd` (weights in memory);
+        io (rank 0 only): (InputStream, OutputWriter)."""
         super().__init__(world, cfg, plan, opts, layers, timers)
-        from mpimoe.io import OutputWriter, read_inputs
         self.front_comm = world.Split(0, world.rank)
-        self.writer = None
-        if world.rank == 0:
-            meta = {'producer': 'mpimoe run', 'mpimoe_version': __version__,
-                    'weights': str(opts.weights), 'input': str(opts.input),
-                    'max_new_tokens': opts.max_new_tokens, 'placement': plan.mode,
-                    'plan_hash': plan.plan_hash()}
-            self.inputs = read_inputs(opts.input, cfg.vocab_size)
-            self.writer = OutputWriter(opts.output, len(self.inputs), cfg.vocab_size,
-                                       opts.save_logits, meta, overwrite=opts.overwrite)
-        else:
-            self.inputs = read_inputs(opts.input, cfg.vocab_size)
-        self.front = FrontEnd(cfg, {k: v.astype(np.float32)
-                                    for k, v in wf.read_nonexpert().items()})
+        self.front = front
+        self.stream, self.writer = io or (None, None)
         self.counts = np.zeros((cfg.n_moe_layers, cfg.n_experts), dtype=np.int64)
         self.step_counts = []           # rank 0: per pass, [n_moe_layers, E]
         self.bytes_sent = np.zeros(cfg.n_moe_layers, dtype=np.int64)
-        self.passes = {'prefill': [], 'decode': []}   # (seconds, tokens) per pass
+        # per pass: (seconds, new tokens, FLOPs)
+        self.passes = {'prefill': [], 'decode': []}
 
     # -- the pipelined forward pass -----------------------------------------
 
@@ -197,6 +293,8 @@ class _FrontEndRank(_Role):
         """
         fe, cfg = self.front, self.cfg
         t0 = time.perf_counter()
+        # causal query-key pairs of this pass (for the FLOP count)
+        pairs = int(np.sum(ntok * cache.length[seqs] + ntok * (ntok + 1) // 2))
         mbs = _micro_batches(ntok, len(self.slots))
         bounds = np.concatenate([[0], np.cumsum(ntok)])
         xs = [fe.embed(tokens[bounds[a]:bounds[b]]) for a, b in mbs]
@@ -223,7 +321,9 @@ class _FrontEndRank(_Role):
         x = np.concatenate(xs) if xs else np.zeros((0, cfg.d_model), np.float32)
         with self.timers.span('head', 'compute'):
             logits = fe.logits(x[np.cumsum(ntok) - 1])
-        self._record_pass(time.perf_counter() - t0, ntok)
+        tokens = int(np.sum(ntok))
+        flops = pass_flops(cfg, tokens, pairs, tokens * cfg.top_k * cfg.n_moe_layers, len(ntok))
+        self._record_pass(time.perf_counter() - t0, tokens, flops)
         return logits
 
     def _dispatch(self, i, m, h):
@@ -244,24 +344,26 @@ class _FrontEndRank(_Role):
         with self.timers.span('dispatch', 'pack', layer=i, mb=m):
             slot.frontend_start(lc, counts.reshape(lc.size, lc.k).astype(np.int32), n)
         self.bytes_sent[i - cfg.n_dense_layers] += 2 * n * cfg.d_model * cfg.itemsize
-        return order, weights, n
+        return i, order, weights, n
 
     def _collect(self, m, x, pending):
         """Stages combine (wait) and unpermute: x + the MoE output of micro-batch m."""
-        order, weights, n = pending
+        i, order, weights, n = pending
         slot = self.slots[m]
-        with self.timers.span('combine', 'wait', mb=m):
+        with self.timers.span('combine', 'wait', layer=i, mb=m):
             slot.wait(self._poll)
-        with self.timers.span('unpermute', 'pack', mb=m):
-            y = from_words(slot.inp.view(n), self.cfg.dtype).astype(np.float32)
-            return x + unpermute(y, order, weights)
+        with self.timers.span('unpermute', 'pack', layer=i, mb=m):
+            out = unpermute(from_words(slot.inp.view(n), self.cfg.dtype), order, weights)
+            out += x
+            return out
 
     def _poll(self):
         for s in self.slots:
             s.test()
 
-    def _record_pass(self, seconds, ntok):
-        self.passes[self._pass_kind].append((seconds, int(np.sum(ntok))))
+    def _record_pass(self, seconds, tokens, flops):
+        """Keep the pass's time, tokens and FLOPs; rank 0 sums the expert counts."""
+        self.passes[self._pass_kind].append((seconds, tokens, flops))
         total = np.zeros_like(self.counts) if self.world.rank == 0 else None
         self.front_comm.Reduce(self.counts, total, op=MPI.SUM, root=0)
         if self.world.rank == 0:
@@ -270,26 +372,48 @@ class _FrontEndRank(_Role):
 
     # -- rounds ----------------------------------------------------------------
 
-    def run(self):
-        opts, F = self.opts, self.plan.n_frontends
-        f = self.front_comm.rank
-        batches = token_batches(self.inputs.lengths, opts.batch_tokens)
-        rounds = -(-len(batches) // F)
-        passes = max(1, opts.max_new_tokens)
+    def run(self, stop):
+        """Rounds until rank 0 says DONE, or STOP once ``stop`` (a StopRequest)
+        is set on rank 0: then Stopped is raised."""
+        F, passes = self.plan.n_frontends, max(1, self.opts.max_new_tokens)
+        rank0 = self.world.rank == 0
+        self._stop = stop
+        if rank0:
+            batches = self.stream.batches(self.opts.batch_tokens, start=self.writer.written)
+            progress = Progress(len(self.stream), self.writer.written,
+                                every=self.opts.progress_every)
         with self.writer or contextlib.nullcontext():
-            for r in range(rounds):
-                self.next_round(True)
-                j = r * F + f
-                mine = batches[j] if j < len(batches) else (0, 0)
+            for r in itertools.count():
+                todo = list(itertools.islice(batches, F)) if rank0 else None
+                what = STOP if todo and stop else MORE if todo else DONE
+                if self.next_round(what) == DONE:
+                    break
+                with self.timers.span('scatter', 'io', round=r):
+                    mine = self.front_comm.scatter(
+                        todo + [None] * (F - len(todo)) if rank0 else None, root=0)
                 gen, logits = self._run_batch(mine, passes)
-                self._write_round(r, mine, gen, logits)
-            self.next_round(False)
+                self._write_round(r, todo, gen, logits)
+                if rank0:
+                    progress.update(sum(len(b) for _, b in todo),
+                                    sum(int(b.lengths.sum()) for _, b in todo))
+            if rank0 and stop:
+                log.info(f'{stop.name} arrived at the end of the run: output complete')
 
-    def _run_batch(self, span, passes):
-        """Generate for sequences [start, stop) (maybe none: empty passes)."""
-        start, stop = span
+    def stopped_message(self):
+        if self.writer is None:
+            return super().stopped_message()
+        return (f'stopped cleanly on {self._stop.name}: {self.writer.written} of '
+                f'{len(self.stream)} sequences committed to {self.writer.dir}; rerun the same '
+                'command to resume')
+
+    def _run_batch(self, mine, passes):
+        """Generate for this front-end's batch ``mine`` = (first, Inputs), or run
+        ``passes`` empty passes when it has none this round.
+
+        Returns (generated int32 [B, N], last_logits float32 [B, V] or None).
+        """
         self._pass_kind = 'prefill'
-        if stop == start:
+        if mine is None:
             empty = np.zeros(0, dtype=np.int64)
             cache = self.front.new_cache(empty)
             for _ in range(passes):
@@ -302,47 +426,52 @@ class _FrontEndRank(_Role):
             self._pass_kind = 'decode'
             return logits
 
-        prompts = [self.inputs.seq(i) for i in range(start, stop)]
+        batch = mine[1]
+        prompts = [batch.seq(i) for i in range(len(batch))]
         return generate(forward, self.front.new_cache, prompts, self.opts.max_new_tokens)
 
-    def _write_round(self, r, span, gen, logits):
-        """Rank 0 gathers the round's results and writes them in input order."""
-        part = (span, gen, logits if self.opts.save_logits else None)
-        parts = self.front_comm.gather(part, root=0)
+    def _write_round(self, r, todo, gen, logits):
+        """Rank 0 gathers the round's results and commits them as one chunk, in
+        input order (todo: the round's (first, Inputs) batches, rank 0 only)."""
+        parts = self.front_comm.gather((gen, logits if self.opts.save_logits else None),
+                                       root=0)
         if self.writer is None:
             return
         with self.timers.span('write', 'io', round=r):
-            for (start, stop), g, lg in parts:
-                if stop > start:
-                    self.writer.write(np.arange(start, stop), self.inputs.ids[start:stop],
-                                      list(g), lg)
+            first = todo[0][0]
+            n = sum(len(b) for _, b in todo)
+            gens = np.concatenate([g for g, _ in parts[:len(todo)]])
+            logits = np.concatenate([lg for _, lg in parts[:len(todo)]]) \
+                if self.opts.save_logits else None
+            ids = [i for _, b in todo for i in b.ids]
+            self.writer.write(np.arange(first, first + n), ids, list(gens), logits)
 
     def report(self):
         out = super().report()
-        out['role'] = 'front-end'
+        out.update(role='front-end', passes=self.passes)
         bytes_total = np.zeros_like(self.bytes_sent) if self.world.rank == 0 else None
         self.front_comm.Reduce(self.bytes_sent, bytes_total, op=MPI.SUM, root=0)
         if self.world.rank == 0:
-            out.update(passes=self.passes, step_counts=self.step_counts,
-                       bytes_per_layer=bytes_total.tolist())
+            out.update(step_counts=self.step_counts, bytes_per_layer=bytes_total.tolist())
         return out
 
 
 class _ExpertRank(_Role):
     """An expert rank: holds its experts, computes whatever rows arrive."""
 
-    def __init__(self, world, cfg, plan, opts, layers, wf, timers):
+    is_frontend = False
+
+    def __init__(self, world, cfg, plan, opts, layers, timers, hosted):
+        """hosted: layer index in the model -> this rank's expert weight dicts
+        (float32 [d, h] / [h, d]) in slot order."""
         super().__init__(world, cfg, plan, opts, layers, timers)
         self.front_comm = world.Split(MPI.UNDEFINED, world.rank)
-        # moe layer index in the model -> expert weight dicts in slot order
-        self.hosted = {}
-        for layer, e in sorted(plan.rank_experts(world.rank)):
-            self.hosted.setdefault(layer, []).append(
-                {m: a.astype(np.float32) for m, a in wf.read_expert(layer, e).items()})
+        self.hosted = hosted
 
-    def run(self):
+    def run(self, stop):
+        """Serve rounds until rank 0 says DONE (``stop`` is rank 0's business)."""
         passes = max(1, self.opts.max_new_tokens)
-        while self.next_round():
+        while self.next_round() == MORE:
             for _ in range(passes):
                 for layer in self.hosted:
                     self._layer(layer)
@@ -410,21 +539,57 @@ def _parse_fault(spec, rank):
     return stage if r.isdigit() and int(r) == rank else None
 
 
-def _finish_report(opts, cfg, plan, world, reports, seconds):
+def _cpu_peak_tflops(n=1024, repeats=3):
+    """This rank's FP32 GEMM rate, TFLOP/s (best of ``repeats`` n x n products)."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    best = float('inf')
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e12
+
+
+def _pass_summary(fronts):
+    """Throughput and latency from every front-end's passes.
+
+    fronts: per front-end, {'prefill': [(s, tokens, flops)], 'decode': [...]}.
+    Front-ends run side by side: tokens add up, time is the slowest one's.
+    """
+    out = {}
+    for kind in ('prefill', 'decode'):
+        per = [np.array(f[kind] or np.zeros((0, 3)), dtype=np.float64).reshape(-1, 3)
+               for f in fronts]
+        tokens = sum(p[:, 1].sum() for p in per)
+        seconds = max(p[:, 0].sum() for p in per)
+        out[f'{kind}_tokens'] = int(tokens)
+        out[f'{kind}_s'] = float(seconds)
+        out[f'{kind}_tokens_per_s'] = float(tokens / seconds) if seconds > 0 else None
+        out[f'{kind}_flops'] = float(sum(p[:, 2].sum() for p in per))
+    steps = np.concatenate([np.array(f['decode'], dtype=np.float64).reshape(-1, 3)
+                            for f in fronts])
+    steps = 1e3 * steps[steps[:, 1] > 0, 0]            # ms per decode step with tokens
+    for q in (50, 90, 99):
+        out[f'tpot_p{q}_ms'] = float(np.percentile(steps, q)) if len(steps) else None
+    out['time_per_output_token_ms'] = out['tpot_p50_ms']
+    return out
+
+
+def _finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops):
     """Rank 0: print the summary and write run.json."""
     r0 = reports[0]
-    pre = np.array(r0['passes']['prefill'] or [(0.0, 0)], dtype=np.float64)
-    dec = np.array(r0['passes']['decode'] or [(0.0, 0)], dtype=np.float64)
+    summary = _pass_summary([r['passes'] for r in reports if r['role'] == 'front-end'])
+    busy = summary['prefill_s'] + summary['decode_s']
+    flops = summary['prefill_flops'] + summary['decode_flops']
+    summary.update(wall_s=seconds, achieved_tflops=flops / busy / 1e12 if busy else None,
+                   peak_tflops_per_rank=peak_tflops,
+                   peak_source='FP32 GEMM timed on rank 0 (CPU backend)')
+    summary['mfu'] = summary['achieved_tflops'] / (peak_tflops * world.size) \
+        if busy else None
     loads = np.sum(r0['step_counts'], axis=0) if r0['step_counts'] else \
         np.zeros((cfg.n_moe_layers, cfg.n_experts))
     mean = loads.mean(axis=1)
     imbalance = np.where(mean > 0, loads.max(axis=1) / np.maximum(mean, 1e-12), 0.0)
-    summary = {
-        'prefill_tokens_per_s': float(pre[:, 1].sum() / max(pre[:, 0].sum(), 1e-12)),
-        'decode_tokens_per_s': float(dec[:, 1].sum() / max(dec[:, 0].sum(), 1e-12)),
-        'time_per_output_token_ms': float(1e3 * np.median(dec[:, 0])) if len(dec) else None,
-        'wall_s': seconds,
-    }
     report = {
         'mpimoe_version': __version__,
         'versions': {'mpi': MPI.Get_library_version().splitlines()[0].strip(),
@@ -439,13 +604,15 @@ def _finish_report(opts, cfg, plan, world, reports, seconds):
         'expert_loads': {'layers': cfg.moe_layers, 'counts': loads.astype(int).tolist(),
                          'max_over_mean': imbalance.tolist()},
         'bytes_per_layer': r0['bytes_per_layer'],
+        'bytes_per_s_per_layer': [b / busy if busy else None for b in r0['bytes_per_layer']],
         'ranks': [{k: v for k, v in r.items() if k not in ('passes', 'step_counts',
                                                             'bytes_per_layer')}
                   for r in reports],
     }
-    print(f'mpimoe run: prefill {summary["prefill_tokens_per_s"]:.0f} tokens/s, decode '
-          f'{summary["decode_tokens_per_s"]:.0f} tokens/s, wall {seconds:.2f} s -> {opts.output}',
-          flush=True)
+    rate = lambda v: 'n/a' if v is None else f'{v:.0f}'  # noqa: E731
+    log.info(f'prefill {rate(summary["prefill_tokens_per_s"])} tokens/s, decode '
+             f'{rate(summary["decode_tokens_per_s"])} tokens/s, wall {seconds:.2f} s '
+             f'-> {opts.output}')
     if opts.metrics:
         tmp = f'{opts.metrics}.partial'
         with open(tmp, 'w') as f:

@@ -33,14 +33,15 @@ def permute(x16, key, n_keys, out=None):
 def unpermute(y, order, weights):
     """Inverse of :func:`permute` plus the weighted sum over the k copies.
 
-    y: float32 [T*k, d] in permuted order; order: int64 [T*k]; weights:
+    y: [T*k, d] in permuted order, float32 or 16-bit (widened after the
+    gather, which then moves half the bytes); order: int64 [T*k]; weights:
     float32 [T, k].  Returns float32 [T, d] = sum_j weights[t, j] * y[copy(t, j)],
     summed in slot order j = 0, 1, ...
     """
     T, k = weights.shape
-    slots = np.empty_like(y)
-    slots[order] = y
-    slots = slots.reshape(T, k, y.shape[1])
+    where = np.empty_like(order)                  # [T*k]: row of y holding copy t*k + j
+    where[order] = np.arange(len(order))
+    slots = y[where].astype(np.float32, copy=False).reshape(T, k, y.shape[1])
     out = weights[:, 0, None] * slots[:, 0]
     for j in range(1, k):
         out += weights[:, j, None] * slots[:, j]

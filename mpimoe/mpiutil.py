@@ -18,6 +18,10 @@ __all__ = ['MPI', 'run_guarded', 'local_rank', 'node_ids', 'group_comm', 'wait_a
            'WaitTimeout']
 
 
+#: seconds a failing rank waits after printing its error, before Abort
+ABORT_GRACE_S = 0.2
+
+
 class WaitTimeout(MpimoeError):
     """A wait passed its deadline: a peer is hung or dead."""
     exit_code = EXIT_INTERNAL
@@ -45,18 +49,24 @@ def run_guarded(comm, fn, *args, **kwargs):
             if getattr(e, 'collective', False):
                 if comm.rank == 0:
                     print(f'mpimoe: error: {e}', file=sys.stderr, flush=True)
+                # no rank exits (under `-m mpi4py`: aborts) before rank 0 has printed
+                comm.Barrier()
                 sys.exit(code)
-            print(f'mpimoe: error ({where}): {e}', file=sys.stderr, flush=True)
+            message = f'mpimoe: error ({where}): {e}'
         elif isinstance(e, KeyboardInterrupt):
             code = 130
-            print(f'mpimoe: interrupted ({where})', file=sys.stderr, flush=True)
+            message = f'mpimoe: interrupted ({where})'
         elif isinstance(e, SystemExit):
             raise
         else:
             code = EXIT_INTERNAL
-            traceback.print_exc()
-            print(f'mpimoe: internal error ({where}): {type(e).__name__}: {e}',
-                  file=sys.stderr, flush=True)
+            message = (f'{traceback.format_exc()}'
+                       f'mpimoe: internal error ({where}): {type(e).__name__}: {e}')
+        # one write, then a pause: Abort kills this rank at once, and the
+        # process manager drops what it has not yet read from the pipe
+        sys.stderr.write(message + '\n')
+        sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)
         comm.Abort(code)
 
 

@@ -45,14 +45,4 @@ def mpiexec(n, args, timeout, env=None):
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
             raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
-        finally:
-            _kill_leftovers(proc.pid)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def _kill_leftovers(pgid):
-    """Kill whatever of the job's process group outlived mpiexec."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

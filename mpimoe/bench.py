@@ -1,0 +1,367 @@
+"""``mpimoe bench moe-layer``: one MoE layer over P ranks against its expert
+GEMMs alone, timed in the same job.
+
+The layer is the engine's own pipeline (mpimoe.engine roles and stages route,
+permute, dispatch, expert, combine, unpermute) on weights built in memory: a
+one-layer model whose experts are random BF16-rounded FP32 matrices (as the
+engine holds them on CPU), and random activations [T, d] on rank 0, the one
+front-end.  Each repeat is one *round* of the engine's control protocol:
+
+1. baselines on rank 0 while the other ranks sleep (:func:`_idle`): the bare
+   GEMMs of every expert (``x @ up``, ``@ down``) on the rows the router sends
+   it, one block per expert, and the expert stage
+   :func:`mpimoe.moe.run_experts` (GEMMs, activation, 16-bit rounding) on
+   the same rows; each with as many BLAS threads as rank 0 has cores, and
+   with 1;
+2. the distributed layer, every rank at 1 BLAS thread: rank 0 dispatches
+   every micro-batch, then collects each (the MoE part of
+   ``_FrontEndRank.forward``); the expert ranks run ``_ExpertRank._layer``.
+
+The RATIO divides the layer time by the GEMMs with all cores' threads: the P
+ranks share those same cores, so the ratio is the price of routing, packing,
+MPI, the activation and oversubscribing the cores.  One node only.
+"""
+
+import ctypes
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpimoe.backend import round16
+from mpimoe.checkpoint import nonexpert_tensor_names, tensor_specs
+from mpimoe.config import ModelConfig
+from mpimoe.engine import (RunOptions, _collective, _ExpertRank, _FrontEndRank,
+                           _layer_comms)
+from mpimoe.errors import ConfigError, UsageError
+from mpimoe.metrics import Timers
+from mpimoe.model import FrontEnd
+from mpimoe.moe import moe_local, permute, run_experts
+from mpimoe.mpiutil import MPI, WaitTimeout, run_guarded, wait_all
+from mpimoe.placement import make_plan
+from mpimoe.router import route
+
+__all__ = ['BenchOptions', 'bench_moe_layer']
+
+_CATEGORIES = ('compute', 'wait', 'pack')
+#: seconds an idle rank sleeps between two tests of the round barrier
+_IDLE_NAP_S = 0.02
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """Options of ``mpimoe bench moe-layer`` (see its ``--help``)."""
+    d_model: int = 1024
+    experts: int = 8
+    d_expert: int = 2048
+    top_k: int = 2
+    tokens: int = 4096
+    micro_batches: int = 4
+    repeats: int = 5
+    warmup: int = 1
+    kind: str = 'mlp'
+    seed: int = 0
+    placement: str = 'per-layer'
+    deadline: float = 600.0
+
+    def validate(self):
+        """ConfigError on options that cannot work."""
+        for name, low in (('tokens', 1), ('repeats', 1), ('warmup', 0), ('seed', 0)):
+            if getattr(self, name) < low:
+                raise ConfigError(f'--{name} {getattr(self, name)}: must be >= {low}')
+
+    def config(self):
+        """The benchmarked model: one MoE layer (attention shrunk to one tiny head,
+        which the benchmark never runs)."""
+        return ModelConfig(n_layers=1, n_dense_layers=0, n_experts=self.experts,
+                           top_k=self.top_k, d_model=self.d_model, n_heads=1,
+                           n_kv_heads=1, head_dim=2, d_expert=self.d_expert, d_dense=1,
+                           expert_kind=self.kind, vocab_size=2, dtype='bfloat16')
+
+
+def bench_moe_layer(opts, comm=None):
+    """``mpimoe bench moe-layer`` on every rank; rank 0 prints the table."""
+    comm = comm or MPI.COMM_WORLD
+    return run_guarded(comm, _bench, opts, comm)
+
+
+def _bench(opts, world):
+    try:
+        opts.validate()
+        cfg = opts.config()
+        plan = make_plan(cfg, world.size, opts.placement, n_frontends=1)
+        run_opts = RunOptions(weights='(in memory)', input='', output='',
+                              placement=opts.placement, frontends=1,
+                              micro_batches=opts.micro_batches, deadline=opts.deadline)
+        run_opts.validate()
+        blas = _Blas()
+    except UsageError as e:
+        raise _collective(e)
+    blas.set(1)
+    layers = _layer_comms(world, plan)
+    layer = cfg.moe_layers[0]
+    timers = Timers()
+    if plan.is_frontend(world.rank):
+        role = _FrontEndRank(world, cfg, plan, run_opts, layers, timers,
+                             FrontEnd(cfg, _nonexpert_tensors(cfg, opts.seed)))
+        rounds, summary = _frontend_rounds(role, layer, opts, blas)
+    else:
+        hosted = [_expert(cfg, layer, e, opts.seed) for _, e in plan.rank_experts(world.rank)]
+        role = _ExpertRank(world, cfg, plan, run_opts, layers, timers, {layer: hosted})
+        rounds, summary = _expert_rounds(role, layer), None
+    rows = world.gather(_medians(rounds[opts.warmup:]), root=0)
+    if world.rank == 0:
+        _print_table(opts, cfg, plan, summary, rows)
+    for lc in layers.values():
+        lc.free()
+    role.rowtype.Free()
+    return 0
+
+
+# -------------------------------------------------------------- weights
+
+def _random(shape, seed, *key):
+    """Seeded N(0, 1/shape[0]) float32 values, BF16-rounded (never all zero)."""
+    rng = np.random.default_rng([seed, *key])
+    x = rng.standard_normal(shape, dtype=np.float32)
+    x *= np.float32(shape[0] ** -0.5)
+    return round16(x, 'bfloat16')
+
+
+def _expert(cfg, layer, e, seed):
+    """Expert e of ``layer``: dict matrix name -> float32 [d, h] or [h, d]."""
+    d, h = cfg.d_model, cfg.d_expert
+    return {m: _random((h, d) if m == 'down' else (d, h), seed, layer, e, i)
+            for i, m in enumerate(cfg.expert_matrices)}
+
+
+def _nonexpert_tensors(cfg, seed):
+    """A front-end's tensors (norms all ones): name -> float32 array."""
+    shapes = dict(tensor_specs(cfg))
+    return {n: np.ones(shapes[n], np.float32) if n.endswith('norm') else
+            _random(shapes[n], seed, 1 << 20, i)
+            for i, n in enumerate(nonexpert_tensor_names(cfg))}
+
+
+# -------------------------------------------------------------- rounds
+
+def _frontend_rounds(role, layer, opts, blas):
+    """Rank 0: per round, baselines then the distributed layer.
+
+    Returns (per-round dicts of seconds, summary dict for the table).
+    """
+    cfg = role.cfg
+    experts = [_expert(cfg, layer, e, opts.seed) for e in range(cfg.n_experts)]
+    h = np.random.default_rng([opts.seed, 2]).standard_normal(
+        (opts.tokens, cfg.d_model), dtype=np.float32)                   # [T, d]
+    chosen, _ = route(h, role.front.router[layer], cfg.top_k)              # [T, k]
+    rows, _, counts = permute(round16(h, cfg.dtype), chosen, cfg.n_experts)
+    hs = np.array_split(h, opts.micro_batches)
+    cores = len(os.sched_getaffinity(0))
+    rounds = []
+    for _ in range(opts.warmup + opts.repeats):
+        r = {}
+        # all cores first: OpenBLAS's extra thread spins a while after a call
+        for n in (cores, 1):
+            with blas.threads(n):
+                _timed(r, f'gemm_{n}', _gemms, rows, counts, experts)
+                _timed(r, f'stage_{n}', run_experts, rows, counts, experts, cfg.expert_kind,
+                       cfg.dtype)
+        _idle(role.world, opts.deadline)
+        role.next_round(True)
+        _ready(role.world, opts.deadline)
+        before = _snapshot(role.timers)
+        y = _timed(r, 'layer', _layer_pass, role, layer, hs)
+        r.update(_since(role.timers, before))
+        rounds.append(r)
+    with blas.threads(cores):
+        error = float(np.abs(y - (h + moe_local(h, role.front.router[layer], experts,
+                                                 cfg)[0])).max())
+    _idle(role.world, opts.deadline)
+    role.next_round(False)
+    return rounds, {'counts': counts, 'cores': cores, 'error': error,
+                    'blas': blas.describe()}
+
+
+def _expert_rounds(role, layer):
+    """An expert rank: its stages of the layer, once per round; per-round dicts."""
+    rounds = []
+    while True:
+        _idle(role.world, role.opts.deadline)
+        if not role.next_round():
+            break
+        _ready(role.world, role.opts.deadline)
+        before = _snapshot(role.timers)
+        role._layer(layer)
+        rounds.append(_since(role.timers, before))
+    for s in role.slots:
+        s.wait()
+    return rounds
+
+
+def _idle(world, deadline_s):
+    """Every rank waits here while rank 0 times its baselines: an Ibarrier
+    tested every _IDLE_NAP_S seconds, so that idle ranks take almost no CPU
+    from rank 0 (wait_all naps at most 1 ms: right for a pipeline, not here)."""
+    req = world.Ibarrier()
+    t0 = time.perf_counter()
+    while not req.Test():
+        if time.perf_counter() - t0 > deadline_s:
+            raise WaitTimeout(f'no progress for {deadline_s:.0f} s waiting for the other '
+                              'ranks between repeats; a peer rank is hung or dead')
+        time.sleep(_IDLE_NAP_S)
+
+
+def _ready(world, deadline_s):
+    """A barrier through wait_all: every rank is awake and polling, as between
+    two layers of a model, when rank 0 starts its clock."""
+    wait_all([world.Ibarrier()], deadline_s, lambda: 'the other ranks before a repeat')
+
+
+def _layer_pass(role, layer, hs):
+    """The MoE layer on rank 0 as ``_FrontEndRank.forward`` runs it: dispatch
+    every micro-batch, then collect each.  hs: list of float32 [T_m, d] (also the
+    residual) -> float32 [T, d]."""
+    pending = []
+    for m, h in enumerate(hs):
+        pending.append(role._dispatch(layer, m, h))
+        role._poll()
+    return np.concatenate([role._collect(m, h, p) for m, (h, p) in enumerate(zip(hs, pending))])
+
+
+def _gemms(rows, counts, experts):
+    """The bare matrix products of run_experts: each expert's rows through its
+    matrices (hidden = x @ first, out = hidden @ down), no activation."""
+    start = 0
+    for w, c in zip(experts, counts.tolist()):
+        x = rows[start:start + c]
+        hidden = [x @ a for m, a in w.items() if m != 'down']
+        _ = hidden[0] @ w['down']
+        start += c
+
+
+def _timed(r, key, fn, *args):
+    """fn(*args), its wall seconds in r[key]; returns fn's result."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    r[key] = time.perf_counter() - t0
+    return out
+
+
+def _snapshot(timers):
+    return dict(timers.by_category), dict(timers.by_stage), time.process_time()
+
+
+def _since(timers, before):
+    """Seconds per timer category, per stage (keys 'stage NAME') and of
+    CPU ('cpu') since the :func:`_snapshot` ``before``."""
+    cats, stages, cpu = before
+    out = {c: timers.by_category.get(c, 0.0) - cats.get(c, 0.0) for c in _CATEGORIES}
+    out['cpu'] = time.process_time() - cpu
+    out.update({f'stage {k}': v - stages.get(k, 0.0) for k, v in timers.by_stage.items()})
+    return out
+
+
+def _medians(rounds):
+    """{key: (median, min)} over the timed rounds."""
+    return {k: (float(np.median([r[k] for r in rounds])), float(np.min([r[k] for r in rounds])))
+            for k in rounds[0]}
+
+
+# -------------------------------------------------------------- BLAS threads
+
+class _Blas:
+    """The thread count of the OpenBLAS NumPy calls (the NumPy wheels' BLAS),
+    set through its C API; a ConfigError when NumPy uses another BLAS."""
+
+    _SET = ('scipy_openblas_set_num_threads64_', 'openblas_set_num_threads64_',
+            'openblas_set_num_threads')
+    _GET = ('scipy_openblas_get_num_threads64_', 'openblas_get_num_threads64_',
+            'openblas_get_num_threads')
+
+    def __init__(self):
+        with open('/proc/self/maps') as f:
+            paths = {line.split()[-1] for line in f if 'openblas' in line.lower()}
+        self.path = min(paths, default=None)
+        lib = ctypes.CDLL(self.path) if self.path else None
+        found = [(s, g) for s, g in zip(self._SET, self._GET)
+                 if lib is not None and hasattr(lib, s) and hasattr(lib, g)]
+        if not found:
+            raise ConfigError('mpimoe bench needs NumPy built with OpenBLAS (the PyPI '
+                              'wheels) to set the BLAS threads per rank')
+        self._set, self._get = getattr(lib, found[0][0]), getattr(lib, found[0][1])
+
+    def set(self, n):
+        self._set(ctypes.c_int(n))
+        if self._get() != n:
+            raise RuntimeError(f'OpenBLAS refused {n} threads (has {self._get()})')
+
+    @contextmanager
+    def threads(self, n):
+        """``n`` threads inside the block, 1 after."""
+        self.set(n)
+        try:
+            yield
+        finally:
+            self.set(1)
+
+    def describe(self):
+        return os.path.basename(self.path)
+
+
+# -------------------------------------------------------------- report
+
+def _print_table(opts, cfg, plan, s, rows):
+    """Rank 0: the summary table; rows: per-rank {key: (median, min)}."""
+    f, c = rows[0], s['cores']
+    n_rows = int(s['counts'].sum())
+    mb = 2 * n_rows * cfg.d_model * cfg.itemsize / 1e6
+    print(f'mpimoe bench moe-layer: d_model {cfg.d_model}, {cfg.n_experts} experts x hidden '
+          f'{cfg.d_expert} ({cfg.expert_kind}), top-{cfg.top_k}, {opts.tokens} tokens, '
+          f'{opts.micro_batches} micro-batches, BF16 rows')
+    print(f'  {plan.world_size} ranks: 1 front-end + {plan.n_expert_ranks} expert ranks '
+          f'({plan.mode}), 1 BLAS thread per rank, {c} cores ({s["blas"]}); '
+          f'{opts.repeats} repeats after {opts.warmup} warm-up')
+    print(f'  rows per expert: min {s["counts"].min()}, max {s["counts"].max()} '
+          f'({n_rows} in all); {mb:.1f} MB over MPI per layer (dispatch + combine)')
+    ideal = tuple(t / c for t in f['gemm_1'])
+    lines = [('distributed layer [s]', f['layer'], 4),
+             ('tokens/s (min column: at the min time)',
+              tuple(opts.tokens / t for t in f['layer']), 0),
+             ('baselines, rank 0 alone, same rows per expert:', None, 0),
+             (f'  GEMMs only, {c} threads [s]', f[f'gemm_{c}'], 4),
+             ('  GEMMs only, 1 thread [s]', f['gemm_1'], 4),
+             (f'  expert stage, {c} threads [s]', f[f'stage_{c}'], 4),
+             ('  expert stage, 1 thread [s]', f['stage_1'], 4),
+             (f'RATIO layer / GEMMs only ({c} threads)', _ratio(f['layer'], f[f'gemm_{c}']), 3),
+             (f'ratio layer / expert stage ({c} threads)',
+              _ratio(f['layer'], f[f'stage_{c}']), 3),
+             (f'ratio layer / (GEMMs only, 1 thread / {c})', _ratio(f['layer'], ideal), 3)]
+    print(f'  {"":46s}{"median":>10s}{"min":>10s}')
+    for label, pair, digits in lines:
+        print(f'  {label:46s}' + ('' if pair is None else
+                                  ''.join(f'{v:10.{digits}f}' for v in pair)))
+    print(f'  check: max |layer - single-process moe_local| = {s["error"]:.3g}')
+    print('  per rank, median seconds per layer (engine timers; cpu: this process)')
+    print(f'  {"rank":>6s}  {"role":12s}' + ''.join(f'{k:>10s}' for k in _CATEGORIES + ('cpu',)))
+    for r, row in enumerate(rows):
+        role = 'front-end' if plan.is_frontend(r) else \
+            'expert ' + ','.join(str(e) for _, e in plan.rank_experts(r))
+        print(f'  {r:6d}  {role:12s}' +
+              ''.join(f'{row[k][0]:10.4f}' for k in _CATEGORIES + ('cpu',)))
+    for what, rs in (('front-end', rows[:1]), ('expert ranks (median)', rows[1:])):
+        stages = sorted(k for k in rs[0] if k.startswith('stage ') and rs[0][k][0] > 0)
+        print(f'  {what} stages [s]: ' + ', '.join(
+            f'{k[6:]} {np.median([r[k][0] for r in rs]):.4f}' for k in stages))
+    cpu = sum(row['cpu'][0] for row in rows)
+    print(f'  CPU seconds of the layer, all ranks: {cpu:.4f} = {cpu / (c * f["layer"][0]):.0%} '
+          f'of {c} cores x the median layer time')
+    print(f'  The RATIO divides by the GEMMs on all {c} cores, the cores the {plan.world_size} '
+          'ranks share; expert stage = moe.run_experts (GEMMs, activation, 16-bit rounding).')
+
+
+def _ratio(a, b):
+    """(ratio of the medians, ratio of the mins) of two (median, min) pairs."""
+    return a[0] / b[0], a[1] / b[1]

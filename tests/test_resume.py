@@ -1,0 +1,163 @@
+"""Batch-job behaviour of `mpimoe run`: resume after SIGKILL, clean stop on
+SIGTERM (exit 75), refusal to resume with other inputs, progress, per-rank
+logs and the timeline trace.  Every job has a timeout."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mpirun import mpiexec, mpiexec_path
+from mpimoe.io import read_outputs, write_synthetic_inputs
+
+N_SEQS = 120
+ARGS = ['--max-new-tokens', 3, '--batch-tokens', 24, '--save-logits', '--placement', 'packed:2']
+
+
+@pytest.fixture(scope='module')
+def workload(tmp_path_factory, tiny_weights):
+    """(weights, inputs, uninterrupted output): many small rounds on 5 ranks."""
+    d = tmp_path_factory.mktemp('resume')
+    inputs = d / 'in.jsonl'
+    write_synthetic_inputs(inputs, 256, num_seqs=N_SEQS, min_len=2, max_len=12, seed=5)
+    whole = d / 'whole.h5'
+    proc = mpiexec(5, ['run', '--weights', tiny_weights, '--input', inputs, '--output', whole,
+                       *ARGS], timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    return tiny_weights, inputs, whole
+
+
+def _start(weights, inputs, out, *extra):
+    """Start a 5-rank run in its own process group; Popen."""
+    cmd = [mpiexec_path(), '-n', '5', sys.executable, '-m', 'mpi4py', '-m', 'mpimoe', 'run',
+           '--weights', str(weights), '--input', str(inputs), '--output', str(out),
+           *map(str, ARGS), *extra]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'OPENBLAS_NUM_THREADS': '1'}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+
+
+def _wait_for_chunks(out, n, proc, timeout=120):
+    """Wait until ``n`` chunks are committed (the job is mid-run)."""
+    chunks = Path(str(out) + '.chunks')
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if chunks.is_dir() and len(list(chunks.glob('*.h5'))) >= n:
+            return
+        assert proc.poll() is None, 'the job ended before it could be interrupted'
+        time.sleep(0.02)
+    raise AssertionError('no chunk committed in time')
+
+
+def _assert_same(a_path, b_path):
+    a, b = read_outputs(a_path), read_outputs(b_path)
+    assert a['ids'] == b['ids']
+    assert all(np.array_equal(x, y) for x, y in zip(a['generated'], b['generated']))
+    # same rounds, same arithmetic: bit for bit
+    assert np.array_equal(a['last_logits'], b['last_logits'])
+
+
+@pytest.mark.timeout(400)
+def test_sigkill_of_every_process_then_rerun_resumes(workload, tmp_path):
+    weights, inputs, whole = workload
+    out = tmp_path / 'out.h5'
+    proc = _start(weights, inputs, out)
+    try:
+        _wait_for_chunks(out, 3, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+    assert not out.exists()
+    committed = len(list(Path(str(out) + '.chunks').glob('*.h5')))
+    rerun = mpiexec(5, ['run', '--weights', weights, '--input', inputs, '--output', out, *ARGS],
+                    timeout=240)
+    assert rerun.returncode == 0, rerun.stderr
+    assert 'resuming' in rerun.stderr and 'already committed' in rerun.stderr
+    assert committed >= 3
+    _assert_same(whole, out)
+    assert not Path(str(out) + '.chunks').exists()
+
+
+@pytest.mark.timeout(400)
+def test_sigterm_stops_cleanly_with_75_and_a_rerun_finishes(workload, tmp_path):
+    weights, inputs, whole = workload
+    out = tmp_path / 'out.h5'
+    proc = _start(weights, inputs, out)
+    try:
+        _wait_for_chunks(out, 2, proc)
+        os.killpg(proc.pid, signal.SIGTERM)      # as scancel / srun deliver it
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 75, err
+    assert 'stopped cleanly on SIGTERM' in err and 'rerun the same command' in err
+    rerun = mpiexec(5, ['run', '--weights', weights, '--input', inputs, '--output', out, *ARGS],
+                    timeout=240)
+    assert rerun.returncode == 0, rerun.stderr
+    _assert_same(whole, out)
+
+
+def _partial_run(weights, inputs, out):
+    """Leave a partial run behind: SIGKILL after the first committed chunk."""
+    proc = _start(weights, inputs, out)
+    try:
+        _wait_for_chunks(out, 1, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+
+
+@pytest.mark.timeout(400)
+def test_rerun_with_other_input_weights_or_options_is_refused(workload, tmp_path,
+                                                               make_weights):
+    weights, inputs, _ = workload
+    out = tmp_path / 'out.h5'
+    _partial_run(weights, inputs, out)
+    chunks = Path(str(out) + '.chunks')
+    before = {p.name: p.read_bytes() for p in chunks.iterdir()}
+    other_inputs = tmp_path / 'other.jsonl'
+    shutil.copy(inputs, other_inputs)
+    with open(other_inputs, 'a') as f:
+        f.write('{"id": "extra", "tokens": [1, 2, 3]}\n')
+    cases = [
+        (['--input', other_inputs, '--weights', weights], 'input_sha256'),
+        (['--input', inputs, '--weights', make_weights('tiny', (), seed=1)], 'weights_sha256'),
+        (['--input', inputs, '--weights', weights, '--max-new-tokens', 4], 'max_new_tokens'),
+    ]
+    for args, what in cases:
+        proc = mpiexec(5, ['run', '--output', out, *ARGS, *args], timeout=120)
+        assert proc.returncode == 65, proc.stderr
+        assert 'holds a partial run that differs' in proc.stderr and what in proc.stderr
+        assert '--overwrite' in proc.stderr
+    assert {p.name: p.read_bytes() for p in chunks.iterdir()} == before
+
+
+@pytest.mark.timeout(300)
+def test_progress_logs_and_trace(tiny_weights, tiny_inputs, tmp_path):
+    proc = mpiexec(9, ['run', '--weights', tiny_weights, '--input', tiny_inputs,
+                       '--output', tmp_path / 'o.h5', '--max-new-tokens', 2,
+                       '--trace', tmp_path / 'trace', '--log-dir', tmp_path / 'logs',
+                       '--progress-every', 0.01], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    # rank 0 alone talks; progress as plain lines (stderr is not a terminal)
+    assert 'mpimoe: 12/12 sequences (100.0%)' in proc.stderr
+    assert all(line.startswith(('mpimoe[0]:', 'mpimoe: ')) for line in
+               proc.stderr.splitlines()), proc.stderr
+    assert sorted(p.name for p in (tmp_path / 'logs').iterdir()) == \
+        [f'rank-{r:05d}.log' for r in range(9)]
+    assert 'experts' in (tmp_path / 'logs' / 'rank-00003.log').read_text()
+    events = json.loads((tmp_path / 'trace' / 'trace.json').read_text())['traceEvents']
+    spans = [e for e in events if e['ph'] == 'X']
+    assert {e['pid'] for e in spans} == set(range(9))
+    front = {e['name'] for e in spans if e['pid'] == 0}
+    assert {'attention', 'route', 'permute', 'dispatch', 'combine', 'unpermute'} <= front
+    assert {'expert', 'dispatch', 'combine'} <= {e['name'] for e in spans if e['pid'] == 4}
+    assert all(e['dur'] >= 0 and 'mb' in e['args'] for e in spans if e['name'] == 'expert')
