@@ -33,7 +33,7 @@ import numpy as np
 from mpimoe.backend import round16
 from mpimoe.checkpoint import nonexpert_tensor_names, tensor_specs
 from mpimoe.config import ModelConfig
-from mpimoe.engine import (RunOptions, _collective, _ExpertRank, _FrontEndRank,
+from mpimoe.engine import (DONE, MORE, RunOptions, _collective, _ExpertRank, _FrontEndRank,
                            _layer_comms)
 from mpimoe.errors import ConfigError, UsageError
 from mpimoe.metrics import Timers
@@ -48,6 +48,8 @@ __all__ = ['BenchOptions', 'bench_moe_layer']
 _CATEGORIES = ('compute', 'wait', 'pack')
 #: seconds an idle rank sleeps between two tests of the round barrier
 _IDLE_NAP_S = 0.02
+#: share of the cores used by other processes above which the figures are suspect
+_BUSY_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -102,17 +104,17 @@ def _bench(opts, world):
     blas.set(1)
     layers = _layer_comms(world, plan)
     layer = cfg.moe_layers[0]
-    timers = Timers()
-    if plan.is_frontend(world.rank):
-        role = _FrontEndRank(world, cfg, plan, run_opts, layers, timers,
-                             FrontEnd(cfg, _nonexpert_tensors(cfg, opts.seed)))
+    t0, cpu0, machine0 = time.perf_counter(), time.process_time(), _machine_cpu_s()
+    role = _make_role(world, cfg, plan, run_opts, layers, opts.seed)
+    if role.is_frontend:
         rounds, summary = _frontend_rounds(role, layer, opts, blas)
     else:
-        hosted = [_expert(cfg, layer, e, opts.seed) for _, e in plan.rank_experts(world.rank)]
-        role = _ExpertRank(world, cfg, plan, run_opts, layers, timers, {layer: hosted})
         rounds, summary = _expert_rounds(role, layer), None
+    ours = world.reduce(time.process_time() - cpu0, root=0)
     rows = world.gather(_medians(rounds[opts.warmup:]), root=0)
     if world.rank == 0:
+        summary['others'] = _others_share(machine0, ours, time.perf_counter() - t0,
+                                          summary['cores'])
         _print_table(opts, cfg, plan, summary, rows)
     for lc in layers.values():
         lc.free()
@@ -121,6 +123,16 @@ def _bench(opts, world):
 
 
 # -------------------------------------------------------------- weights
+
+def _make_role(world, cfg, plan, run_opts, layers, seed):
+    """This rank's engine role (front-end or expert rank) on weights built in memory."""
+    if plan.is_frontend(world.rank):
+        return _FrontEndRank(world, cfg, plan, run_opts, layers, Timers(),
+                             FrontEnd(cfg, _nonexpert_tensors(cfg, seed)))
+    layer = cfg.moe_layers[0]
+    hosted = [_expert(cfg, layer, e, seed) for _, e in plan.rank_experts(world.rank)]
+    return _ExpertRank(world, cfg, plan, run_opts, layers, Timers(), {layer: hosted})
+
 
 def _random(shape, seed, *key):
     """Seeded N(0, 1/shape[0]) float32 values, BF16-rounded (never all zero)."""
@@ -170,7 +182,7 @@ def _frontend_rounds(role, layer, opts, blas):
                 _timed(r, f'stage_{n}', run_experts, rows, counts, experts, cfg.expert_kind,
                        cfg.dtype)
         _idle(role.world, opts.deadline)
-        role.next_round(True)
+        role.next_round(MORE)
         _ready(role.world, opts.deadline)
         before = _snapshot(role.timers)
         y = _timed(r, 'layer', _layer_pass, role, layer, hs)
@@ -180,7 +192,7 @@ def _frontend_rounds(role, layer, opts, blas):
         error = float(np.abs(y - (h + moe_local(h, role.front.router[layer], experts,
                                                  cfg)[0])).max())
     _idle(role.world, opts.deadline)
-    role.next_round(False)
+    role.next_round(DONE)
     return rounds, {'counts': counts, 'cores': cores, 'error': error,
                     'blas': blas.describe()}
 
@@ -190,7 +202,7 @@ def _expert_rounds(role, layer):
     rounds = []
     while True:
         _idle(role.world, role.opts.deadline)
-        if not role.next_round():
+        if role.next_round() != MORE:
             break
         _ready(role.world, role.opts.deadline)
         before = _snapshot(role.timers)
@@ -268,6 +280,28 @@ def _medians(rounds):
     """{key: (median, min)} over the timed rounds."""
     return {k: (float(np.median([r[k] for r in rounds])), float(np.min([r[k] for r in rounds])))
             for k in rounds[0]}
+
+
+# -------------------------------------------------------------- other load
+
+def _machine_cpu_s():
+    """CPU seconds every process of this machine has used so far, stolen time
+    included (Linux /proc/stat); None elsewhere."""
+    try:
+        with open('/proc/stat') as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _, _, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq + steal) / os.sysconf('SC_CLK_TCK')
+
+
+def _others_share(machine0, ours, seconds, cores):
+    """Share of the cores that other processes used since ``machine0`` (a
+    :func:`_machine_cpu_s`), given our ranks' CPU seconds; None if unknown."""
+    if machine0 is None:
+        return None
+    return max(0.0, _machine_cpu_s() - machine0 - ours) / (cores * seconds)
 
 
 # -------------------------------------------------------------- BLAS threads
@@ -358,6 +392,11 @@ def _print_table(opts, cfg, plan, s, rows):
     cpu = sum(row['cpu'][0] for row in rows)
     print(f'  CPU seconds of the layer, all ranks: {cpu:.4f} = {cpu / (c * f["layer"][0]):.0%} '
           f'of {c} cores x the median layer time')
+    if s['others'] is not None:
+        print(f'  other processes on this machine used {s["others"]:.0%} of its cores during '
+              'the run' + ('' if s['others'] < _BUSY_SHARE else
+                           ': WARNING, they bias the RATIO low (they take more from one '
+                           'process than from P); rerun on an idle node'))
     print(f'  The RATIO divides by the GEMMs on all {c} cores, the cores the {plan.world_size} '
           'ranks share; expert stage = moe.run_experts (GEMMs, activation, 16-bit rounding).')
 

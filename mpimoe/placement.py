@@ -483,36 +483,76 @@ def sbatch_script(plan, model_args, micro_batches=2, batch_tokens=None):
            f'--micro-batches {_positive_int("micro_batches", micro_batches)}']
     if batch_tokens is not None:
         run.append(f'--batch-tokens {batch_tokens}')
-    return '\n'.join([
-        '#!/bin/bash',
-        f'# Written by: mpimoe plan {model_args} --gpus {plan.world_size} --gpus-per-node '
-        f'{plan.gpus_per_node} --placement {plan.mode} --frontends {plan.n_frontends} '
-        f'--emit-sbatch FILE',
-        f'# {plan.cfg.n_layers}-layer model, placement {plan.mode}: {plan.n_frontends} '
-        f'front-ends + {plan.n_expert_ranks} expert ranks, plan hash {plan.plan_hash()}',
-        '# (`mpimoe run` prints its plan hash: it must match this one).',
-        '# Submit: WEIGHTS=model.h5 INPUT=inputs.jsonl sbatch THIS_FILE',
-        '#SBATCH --job-name=mpimoe',
-        f'#SBATCH --nodes={plan.n_nodes}',
-        f'#SBATCH --ntasks={plan.world_size}',
-        f'#SBATCH --ntasks-per-node={plan.gpus_per_node}',
-        f'#SBATCH --gpus-per-node={plan.gpus_per_node}',
-        '#SBATCH --time=04:00:00',
-        '#SBATCH --output=mpimoe-%j.out',
-        '',
-        'set -euo pipefail',
-        'WEIGHTS=${WEIGHTS:?set WEIGHTS to the HDF5 weight file}',
-        'INPUT=${INPUT:?set INPUT to the token file (.jsonl or .h5)}',
-        'OUTPUT=${OUTPUT:-out-$SLURM_JOB_ID.h5}',
-        'MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}',
-        '',
-        '# -K1: end the whole step when one task fails; python -m mpi4py: an uncaught',
-        '# exception on any rank aborts all of them.',
-        'srun -K1 python -m mpi4py -m mpimoe run \\',
-        '    --weights "$WEIGHTS" --input "$INPUT" --output "$OUTPUT" \\',
-        f'    {" ".join(run)} \\',
-        '    --max-new-tokens "$MAX_NEW_TOKENS" --metrics "run-$SLURM_JOB_ID.json"',
-        ''])
+    return _SBATCH.format(
+        command=f'mpimoe plan {model_args} --gpus {plan.world_size} --gpus-per-node '
+                f'{plan.gpus_per_node} --placement {plan.mode} --frontends {plan.n_frontends} '
+                '--emit-sbatch FILE',
+        summary=f'{plan.cfg.n_layers}-layer model, placement {plan.mode}: {plan.n_frontends} '
+                f'front-ends + {plan.n_expert_ranks} expert ranks, plan hash {plan.plan_hash()}',
+        nodes=plan.n_nodes, ntasks=plan.world_size, per_node=plan.gpus_per_node,
+        run_options=' '.join(run))
+
+
+#: The job script of :func:`sbatch_script` (slurm/mpimoe.sbatch is one).
+_SBATCH = '''#!/bin/bash
+# Written by: {command}
+# {summary}
+# (`mpimoe run` prints its plan hash: it must match this one.)
+#
+#   WEIGHTS=model.h5 INPUT=prompts.jsonl OUTPUT=out.h5 sbatch THIS_FILE
+#
+# How a long job survives its time limit:
+#  - --signal=B:USR1@120 sends SIGUSR1 to this batch shell 120 s before the limit;
+#  - the trap below forwards it to the job step (srun passes it to every task);
+#  - mpimoe finishes the current round, commits it, and exits with 75;
+#  - this script then requeues the job (--requeue), which reruns the same
+#    command: it resumes after the last committed round; --open-mode=append
+#    keeps one log across requeues.
+#  A job killed outright (node failure, scancel -9) resumes the same way when
+#  resubmitted with the same OUTPUT: only the round in flight is lost.
+#SBATCH --job-name=mpimoe
+#SBATCH --nodes={nodes}
+#SBATCH --ntasks={ntasks}
+#SBATCH --ntasks-per-node={per_node}
+#SBATCH --gpus-per-node={per_node}
+#SBATCH --cpus-per-task=8
+#SBATCH --time=04:00:00
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=mpimoe-%j.out
+
+set -uo pipefail
+WEIGHTS=${{WEIGHTS:?set WEIGHTS to the HDF5 weight file}}
+INPUT=${{INPUT:?set INPUT to the token file (.jsonl or .h5)}}
+OUTPUT=${{OUTPUT:-out.h5}}          # the same name on every requeue: that is what resumes
+MAX_NEW_TOKENS=${{MAX_NEW_TOKENS:-64}}
+
+# mpi4py must be built against the site MPI (README: "Install and test").
+export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK
+echo "mpimoe: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NUM_NODES nodes"
+
+# -K1: end the whole step when one task fails; python -m mpi4py: an uncaught
+# exception on any rank aborts all of them.
+srun -K1 --cpu-bind=cores python -m mpi4py -m mpimoe run \\
+    --weights "$WEIGHTS" --input "$INPUT" --output "$OUTPUT" \\
+    {run_options} \\
+    --max-new-tokens "$MAX_NEW_TOKENS" --metrics "run-$SLURM_JOB_ID.json" \\
+    --log-dir "logs-$SLURM_JOB_ID" &
+step=$!
+trap 'echo "mpimoe: time limit near, asking the job step to stop"; kill -USR1 "$step"' USR1
+# `wait` returns early when the trap fires: wait again until the step has ended
+while true; do
+    wait "$step"; rc=$?
+    kill -0 "$step" 2>/dev/null || break
+done
+
+if [ "$rc" -eq 75 ]; then
+    echo "mpimoe: stopped cleanly; requeueing to resume"
+    scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$rc"
+'''
 
 
 def write_sbatch(path, text):

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from mpimoe.config import model_config
 from mpimoe.costmodel import (Constants, Workload, check_memory, describe, load_calibration,
                               make_constants, memory, pass_time, predict)
 from mpimoe.errors import ConfigError, DataError
+
+REPO = Path(__file__).resolve().parents[1]
 from mpimoe.placement import make_plan
 
 GB = 1e9
@@ -227,7 +230,8 @@ def test_cli_emit_sbatch_paper_61l(tmp_path):
     assert '\nprefill: ' in r.stdout and '\ndecode: ' in r.stdout
     text = job.read_text()
     for line in ('#SBATCH --nodes=488', '#SBATCH --ntasks=3904', '#SBATCH --ntasks-per-node=8',
-                 '#SBATCH --gpus-per-node=8', 'srun -K1 python -m mpi4py -m mpimoe run',
+                 '#SBATCH --gpus-per-node=8', '#SBATCH --signal=B:USR1@120', '#SBATCH --requeue',
+                 'srun -K1 --cpu-bind=cores python -m mpi4py -m mpimoe run',
                  '--placement dedicated --frontends 192 --micro-batches 2 --batch-tokens 4096',
                  f'plan hash {_paper_61l().plan_hash()}'):
         assert line in text
@@ -273,3 +277,16 @@ def test_cli_stats_with_emit_sbatch_refused(tmp_path):
     r = _plan(*base, '--emit-sbatch', tmp_path / 'job')
     assert r.returncode == 2 and 'cannot apply a layout balanced by --stats' in r.stderr
     assert not (tmp_path / 'job').exists()
+
+
+def test_slurm_example_is_what_emit_sbatch_writes(tmp_path):
+    """slurm/mpimoe.sbatch is the output of the command in its second line:
+    the template and the example cannot drift apart."""
+    example = REPO / 'slurm' / 'mpimoe.sbatch'
+    text = example.read_text()
+    command = text.splitlines()[1].removeprefix('# Written by: mpimoe ').split()
+    job = tmp_path / 'job.sbatch'
+    r = subprocess.run([sys.executable, '-m', 'mpimoe', *command[:-1], str(job)],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert job.read_text() == text
