@@ -69,7 +69,7 @@ def main():
             print(f'{scale:>7}x {size:>12,} {seconds:>8.1f}  '
                   + ' '.join(f'{r / 2**20:6.1f}' for r in ranked))
         ratio = [b / a for a, b in zip(rows[0][3], rows[1][3])]
-        print(f'10x / 1x per rank: ' + ' '.join(f'{r:.3f}' for r in ratio)
+        print('10x / 1x per rank: ' + ' '.join(f'{r:.3f}' for r in ratio)
               + f'  (max {max(ratio):.3f})')
 
 

@@ -60,7 +60,6 @@ replaced in turn by command-line options::
     (342000.0, 'experts', 1.87)
 """
 
-import json
 import math
 from dataclasses import dataclass, field, fields
 
@@ -147,13 +146,8 @@ class Workload:
 
 def load_calibration(path):
     """Measured constants from a JSON file: dict name -> float (keys above)."""
-    try:
-        with open(path, encoding='utf-8') as f:
-            doc = json.load(f)
-    except OSError as e:
-        raise DataError(f'--calibration {path}: cannot read: {e.strerror}') from None
-    except ValueError as e:
-        raise DataError(f'--calibration {path}: not valid JSON: {e}') from None
+    from mpimoe.io import read_json
+    doc = read_json(path, '--calibration')
     if not isinstance(doc, dict):
         raise DataError(f'--calibration {path}: expected a JSON object')
     unknown = sorted(set(doc) - set(_NAMES))

@@ -49,7 +49,7 @@ import numpy as np
 
 from mpimoe.errors import DataError, UsageError
 
-__all__ = ['Inputs', 'InputStream', 'read_inputs', 'file_digest', 'run_identity', 'write_synthetic_inputs',
+__all__ = ['Inputs', 'InputStream', 'read_inputs', 'file_digest', 'run_identity', 'read_json', 'write_synthetic_inputs',
            'OutputWriter', 'read_outputs']
 
 OUTPUT_FORMAT = 'mpimoe-output'
@@ -190,6 +190,18 @@ def run_identity(input_path, weights_identity, max_new_tokens, batch_tokens):
     uninterrupted one)."""
     return {'input_sha256': file_digest(input_path), 'weights_sha256': weights_identity,
             'max_new_tokens': max_new_tokens, 'batch_tokens': batch_tokens}
+
+
+def read_json(path, what):
+    """A JSON document from ``path``; DataError naming ``what`` (e.g. '--stats')
+    when the file cannot be read or parsed."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except OSError as e:
+        raise DataError(f'{what} {path}: cannot read: {e.strerror}') from None
+    except ValueError as e:
+        raise DataError(f'{what} {path}: not valid JSON: {e}') from None
 
 
 def file_digest(path, block=1 << 22):

@@ -450,13 +450,8 @@ def node_inbound(owner, nodes, loads):
 def load_stats(path, cfg):
     """Expert loads from a run.json: ``expert_loads.counts`` as float64 [n_moe_layers,
     n_experts]; its ``layers`` must be ``cfg.moe_layers``.  Raises DataError."""
-    try:
-        with open(path, encoding='utf-8') as f:
-            doc = json.load(f)
-    except OSError as e:
-        raise DataError(f'--stats {path}: cannot read: {e.strerror}') from None
-    except ValueError as e:
-        raise DataError(f'--stats {path}: not valid JSON: {e}') from None
+    from mpimoe.io import read_json
+    doc = read_json(path, '--stats')
     el = doc.get('expert_loads') if isinstance(doc, dict) else None
     if not isinstance(el, dict) or 'counts' not in el:
         raise DataError(f'--stats {path}: no expert_loads.counts (expected the run.json '

@@ -4,12 +4,12 @@ The plots (expert-load heatmap, per-rank compute/wait/pack bars) need
 matplotlib, an optional extra (``pip install -e ".[report]"``).
 """
 
-import json
 import os
 
 import numpy as np
 
 from mpimoe.errors import DataError, UsageError
+from mpimoe.io import read_json
 
 __all__ = ['load_report', 'summarize', 'plot']
 
@@ -18,13 +18,7 @@ CATEGORIES = ('compute', 'wait', 'pack')
 
 def load_report(path):
     """Read a run.json written by ``mpimoe run --metrics``."""
-    try:
-        with open(path) as f:
-            report = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f'{path}: no such file') from None
-    except ValueError as e:
-        raise DataError(f'{path}: not a JSON run report ({e})') from None
+    report = read_json(path, 'run report')
     missing = [k for k in ('summary', 'expert_loads', 'ranks', 'placement') if k not in report]
     if missing:
         raise DataError(f'{path}: not an mpimoe run report (missing {", ".join(missing)})')
