@@ -1,0 +1,17 @@
+"""`mpimoe bench moe-layer` in its smallest form: it runs the engine's own
+stages, so an engine change that breaks it must fail here (no speed asserted)."""
+
+import re
+
+import pytest
+
+from mpirun import mpiexec
+
+
+@pytest.mark.timeout(150)
+def test_moe_layer_bench_runs_and_matches_the_local_layer():
+    proc = mpiexec(5, ['bench', 'moe-layer', '--d-model', 64, '--experts', 4, '--d-expert', 128,
+                       '--tokens', 256, '--repeats', 1, '--warmup', 0], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r'RATIO layer / GEMMs only \(2 threads\)\s+\d', proc.stdout), proc.stdout
+    assert 'check: max |layer - single-process moe_local| = 0' in proc.stdout, proc.stdout
