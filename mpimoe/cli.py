@@ -56,6 +56,7 @@ def _cmd_make_input(args):
 
 def _cmd_plan(args):
     import dataclasses
+    import os
     from mpimoe import costmodel
     from mpimoe.config import model_config
     from mpimoe.errors import ConfigError
@@ -67,7 +68,7 @@ def _cmd_plan(args):
     cfg = model_config(args.preset, args.overrides)
     loads = load_stats(args.stats, cfg) if args.stats else None
     plan = make_plan(cfg, args.gpus, mode=args.placement, n_frontends=args.frontends,
-                     gpus_per_node=args.gpus_per_node, loads=loads)
+                     gpus_per_node=args.gpus_per_node, loads=loads, replicas=args.replicas)
     work = None if args.batch_seqs is None else costmodel.Workload(
         args.batch_seqs, args.seq_len, args.micro_batches)
     calib = costmodel.load_calibration(args.calibration) if args.calibration else None
@@ -76,7 +77,9 @@ def _cmd_plan(args):
     costmodel.check_memory(costmodel.memory(plan, work), args.gpu_memory_gb)
     model = ' '.join([f'--preset {args.preset}'] + [f'--set {o}' for o in args.overrides])
     tokens = None if work is None else work.seqs_per_frontend(plan) * work.seq_len
-    text = sbatch_script(plan, model, args.micro_batches, tokens) if args.emit_sbatch else None
+    stats = os.path.abspath(args.stats) if args.stats else None
+    text = sbatch_script(plan, model, args.micro_batches, tokens, stats) \
+        if args.emit_sbatch else None
     if text is not None:
         write_sbatch(args.emit_sbatch, text)
     print(plan.describe(full=args.full))
@@ -100,7 +103,10 @@ def _cmd_run(args):
                       save_logits=args.save_logits, metrics=args.metrics,
                       overwrite=args.overwrite, batch_tokens=args.batch_tokens,
                       deadline=args.deadline, trace=args.trace, log_dir=args.log_dir,
-                      verbose=args.verbose, progress_every=args.progress_every)
+                      verbose=args.verbose, progress_every=args.progress_every,
+                      stats=args.stats, replicas=args.replicas, balance=args.balance,
+                      balance_every=args.balance_every, balance_step=args.balance_step,
+                      balance_clip=args.balance_clip)
     return run_engine(opts)
 
 
@@ -120,6 +126,12 @@ def _cmd_bench(args):
                         repeats=args.repeats, warmup=args.warmup, kind=args.kind,
                         seed=args.seed, placement=args.placement, deadline=args.deadline)
     return bench_moe_layer(opts)
+
+
+def _add_replicas_arg(p):
+    p.add_argument('--replicas', type=int, default=0, metavar='R',
+                   help='R extra ranks host replicas of the hottest experts for --stats '
+                   '(world size = F + expert ranks of the placement + R; default 0)')
 
 
 def _build_parser():
@@ -188,6 +200,7 @@ def _build_parser():
     p.add_argument('--stats', metavar='RUN_JSON',
                    help='balance node links for the expert loads of a previous run '
                    '(expert_loads.counts of its run.json)')
+    _add_replicas_arg(p)
     p.add_argument('--gpu-memory-gb', type=float, default=80.0, metavar='GB',
                    help='memory per GPU; a rank that does not fit is refused (default 80)')
     p.add_argument('--batch-seqs', type=int, metavar='B',
@@ -230,6 +243,20 @@ def _build_parser():
                    help='per-layer | dedicated | packed:K (default per-layer)')
     p.add_argument('--frontends', type=int, default=None, metavar='F',
                    help='front-end ranks (default: the fewest >= 1 that fit the placement)')
+    p.add_argument('--stats', metavar='RUN_JSON',
+                   help='place experts for the expert loads of a previous run (its run.json): '
+                   'the topology layout of `mpimoe plan --stats` on the MPI node layout')
+    _add_replicas_arg(p)
+    p.add_argument('--balance', choices=('off', 'bias'), default='off',
+                   help='bias: adjust a per-expert gate bias from the loads as the run goes '
+                   '(changes which experts tokens choose, so outputs differ from the '
+                   'reference); off (default)')
+    p.add_argument('--balance-every', type=int, default=1, metavar='K',
+                   help='update the gate bias every K forward passes (default 1)')
+    p.add_argument('--balance-step', type=float, default=0.01, metavar='S',
+                   help='bias step per update, in gate-probability units (default 0.01)')
+    p.add_argument('--balance-clip', type=float, default=0.5, metavar='C',
+                   help='the bias stays within [-C, C] (default 0.5)')
     p.add_argument('--micro-batches', type=int, default=2, metavar='M',
                    help='micro-batches per pass, pipelined (default 2: double buffering)')
     p.add_argument('--max-new-tokens', type=int, default=0, metavar='N',

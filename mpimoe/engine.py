@@ -24,22 +24,24 @@ import logging
 import os
 import platform
 import time
+import zlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from mpimoe import __version__
-from mpimoe.backend import from_words, round16, storage_dtype, to_words
+from mpimoe.backend import from_words, storage_dtype, to_words
+from mpimoe.balance import BIAS_RULE, max_over_mean, update_bias
 from mpimoe.dispatch import LayerComms, Slot
 from mpimoe.costmodel import pass_flops
-from mpimoe.errors import ConfigError, Stopped, UsageError
+from mpimoe.errors import ConfigError, DataError, Stopped, UsageError
 from mpimoe.generate import generate
 from mpimoe.metrics import Timers, write_trace
 from mpimoe.model import FrontEnd
 from mpimoe.moe import permute, run_experts, unpermute
 from mpimoe.mpiutil import MPI, local_rank, node_ids, run_guarded, wait_all
 from mpimoe.progress import Progress
-from mpimoe.router import expert_counts, route
+from mpimoe.router import expert_counts, route, spread_copies
 from mpimoe.signals import StopRequest
 
 __all__ = ['RunOptions', 'run_engine']
@@ -72,9 +74,22 @@ class RunOptions:
     log_dir: str = None
     verbose: bool = False
     progress_every: float = 30.0
+    stats: str = None
+    replicas: int = 0
+    balance: str = 'off'
+    balance_every: int = 1
+    balance_step: float = 0.01
+    balance_clip: float = 0.5
 
     def validate(self):
         """ConfigError on options that cannot work."""
+        if self.balance not in ('off', 'bias'):
+            raise ConfigError(f'--balance {self.balance}: choose off or bias')
+        if self.balance_every < 1:
+            raise ConfigError(f'--balance-every {self.balance_every}: must be >= 1')
+        if not (self.balance_step > 0 and self.balance_clip > 0):
+            raise ConfigError(f'--balance-step {self.balance_step}, --balance-clip '
+                              f'{self.balance_clip}: both must be > 0')
         if self.micro_batches < 1:
             raise ConfigError(f'--micro-batches {self.micro_batches}: must be >= 1')
         if self.max_new_tokens < 0:
@@ -119,7 +134,7 @@ def _setup_logging(opts, rank):
 
 def _run(opts, world):
     from mpimoe.checkpoint import WeightFile
-    from mpimoe.placement import make_plan
+    from mpimoe.placement import load_stats, make_plan
     _setup_logging(opts, world.rank)
     timers = Timers(trace=bool(opts.trace))
     t_start = time.perf_counter()
@@ -127,8 +142,10 @@ def _run(opts, world):
         cfg = wf.config
         try:
             opts.validate()
-            plan = make_plan(cfg, world.size, opts.placement, opts.frontends)
-        except UsageError as e:
+            loads = load_stats(opts.stats, cfg) if opts.stats else None
+            plan = make_plan(cfg, world.size, opts.placement, opts.frontends, loads=loads,
+                             nodes=node_ids(world), replicas=opts.replicas)
+        except (UsageError, DataError) as e:
             raise _collective(e)
         # rank 0 checks input and output before anyone spends time loading
         with timers.span('open', 'io'):
@@ -175,7 +192,11 @@ def _open_io(opts, cfg, plan, wf):
             'weights': str(opts.weights), 'input': str(opts.input),
             'max_new_tokens': opts.max_new_tokens, 'placement': plan.mode,
             'plan_hash': plan.plan_hash()}
-    identity = run_identity(opts.input, wf.identity(), opts.max_new_tokens, opts.batch_tokens)
+    # the options that change results (bias balancing changes the routing)
+    balance = 'off' if opts.balance == 'off' else \
+        f'bias every {opts.balance_every} step {opts.balance_step} clip {opts.balance_clip}'
+    identity = run_identity(opts.input, wf.identity(), max_new_tokens=opts.max_new_tokens,
+                            batch_tokens=opts.batch_tokens, balance=balance)
     writer = OutputWriter(opts.output, len(stream), cfg.vocab_size, opts.save_logits, meta,
                           identity, overwrite=opts.overwrite)
     if writer.written:
@@ -199,16 +220,8 @@ def _layer_comms(world, plan):
     """LayerComms of every MoE layer (layer index in the model -> LayerComms)."""
     out = {}
     for m, layer in enumerate(plan.cfg.moe_layers):
-        ranks = np.asarray(plan.layer_ranks(m))
-        owner = plan.owner[m]                                      # [E] world ranks
-        # slot of each expert on its rank: its index among that rank's experts
-        order = np.lexsort((np.arange(len(owner)), owner))
-        first = np.searchsorted(owner[order], owner[order], side='left')
-        slot = np.empty(len(owner), dtype=np.int64)
-        slot[order] = np.arange(len(owner)) - first
-        k = int(slot.max()) + 1
-        key = np.searchsorted(ranks, owner) * k + slot
-        out[layer] = LayerComms(world, ranks, key, k)
+        keys, _, k = plan.dispatch_keys(m)                         # keys: [E, copies]
+        out[layer] = LayerComms(world, plan.layer_ranks(m), keys[:, 0], k)
     return out
 
 
@@ -280,6 +293,12 @@ class _FrontEndRank(_Role):
         self.stream, self.writer = io or (None, None)
         self.counts = np.zeros((cfg.n_moe_layers, cfg.n_experts), dtype=np.int64)
         self.step_counts = []           # rank 0: per pass, [n_moe_layers, E]
+        # layer -> (permute keys int64 [E, copies], copies int64 [E]) (replicas)
+        self.copy_keys = {layer: plan.dispatch_keys(m)[:2]
+                          for m, layer in enumerate(cfg.moe_layers)}
+        # gate bias [n_moe_layers, E] (--balance bias), the same on every front-end
+        self.bias = np.zeros((cfg.n_moe_layers, cfg.n_experts), np.float32) \
+            if opts.balance == 'bias' else None
         self.bytes_sent = np.zeros(cfg.n_moe_layers, dtype=np.int64)
         # per pass: (seconds, new tokens, FLOPs)
         self.passes = {'prefill': [], 'decode': []}
@@ -333,14 +352,16 @@ class _FrontEndRank(_Role):
         """
         cfg, lc, slot = self.cfg, self.layers[i], self.slots[m]
         with self.timers.span('route', 'compute', layer=i, mb=m):
-            chosen, weights = route(h, self.front.router[i], cfg.top_k)     # [T, k]
+            bias = None if self.bias is None else self.bias[i - cfg.n_dense_layers]
+            chosen, weights = route(h, self.front.router[i], cfg.top_k, bias)  # [T, k]
             self.counts[i - cfg.n_dense_layers] += expert_counts(chosen, cfg.n_experts)
+            keys, copies = self.copy_keys[i]
+            dest = keys[chosen, spread_copies(chosen, copies, self.world.rank)]  # [T, k]
         with self.timers.span('permute', 'pack', layer=i, mb=m):
             words = to_words(h.astype(storage_dtype(cfg.dtype)))             # [T, d] uint16
             n = chosen.size
             slot.wait()
-            _, order, counts = permute(words, lc.key_of_expert[chosen], lc.size * lc.k,
-                                       out=slot.out.view(n))
+            _, order, counts = permute(words, dest, lc.size * lc.k, out=slot.out.view(n))
         with self.timers.span('dispatch', 'pack', layer=i, mb=m):
             slot.frontend_start(lc, counts.reshape(lc.size, lc.k).astype(np.int32), n)
         self.bytes_sent[i - cfg.n_dense_layers] += 2 * n * cfg.d_model * cfg.itemsize
@@ -369,6 +390,21 @@ class _FrontEndRank(_Role):
         if self.world.rank == 0:
             self.step_counts.append(total)
         self.counts[:] = 0
+        self._update_bias()
+
+    def _update_bias(self):
+        """With --balance bias, every balance_every passes: rank 0 moves the gate
+        bias by the loads of those passes (mpimoe.balance.update_bias) and every
+        front-end receives it, so all route alike from the next pass on."""
+        every = self.opts.balance_every
+        if self.bias is None or sum(map(len, self.passes.values())) % every:
+            return
+        if self.world.rank == 0:
+            window = np.sum(self.step_counts[-every:], axis=0)              # [Lm, E]
+            self.bias[:] = update_bias(self.bias, window, self.opts.balance_step,
+                                       self.opts.balance_clip)
+        with self.timers.span('balance', 'wait'):
+            self.front_comm.Bcast(self.bias, root=0)
 
     # -- rounds ----------------------------------------------------------------
 
@@ -449,10 +485,13 @@ class _FrontEndRank(_Role):
     def report(self):
         out = super().report()
         out.update(role='front-end', passes=self.passes)
+        if self.bias is not None:           # every front-end's must be rank 0's
+            out['bias_crc32'] = zlib.crc32(self.bias.tobytes())
         bytes_total = np.zeros_like(self.bytes_sent) if self.world.rank == 0 else None
         self.front_comm.Reduce(self.bytes_sent, bytes_total, op=MPI.SUM, root=0)
         if self.world.rank == 0:
-            out.update(step_counts=self.step_counts, bytes_per_layer=bytes_total.tolist())
+            out.update(step_counts=self.step_counts, bytes_per_layer=bytes_total.tolist(),
+                       bias=None if self.bias is None else self.bias.tolist())
         return out
 
 
@@ -467,6 +506,8 @@ class _ExpertRank(_Role):
         super().__init__(world, cfg, plan, opts, layers, timers)
         self.front_comm = world.Split(MPI.UNDEFINED, world.rank)
         self.hosted = hosted
+        # rows computed per hosted expert: layer -> int64 [experts of the layer here]
+        self.rows = {layer: np.zeros(len(ws), dtype=np.int64) for layer, ws in hosted.items()}
 
     def run(self, stop):
         """Serve rounds until rank 0 says DONE (``stop`` is rank 0's business)."""
@@ -495,7 +536,9 @@ class _ExpertRank(_Role):
                 x16 = from_words(words, cfg.dtype)[regroup].astype(np.float32)
             with self.timers.span('expert', 'compute', layer=layer, mb=m):
                 self.maybe_fail('expert')
-                y = run_experts(x16, counts.sum(axis=0), experts, cfg.expert_kind, cfg.dtype,
+                per_expert = counts.sum(axis=0)[:len(experts)]                # [experts here]
+                self.rows[layer] += per_expert
+                y = run_experts(x16, per_expert, experts, cfg.expert_kind, cfg.dtype,
                                 poll=self._poll, chunk=POLL_ROWS)
             with self.timers.span('combine', 'pack', layer=layer, mb=m):
                 out = slot.out.view(len(words))
@@ -514,6 +557,7 @@ class _ExpertRank(_Role):
         out = super().report()
         out['role'] = 'expert'
         out['experts'] = [list(p) for p in self.plan.rank_experts(self.world.rank)]
+        out['rows'] = [int(v) for layer in sorted(self.rows) for v in self.rows[layer]]
         return out
 
 
@@ -575,6 +619,17 @@ def _pass_summary(fronts):
     return out
 
 
+def _balance_report(opts, steps, bias):
+    """run.json's ``balance``: the policy, the final gate bias (None when off) and,
+    per window of ``balance_every`` passes (the last may be shorter), the max/mean
+    expert load of every MoE layer.  steps: int [passes, Lm, E] copies per pass."""
+    starts = np.arange(0, len(steps), opts.balance_every)
+    windows = np.add.reduceat(steps, starts, axis=0) if len(steps) else steps  # [W, Lm, E]
+    return {'mode': opts.balance, 'every': opts.balance_every, 'step': opts.balance_step,
+            'clip': opts.balance_clip, 'rule': BIAS_RULE, 'bias': bias,
+            'max_over_mean_history': max_over_mean(windows).tolist()}
+
+
 def _finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops):
     """Rank 0: print the summary and write run.json."""
     r0 = reports[0]
@@ -586,10 +641,9 @@ def _finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops):
                    peak_source='FP32 GEMM timed on rank 0 (CPU backend)')
     summary['mfu'] = summary['achieved_tflops'] / (peak_tflops * world.size) \
         if busy else None
-    loads = np.sum(r0['step_counts'], axis=0) if r0['step_counts'] else \
-        np.zeros((cfg.n_moe_layers, cfg.n_experts))
-    mean = loads.mean(axis=1)
-    imbalance = np.where(mean > 0, loads.max(axis=1) / np.maximum(mean, 1e-12), 0.0)
+    steps = np.array(r0['step_counts'], dtype=np.int64).reshape(
+        -1, cfg.n_moe_layers, cfg.n_experts)                               # [passes, Lm, E]
+    loads = steps.sum(axis=0)
     report = {
         'mpimoe_version': __version__,
         'versions': {'mpi': MPI.Get_library_version().splitlines()[0].strip(),
@@ -599,14 +653,18 @@ def _finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops):
         'options': asdict(opts),
         'placement': {'mode': plan.mode, 'world_size': world.size,
                       'frontends': plan.n_frontends, 'expert_ranks': plan.n_expert_ranks,
-                      'experts_per_rank': plan.experts_per_rank, 'hash': plan.plan_hash()},
+                      'experts_per_rank': plan.experts_per_rank, 'hash': plan.plan_hash(),
+                      'stats': opts.stats, 'replica_ranks': plan.n_replica_ranks,
+                      'replicas': [[layer, e, ranks] for (layer, e), ranks in
+                                   plan.replica_table()]},
         'summary': summary,
-        'expert_loads': {'layers': cfg.moe_layers, 'counts': loads.astype(int).tolist(),
-                         'max_over_mean': imbalance.tolist()},
+        'expert_loads': {'layers': cfg.moe_layers, 'counts': loads.tolist(),
+                         'max_over_mean': max_over_mean(loads).tolist()},
+        'balance': _balance_report(opts, steps, r0['bias']),
         'bytes_per_layer': r0['bytes_per_layer'],
         'bytes_per_s_per_layer': [b / busy if busy else None for b in r0['bytes_per_layer']],
         'ranks': [{k: v for k, v in r.items() if k not in ('passes', 'step_counts',
-                                                            'bytes_per_layer')}
+                                                            'bytes_per_layer', 'bias')}
                   for r in reports],
     }
     rate = lambda v: 'n/a' if v is None else f'{v:.0f}'  # noqa: E731

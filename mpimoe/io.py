@@ -183,13 +183,13 @@ def _pack(ids, chunks):
     return Inputs(ids, np.concatenate(chunks), offsets)
 
 
-def run_identity(input_path, weights_identity, max_new_tokens, batch_tokens):
+def run_identity(input_path, weights_identity, **options):
     """What must not change for a rerun to resume an output: the input's bytes,
-    the weights (:meth:`WeightFile.identity`) and the options that change results
-    (batch composition included, so that a resumed output is bit for bit an
-    uninterrupted one)."""
+    the weights (:meth:`WeightFile.identity`) and the ``options`` that change
+    results (str/int/float values; batch composition included, so that a
+    resumed output is bit for bit an uninterrupted one)."""
     return {'input_sha256': file_digest(input_path), 'weights_sha256': weights_identity,
-            'max_new_tokens': max_new_tokens, 'batch_tokens': batch_tokens}
+            **options}
 
 
 def read_json(path, what):

@@ -37,15 +37,29 @@ hottest expert first to the least loaded node with a free slot (ties by node
 index), then pairwise swaps out of the busiest node while they lower it; then
 the same within each node over its ranks.  A layer keeps the block layout above
 unless the result is strictly better on (busiest node, busiest rank).  Copies
-from a front-end on the same node are counted as inbound too.
+from a front-end on the same node are counted as inbound too.  ``mpimoe run``
+passes the real node of every rank (``nodes``, from the MPI shared-memory
+split) instead of ``gpus_per_node``; under Slurm's block distribution the two
+agree, and so do the plan hashes.
+
+**Replicas.**  With loads and ``replicas=R``, R extra ranks ``[P-R, P)`` (beyond
+F and the mode's expert ranks) host copies of the hottest (layer, expert) pairs,
+chosen by :func:`mpimoe.balance.replicate`: highest load per copy first, each
+extra rank taking at most K experts of one layer and K * Lm/G in all (what an
+expert rank of the mode holds).  ``owner`` stays the primary; ``replicas`` lists
+the copies; front-end f sends token t's copy for a replicated expert to copy
+``(f + t) mod copies`` (:func:`mpimoe.router.spread_copies`).  The LPT layout above
+then balances the primaries' share of the loads (load / copies).
 """
 
 import hashlib
 import json
-from dataclasses import dataclass
+import shlex
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from mpimoe.balance import replicate
 from mpimoe.config import ModelConfig
 from mpimoe.errors import ConfigError, DataError
 
@@ -93,7 +107,8 @@ class Plan:
     n_groups: int
     """G: layer groups; each expert rank hosts the layers of one group."""
     gpus_per_node: int
-    """Ranks per node (block distribution: node of rank r is ``r // gpus_per_node``)."""
+    """Ranks per node (block distribution: node of rank r is ``r // gpus_per_node``;
+    with a given node layout, the most ranks on one node)."""
     owner: np.ndarray
     """int32 [n_moe_layers, n_experts]: rank hosting (MoE layer index, expert)."""
     nodes: np.ndarray
@@ -101,14 +116,20 @@ class Plan:
     loads: np.ndarray = None
     """float64 [n_moe_layers, n_experts]: token copies per expert the layout was
     balanced for (None: no stats, the block layout)."""
+    replicas: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int32))
+    """int32 [X, 3]: copies of hot experts beyond the primary ``owner``, rows
+    (MoE layer index, expert, rank) sorted; ranks in ``[P - R, P)``."""
+    n_replica_ranks: int = 0
+    """R: the last R ranks host replicas only."""
 
     @property
     def n_expert_ranks(self):
+        """Ranks hosting experts (replica ranks included): P - F."""
         return self.world_size - self.n_frontends
 
     @property
     def n_nodes(self):
-        return int(self.nodes[-1]) + 1
+        return int(self.nodes.max()) + 1
 
     @property
     def block_owner(self):
@@ -121,23 +142,66 @@ class Plan:
         return 0 <= rank < self.n_frontends
 
     def rank_experts(self, rank):
-        """(layer index in the model, expert) pairs hosted by ``rank``, sorted;
-        empty for a front-end."""
+        """(layer index in the model, expert) pairs hosted by ``rank`` (replicas
+        included), sorted; empty for a front-end."""
         moe_idx, experts = np.nonzero(self.owner == rank)
-        first = self.cfg.n_dense_layers
-        return [(first + int(m), int(e)) for m, e in zip(moe_idx, experts)]
+        rep = self.replicas[self.replicas[:, 2] == rank]                  # replica ranks only
+        pairs = zip(moe_idx.tolist() + rep[:, 0].tolist(), experts.tolist() + rep[:, 1].tolist())
+        return sorted((self.cfg.n_dense_layers + m, e) for m, e in pairs)
 
     def layer_ranks(self, moe_idx):
         """Sorted ranks of MoE layer ``moe_idx``'s communicator: the front-ends and
-        the ranks hosting that layer's experts."""
-        hosts = np.unique(self.owner[moe_idx])
+        the ranks hosting that layer's experts (replicas included)."""
+        rep = self.replicas[self.replicas[:, 0] == moe_idx, 2]
+        hosts = np.unique(np.concatenate([self.owner[moe_idx], rep]))
         return list(range(self.n_frontends)) + [int(r) for r in hosts]
+
+    def copy_ranks(self, moe_idx):
+        """The ranks hosting each expert of MoE layer ``moe_idx``, primary first:
+        (ranks int32 [E, C], n_copies int64 [E]); C is the most copies of one
+        expert in the layer, columns past ``n_copies[e]`` repeat the primary."""
+        E = self.cfg.n_experts
+        rep = self.replicas[self.replicas[:, 0] == moe_idx]              # [x, 3] by expert
+        n = 1 + np.bincount(rep[:, 1], minlength=E)                      # [E]
+        out = np.repeat(self.owner[moe_idx][:, None], n.max(), axis=1)   # [E, C]
+        nth = np.arange(len(rep)) - np.searchsorted(rep[:, 1], rep[:, 1])
+        out[rep[:, 1], 1 + nth] = rep[:, 2]
+        return out, n.astype(np.int64)
+
+    def dispatch_keys(self, moe_idx):
+        """Permute keys of MoE layer ``moe_idx``: (keys int64 [E, C], n_copies int64
+        [E], K).  Copy c of expert e (columns as :meth:`copy_ranks`) has key
+        ``position * K + slot``: position of its rank in :meth:`layer_ranks`, slot
+        the expert's index among that rank's experts of the layer in expert order
+        (the order :meth:`rank_experts` lists them and an expert rank loads them),
+        K the most experts one rank hosts in the layer."""
+        ranks, n = self.copy_ranks(moe_idx)                                  # [E, C]
+        valid = np.arange(ranks.shape[1])[None, :] < n[:, None]              # [E, C]
+        r, e = ranks[valid], np.nonzero(valid)[0]                            # [copies] each
+        order = np.lexsort((e, r))                                           # by rank, expert
+        slot = np.empty(len(r), dtype=np.int64)
+        slot[order] = np.arange(len(r)) - np.searchsorted(r[order], r[order])
+        k = int(slot.max()) + 1
+        keys = np.empty(ranks.shape, dtype=np.int64)
+        keys[valid] = np.searchsorted(self.layer_ranks(moe_idx), r) * k + slot
+        keys[~valid] = np.broadcast_to(keys[:, :1], keys.shape)[~valid]
+        return keys, n, k
+
+    def replica_table(self):
+        """The replicated pairs: list of ((layer index in the model, expert),
+        [primary rank, replica ranks...]) in layer, expert order."""
+        out = {}
+        for m, e, r in self.replicas.tolist():
+            key = (self.cfg.n_dense_layers + m, e)
+            out.setdefault(key, [int(self.owner[m, e])]).append(r)
+        return list(out.items())
 
     def weight_bytes(self):
         """int64 [world_size]: bytes of weights each rank holds (a front-end holds
         all non-expert weights, an expert rank its experts)."""
         cfg = self.cfg
-        hosted = np.bincount(self.owner.ravel(), minlength=self.world_size)   # [P]
+        hosted = np.bincount(np.concatenate([self.owner.ravel(), self.replicas[:, 2]]),
+                             minlength=self.world_size)                        # [P]
         out = hosted.astype(np.int64) * (cfg.expert_params * cfg.itemsize)
         out[:self.n_frontends] = cfg.nonexpert_params * cfg.itemsize
         return out
@@ -148,6 +212,8 @@ class Plan:
                            'n_frontends': self.n_frontends, 'mode': self.mode}, sort_keys=True)
         h = hashlib.sha256(head.encode())
         h.update(self.owner.astype('<i4').tobytes())
+        if len(self.replicas):
+            h.update(self.replicas.astype('<i4').tobytes())
         return h.hexdigest()[:16]
 
     def describe(self, full=False):
@@ -162,7 +228,7 @@ class Plan:
         lines = [
             f'placement {self.mode} on {P} ranks: {_count(F, "front-end")} '
             f'({_labelled("rank", 0, F - 1)}) + {_count(self.n_expert_ranks, "expert rank")} '
-            f'({_labelled("rank", F, P - 1)})',
+            f'({_labelled("rank", F, P - 1)})' + self._replica_ranks_text(),
             f'model: {cfg.n_layers} layers = {cfg.n_dense_layers} dense + {lm} MoE '
             f'(layers {_span(cfg.n_dense_layers, cfg.n_layers - 1)}), {cfg.n_experts} experts '
             f'each, {lm * cfg.n_experts} (layer, expert) pairs',
@@ -177,7 +243,8 @@ class Plan:
             f'plan hash: {self.plan_hash()}',
         ]
         if full:
-            return '\n'.join(lines + self._describe_ranks(wb) + self._describe_loads(full))
+            return '\n'.join(lines + self._describe_ranks(wb) + self._describe_replicas(full)
+                             + self._describe_loads(full))
         lines.append(f'{_labelled("rank", 0, F - 1)}: {"front-end" if F == 1 else "front-ends"}')
         blocks = self._blocks()
         if len(blocks) > _MAX_BLOCK_LINES:
@@ -194,7 +261,36 @@ class Plan:
         if n_perm:
             lines.append(f'(the block layout; the stats permute the experts within '
                          f'{_count(n_perm, "MoE layer")}: --full lists each rank\'s experts)')
-        return '\n'.join(lines + self._describe_loads(full))
+        return '\n'.join(lines + self._describe_replicas(full) + self._describe_loads(full))
+
+    def _replica_ranks_text(self):
+        """', of which 64 replica ranks (ranks 3904-3967)' or ''."""
+        P, R = self.world_size, self.n_replica_ranks
+        return f', of which {_count(R, "replica rank")} ({_labelled("rank", P - R, P - 1)})' \
+            if R else ''
+
+    def _describe_replicas(self, full):
+        """The replica table (every pair with ``full``, else the first ones): lines."""
+        if not self.n_replica_ranks:
+            return []
+        table, copies = self.replica_table(), _copies(self.replicas, self.owner.shape)
+        per_copy = self.loads / copies                                    # [Lm, E]
+        lines = [f'replicas: {_count(len(self.replicas), "replica")} of '
+                 f'{_count(len(table), "hot (layer, expert) pair")} for the stats (copies '
+                 f'share the tokens round-robin); busiest expert copy {self.loads.max():.6g} -> '
+                 f'{per_copy.max():.6g} token copies, sum over layers of the busiest '
+                 f'{self.loads.max(axis=1).sum():.6g} -> {per_copy.max(axis=1).sum():.6g}']
+        shown = table if full or len(table) <= _MAX_BLOCK_LINES else table[:_MAX_BLOCK_LINES - 1]
+        for (layer, e), ranks in shown:
+            m = layer - self.cfg.n_dense_layers
+            listed = ranks if full or len(ranks) <= 6 else ranks[:5] + ['...']
+            lines.append(f'  layer {layer} expert {e}: {len(ranks)} copies on ranks '
+                         f'{", ".join(map(str, listed))} (primary first), load '
+                         f'{self.loads[m, e]:.6g}, {per_copy[m, e]:.6g} per copy')
+        if len(shown) < len(table):
+            lines.append(f'  ... {len(table) - len(shown)} more replicated pairs (--full lists '
+                         'every one)')
+        return lines
 
     def _permuted_layers(self):
         """bool [n_moe_layers]: layers whose experts differ from the block layout."""
@@ -204,12 +300,13 @@ class Plan:
         """Node loads of the block and the balanced layout for ``loads``: lines."""
         if self.loads is None:
             return []
-        block, plan = (node_inbound(o, self.nodes, self.loads)
-                       for o in (self.block_owner, self.owner))        # [Lm, N] each
-        hosts = np.unique(self.nodes[self.owner])                        # nodes with experts
+        block = node_inbound(self.block_owner, self.nodes, self.loads)    # [Lm, N]
+        plan = self._node_loads()                                         # [Lm, N]
+        hosts = np.unique(self.nodes[self.n_frontends:])                 # nodes with experts
         lines = ['node loads for the stats (token copies into a node per MoE layer; the '
                  'layers run one after the other):']
-        for name, per in (('block layout', block), ('balanced (LPT)', plan)):
+        ours = 'LPT + replicas' if self.n_replica_ranks else 'balanced (LPT)'
+        for name, per in (('block layout', block), (ours, plan)):
             worst = per[:, hosts].max(axis=0)                     # [hosts] max over layers
             m, j = np.unravel_index(np.argmax(per), per.shape)
             lines.append(f'  {name + ":":16s}busiest node {per.max():.6g} (node {j}, layer '
@@ -224,6 +321,15 @@ class Plan:
             lines += [f'  node {j}: block {block[:, j].max():.6g}, balanced {plan[:, j].max():.6g}'
                       for j in hosts]
         return lines
+
+    def _node_loads(self):
+        """Token copies into each node per MoE layer under this plan for ``loads``,
+        a replicated expert's split evenly over its copies: float64 [Lm, N]."""
+        rep = self.replicas
+        share = self.loads / _copies(rep, self.owner.shape)                 # [Lm, E]
+        out = node_inbound(self.owner, self.nodes, share)
+        np.add.at(out, (rep[:, 0], self.nodes[rep[:, 2]]), share[rep[:, 0], rep[:, 1]])
+        return out
 
     def _hosted_ranges(self, owner):
         """Per rank, the layer and expert ranges it hosts in ``owner`` (int [Lm, E]):
@@ -248,7 +354,7 @@ class Plan:
         experts are then permuted within layers (see :meth:`_describe_loads`)."""
         lo_l, hi_l, lo_e, hi_e = (a.tolist() for a in self._hosted_ranges(self.block_owner))
         blocks = []
-        for r in range(self.n_frontends, self.world_size):
+        for r in range(self.n_frontends, self.world_size - self.n_replica_ranks):
             k = hi_e[r] - lo_e[r] + 1
             if blocks:
                 a, b, l0, l1, e0, kb = blocks[-1]
@@ -263,7 +369,10 @@ class Plan:
         last = self.world_size - (self.n_nodes - 1) * g
         shape = (f'{self.n_nodes} x {g} ranks' if last == g else
                  f'{self.n_nodes} ({g} ranks each, {last} on the last)')
-        return (f'nodes: {shape} (node = rank // {g}); front-ends on '
+        rule = f'node = rank // {g}'
+        if (self.nodes != np.arange(self.world_size) // g).any():
+            shape, rule = f'{self.n_nodes}, at most {g} ranks each', 'the MPI node layout'
+        return (f'nodes: {shape} ({rule}); front-ends on '
                 f'{_labelled("node", 0, self.nodes[F - 1])}, expert ranks on '
                 f'{_labelled("node", self.nodes[F], self.n_nodes - 1)}')
 
@@ -279,6 +388,8 @@ class Plan:
         for r in range(self.world_size):
             if r < self.n_frontends:
                 what = 'front-end'
+            elif r >= self.world_size - self.n_replica_ranks:
+                what = 'replicas: ' + _pairs_text(self.rank_experts(r))
             elif box[r]:
                 what = (f'{_labelled("layer", lo_l[r], hi_l[r])} '
                         f'{_labelled("expert", lo_e[r], hi_e[r])}')
@@ -289,19 +400,25 @@ class Plan:
 
 
 def make_plan(cfg, world_size, mode='per-layer', n_frontends=None, gpus_per_node=None,
-              loads=None):
+              loads=None, nodes=None, replicas=0):
     """The placement of ``cfg`` on ``world_size`` ranks.
 
     ``n_frontends=None`` picks the smallest F >= 1 for which the remaining ranks
-    fit ``mode``; ``gpus_per_node=None`` puts every rank on one node.  ``loads``
-    (token copies per expert, [n_moe_layers, n_experts]) balances the node links
-    (module docstring).  A world size or F that does not fit raises
-    :class:`ConfigError` saying which fit.
+    fit ``mode``; ``gpus_per_node=None`` puts every rank on one node, ``nodes``
+    (int [world_size], e.g. :func:`mpimoe.mpiutil.node_ids`) gives the node of
+    each rank instead.  ``loads`` (token copies per expert, [n_moe_layers,
+    n_experts]) balances the node links; with ``replicas=R`` the last R ranks
+    host replicas of hot experts (module docstring).  A world size or F that
+    does not fit raises :class:`ConfigError` saying which fit.
     """
     name, k = parse_mode(mode)
     canonical = f'packed:{k}' if name == 'packed' else name
     P = _positive_int('world size', world_size)
-    gpn = P if gpus_per_node is None else _positive_int('gpus_per_node', gpus_per_node)
+    R = _positive_int('replicas', replicas, least=0)
+    if R and loads is None:
+        raise ConfigError('--replicas needs --stats: the expert loads of a previous run '
+                          'say which experts are hot')
+    nodes, gpn = _node_layout(P, gpus_per_node, nodes)
     E, lm = cfg.n_experts, cfg.n_moe_layers
     if E % k:
         raise ConfigError(f'placement {canonical}: K={k} must divide n_experts={E} '
@@ -310,33 +427,59 @@ def make_plan(cfg, world_size, mode='per-layer', n_frontends=None, gpus_per_node
     groups = {'per-layer': [1], 'dedicated': [lm], 'packed': _divisors(lm)}[name]
     fits = [ranks_per_group * g for g in groups]                  # expert-rank counts, ascending
 
-    # choose F (smallest fitting when automatic) and the matching G
+    # choose F (smallest fitting when automatic) and the matching G on the P - R
+    # ranks that are not replica ranks
+    base, extra = P - R, f' + {_count(R, "replica rank")}' if R else ''
     if n_frontends is None:
-        usable = [n for n in fits if n <= P - 1]
+        usable = [n for n in fits if n <= base - 1]
         if not usable:
             raise ConfigError(f'placement {canonical} needs {_fits_text(fits, name, lm)} '
-                              f'expert ranks + F front-ends: world size must be '
-                              f'>= {fits[0] + 1} (got {P})')
-        F = P - usable[-1]
+                              f'expert ranks + F front-ends{extra}: world size must be '
+                              f'>= {fits[0] + 1 + R} (got {P})')
+        F = base - usable[-1]
     else:
         F = _positive_int('n_frontends', n_frontends)
-        if P - F not in fits:
-            sizes = _or_list([F + n for n in fits])
+        if base - F not in fits:
+            sizes = _or_list([F + n + R for n in fits])
             raise ConfigError(f'placement {canonical} needs {_fits_text(fits, name, lm)} '
-                              f'expert ranks + {_count(F, "front-end")}: world size must be '
-                              f'{sizes} (got {P})')
-    G = (P - F) // ranks_per_group
+                              f'expert ranks + {_count(F, "front-end")}{extra}: world size '
+                              f'must be {sizes} (got {P})')
+    G = (base - F) // ranks_per_group
 
     owner = _block_owner(F, G, k, lm, E)
-    nodes = (np.arange(P) // gpn).astype(np.int32)                        # [P]
+    rep = np.zeros((0, 3), dtype=np.int32)                # (MoE layer, expert, rank) rows
     if loads is not None:
         loads = _check_loads(loads, cfg)
-        owner = _balance(owner, nodes, loads)
+        rep = replicate(loads, R, k, k * lm // G).astype(np.int32)
+        rep[:, 2] += base
+        owner = _balance(owner, nodes, loads / _copies(rep, loads.shape))
         loads.flags.writeable = False
-    owner.flags.writeable = False
-    nodes.flags.writeable = False
+    for a in (owner, nodes, rep):
+        a.flags.writeable = False
     return Plan(cfg=cfg, world_size=P, mode=canonical, n_frontends=F, experts_per_rank=k,
-                n_groups=G, gpus_per_node=gpn, owner=owner, nodes=nodes, loads=loads)
+                n_groups=G, gpus_per_node=gpn, owner=owner, nodes=nodes, loads=loads,
+                replicas=rep, n_replica_ranks=R)
+
+
+def _node_layout(P, gpus_per_node, nodes):
+    """(nodes int32 [P], ranks per node): the block layout of ``gpus_per_node``
+    (None: one node), or the given ``nodes`` and the most ranks on one node."""
+    if nodes is None:
+        gpn = P if gpus_per_node is None else _positive_int('gpus_per_node', gpus_per_node)
+        return (np.arange(P) // gpn).astype(np.int32), gpn
+    a = np.asarray(nodes)
+    if gpus_per_node is not None or a.shape != (P,) or a.dtype.kind not in 'iu' or \
+            (a < 0).any():
+        raise ConfigError(f'nodes must be {P} node indices >= 0 (and no gpus_per_node)')
+    return a.astype(np.int32), int(np.bincount(a).max())
+
+
+def _copies(rep, shape):
+    """Copies of every (MoE layer, expert), primary included: int64 [Lm, E].
+    rep: int [X, 3] replica rows (MoE layer, expert, rank)."""
+    out = np.ones(shape, dtype=np.int64)
+    np.add.at(out, (rep[:, 0], rep[:, 1]), 1)
+    return out
 
 
 def _block_owner(F, G, k, lm, E):
@@ -465,23 +608,26 @@ def load_stats(path, cfg):
         raise DataError(f'--stats {path}: {e}') from None
 
 
-def sbatch_script(plan, model_args, micro_batches=2, batch_tokens=None):
+def sbatch_script(plan, model_args, micro_batches=2, batch_tokens=None, stats=None):
     """A Slurm job script that runs ``plan``: one task per GPU, ``plan.gpus_per_node``
     per node, ``srun -K1 python -m mpi4py -m mpimoe run ... --placement MODE
     --frontends F``.  ``model_args`` (e.g. ``'--preset paper-61l'``) completes the
-    `mpimoe plan` command recorded in a comment."""
-    if plan.loads is not None and plan._permuted_layers().any():
-        raise ConfigError('--emit-sbatch with --stats: `mpimoe run` places experts by the '
-                          'block layout and cannot apply a layout balanced by --stats yet; '
-                          'emit the script without --stats')
-    run = [f'--placement {plan.mode}', f'--frontends {plan.n_frontends}',
-           f'--micro-batches {_positive_int("micro_batches", micro_batches)}']
+    `mpimoe plan` command recorded in a comment.  A plan made with loads needs
+    ``stats``, the run.json they came from: the job passes it (and the replica
+    count) to `mpimoe run`, which computes the same plan."""
+    if (plan.loads is None) != (stats is None):
+        raise ConfigError('sbatch_script: give stats exactly when the plan has loads')
+    placement = [f'--placement {plan.mode}', f'--frontends {plan.n_frontends}']
+    if stats is not None:
+        placement.append(f'--stats {shlex.quote(stats)}')
+    if plan.n_replica_ranks:
+        placement.append(f'--replicas {plan.n_replica_ranks}')
+    run = placement + [f'--micro-batches {_positive_int("micro_batches", micro_batches)}']
     if batch_tokens is not None:
         run.append(f'--batch-tokens {batch_tokens}')
     return _SBATCH.format(
         command=f'mpimoe plan {model_args} --gpus {plan.world_size} --gpus-per-node '
-                f'{plan.gpus_per_node} --placement {plan.mode} --frontends {plan.n_frontends} '
-                '--emit-sbatch FILE',
+                f'{plan.gpus_per_node} {" ".join(placement)} --emit-sbatch FILE',
         summary=f'{plan.cfg.n_layers}-layer model, placement {plan.mode}: {plan.n_frontends} '
                 f'front-ends + {plan.n_expert_ranks} expert ranks, plan hash {plan.plan_hash()}',
         nodes=plan.n_nodes, ntasks=plan.world_size, per_node=plan.gpus_per_node,
@@ -561,9 +707,10 @@ def write_sbatch(path, text):
                         f'name') from None
 
 
-def _positive_int(what, v):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ConfigError(f'{what}={v!r}: must be an integer >= 1')
+def _positive_int(what, v, least=1):
+    """v as an int, or ConfigError unless it is an integer >= ``least``."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
+        raise ConfigError(f'{what}={v!r}: must be an integer >= {least}')
     return int(v)
 
 

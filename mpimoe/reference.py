@@ -78,7 +78,8 @@ def run_reference(weights, input_path, output, max_new_tokens=0, save_logits=Fal
     with WeightFile(weights) as wf:
         cfg = wf.config
         stream = InputStream(input_path, cfg.vocab_size)
-        identity = run_identity(input_path, wf.identity(), max_new_tokens, batch_tokens)
+        identity = run_identity(input_path, wf.identity(), max_new_tokens=max_new_tokens,
+                                batch_tokens=batch_tokens)
         writer = OutputWriter(output, len(stream), cfg.vocab_size, save_logits, meta,
                               identity, overwrite=overwrite)
         model = load_reference(wf)

@@ -4,12 +4,13 @@ scores, top-k choice, combine weights.
 Softmax over the router logits, top-k experts per token, the chosen
 probabilities renormalised to sum to 1 (as in Mixtral).  An optional
 per-expert ``bias`` shifts the *choice* only, never the combine weights (the
-auxiliary-loss-free balancing scheme).
+auxiliary-loss-free balancing scheme, mpimoe.balance).  With replicas of hot
+experts, :func:`spread_copies` picks the copy of its expert each token goes to.
 """
 
 import numpy as np
 
-__all__ = ['route', 'expert_counts']
+__all__ = ['route', 'spread_copies', 'expert_counts']
 
 
 def route(h, w_router, top_k, bias=None):
@@ -27,6 +28,18 @@ def route(h, w_router, top_k, bias=None):
     weights = np.take_along_axis(probs, experts, axis=1)
     weights /= weights.sum(axis=1, keepdims=True)
     return experts.astype(np.int32), weights.astype(np.float32)
+
+
+def spread_copies(experts, n_copies, offset=0):
+    """Which copy of its expert each token copy goes to: token t's copy to
+    expert e goes to copy ``(offset + t) mod n_copies[e]`` (copy 0: the
+    primary; a front-end passes its rank as ``offset``, so that front-ends
+    sending one token each do not all pick the same copy).
+
+    experts: int [T, k]; n_copies: int [E] (>= 1) -> int64 [T, k].
+    """
+    t = offset + np.arange(len(experts))                                # [T]
+    return t[:, None] % np.asarray(n_copies)[experts]
 
 
 def expert_counts(experts, n_experts):

@@ -263,7 +263,7 @@ def test_cli_refusals_one_line(tmp_path, args, code, message):
     assert not (tmp_path / 'JOB').exists()
 
 
-def test_cli_stats_with_emit_sbatch_refused(tmp_path):
+def test_cli_stats_with_emit_sbatch_passes_them_to_the_run(tmp_path):
     loads = np.full((4, 16), 10)
     loads[:, :3] = 200
     stats = tmp_path / 'run.json'
@@ -274,9 +274,12 @@ def test_cli_stats_with_emit_sbatch_refused(tmp_path):
     r = _plan(*base, '--batch-seqs', 64, '--seq-len', 512)
     assert r.returncode == 0, r.stderr
     assert 'block layout with the same stats: prefill' in r.stdout
-    r = _plan(*base, '--emit-sbatch', tmp_path / 'job')
-    assert r.returncode == 2 and 'cannot apply a layout balanced by --stats' in r.stderr
-    assert not (tmp_path / 'job').exists()
+    job = tmp_path / 'job'
+    r = _plan(*base, '--emit-sbatch', job)
+    assert r.returncode == 0, r.stderr
+    assert f'--placement dedicated --frontends 8 --stats {stats} --micro-batches 2' \
+        in job.read_text()
+    assert subprocess.run(['bash', '-n', str(job)], timeout=10).returncode == 0
 
 
 def test_slurm_example_is_what_emit_sbatch_writes(tmp_path):
