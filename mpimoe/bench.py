@@ -23,6 +23,7 @@ MPI, the activation and oversubscribing the cores.  One node only.
 """
 
 import ctypes
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -67,6 +68,7 @@ class BenchOptions:
     seed: int = 0
     placement: str = 'per-layer'
     deadline: float = 600.0
+    calibration_out: str = None
 
     def validate(self):
         """ConfigError on options that cannot work."""
@@ -116,6 +118,8 @@ def _bench(opts, world):
         summary['others'] = _others_share(machine0, ours, time.perf_counter() - t0,
                                           summary['cores'])
         _print_table(opts, cfg, plan, summary, rows)
+        if opts.calibration_out:
+            _write_calibration(opts.calibration_out, cfg, summary, rows[0])
     for lc in layers.values():
         lc.free()
     role.rowtype.Free()
@@ -399,6 +403,20 @@ def _print_table(opts, cfg, plan, s, rows):
                            'process than from P); rerun on an idle node'))
     print(f'  The RATIO divides by the GEMMs on all {c} cores, the cores the {plan.world_size} '
           'ranks share; expert stage = moe.run_experts (GEMMs, activation, 16-bit rounding).')
+
+
+def _write_calibration(path, cfg, s, f):
+    """Rank 0: the measured GEMM rate as a `mpimoe plan --calibration` file:
+    the expert GEMMs' FLOPs over their median time on all cores (achieved, so
+    efficiency 1)."""
+    flops = 2 * int(s['counts'].sum()) * cfg.expert_params
+    rate = flops / f[f'gemm_{s["cores"]}'][0] / 1e12
+    tmp = f'{path}.partial'
+    with open(tmp, 'w') as out:
+        json.dump({'gemm_tflops': rate, 'gemm_efficiency': 1.0}, out, indent=1)
+    os.replace(tmp, path)
+    print(f'  wrote {path}: gemm_tflops {rate:.4g} (expert GEMMs on {s["cores"]} cores), '
+          'gemm_efficiency 1')
 
 
 def _ratio(a, b):

@@ -124,7 +124,8 @@ def _cmd_bench(args):
     opts = BenchOptions(d_model=args.d_model, experts=args.experts, d_expert=args.d_expert,
                         top_k=args.top_k, tokens=args.tokens, micro_batches=args.micro_batches,
                         repeats=args.repeats, warmup=args.warmup, kind=args.kind,
-                        seed=args.seed, placement=args.placement, deadline=args.deadline)
+                        seed=args.seed, placement=args.placement, deadline=args.deadline,
+                        calibration_out=args.calibration_out)
     return bench_moe_layer(opts)
 
 
@@ -308,6 +309,9 @@ def _build_parser():
                    help='per-layer (default) or packed:K; world size = 1 + expert ranks')
     p.add_argument('--deadline', type=float, default=600.0, metavar='SECONDS',
                    help='abort when a wait makes no progress for this long (default 600)')
+    p.add_argument('--calibration-out', metavar='FILE',
+                   help='write the measured GEMM rate as a calibration file for '
+                   '`mpimoe plan --calibration`')
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser('report', help='summarise a run report (run.json), optionally plot it',

@@ -6,12 +6,18 @@ import re
 import pytest
 
 from mpirun import mpiexec
+from mpimoe.costmodel import load_calibration
 
 
 @pytest.mark.timeout(150)
-def test_moe_layer_bench_runs_and_matches_the_local_layer():
+def test_moe_layer_bench_runs_and_matches_the_local_layer(tmp_path):
+    cal = tmp_path / 'cal.json'
     proc = mpiexec(5, ['bench', 'moe-layer', '--d-model', 64, '--experts', 4, '--d-expert', 128,
-                       '--tokens', 256, '--repeats', 1, '--warmup', 0], timeout=120)
+                       '--tokens', 256, '--repeats', 1, '--warmup', 0,
+                       '--calibration-out', cal], timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r'RATIO layer / GEMMs only \(2 threads\)\s+\d', proc.stdout), proc.stdout
+    assert re.search(r'RATIO layer / GEMMs only \(\d threads\)\s+\d', proc.stdout), proc.stdout
     assert 'check: max |layer - single-process moe_local| = 0' in proc.stdout, proc.stdout
+    # the measured rate is what `mpimoe plan --calibration` reads
+    constants = load_calibration(cal)
+    assert constants['gemm_tflops'] > 0 and constants['gemm_efficiency'] == 1.0
