@@ -14,6 +14,17 @@ from mpimoe.errors import EXIT_INTERNAL, IOFailure, MpimoeError
 __all__ = ['main']
 
 
+def _positive_int(text):
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{text!r}: expected an integer >= 1')
+    return value
+
+
 def _add_model_args(p, required=True):
     p.add_argument('--preset', required=required, metavar='NAME',
                    help='named model configuration (tiny, small, paper-4l, paper-16l, paper-61l)')
@@ -92,7 +103,8 @@ def _cmd_plan(args):
 def _cmd_reference(args):
     from mpimoe.reference import run_reference
     run_reference(args.weights, args.input, args.output, max_new_tokens=args.max_new_tokens,
-                  save_logits=args.save_logits, overwrite=args.overwrite, log=print)
+                  save_logits=args.save_logits, overwrite=args.overwrite,
+                  batch_tokens=args.batch_tokens, log=print)
 
 
 def _cmd_run(args):
@@ -229,7 +241,10 @@ def _build_parser():
                    help='greedy tokens to generate per sequence (default 0: prefill only)')
     p.add_argument('--save-logits', action='store_true',
                    help='also store last_logits [n, vocab] at the last prompt position')
-    p.add_argument('--overwrite', action='store_true', help='replace OUTPUT if it exists')
+    p.add_argument('--batch-tokens', type=_positive_int, default=4096, metavar='T',
+                   help='prompt-token budget of one batch (default 4096)')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace OUTPUT if it exists, discarding a partial run to resume')
     p.set_defaults(func=_cmd_reference)
 
     p = sub.add_parser('run', help='distributed expert-parallel inference (under mpiexec/srun)',
