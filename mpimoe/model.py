@@ -1,25 +1,54 @@
 """Pure layer math of the transformer: norm, RoPE, attention with KV cache, FFNs.
 
 Everything here is FP32 arithmetic on arrays of one array module (NumPy, or CuPy
-through NumPy's dispatch).  A batch is *packed*: ``x [T, d]`` holds the new
+through NumPy's dispatch; arrays are created with the module of the input,
+mpimoe.backend.array_module).  A batch is *packed*: ``x [T, d]`` holds the new
 tokens of several sequences back to back, ``ntok [B]`` of them for sequence
 ``seqs[b]`` of the KV cache.  Prefill has ``ntok = prompt lengths``; a decode
-step has ``ntok = 1`` for every sequence.
+step has ``ntok = 1`` for every sequence.  Index arrays (``seqs``, ``ntok``,
+positions, token ids) are host NumPy arrays on either backend.
+
+Weights are FP32 on the NumPy backend.  On CuPy they stay 16-bit on the device
+(mpimoe.backend.Backend.weights): the non-expert matrices are widened to FP32
+at each use (:func:`_mm`: same arithmetic as on the CPU), the experts'
+matrices go to 16-bit GEMMs (:func:`expert_ffn` states both contracts).
 """
 
 import math
 
 import numpy as np
 
-from mpimoe.backend import round16
+from mpimoe.backend import array_module, round16
 
 __all__ = ['rms_norm', 'rope_tables', 'apply_rope', 'KVCache', 'attention', 'ffn',
            'expert_ffn', 'FrontEnd']
 
 
+def _f32(w):
+    """A weight as FP32: itself when it is already (always on NumPy)."""
+    return w.astype(np.float32, copy=False)
+
+
+def _mm(x, w):
+    """x: [n, k] float32 @ w: [k, m] (float32, or 16-bit widened here) -> [n, m] float32."""
+    return x @ _f32(w)
+
+
+def _mm16(x16, w16):
+    """The 16-bit GEMM of the GPU contract: x16 [n, k] (float32 holding 16-bit
+    values, or 16-bit) @ w16 [k, m] (16-bit), FP32 accumulation, the product
+    rounded to 16 bits (cuBLAS writes it so) -> [n, m] float32.
+
+    On CuPy a 2-D matmul of 16-bit operands: cuBLAS on tensor cores.  On NumPy
+    (ml_dtypes) the same values, slowly: for tests of this contract on a CPU.
+    """
+    y = x16.astype(w16.dtype, copy=False) @ w16
+    return y.astype(w16.dtype, copy=False).astype(np.float32)
+
+
 def rms_norm(x, w, eps):
     """x: [T, d] float32, w: [d] -> [T, d] float32."""
-    return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)) * w
+    return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)) * _f32(w)
 
 
 def rope_tables(positions, head_dim, theta):
@@ -48,14 +77,16 @@ class KVCache:
     ``length[b]`` rows of it are filled.
     """
 
-    def __init__(self, n_layers, capacity, n_kv_heads, head_dim):
+    def __init__(self, n_layers, capacity, n_kv_heads, head_dim, xp=np):
+        """capacity: int [B] rows per sequence; xp: array module of the buffers
+        (the bookkeeping stays in NumPy)."""
         capacity = np.asarray(capacity, dtype=np.int64)
         self.start = np.concatenate([[0], np.cumsum(capacity)[:-1]]).astype(np.int64)
         self.capacity = capacity
         self.length = np.zeros(len(capacity), dtype=np.int64)
         shape = (int(capacity.sum()), n_kv_heads, head_dim)
-        self.k = [np.zeros(shape, np.float32) for _ in range(n_layers)]
-        self.v = [np.zeros(shape, np.float32) for _ in range(n_layers)]
+        self.k = [xp.zeros(shape, np.float32) for _ in range(n_layers)]
+        self.v = [xp.zeros(shape, np.float32) for _ in range(n_layers)]
 
     def positions(self, seqs, ntok):
         """Absolute positions of the next ``ntok[b]`` tokens of ``seqs[b]``: int64 [T]."""
@@ -79,13 +110,15 @@ def attention(x, w, cfg, cache, layer, seqs, ntok):
     ``layer`` (the caller advances the cache after the last layer).
     Returns [T, d] float32.
     """
+    xp = array_module(x)
     T = x.shape[0]
     H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    cos, sin = rope_tables(cache.positions(seqs, ntok), hd, cfg.rope_theta)
-    q = apply_rope((x @ w['wq']).reshape(T, H, hd), cos, sin)
-    k = apply_rope((x @ w['wk']).reshape(T, KV, hd), cos, sin)
-    v = (x @ w['wv']).reshape(T, KV, hd)
-    out = np.empty((T, H, hd), dtype=np.float32)
+    tables = rope_tables(cache.positions(seqs, ntok), hd, cfg.rope_theta)
+    cos, sin = (xp.asarray(t) for t in tables)
+    q = apply_rope(_mm(x, w['wq']).reshape(T, H, hd), cos, sin)
+    k = apply_rope(_mm(x, w['wk']).reshape(T, KV, hd), cos, sin)
+    v = _mm(x, w['wv']).reshape(T, KV, hd)
+    out = xp.empty((T, H, hd), dtype=np.float32)
     kbuf, vbuf = cache.k[layer], cache.v[layer]
     scale = np.float32(1.0 / math.sqrt(hd))
     t0 = 0
@@ -98,13 +131,13 @@ def attention(x, w, cfg, cache, layer, seqs, ntok):
         qs = q[t0:t0 + n].reshape(n, KV, H // KV, hd)                     # [n, KV, G, hd]
         scores = np.einsum('nkgd,lkd->kgnl', qs, keys) * scale            # [KV, G, n, L]
         # query j sits at position p0 + j and sees keys 0 .. p0 + j
-        causal = np.arange(p0 + n)[None, :] > (p0 + np.arange(n))[:, None]
-        scores = np.where(causal, np.float32(-np.inf), scores)
+        causal = xp.arange(p0 + n)[None, :] > (p0 + xp.arange(n))[:, None]
+        scores = xp.where(causal, np.float32(-np.inf), scores)
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         probs = scores / scores.sum(axis=-1, keepdims=True)
         out[t0:t0 + n] = np.einsum('kgnl,lkd->nkgd', probs, vals).reshape(n, H, hd)
         t0 += n
-    return out.reshape(T, H * hd) @ w['wo']
+    return _mm(out.reshape(T, H * hd), w['wo'])
 
 
 def _gelu(x):
@@ -116,20 +149,21 @@ def _silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def ffn(x, w, kind, narrow=None):
+def ffn(x, w, kind, narrow=None, mm=_mm):
     """Dense MLP or one expert: ``mlp`` = down(gelu(up x)), ``swiglu`` = down(silu(gate x) * up x).
 
     x: [n, d] float32; w: dict of ``up``/``gate`` [d, h] and ``down`` [h, d]
     (float32, or 16-bit on a GPU backend); narrow: optional function applied to
-    the hidden activations (rounding to 16 bits for experts).  Returns [n, d].
+    the hidden activations (rounding to 16 bits for experts); mm: the matrix
+    product (:func:`_mm`: FP32; :func:`_mm16`: 16-bit GEMMs).  Returns [n, d].
     """
     if kind == 'swiglu':
-        hidden = _silu(x @ w['gate']) * (x @ w['up'])
+        hidden = _silu(mm(x, w['gate'])) * mm(x, w['up'])
     else:
-        hidden = _gelu(x @ w['up'])
+        hidden = _gelu(mm(x, w['up']))
     if narrow is not None:
         hidden = narrow(hidden)
-    return hidden @ w['down']
+    return mm(hidden, w['down'])
 
 
 def expert_ffn(x16, w, kind, dtype):
@@ -137,18 +171,44 @@ def expert_ffn(x16, w, kind, dtype):
     inputs arrive as 16-bit values (they crossed the wire), GEMMs accumulate in
     FP32, the hidden activations and the output are rounded to 16 bits.
 
-    x16: [n, d] float32 holding 16-bit-representable values -> [n, d] float32
-    (16-bit-representable).
+    x16: [n, d] float32 holding 16-bit-representable values (or, with 16-bit
+    weights, the 16-bit dtype) -> [n, d] float32 (16-bit-representable).
+
+    The weights' dtype picks one of two contracts, which differ in one place:
+
+    - FP32 weights (the NumPy backend, the reference): every GEMM product is
+      FP32; the activation runs on the FP32 products of the first GEMM(s).
+    - 16-bit weights (the CuPy backend): 2-D 16-bit GEMMs, FP32 accumulation
+      (cuBLAS), each product *rounded to 16 bits* (:func:`_mm16`), so the
+      activation sees the pre-activations rounded (relative error <= u = 2^-8
+      for bfloat16, 2^-11 for float16) before it runs in FP32.
+
+    Everything else rounds at the same places (hidden activations, output).
+    Between the two, an output element differs at worst by one 16-bit ulp of
+    itself (its final rounding) plus, through the down matrix, the
+    pre-activation rounding times the activation's slope (|gelu'| <= 1.13,
+    |silu'| <= 1.1) and one ulp of each hidden activation:
+    ``|dy| <= 2u|y| + |W_down|^T (1.13 u |p| + 2u |hidden|)`` (mlp, p the
+    pre-activations; tests/contract.py).  That worst case adds |terms| where
+    signs are random; the typical difference is much smaller: the relative L2
+    difference of an expert's output is about u (bfloat16: 3.9e-3; measured
+    0.94 u to 1.09 u on Gaussian data, d = 64 .. 7168, per row at most 1.25 u
+    from d = 1024), the size of one bf16 rounding, where a bug gives O(1).
+    Through a model the difference stays that small: the tiny preset's logits
+    moved by at most 0.4 u (relative L2) between the two contracts.
     """
     narrow = lambda a: round16(a, dtype)  # noqa: E731
-    return narrow(ffn(x16, w, kind, narrow))
+    mm = _mm16 if w['down'].dtype.itemsize == 2 else _mm
+    return narrow(ffn(x16, w, kind, narrow, mm))
 
 
 class FrontEnd:
     """The non-expert part of the model: embedding, attention, dense FFNs,
     norms, routers and LM head; what a front-end rank holds.
 
-    tensors: dict name -> float32 array, names as in weights/FORMAT.md.
+    tensors: dict name -> array, names as in weights/FORMAT.md: float32 (NumPy
+    backend) or 16-bit device arrays (CuPy: widened to FP32 at use; the routers
+    and norms, small, once here).
     """
 
     def __init__(self, cfg, tensors):
@@ -159,15 +219,17 @@ class FrontEnd:
                       for i in range(cfg.n_layers)]
         self.dense = {i: {m: tensors[f'layers/{i}/mlp/{m}'] for m in cfg.expert_matrices}
                       for i in range(cfg.n_dense_layers)}
-        self.router = {i: tensors[f'layers/{i}/router'] for i in cfg.moe_layers}
+        self.router = {i: _f32(tensors[f'layers/{i}/router']) for i in cfg.moe_layers}
+        self.xp = array_module(tensors['embed'])
 
     def new_cache(self, capacity):
         """A KV cache for sequences of the given capacities (prompt + new tokens)."""
-        return KVCache(self.cfg.n_layers, capacity, self.cfg.n_kv_heads, self.cfg.head_dim)
+        return KVCache(self.cfg.n_layers, capacity, self.cfg.n_kv_heads, self.cfg.head_dim,
+                       self.xp)
 
     def embed(self, tokens):
-        """tokens: int [T] -> x: float32 [T, d]."""
-        return self.t['embed'][tokens]
+        """tokens: int [T] (host) -> x: float32 [T, d]."""
+        return _f32(self.t['embed'][self.xp.asarray(tokens)])
 
     def attention_block(self, i, x, cache, seqs, ntok):
         """Residual attention block of layer i: x + attn(norm(x)); x: [T, d]."""
@@ -185,4 +247,4 @@ class FrontEnd:
 
     def logits(self, x):
         """Final norm and LM head: x [n, d] -> float32 [n, vocab]."""
-        return rms_norm(x, self.t['final_norm'], self.cfg.norm_eps) @ self.t['lm_head']
+        return _mm(rms_norm(x, self.t['final_norm'], self.cfg.norm_eps), self.t['lm_head'])

@@ -4,11 +4,16 @@
 The distributed engine runs the same functions with **dispatch** and
 **combine** (mpimoe.dispatch) between them, so both paths do the same
 arithmetic in the same order.
+
+Arrays are NumPy or CuPy (one module per call, mpimoe.backend.array_module):
+on CuPy every stage runs on the device, with no loop over tokens and no copy
+of rows to the host; only the per-expert row counts (E integers) come back,
+to slice the rows of each expert's GEMMs.
 """
 
 import numpy as np
 
-from mpimoe.backend import round16
+from mpimoe.backend import array_module, round16, to_numpy
 from mpimoe.model import expert_ffn
 from mpimoe.router import route
 
@@ -40,7 +45,7 @@ def unpermute(y, order, weights):
     """
     T, k = weights.shape
     where = np.empty_like(order)                  # [T*k]: row of y holding copy t*k + j
-    where[order] = np.arange(len(order))
+    where[order] = array_module(order).arange(len(order))
     slots = y[where].astype(np.float32, copy=False).reshape(T, k, y.shape[1])
     out = weights[:, 0, None] * slots[:, 0]
     for j in range(1, k):
@@ -52,14 +57,14 @@ def run_experts(rows, counts, experts, kind, dtype, poll=None, chunk=None):
     """Stage **expert**: each expert on its contiguous block of rows.
 
     rows: float32 [n, d] grouped by expert; counts: int [len(experts)] rows
-    per expert (sum n); experts: list of weight dicts.  With ``chunk``, each
-    block is computed ``chunk`` rows at a time and ``poll()`` is called
-    between pieces (to progress MPI transfers in flight).
+    per expert (sum n; host or device); experts: list of weight dicts.  With
+    ``chunk``, each block is computed ``chunk`` rows at a time and ``poll()``
+    is called between pieces (to progress MPI transfers in flight).
     Returns float32 [n, d].
     """
     out = np.empty_like(rows)
     start = 0
-    for w, c in zip(experts, np.asarray(counts).tolist()):
+    for w, c in zip(experts, to_numpy(counts).tolist()):
         step = chunk or max(c, 1)
         for a in range(start, start + c, step):
             b = min(a + step, start + c)

@@ -1,0 +1,364 @@
+"""The backend decisions and buffers that need no GPU (mpimoe.backend), and
+the NumPy path of the array-generic model code.
+
+Every branch of ``--backend`` and ``--mpi-gpu`` is driven through the pure
+functions' arguments (a :class:`CudaProbe` stands for what a machine shows,
+a boolean for what the MPI library says); the probe and the MPI query also
+run for real on this machine.  HostStaging runs on the NumPy backend, where
+its buffers are ordinary arrays and the sizing logic is the same as on CuPy.
+The GPU counterparts are in tests/test_gpu.py (skipped without CuPy and a device).
+"""
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+
+from contract import expert_bound
+from mpimoe.backend import (DTYPES, Backend, CudaProbe, HostStaging, Rows, array_module,
+                            bind_device, choose_backend, cuda_problem, grown_capacity,
+                            mpi_cuda_support, mpi_gpu_mode, probe_cuda, round16,
+                            select_backend, to_numpy)
+from mpimoe.errors import ConfigError, MpimoeError, UsageError
+from mpimoe.gpubench import GpuBenchOptions, run_gpu_bench
+from mpimoe.model import _gelu, _silu, expert_ffn
+from mpimoe.moe import moe_local
+from mpimoe.router import route
+
+NO_CUPY = CudaProbe()
+BROKEN_CUPY = CudaProbe(error='libnvrtc.so.12: cannot open shared object file')
+OLD_CUPY = CudaProbe('13.6.0', 2)
+NO_DEVICE = CudaProbe('14.2.0', 0, 'cudaErrorNoDevice: no CUDA-capable device is detected', '')
+NO_DRIVER = CudaProbe('14.2.0', 0, 'cudaErrorInsufficientDriver: CUDA driver version is '
+                      'insufficient for CUDA runtime version')
+GPUS = CudaProbe('14.2.0', 4, '', '0,1,2,3')
+
+
+# ---------------------------------------------------------------- --backend
+
+def _select(requested, probe):
+    lines = []
+    backend = select_backend(requested, lines.append, probe)
+    assert len(lines) == 1
+    return backend, lines[0]
+
+
+def test_numpy_is_chosen_without_probing():
+    # select_backend('numpy') runs no probe: nothing about CUDA is looked at
+    backend, line = _select('numpy', None)
+    assert backend.name == 'numpy' and backend.xp is np and not backend.is_gpu
+    assert line == 'backend: numpy (as requested)'
+
+
+@pytest.mark.parametrize('probe, why', [
+    (NO_CUPY, "auto: CuPy is not installed (pip install -e '.[gpu]')"),
+    (BROKEN_CUPY, 'auto: CuPy cannot be imported (libnvrtc.so.12: cannot open shared object '
+                  'file)'),
+    (OLD_CUPY, "auto: CuPy 13.6.0 is too old: BF16 needs CuPy >= 14 (pip install -e '.[gpu]')"),
+    (NO_DEVICE, "auto: no CUDA device is visible (CUDA_VISIBLE_DEVICES=''): "
+                'cudaErrorNoDevice: no CUDA-capable device is detected'),
+    (NO_DRIVER, 'auto: no CUDA device is visible (CUDA_VISIBLE_DEVICES=unset): '
+                'cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA '
+                'runtime version'),
+])
+def test_auto_falls_back_to_numpy_and_says_why(probe, why):
+    backend, line = _select('auto', probe)
+    assert backend.name == 'numpy'
+    assert line == f'backend: numpy ({why})'
+
+
+@pytest.mark.parametrize('requested', ['auto', 'cupy'])
+def test_a_usable_cupy_is_chosen_by_auto_and_cupy(requested):
+    assert choose_backend(requested, GPUS) == ('cupy', 'CuPy 14.2.0, 4 CUDA devices visible')
+    assert choose_backend(requested, CudaProbe('14.0.0rc1', 1)) == \
+        ('cupy', 'CuPy 14.0.0rc1, 1 CUDA device visible')
+
+
+@pytest.mark.parametrize('probe, message', [
+    (NO_CUPY, "--backend cupy: CuPy is not installed (pip install -e '.[gpu]')"),
+    (OLD_CUPY, "--backend cupy: CuPy 13.6.0 is too old: BF16 needs CuPy >= 14 "
+               "(pip install -e '.[gpu]')"),
+    (NO_DEVICE, "--backend cupy: no CUDA device is visible (CUDA_VISIBLE_DEVICES=''): "
+                'cudaErrorNoDevice: no CUDA-capable device is detected'),
+])
+def test_cupy_without_a_usable_cupy_is_a_one_line_error(probe, message):
+    with pytest.raises(ConfigError) as err:
+        select_backend('cupy', print, probe)
+    assert str(err.value) == message and '\n' not in message
+    assert err.value.exit_code == 2
+
+
+def test_unknown_backend_is_a_usage_error():
+    with pytest.raises(UsageError, match=r'^--backend gpu: choose one of auto, numpy, cupy$'):
+        choose_backend('gpu', GPUS)
+
+
+def test_the_probe_of_this_machine():
+    """The real probe: CuPy importable or not as the import system says, and
+    auto picks NumPy exactly when the probe finds no usable CUDA."""
+    probe = probe_cuda()
+    installed = importlib.util.find_spec('cupy') is not None
+    assert (probe.cupy_version is not None) == installed
+    if installed and probe.n_devices == 0:
+        assert probe.error                      # the runtime's reason, for the log
+    if not installed:
+        assert probe.n_devices == 0 and probe.error == ''     # "not installed", no reason
+    name, why = choose_backend('auto', probe)
+    assert (name == 'numpy') == (cuda_problem(probe) is not None)
+
+
+# ---------------------------------------------------------------- rank -> GPU
+
+@pytest.mark.parametrize('n_devices', [1, 2, 4, 8])
+def test_bind_device_is_local_rank_modulo_devices(n_devices):
+    got = [bind_device(r, n_devices) for r in range(16)]
+    assert got == [r % n_devices for r in range(16)]
+    # every device gets ranks, and as evenly as the node allows
+    counts = np.bincount(got, minlength=n_devices)
+    assert counts.max() - counts.min() <= 1 and counts.min() >= 1
+
+
+def test_bind_device_refuses_no_device_and_negative_ranks():
+    with pytest.raises(ConfigError, match='no CUDA device'):
+        bind_device(0, 0)
+    with pytest.raises(ValueError):
+        bind_device(-1, 4)
+
+
+def test_bind_is_a_no_op_on_numpy():
+    lines = []
+    assert Backend('numpy').bind(3, 1, lines.append) is None and lines == []
+
+
+# ---------------------------------------------------------------- --mpi-gpu
+
+@pytest.mark.parametrize('requested, backend, aware, expected', [
+    # the NumPy backend hands host arrays to MPI whatever is asked
+    *[(r, 'numpy', a, None) for r in ('auto', 'device', 'host') for a in (True, False, None)],
+    # auto: device only when the library says it takes device pointers
+    ('auto', 'cupy', True, 'device'),
+    ('auto', 'cupy', False, 'host'),
+    ('auto', 'cupy', None, 'host'),
+    ('host', 'cupy', True, 'host'),
+    ('host', 'cupy', False, 'host'),
+    ('host', 'cupy', None, 'host'),
+    # device: the user's word, unless the library says it cannot
+    ('device', 'cupy', True, 'device'),
+    ('device', 'cupy', None, 'device'),
+])
+def test_mpi_gpu_mode_table(requested, backend, aware, expected):
+    assert mpi_gpu_mode(requested, backend, aware) == expected
+
+
+def test_mpi_gpu_device_is_refused_when_mpi_says_no_cuda():
+    with pytest.raises(ConfigError, match='^--mpi-gpu device: this MPI library reports no '
+                                          'CUDA support; use --mpi-gpu host'):
+        mpi_gpu_mode('device', 'cupy', False)
+    with pytest.raises(UsageError, match='^--mpi-gpu gpu: choose one of auto, device, host$'):
+        mpi_gpu_mode('gpu', 'cupy', True)
+
+
+class _Mpi4pyWithQuery:
+    """Stands for an mpi4py that has ``MPI.Query_cuda_support``."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def Query_cuda_support(self):
+        return self.answer
+
+
+@pytest.mark.parametrize('answer', [0, 1])
+def test_mpi_cuda_support_asks_mpi4py_first(answer):
+    assert mpi_cuda_support(_Mpi4pyWithQuery(answer)) is bool(answer)
+
+
+def test_mpi_cuda_support_of_this_mpi_library():
+    """This machine's MPI, asked for real (MPIX_Query_cuda_support through the
+    mpi4py extension's handle when mpi4py has no query of its own)."""
+    from mpi4py import MPI
+    answer = mpi_cuda_support(MPI)
+    version = MPI.Get_library_version()
+    if version.startswith('MPICH') and 'cuda' not in version.lower():
+        # MPICH >= 4 has the query; this build names no CUDA in its features
+        assert answer is False
+    assert mpi_gpu_mode('auto', 'cupy', answer) == ('device' if answer else 'host')
+
+
+# ---------------------------------------------------------------- buffers
+
+@pytest.mark.parametrize('capacity, n, expected', [
+    (0, 0, 0), (0, 5, 5), (5, 3, 5), (5, 5, 5), (5, 6, 7), (10, 11, 15), (7, 20, 20)])
+def test_grown_capacity(capacity, n, expected):
+    assert grown_capacity(capacity, n) == expected
+
+
+def test_rows_reallocate_rarely_as_requests_grow():
+    shapes = []
+
+    def empty(shape, dtype):
+        shapes.append(shape)
+        return np.empty(shape, dtype)
+
+    rows = Rows(3, empty)
+    for n in range(1, 1001):
+        view = rows.view(n)
+        assert view.shape == (n, 3) and view.dtype == np.uint16
+    # 1 + one per growth by 1.5: capacity 1 -> 1000 takes about log_1.5(1000) steps
+    assert len(shapes) <= 2 + math.ceil(math.log(1000, 1.5))
+    before = rows.buf
+    assert rows.view(17).base is before and rows.buf is before     # shrinking keeps it
+
+
+def test_host_staging_on_numpy_sizes_and_copies():
+    rng = np.random.default_rng(0)
+    staging = HostStaging(4, Backend('numpy'))
+    assert staging.stream is None and staging.ready()
+    dev = rng.integers(0, 2 ** 16, (5, 4), dtype=np.uint16)
+    host = staging.download(dev)
+    assert staging.ready() and np.array_equal(host, dev) and not np.shares_memory(host, dev)
+    assert staging.out.buf.shape == (5, 4)
+    buf = staging.out.buf
+    assert np.array_equal(staging.download(dev[:3]), dev[:3]) and staging.out.buf is buf
+    staging.download(rng.integers(0, 2 ** 16, (6, 4), dtype=np.uint16))
+    assert staging.out.buf.shape == (7, 4)                            # grown x1.5
+    # upload: MPI received into inp, the device rows get them
+    staging.inp.view(9)[:] = rng.integers(0, 2 ** 16, (9, 4), dtype=np.uint16)
+    target = np.zeros((9, 4), np.uint16)
+    staging.upload(target)
+    staging.wait()
+    assert np.array_equal(target, staging.inp.view(9)) and target.any()
+
+
+def test_array_module_and_to_numpy_on_host_arrays():
+    a = np.arange(3)
+    assert array_module(a) is np and array_module([1, 2]) is np
+    assert to_numpy(a) is a and to_numpy([1, 2]).tolist() == [1, 2]
+
+
+def test_numpy_weights_are_fp32_copies():
+    w = {'up': np.ones((2, 3), DTYPES['bfloat16'])}
+    got = Backend('numpy').weights(w)
+    assert got['up'].dtype == np.float32 and np.array_equal(got['up'], np.ones((2, 3)))
+
+
+# ---------------------------------------------------------------- model math on NumPy
+
+def _expert(rng, kind, d, h):
+    mats = ('gate', 'up', 'down') if kind == 'swiglu' else ('up', 'down')
+    return {m: round16(rng.standard_normal((h, d) if m == 'down' else (d, h), np.float32)
+                       / np.float32(math.sqrt(h if m == 'down' else d)), 'bfloat16')
+            for m in mats}
+
+
+@pytest.mark.parametrize('kind', ['mlp', 'swiglu'])
+def test_numpy_expert_is_the_fp32_formula(kind):
+    """FP32 weights take the FP32 contract, operation for operation."""
+    rng = np.random.default_rng(1)
+    w = _expert(rng, kind, 48, 80)
+    x16 = round16(rng.standard_normal((30, 48), np.float32), 'bfloat16')
+    if kind == 'swiglu':
+        hidden = _silu(x16 @ w['gate']) * (x16 @ w['up'])
+    else:
+        hidden = _gelu(x16 @ w['up'])
+    expected = round16(round16(hidden, 'bfloat16') @ w['down'], 'bfloat16')
+    assert np.array_equal(expert_ffn(x16, w, kind, 'bfloat16'), expected)
+
+
+def test_numpy_moe_local_is_route_then_experts_then_weighted_sum():
+    """moe_local on NumPy, written out: each expert's rows (its tokens, in
+    token order: one GEMM block, as run_experts makes it) through the FP32
+    expert, then the weighted sum over each token's slots in slot order."""
+    from mpimoe.config import model_config
+    cfg = model_config('tiny')
+    rng = np.random.default_rng(2)
+    experts = [_expert(rng, cfg.expert_kind, cfg.d_model, cfg.d_expert)
+               for _ in range(cfg.n_experts)]
+    w_router = rng.standard_normal((cfg.d_model, cfg.n_experts), np.float32)
+    h = rng.standard_normal((50, cfg.d_model), np.float32)
+    out, counts = moe_local(h, w_router, experts, cfg)
+
+    chosen, weights = route(h, w_router, cfg.top_k)
+    h16 = round16(h, cfg.dtype)
+    y = np.zeros((50, cfg.top_k, cfg.d_model), np.float32)
+    for e, w in enumerate(experts):
+        tok, slot = np.nonzero(chosen == e)
+        y[tok, slot] = expert_ffn(h16[tok], w, cfg.expert_kind, cfg.dtype)
+    expected = weights[:, 0, None] * y[:, 0]
+    for j in range(1, cfg.top_k):
+        expected += weights[:, j, None] * y[:, j]
+    assert np.array_equal(out, expected)
+    assert counts.tolist() == np.bincount(chosen.ravel(), minlength=cfg.n_experts).tolist()
+
+
+@pytest.mark.parametrize('kind', ['mlp', 'swiglu'])
+def test_16_bit_contract_on_numpy_within_the_argued_bound(kind):
+    """16-bit weights take the GPU contract (mpimoe.model._mm16), here through
+    ml_dtypes on the CPU: products rounded to bf16 before the activation.
+    Against the FP32 contract the outputs differ, within tests/contract.py's
+    bound for one rounding of the pre-activations; a wrong expert does not fit
+    it."""
+    rng = np.random.default_rng(3)
+    d, h = 256, 512
+    w = _expert(rng, kind, d, h)
+    w16 = {m: a.astype(DTYPES['bfloat16']) for m, a in w.items()}
+    x16 = round16(rng.standard_normal((40, d), np.float32), 'bfloat16')
+    y32 = expert_ffn(x16, w, kind, 'bfloat16')
+    y16 = expert_ffn(x16, w16, kind, 'bfloat16')
+    assert y16.dtype == np.float32 and np.array_equal(round16(y16, 'bfloat16'), y16)
+    bound = expert_bound(x16, w, kind, 'bfloat16', rounded_pre=1)
+    assert np.all(np.abs(y16 - y32) <= bound)
+    assert 0 < np.mean(y16 != y32) < 1                   # two contracts, not one
+    rel = np.linalg.norm(y16 - y32) / np.linalg.norm(y32)
+    assert rel < 2 * 2.0 ** -8                           # about one bf16 rounding (u)
+    other = expert_ffn(x16, _expert(rng, kind, d, h), kind, 'bfloat16')
+    assert not np.all(np.abs(other - y32) <= bound)
+
+
+def test_activation_slopes_of_the_bound():
+    """tests/contract.py's Lipschitz constants hold for the model's own
+    activation formulas (float64 on a fine grid; the slopes peak near 1.5
+    and 2.4 and tend to 0 or 1 outside [-30, 30])."""
+    from contract import GELU_SLOPE, SILU_SLOPE
+    x = np.linspace(-30, 30, 600001, dtype=np.float64)
+    for f, slope in ((_gelu, GELU_SLOPE), (_silu, SILU_SLOPE)):
+        y = f(x)
+        assert np.abs(np.diff(y) / np.diff(x)).max() <= slope
+
+
+# ---------------------------------------------------------------- mpimoe bench gpu
+
+def test_gpu_bench_without_a_gpu_is_a_usage_error():
+    problem = cuda_problem(probe_cuda())
+    if problem is None:
+        pytest.skip('this machine has a usable GPU: tests/test_gpu.py runs the bench')
+    with pytest.raises(UsageError) as err:
+        run_gpu_bench(GpuBenchOptions())
+    assert str(err.value) == f'mpimoe bench gpu needs a CUDA GPU: {problem}'
+    assert isinstance(err.value, MpimoeError) and '\n' not in str(err.value)
+
+
+def test_gpu_bench_torch_baseline_is_the_same_layer():
+    """The PyTorch loop over experts of ``mpimoe bench gpu``, on the CPU, is
+    the GPU contract's MoE layer: against moe_local with 16-bit experts
+    (products rounded to bf16 before GELU, as torch's bf16 matmul and bf16
+    GELU do) it differs only by FP32 sum orders and the order of the weighted
+    sum (flips of single roundings: measured 0.02 u overall, 0.22 u in the
+    worst row); against the FP32 contract by about u (model.expert_ffn)."""
+    torch = pytest.importorskip('torch')
+    from mpimoe.config import model_config
+    from mpimoe.gpubench import _torch_moe
+    cfg = model_config('tiny').replace(d_model=256, d_expert=512, expert_kind='mlp')
+    rng = np.random.default_rng(7)
+    experts = [_expert(rng, 'mlp', cfg.d_model, cfg.d_expert) for _ in range(cfg.n_experts)]
+    w_router = rng.standard_normal((cfg.d_model, cfg.n_experts), np.float32) / np.float32(16)
+    h = rng.standard_normal((300, cfg.d_model), np.float32)
+    ours = moe_local(h, w_router, [{m: a.astype(DTYPES['bfloat16']) for m, a in w.items()}
+                                   for w in experts], cfg)[0]
+    t = torch.from_numpy
+    theirs = _torch_moe(torch, t(h), t(w_router), [t(w['up']).bfloat16() for w in experts],
+                        [t(w['down']).bfloat16() for w in experts], cfg.top_k).numpy()
+    u = 2.0 ** -8
+    rows = np.linalg.norm(ours - theirs, axis=1) / np.linalg.norm(theirs, axis=1)
+    assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) <= u / 4 and rows.max() <= u

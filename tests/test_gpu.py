@@ -1,0 +1,258 @@
+"""The CuPy path against the NumPy one; skipped without CuPy and a CUDA device.
+
+Run where a GPU is lent: ``python -m pytest -q tests/test_gpu.py``.
+
+Tolerances, from the arithmetic (u = 2^-8, bfloat16's unit roundoff):
+
+- *Same contract, two devices* (CuPy's 16-bit GEMMs against NumPy running the
+  same contract through ml_dtypes, 16-bit weights on both): only the order of
+  the FP32 sums differs, ~sqrt(k) 2^-24 relative for a dot product of length
+  k, against a 16-bit rounding interval of ~2^-8 relative: a rounding flips
+  with probability ~1e-3.  Element-wise within tests/contract.py's bound
+  (``rounded_pre=2``); at least 95% of one GEMM's outputs and 80% of an
+  expert's bit-equal (expected: > 99.9% and ~96%: each output sums ~2048
+  hidden values of which ~2 flipped, moving it by ~2^-8 / 45 relative, so its
+  own rounding flips with a probability of a few percent).  A GEMM that
+  accumulates in reduced precision leaves far fewer equal.
+- *GPU contract against the CPU's FP32 one* (mpimoe.model.expert_ffn): the
+  pre-activations are rounded on the GPU only.  Element-wise within the bound
+  with ``rounded_pre=1``; relative L2 about u (measured on the CPU with the
+  same contract: 0.94-1.09 u overall, per row at most 1.25 u at d = 1024):
+  at most 1.5 u overall and 2 u per row.
+- Logits of the whole tiny model: as tests/test_model.py's LOGIT_RTOL (a few
+  bf16 flips; a bug moves logits by O(1)).
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip('cupy')
+
+from contract import expert_bound, gamma, unit_roundoff  # noqa: E402
+from mpimoe.backend import (DTYPES, Backend, HostStaging, cuda_problem, probe_cuda,  # noqa: E402
+                            round16, select_backend, to_numpy, to_words)
+from mpimoe.checkpoint import WeightFile  # noqa: E402
+from mpimoe.config import model_config  # noqa: E402
+from mpimoe.generate import generate  # noqa: E402
+from mpimoe.io import read_inputs  # noqa: E402
+from mpimoe.model import _mm16, expert_ffn  # noqa: E402
+from mpimoe.moe import moe_local  # noqa: E402
+from mpimoe.reference import ReferenceModel, load_reference  # noqa: E402
+from mpimoe.router import route  # noqa: E402
+
+_PROBLEM = cuda_problem(probe_cuda())
+if _PROBLEM is not None:
+    pytest.skip(f'no usable GPU: {_PROBLEM}', allow_module_level=True)
+
+U = unit_roundoff('bfloat16')
+BF16 = DTYPES['bfloat16']
+LOGIT_RTOL = 4 * 2.0 ** -7          # tests/test_model.py
+
+
+@pytest.fixture(scope='module')
+def gpu():
+    backend = Backend('cupy')
+    backend.bind(0, 0, print)
+    return backend
+
+
+def _host_expert(rng, kind, d, h):
+    """Random BF16-valued expert on the host: dict name -> float32 matrix."""
+    mats = ('gate', 'up', 'down') if kind == 'swiglu' else ('up', 'down')
+    return {m: round16(rng.standard_normal((h, d) if m == 'down' else (d, h), np.float32)
+                       / np.float32(math.sqrt(h if m == 'down' else d)), 'bfloat16')
+            for m in mats}
+
+
+def _on_gpu(gpu, w):
+    """Host FP32 (BF16-valued) matrices -> device BF16, as Backend.weights does."""
+    return gpu.weights({m: a.astype(BF16) for m, a in w.items()})
+
+
+def _rel_rows(a, b):
+    """Relative L2 difference per row and overall: ([n], scalar)."""
+    return (np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1),
+            np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# ---------------------------------------------------------------- selection and binding
+
+def test_auto_takes_the_gpu():
+    lines = []
+    assert select_backend('auto', lines.append).name == 'cupy'
+    assert lines[0].startswith('backend: cupy (CuPy ')
+
+
+def test_bind_takes_local_rank_modulo_devices():
+    n = cupy.cuda.runtime.getDeviceCount()
+    lines = []
+    backend = Backend('cupy')
+    assert backend.bind(rank=7, local_rank=5, log=lines.append) == 5 % n
+    assert cupy.cuda.Device().id == 5 % n
+    assert lines[0].startswith(f'rank 7: node-local rank 5 -> GPU {5 % n} of {n} visible')
+    cupy.cuda.Device(0).use()
+
+
+# ---------------------------------------------------------------- 16-bit values on the device
+
+def test_round16_on_device_is_numpys_bit_for_bit(gpu):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(100000, np.float32) * np.float32(10.0) ** rng.integers(-6, 6, 100000)
+    # exact ties: halfway between two bf16 values, round to the even one
+    ties = np.float32(1 + 2.0 ** -8) * np.float32(2.0) ** np.arange(-20, 20, dtype=np.float32)
+    x = np.concatenate([x, ties, -ties, [0, -0.0, np.inf, -np.inf, 3.4e38]]).astype(np.float32)
+    got = to_numpy(to_words(round16(cupy.asarray(x), 'bfloat16').astype(BF16)))
+    assert np.array_equal(got, to_words(round16(x, 'bfloat16').astype(BF16)))
+
+
+def test_weights_reach_the_device_as_16_bit_words(gpu):
+    w = {'a': np.random.default_rng(1).standard_normal((64, 32)).astype(BF16)}
+    dev = gpu.weights(w)['a']
+    assert isinstance(dev, cupy.ndarray) and dev.dtype == BF16
+    assert np.array_equal(to_numpy(dev.view(np.uint16)), to_words(w['a']))
+
+
+# ---------------------------------------------------------------- GEMMs and experts
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
+def test_16_bit_gemm_accumulates_in_fp32(gpu, dtype):
+    """paper-61l and paper-16l are bfloat16, paper-4l float16: both GEMMs on
+    the device against the host's FP32 sums rounded to the 16-bit type
+    (ml_dtypes for bfloat16, NumPy's own half matmul for float16)."""
+    rng = np.random.default_rng(2)
+    d, h = 1024, 2048
+    x = rng.standard_normal((300, d)).astype(DTYPES[dtype])
+    w = (rng.standard_normal((d, h)) / math.sqrt(d)).astype(DTYPES[dtype])
+    got = to_numpy(_mm16(cupy.asarray(x), gpu.weights({'w': w})['w']))
+    want = _mm16(x, w)
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    bound = 2 * gamma(d) * (np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64))) \
+        + 2 * unit_roundoff(dtype) * np.abs(exact)
+    assert got.dtype == np.float32 and np.array_equal(round16(got, dtype), got)
+    assert np.all(np.abs(got - want) <= bound)
+    assert np.mean(got == want) >= 0.95
+
+
+@pytest.mark.parametrize('kind', ['mlp', 'swiglu'])
+def test_expert_matches_numpy_with_the_same_contract(gpu, kind):
+    rng = np.random.default_rng(3)
+    w = _host_expert(rng, kind, 1024, 2048)
+    x16 = round16(rng.standard_normal((200, 1024), np.float32), 'bfloat16')
+    got = to_numpy(expert_ffn(cupy.asarray(x16), _on_gpu(gpu, w), kind, 'bfloat16'))
+    want = expert_ffn(x16, {m: a.astype(BF16) for m, a in w.items()}, kind, 'bfloat16')
+    assert np.all(np.abs(got - want) <= expert_bound(x16, w, kind, 'bfloat16', rounded_pre=2))
+    assert np.mean(got == want) >= 0.8
+
+
+@pytest.mark.parametrize('kind', ['mlp', 'swiglu'])
+def test_expert_against_the_cpu_fp32_contract(gpu, kind):
+    rng = np.random.default_rng(4)
+    w = _host_expert(rng, kind, 1024, 2048)
+    x16 = round16(rng.standard_normal((200, 1024), np.float32), 'bfloat16')
+    got = to_numpy(expert_ffn(cupy.asarray(x16), _on_gpu(gpu, w), kind, 'bfloat16'))
+    want = expert_ffn(x16, w, kind, 'bfloat16')
+    assert np.all(np.abs(got - want) <= expert_bound(x16, w, kind, 'bfloat16', rounded_pre=1))
+    rows, overall = _rel_rows(got, want)
+    assert overall <= 1.5 * U and rows.max() <= 2 * U
+
+
+@pytest.mark.parametrize('kind', ['mlp', 'swiglu'])
+def test_moe_layer_on_the_gpu_against_numpy(gpu, kind):
+    """Route, permute, experts, unpermute on the device against NumPy's FP32
+    layer: the same choices (FP32 router arithmetic in both; a near-tie at
+    ~1e-6 is improbable for 300 random tokens), weights to FP32 rounding, and
+    outputs that differ by the expert contract, about u."""
+    cfg = model_config('tiny').replace(d_model=1024, d_expert=512, expert_kind=kind)
+    rng = np.random.default_rng(5)
+    experts = [_host_expert(rng, kind, cfg.d_model, cfg.d_expert) for _ in range(cfg.n_experts)]
+    w_router = rng.standard_normal((cfg.d_model, cfg.n_experts), np.float32) / np.float32(32)
+    h = rng.standard_normal((300, cfg.d_model), np.float32)
+    h_dev, r_dev = cupy.asarray(h), cupy.asarray(w_router)
+    chosen, weights = route(h, w_router, cfg.top_k)
+    chosen_dev, weights_dev = route(h_dev, r_dev, cfg.top_k)
+    assert np.array_equal(to_numpy(chosen_dev), chosen)
+    np.testing.assert_allclose(to_numpy(weights_dev), weights, rtol=1e-5)
+    want, counts = moe_local(h, w_router, experts, cfg)
+    got, counts_dev = moe_local(h_dev, r_dev, [_on_gpu(gpu, w) for w in experts], cfg)
+    assert isinstance(got, cupy.ndarray)
+    assert to_numpy(counts_dev).tolist() == counts.tolist()
+    rows, overall = _rel_rows(to_numpy(got), want)
+    assert overall <= 1.5 * U and rows.max() <= 2 * U
+
+
+@pytest.fixture(scope='module')
+def tiny(tiny_weights, tiny_inputs):
+    """(cfg, NumPy FP32 reference, prompts, the file's 16-bit tensors)."""
+    with WeightFile(tiny_weights) as wf:
+        ref = load_reference(wf)
+        cfg = wf.config
+        nonexpert = wf.read_nonexpert()
+        experts = {i: [wf.read_expert(i, e) for e in range(cfg.n_experts)]
+                   for i in cfg.moe_layers}
+    inputs = read_inputs(tiny_inputs, cfg.vocab_size)
+    return cfg, ref, [inputs.seq(i) for i in range(len(inputs))], nonexpert, experts
+
+
+def test_whole_model_on_the_gpu(gpu, tiny):
+    """The reference model with every weight on the device (16-bit, the
+    front-end widening at use): prefill and cached greedy decode against
+    NumPy running the same contract (16-bit experts through ml_dtypes) and
+    against the FP32 reference.
+
+    The greedy tokens must equal the same-contract ones: on these inputs the
+    closest top-two logits of any step are 1.7e-3 of their row's norm apart
+    (reference run on a CPU), while same-contract rows differ by about u/4
+    relative in L2, ~2e-5 of the norm per element over 256 logits.
+    """
+    cfg, ref, prompts, nonexpert, experts = tiny
+    dev = ReferenceModel(cfg, gpu.weights(nonexpert),
+                         {i: [gpu.weights(w) for w in ws] for i, ws in experts.items()})
+    same = ReferenceModel(cfg, ref.front.t, experts)
+
+    def on_host(model):
+        return lambda *args: to_numpy(model.forward(*args))
+
+    gen_dev, logits_dev = generate(on_host(dev), dev.front.new_cache, prompts, 4)
+    gen_same, logits_same = generate(on_host(same), same.front.new_cache, prompts, 4)
+    _, logits_ref = generate(on_host(ref), ref.front.new_cache, prompts, 0)
+    for want in (logits_same, logits_ref):
+        rel, _ = _rel_rows(logits_dev, want)
+        assert rel.max() <= LOGIT_RTOL
+    assert np.array_equal(gen_dev, gen_same)
+
+
+# ---------------------------------------------------------------- host staging
+
+def test_host_staging_buffers_are_pinned_and_ordered(gpu):
+    staging = HostStaging(4096, gpu)
+    n = 8192                                                # 64 MB of words: copies take ms
+    rows = cupy.arange(n * 4096, dtype=cupy.uint32).reshape(n, 4096)
+    rows = ((rows * 2654435761) >> 16).astype(cupy.uint16)  # written on the current stream
+    host = staging.download(rows)
+    staging.wait()
+    assert np.array_equal(host, to_numpy(rows))
+    attrs = cupy.cuda.runtime.pointerGetAttributes(staging.out.buf.ctypes.data)
+    assert attrs.type == cupy.cuda.runtime.memoryTypeHost  # page-locked
+    # MPI received into inp; kernels queued after upload see the rows, with no host wait
+    staging.inp.view(n)[:] = np.random.default_rng(6).integers(0, 2 ** 16, (n, 4096),
+                                                               dtype=np.uint16)
+    target = cupy.zeros((n, 4096), cupy.uint16)
+    staging.upload(target)
+    total = int(target.astype(cupy.int64).sum())
+    assert total == int(staging.inp.view(n).astype(np.int64).sum())
+    staging.wait()
+
+
+# ---------------------------------------------------------------- mpimoe bench gpu
+
+def test_gpu_bench_prints_its_table(capsys):
+    from mpimoe.gpubench import GpuBenchOptions, run_gpu_bench
+    opts = GpuBenchOptions(gemm_tokens=(128, 1024), square=2048, moe_tokens=512,
+                           repeats=2, warmup=1)
+    assert run_gpu_bench(opts) == 0
+    out = capsys.readouterr().out
+    for text in ('expert GEMMs', 'square BF16 matmul', 'mpimoe moe_local (CuPy)',
+                 'MPI transfer: needs 2 ranks'):
+        assert text in out
