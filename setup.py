@@ -13,7 +13,9 @@ setup(
         # an MPI library for machines that have none (clusters bring their own)
         'mpich': ['mpich'],
         'test': ['pytest>=7', 'pytest-timeout', 'psutil'],
+        # CuPy >= 14 (BF16 arrays) for CUDA 12, or for CUDA 13
         'gpu': ['cupy-cuda12x>=14'],
+        'gpu-cuda13': ['cupy-cuda13x>=14'],
         'hf': ['torch==2.13.0', 'transformers', 'safetensors'],
         'report': ['matplotlib'],
     },

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from mpimoe import __version__
+from mpimoe.backend import BACKENDS, MPI_GPU_MODES
 from mpimoe.errors import EXIT_INTERNAL, IOFailure, MpimoeError
 
 __all__ = ['main']
@@ -118,7 +119,8 @@ def _cmd_run(args):
                       verbose=args.verbose, progress_every=args.progress_every,
                       stats=args.stats, replicas=args.replicas, balance=args.balance,
                       balance_every=args.balance_every, balance_step=args.balance_step,
-                      balance_clip=args.balance_clip)
+                      balance_clip=args.balance_clip, backend=args.backend,
+                      mpi_gpu=args.mpi_gpu)
     return run_engine(opts)
 
 
@@ -141,6 +143,34 @@ def _cmd_bench(args):
     return bench_moe_layer(opts)
 
 
+def _cmd_bench_gpu(args):
+    from mpimoe.gpubench import GpuBenchOptions, run_gpu_bench
+    opts = GpuBenchOptions(gemm_tokens=args.gemm_tokens, square=args.square,
+                           moe_tokens=args.moe_tokens, sizes_mb=args.sizes_mb,
+                           repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+                           torch=not args.no_torch, mpi_gpu=args.mpi_gpu,
+                           deadline=args.deadline)
+    return run_gpu_bench(opts)
+
+
+def _number_list(kind):
+    """argparse type: comma-separated numbers of ``kind`` (int, float) -> tuple."""
+    def parse(text):
+        try:
+            return tuple(kind(v) for v in text.split(','))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f'{text!r}: expected comma-separated {kind.__name__} values') from None
+    return parse
+
+
+def _add_mpi_gpu_arg(p):
+    p.add_argument('--mpi-gpu', choices=MPI_GPU_MODES, default='auto',
+                   help='how MPI gets GPU rows: device (a CUDA-aware MPI takes device '
+                   'buffers), host (staged through pinned host buffers), auto (device when '
+                   'the MPI library says it supports CUDA; default)')
+
+
 def _add_replicas_arg(p):
     p.add_argument('--replicas', type=int, default=0, metavar='R',
                    help='R extra ranks host replicas of the hottest experts for --stats '
@@ -148,6 +178,7 @@ def _add_replicas_arg(p):
 
 
 def _build_parser():
+    from mpimoe.gpubench import GpuBenchOptions
     parser = argparse.ArgumentParser(
         prog='mpimoe', description='Mixture-of-Experts inference with large expert '
         'parallelism over MPI. Run a subcommand with --help for its options.')
@@ -293,6 +324,10 @@ def _build_parser():
                    help='let every rank log to stderr (default: rank 0 only)')
     p.add_argument('--progress-every', type=float, default=30.0, metavar='SECONDS',
                    help='progress line interval when stderr is not a terminal (default 30)')
+    p.add_argument('--backend', choices=BACKENDS, default='auto',
+                   help='numpy (CPU), cupy (one GPU per rank: node-local rank modulo the '
+                   'visible devices), auto (cupy when CuPy and a GPU are usable; default)')
+    _add_mpi_gpu_arg(p)
     p.add_argument('--overwrite', action='store_true',
                    help='replace OUTPUT if it exists, discarding a partial run to resume')
     p.set_defaults(func=_cmd_run)
@@ -328,6 +363,33 @@ def _build_parser():
                    help='write the measured GEMM rate as a calibration file for '
                    '`mpimoe plan --calibration`')
     p.set_defaults(func=_cmd_bench)
+
+    p = bench.add_parser('gpu', help='GEMM, MoE-layer and MPI transfer figures of a GPU',
+                         description='Time BF16 GEMMs and the expert stage by token count, '
+                         'one MoE layer against a PyTorch loop over experts, and (on 2 ranks) '
+                         'MPI transfers of device rows, direct and host-staged. Needs CuPy '
+                         'and a CUDA GPU. Launch as: mpiexec -n 2 python -m mpi4py -m mpimoe '
+                         'bench gpu')
+    p.add_argument('--gemm-tokens', type=_number_list(int),
+                   default=GpuBenchOptions.gemm_tokens, metavar='N,N,...',
+                   help='token counts of the GEMM figures (default '
+                   f'{",".join(map(str, GpuBenchOptions.gemm_tokens))})')
+    p.add_argument('--sizes-mb', type=_number_list(float), default=GpuBenchOptions.sizes_mb,
+                   metavar='MB,MB,...', help='message sizes of the transfer figures (default '
+                   f'{",".join(map(str, GpuBenchOptions.sizes_mb))})')
+    for flag, help_ in (('--square', 'side of the square BF16 matmul'),
+                        ('--moe-tokens', 'tokens in the MoE layer'),
+                        ('--repeats', 'timed repeats'), ('--warmup', 'untimed repeats first'),
+                        ('--seed', 'random seed')):
+        default = getattr(GpuBenchOptions, flag[2:].replace('-', '_'))
+        p.add_argument(flag, type=int, default=default, metavar='N',
+                       help=f'{help_} (default {default})')
+    p.add_argument('--no-torch', action='store_true',
+                   help='skip the PyTorch baseline of the MoE layer')
+    _add_mpi_gpu_arg(p)
+    p.add_argument('--deadline', type=float, default=GpuBenchOptions.deadline, metavar='SECONDS',
+                   help='abort when a wait makes no progress for this long (default 600)')
+    p.set_defaults(func=_cmd_bench_gpu)
 
     p = sub.add_parser('report', help='summarise a run report (run.json), optionally plot it',
                        description='Print a readable summary of the run.json written by '

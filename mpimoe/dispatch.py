@@ -10,11 +10,14 @@ rank (micro-batch order) whatever order their requests complete in.
 Rows travel as 16-bit words, one contiguous MPI datatype per row of ``d``
 words.  A :class:`Slot` owns the buffers of one micro-batch (reused across
 layers and steps, grown only when a step needs more) and the requests in
-flight on them.
+flight on them.  On a GPU the buffers are device rows: MPI gets them directly
+(``--mpi-gpu device``, once the stream that wrote them is done) or through
+pinned host copies (``host``: mpimoe.backend.HostStaging).
 """
 
 import numpy as np
 
+from mpimoe.backend import Backend, HostStaging, Rows
 from mpimoe.mpiutil import MPI, group_comm, wait_all
 
 __all__ = ['LayerComms', 'Slot']
@@ -45,30 +48,21 @@ class LayerComms:
                 c.Free()
 
 
-class _Rows:
-    """A growable uint16 buffer of rows of ``d`` words."""
-
-    def __init__(self, d):
-        self.d = d
-        self.buf = np.empty((0, d), dtype=np.uint16)
-
-    def view(self, n):
-        """uint16 [n, d], reallocating (x1.5) only when n exceeds the capacity."""
-        if n > len(self.buf):
-            self.buf = np.empty((max(n, len(self.buf) * 3 // 2), self.d), dtype=np.uint16)
-        return self.buf[:n]
-
-
 class Slot:
     """Buffers and requests of one micro-batch slot.
 
     ``out`` holds the rows this rank sends (front-end: dispatched rows;
-    expert: results), ``inp`` the rows it receives.
+    expert: results), ``inp`` the rows it receives, both arrays of
+    ``backend`` (default NumPy).  mode: None (host arrays), 'device' (MPI
+    takes the device rows) or 'host' (MPI takes pinned copies, ``staging``).
     """
 
-    def __init__(self, d, rowtype, deadline_s):
-        self.out = _Rows(d)
-        self.inp = _Rows(d)
+    def __init__(self, d, rowtype, deadline_s, backend=None, mode=None):
+        self.backend = backend or Backend('numpy')
+        self.out = Rows(d, self.backend.xp.empty)
+        self.inp = Rows(d, self.backend.xp.empty)
+        self.staging = HostStaging(d, self.backend) if mode == 'host' else None
+        self.none = np.empty((0, d), dtype=np.uint16)     # the side of a transfer with no rows
         self.rowtype = rowtype
         self.deadline_s = deadline_s
         self.reqs = []            # requests whose buffers are in use
@@ -89,14 +83,14 @@ class Slot:
         zeros = np.zeros(lc.size, dtype=np.int32)
         displ = _displacements(per_peer)
         self.peer_counts = send_counts
-        inp = self.inp.view(n_rows)
+        out = self._send_view(n_rows)
         self.reqs = [
             lc.counts.Ialltoall(np.ascontiguousarray(send_counts, dtype=np.int32),
                                 np.empty_like(send_counts, dtype=np.int32)),
-            lc.dispatch.Ialltoallv([self.out.view(n_rows), (per_peer, displ), self.rowtype],
-                                   [inp, (zeros, zeros), self.rowtype]),
-            lc.combine.Ialltoallv([self.out.view(0), (zeros, zeros), self.rowtype],
-                                  [inp, (per_peer, displ), self.rowtype]),
+            lc.dispatch.Ialltoallv([out, (per_peer, displ), self.rowtype],
+                                   [self.none, (zeros, zeros), self.rowtype]),
+            lc.combine.Ialltoallv([self.none, (zeros, zeros), self.rowtype],
+                                  [self._recv_view(n_rows), (per_peer, displ), self.rowtype]),
         ]
         self.what = f'rows back from layer ranks {_nonzero(lc.ranks, per_peer)}'
 
@@ -121,14 +115,15 @@ class Slot:
         lc = self.lc
         per_peer = self.peer_counts.sum(axis=1).astype(np.int32)
         zeros = np.zeros(lc.size, dtype=np.int32)
-        self.reqs = [lc.dispatch.Ialltoallv([self.out.view(0), (zeros, zeros), self.rowtype],
-                                            [self.inp.view(int(per_peer.sum())),
+        self.reqs = [lc.dispatch.Ialltoallv([self.none, (zeros, zeros), self.rowtype],
+                                            [self._recv_view(int(per_peer.sum())),
                                              (per_peer, _displacements(per_peer)), self.rowtype])]
         self.what = f'dispatched rows from ranks {_nonzero(lc.ranks, per_peer)}'
         return True
 
     def expert_received(self, poll):
-        """Wait for the dispatched rows: (rows uint16 [n, d], counts int32 [size, K]).
+        """Wait for the dispatched rows: (rows uint16 [n, d] of the backend,
+        counts int32 [size, K] on the host).
 
         ``poll()`` is called while waiting (it advances the other slots).
         """
@@ -136,19 +131,47 @@ class Slot:
                  lambda: f'{self.what} of this micro-batch', poll)
         self.expert_post_rows()
         self.wait(poll)
-        return self.inp.view(int(self.peer_counts.sum())), self.peer_counts
+        return self.received(int(self.peer_counts.sum())), self.peer_counts
 
     def expert_send(self, n_rows):
         """Send ``out[:n_rows]`` back, in the order the rows arrived."""
         lc = self.lc
         per_peer = self.peer_counts.sum(axis=1).astype(np.int32)
         zeros = np.zeros(lc.size, dtype=np.int32)
-        self.reqs = [lc.combine.Ialltoallv([self.out.view(n_rows),
+        self.reqs = [lc.combine.Ialltoallv([self._send_view(n_rows),
                                            (per_peer, _displacements(per_peer)), self.rowtype],
-                                          [self.inp.view(0), (zeros, zeros), self.rowtype])]
+                                          [self.none, (zeros, zeros), self.rowtype])]
         self.what = f'results to ranks {_nonzero(lc.ranks, per_peer)}'
 
     # -- both -----------------------------------------------------------------
+
+    def received(self, n_rows):
+        """The ``n_rows`` rows the completed receive brought, as rows of the
+        backend: ``inp[:n_rows]`` (host mode: uploaded from the staging first)."""
+        rows = self.inp.view(n_rows)
+        if self.staging is not None:
+            self.staging.upload(rows)
+        return rows
+
+    def _send_view(self, n_rows):
+        """``out[:n_rows]`` as MPI may read it now: the rows themselves once the
+        stream that wrote them is done, or (host mode) their pinned copy."""
+        rows = self.out.view(n_rows)
+        if self.staging is None:
+            self.backend.synchronize()
+            return rows
+        host = self.staging.download(rows)
+        self.staging.wait()
+        return host
+
+    def _recv_view(self, n_rows):
+        """Where MPI may write ``n_rows`` rows: ``inp`` or (host mode) the
+        pinned staging, once its last upload is done; :meth:`received` then
+        gives them as rows of the backend."""
+        if self.staging is None:
+            return self.inp.view(n_rows)
+        self.staging.wait()
+        return self.staging.inp.view(n_rows)
 
     def test(self):
         """Drive progress without blocking; True when nothing is in flight."""

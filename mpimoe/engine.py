@@ -30,11 +30,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from mpimoe import __version__
-from mpimoe.backend import from_words, storage_dtype, to_words
+from mpimoe.backend import (DTYPES, Backend, choose_backend, from_words, mpi_cuda_support,
+                            mpi_gpu_mode, probe_cuda, storage_dtype, to_numpy, to_words)
 from mpimoe.balance import BIAS_RULE, max_over_mean, update_bias
 from mpimoe.dispatch import LayerComms, Slot
 from mpimoe.costmodel import pass_flops
-from mpimoe.errors import ConfigError, DataError, Stopped, UsageError
+from mpimoe.errors import ConfigError, DataError, MpimoeError, Stopped, UsageError
 from mpimoe.generate import generate
 from mpimoe.metrics import Timers, write_trace
 from mpimoe.model import FrontEnd
@@ -80,6 +81,8 @@ class RunOptions:
     balance_every: int = 1
     balance_step: float = 0.01
     balance_clip: float = 0.5
+    backend: str = 'auto'
+    mpi_gpu: str = 'auto'
 
     def validate(self):
         """ConfigError on options that cannot work."""
@@ -136,6 +139,7 @@ def _run(opts, world):
     from mpimoe.checkpoint import WeightFile
     from mpimoe.placement import load_stats, make_plan
     _setup_logging(opts, world.rank)
+    backend, mode = _select_backend(opts, world)
     timers = Timers(trace=bool(opts.trace))
     t_start = time.perf_counter()
     with WeightFile(opts.weights) as wf:
@@ -152,7 +156,7 @@ def _run(opts, world):
             io = _open_io(opts, cfg, plan, wf) if world.rank == 0 else None
         layers = _layer_comms(world, plan)
         with timers.span('load', 'load'):
-            role = _load_role(world, cfg, plan, opts, layers, wf, timers, io)
+            role = _load_role(world, cfg, plan, opts, layers, wf, timers, backend, mode, io)
     log.debug('rank %d on %s (node-local rank %d): %s', world.rank, platform.node(),
               local_rank(world), 'front-end' if plan.is_frontend(world.rank) else
               f'experts {plan.rank_experts(world.rank)}')
@@ -171,17 +175,78 @@ def _run(opts, world):
         if opts.trace:
             _write_trace(opts, world, role)
     report = role.report()
-    # rank 0 times a GEMM (the CPU peak for the MFU estimate) while the others sleep
+    # rank 0 times a GEMM (the peak for the MFU estimate) while the others sleep
     idle = world.Ibarrier()
-    peak = _cpu_peak_tflops() if world.rank == 0 else None
+    peak = _peak_tflops(backend) if world.rank == 0 else None
     wait_all([idle], opts.deadline, lambda: 'rank 0 to finish its report')
     reports = world.gather(report, root=0)
     if world.rank == 0:
-        _finish_report(opts, cfg, plan, world, reports, time.perf_counter() - t_start, peak)
+        _finish_report(opts, cfg, plan, world, reports, time.perf_counter() - t_start, peak,
+                       _backend_report(backend, mode))
     for lc in layers.values():
         lc.free()
     rowtype.Free()
     return 0
+
+
+def _select_backend(opts, world):
+    """The :class:`Backend` of ``--backend`` (the same on every rank, bound to
+    this rank's GPU) and the ``--mpi-gpu`` mode (None on NumPy).
+
+    Every rank probes; an error on any rank, or ranks that would pick
+    different backends, is a collective ConfigError (one line from rank 0).
+    """
+    try:
+        name, why = choose_backend(opts.backend, probe_cuda() if opts.backend != 'numpy' else None)
+        mine = ('', name)
+    except MpimoeError as e:
+        mine = (str(e), None)
+    answers = world.allgather(mine)                        # per rank: (error, name)
+    failed = [r for r, (error, _) in enumerate(answers) if error]
+    if failed:
+        where = '' if len(failed) == world.size else f' (on ranks {_ranks(failed)})'
+        raise _collective(ConfigError(answers[failed[0]][0] + where))
+    names = sorted({n for _, n in answers})
+    if len(names) > 1:
+        by_name = '; '.join(
+            f'{n} on ranks {_ranks([r for r, (_, a) in enumerate(answers) if a == n])}'
+            for n in names)
+        raise _collective(ConfigError(
+            f'--backend {opts.backend}: the ranks do not agree ({by_name}); make CuPy and a '
+            'GPU visible to every rank, or pass --backend numpy'))
+    log.info(f'backend: {name} ({why})')
+    backend = Backend(name)
+    device = backend.bind(world.rank, local_rank(world), log.debug)
+    devices = world.gather(device, root=0)
+    if backend.is_gpu and world.rank == 0:
+        log.info(f'GPU of each rank (node-local): {devices}')
+    try:
+        mode = mpi_gpu_mode(opts.mpi_gpu, name, mpi_cuda_support(MPI))
+    except UsageError as e:
+        raise _collective(e)
+    if mode is None and opts.mpi_gpu != 'auto':
+        log.info(f'--mpi-gpu {opts.mpi_gpu} ignored: the numpy backend hands host arrays to MPI')
+    elif mode is not None:
+        log.info(f'MPI gets {"device rows" if mode == "device" else "pinned host copies"} '
+                 f'(--mpi-gpu {opts.mpi_gpu})')
+    return backend, mode
+
+
+def _ranks(ranks):
+    """'[0, 1, ...]' with at most 16 ranks, for error messages."""
+    return str(ranks[:16])[:-1] + (', ...]' if len(ranks) > 16 else ']')
+
+
+def _backend_report(backend, mode):
+    """run.json's ``backend``: name, --mpi-gpu mode and, on a GPU, CuPy's
+    version and rank 0's device."""
+    out = {'name': backend.name, 'mpi_gpu': mode}
+    if backend.is_gpu:
+        props = backend.xp.cuda.runtime.getDeviceProperties(backend.device)
+        name = props['name']
+        out.update(cupy=backend.xp.__version__,
+                   device=name.decode() if isinstance(name, bytes) else name)
+    return out
 
 
 def _open_io(opts, cfg, plan, wf):
@@ -225,27 +290,31 @@ def _layer_comms(world, plan):
     return out
 
 
-def _load_role(world, cfg, plan, opts, layers, wf, timers, io=None):
-    """This rank's role, its weights read from ``wf`` (WeightFile); ``io``
-    (rank 0): the input stream and output writer."""
+def _load_role(world, cfg, plan, opts, layers, wf, timers, backend, mode, io=None):
+    """This rank's role, its weights read from ``wf`` (WeightFile) onto
+    ``backend`` (mpimoe.backend.Backend.weights), its MPI buffers for ``mode``
+    (--mpi-gpu); ``io`` (rank 0): the input stream and output writer."""
+    args = (world, cfg, plan, opts, layers, timers)
     if plan.is_frontend(world.rank):
-        front = FrontEnd(cfg, {k: v.astype(np.float32) for k, v in wf.read_nonexpert().items()})
-        return _FrontEndRank(world, cfg, plan, opts, layers, timers, front, io)
+        front = FrontEnd(cfg, backend.weights(wf.read_nonexpert()))
+        return _FrontEndRank(*args, front, io, backend=backend, mode=mode)
     hosted = {}   # layer index in the model -> expert weight dicts in slot order
     for layer, e in sorted(plan.rank_experts(world.rank)):
-        hosted.setdefault(layer, []).append(
-            {m: a.astype(np.float32) for m, a in wf.read_expert(layer, e).items()})
-    return _ExpertRank(world, cfg, plan, opts, layers, timers, hosted)
+        hosted.setdefault(layer, []).append(backend.weights(wf.read_expert(layer, e)))
+    return _ExpertRank(*args, hosted, backend=backend, mode=mode)
 
 
 class _Role:
     """What front-ends and expert ranks share: slots, control, timers."""
 
-    def __init__(self, world, cfg, plan, opts, layers, timers):
+    def __init__(self, world, cfg, plan, opts, layers, timers, backend=None, mode=None):
+        """backend: mpimoe.backend.Backend (default NumPy); mode: the --mpi-gpu
+        mode (None on NumPy)."""
         self.world, self.cfg, self.plan, self.opts = world, cfg, plan, opts
         self.layers, self.timers = layers, timers
+        self.backend = backend or Backend('numpy')
         self.rowtype = MPI.UINT16_T.Create_contiguous(cfg.d_model).Commit()
-        self.slots = [Slot(cfg.d_model, self.rowtype, opts.deadline)
+        self.slots = [Slot(cfg.d_model, self.rowtype, opts.deadline, backend, mode)
                       for _ in range(opts.micro_batches)]
         self.control = world.Dup()
         self.fault = _parse_fault(os.environ.get('MPIMOE_FAULT'), world.rank)
@@ -284,21 +353,25 @@ class _FrontEndRank(_Role):
 
     is_frontend = True
 
-    def __init__(self, world, cfg, plan, opts, layers, timers, front, io=None):
-        """front: the :class:`~mpimoe.model.FrontEnd` (weights in memory);
+    def __init__(self, world, cfg, plan, opts, layers, timers, front, io=None, backend=None,
+                 mode=None):
+        """front: the :class:`~mpimoe.model.FrontEnd` (weights on the backend);
         io (rank 0 only): (InputStream, OutputWriter)."""
-        super().__init__(world, cfg, plan, opts, layers, timers)
+        super().__init__(world, cfg, plan, opts, layers, timers, backend, mode)
+        backend = self.backend
         self.front_comm = world.Split(0, world.rank)
         self.front = front
         self.stream, self.writer = io or (None, None)
         self.counts = np.zeros((cfg.n_moe_layers, cfg.n_experts), dtype=np.int64)
         self.step_counts = []           # rank 0: per pass, [n_moe_layers, E]
-        # layer -> (permute keys int64 [E, copies], copies int64 [E]) (replicas)
-        self.copy_keys = {layer: plan.dispatch_keys(m)[:2]
+        # layer -> (permute keys int64 [E, copies], copies int64 [E]) (replicas), on the backend
+        self.copy_keys = {layer: tuple(map(backend.asarray, plan.dispatch_keys(m)[:2]))
                           for m, layer in enumerate(cfg.moe_layers)}
-        # gate bias [n_moe_layers, E] (--balance bias), the same on every front-end
+        # gate bias [n_moe_layers, E] (--balance bias), the same on every front-end;
+        # updated on the host, routed with on the backend (the same array on NumPy)
         self.bias = np.zeros((cfg.n_moe_layers, cfg.n_experts), np.float32) \
             if opts.balance == 'bias' else None
+        self.device_bias = None if self.bias is None else backend.asarray(self.bias)
         self.bytes_sent = np.zeros(cfg.n_moe_layers, dtype=np.int64)
         # per pass: (seconds, new tokens, FLOPs)
         self.passes = {'prefill': [], 'decode': []}
@@ -308,7 +381,8 @@ class _FrontEndRank(_Role):
     def forward(self, tokens, cache, seqs, ntok):
         """One pass of the model over a packed batch, micro-batched.
 
-        tokens: int [T]; seqs, ntok: int [B] -> logits float32 [B, vocab].
+        tokens: int [T]; seqs, ntok: int [B] (host) -> logits float32 [B, vocab]
+        (host).
         """
         fe, cfg = self.front, self.cfg
         t0 = time.perf_counter()
@@ -337,9 +411,10 @@ class _FrontEndRank(_Role):
             if pending[m] is not None:
                 xs[m] = self._collect(m, xs[m], pending[m])
         cache.advance(seqs, ntok)
-        x = np.concatenate(xs) if xs else np.zeros((0, cfg.d_model), np.float32)
+        xp = self.backend.xp
+        x = xp.concatenate(xs) if xs else xp.zeros((0, cfg.d_model), np.float32)
         with self.timers.span('head', 'compute'):
-            logits = fe.logits(x[np.cumsum(ntok) - 1])
+            logits = self.backend.to_host(fe.logits(x[xp.asarray(np.cumsum(ntok) - 1)]))
         tokens = int(np.sum(ntok))
         flops = pass_flops(cfg, tokens, pairs, tokens * cfg.top_k * cfg.n_moe_layers, len(ntok))
         self._record_pass(time.perf_counter() - t0, tokens, flops)
@@ -348,13 +423,14 @@ class _FrontEndRank(_Role):
     def _dispatch(self, i, m, h):
         """Stages route, permute, dispatch of layer i, micro-batch m.
 
-        h: float32 [T, d] -> pending state (order, weights, rows) for _collect.
+        h: float32 [T, d] (backend) -> pending state (layer, order, weights,
+        rows) for _collect.
         """
         cfg, lc, slot = self.cfg, self.layers[i], self.slots[m]
         with self.timers.span('route', 'compute', layer=i, mb=m):
-            bias = None if self.bias is None else self.bias[i - cfg.n_dense_layers]
+            bias = None if self.bias is None else self.device_bias[i - cfg.n_dense_layers]
             chosen, weights = route(h, self.front.router[i], cfg.top_k, bias)  # [T, k]
-            self.counts[i - cfg.n_dense_layers] += expert_counts(chosen, cfg.n_experts)
+            self.counts[i - cfg.n_dense_layers] += to_numpy(expert_counts(chosen, cfg.n_experts))
             keys, copies = self.copy_keys[i]
             dest = keys[chosen, spread_copies(chosen, copies, self.world.rank)]  # [T, k]
         with self.timers.span('permute', 'pack', layer=i, mb=m):
@@ -363,7 +439,7 @@ class _FrontEndRank(_Role):
             slot.wait()
             _, order, counts = permute(words, dest, lc.size * lc.k, out=slot.out.view(n))
         with self.timers.span('dispatch', 'pack', layer=i, mb=m):
-            slot.frontend_start(lc, counts.reshape(lc.size, lc.k).astype(np.int32), n)
+            slot.frontend_start(lc, to_numpy(counts).reshape(lc.size, lc.k).astype(np.int32), n)
         self.bytes_sent[i - cfg.n_dense_layers] += 2 * n * cfg.d_model * cfg.itemsize
         return i, order, weights, n
 
@@ -374,7 +450,7 @@ class _FrontEndRank(_Role):
         with self.timers.span('combine', 'wait', layer=i, mb=m):
             slot.wait(self._poll)
         with self.timers.span('unpermute', 'pack', layer=i, mb=m):
-            out = unpermute(from_words(slot.inp.view(n), self.cfg.dtype), order, weights)
+            out = unpermute(from_words(slot.received(n), self.cfg.dtype), order, weights)
             out += x
             return out
 
@@ -405,6 +481,7 @@ class _FrontEndRank(_Role):
                                        self.opts.balance_clip)
         with self.timers.span('balance', 'wait'):
             self.front_comm.Bcast(self.bias, root=0)
+        self.device_bias = self.backend.asarray(self.bias)
 
     # -- rounds ----------------------------------------------------------------
 
@@ -500,10 +577,10 @@ class _ExpertRank(_Role):
 
     is_frontend = False
 
-    def __init__(self, world, cfg, plan, opts, layers, timers, hosted):
+    def __init__(self, world, cfg, plan, opts, layers, timers, hosted, backend=None, mode=None):
         """hosted: layer index in the model -> this rank's expert weight dicts
-        (float32 [d, h] / [h, d]) in slot order."""
-        super().__init__(world, cfg, plan, opts, layers, timers)
+        ([d, h] / [h, d], mpimoe.backend.Backend.weights) in slot order."""
+        super().__init__(world, cfg, plan, opts, layers, timers, backend, mode)
         self.front_comm = world.Split(MPI.UNDEFINED, world.rank)
         self.hosted = hosted
         # rows computed per hosted expert: layer -> int64 [experts of the layer here]
@@ -532,8 +609,10 @@ class _ExpertRank(_Role):
             with self.timers.span('unpack', 'pack', layer=layer, mb=m):
                 # rows arrive grouped by (front-end, expert); regroup by expert
                 labels = np.repeat(np.tile(np.arange(lc.k), lc.size), counts.ravel())
-                regroup = np.argsort(labels, kind='stable')
-                x16 = from_words(words, cfg.dtype)[regroup].astype(np.float32)
+                regroup = self.backend.asarray(np.argsort(labels, kind='stable'))   # [n]
+                x16 = from_words(words, cfg.dtype)[regroup]
+                if not self.backend.is_gpu:     # the FP32 contract (mpimoe.model.expert_ffn)
+                    x16 = x16.astype(np.float32)
             with self.timers.span('expert', 'compute', layer=layer, mb=m):
                 self.maybe_fail('expert')
                 per_expert = counts.sum(axis=0)[:len(experts)]                # [experts here]
@@ -583,13 +662,17 @@ def _parse_fault(spec, rank):
     return stage if r.isdigit() and int(r) == rank else None
 
 
-def _cpu_peak_tflops(n=1024, repeats=3):
-    """This rank's FP32 GEMM rate, TFLOP/s (best of ``repeats`` n x n products)."""
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+def _peak_tflops(backend, repeats=3):
+    """This rank's GEMM rate, TFLOP/s (best of ``repeats`` n x n products):
+    FP32, n = 1024 on the CPU; BF16, n = 8192 on a GPU (its practical peak)."""
+    n, dtype = (8192, DTYPES['bfloat16']) if backend.is_gpu else (1024, np.float32)
+    rng = backend.xp.random.default_rng(0)
+    a = (rng.standard_normal((n, n), dtype=np.float32) * np.float32(n ** -0.5)).astype(dtype)
     best = float('inf')
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
         a @ a
+        backend.synchronize()
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best / 1e12
 
@@ -630,15 +713,16 @@ def _balance_report(opts, steps, bias):
             'max_over_mean_history': max_over_mean(windows).tolist()}
 
 
-def _finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops):
-    """Rank 0: print the summary and write run.json."""
+def _finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops, backend):
+    """Rank 0: print the summary and write run.json (backend: _backend_report)."""
     r0 = reports[0]
     summary = _pass_summary([r['passes'] for r in reports if r['role'] == 'front-end'])
     busy = summary['prefill_s'] + summary['decode_s']
     flops = summary['prefill_flops'] + summary['decode_flops']
     summary.update(wall_s=seconds, achieved_tflops=flops / busy / 1e12 if busy else None,
                    peak_tflops_per_rank=peak_tflops,
-                   peak_source='FP32 GEMM timed on rank 0 (CPU backend)')
+                   peak_source='BF16 GEMM timed on rank 0 (GPU)' if backend['name'] == 'cupy'
+                   else 'FP32 GEMM timed on rank 0 (CPU backend)')
     summary['mfu'] = summary['achieved_tflops'] / (peak_tflops * world.size) \
         if busy else None
     steps = np.array(r0['step_counts'], dtype=np.int64).reshape(
@@ -651,6 +735,7 @@ def _finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops):
                      'python': platform.python_version()},
         'config': json.loads(cfg.to_json()),
         'options': asdict(opts),
+        'backend': backend,
         'placement': {'mode': plan.mode, 'world_size': world.size,
                       'frontends': plan.n_frontends, 'expert_ranks': plan.n_expert_ranks,
                       'experts_per_rank': plan.experts_per_rank, 'hash': plan.plan_hash(),

@@ -10,6 +10,8 @@ experts, :func:`spread_copies` picks the copy of its expert each token goes to.
 
 import numpy as np
 
+from mpimoe.backend import array_module
+
 __all__ = ['route', 'spread_copies', 'expert_counts']
 
 
@@ -36,10 +38,12 @@ def spread_copies(experts, n_copies, offset=0):
     primary; a front-end passes its rank as ``offset``, so that front-ends
     sending one token each do not all pick the same copy).
 
-    experts: int [T, k]; n_copies: int [E] (>= 1) -> int64 [T, k].
+    experts: int [T, k]; n_copies: int [E] (>= 1) -> int64 [T, k], arrays
+    of experts' module.
     """
-    t = offset + np.arange(len(experts))                                # [T]
-    return t[:, None] % np.asarray(n_copies)[experts]
+    xp = array_module(experts)
+    t = offset + xp.arange(len(experts))                                # [T]
+    return t[:, None] % xp.asarray(n_copies)[experts]
 
 
 def expert_counts(experts, n_experts):

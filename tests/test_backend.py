@@ -10,7 +10,10 @@ The GPU counterparts are in tests/test_gpu.py (skipped without CuPy and a device
 """
 
 import importlib.util
+import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -362,3 +365,93 @@ def test_gpu_bench_torch_baseline_is_the_same_layer():
     u = 2.0 ** -8
     rows = np.linalg.norm(ours - theirs, axis=1) / np.linalg.norm(theirs, axis=1)
     assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) <= u / 4 and rows.max() <= u
+
+
+# ---------------------------------------------------------------- wiring: mpimoe run, bench gpu
+
+RUN_TIMEOUT = 90
+
+
+def _run_cli(weights, inputs, out_dir, extra):
+    """``mpimoe run`` on 9 ranks (tiny: 1 front-end, 8 expert ranks);
+    (CompletedProcess, outputs dict or None, run.json dict or None)."""
+    from mpirun import mpiexec
+    from mpimoe.io import read_outputs
+    out, metrics = out_dir / 'out.h5', out_dir / 'run.json'
+    proc = mpiexec(9, ['run', '--weights', weights, '--input', inputs, '--output', out,
+                       '--max-new-tokens', 3, '--save-logits', '--metrics', metrics, *extra],
+                   timeout=RUN_TIMEOUT)
+    if proc.returncode:
+        return proc, None, None
+    return proc, read_outputs(out), json.loads(metrics.read_text())
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 30)
+def test_run_backend_cupy_without_a_gpu_is_one_line(tiny_weights, tiny_inputs, tmp_path):
+    problem = cuda_problem(probe_cuda())
+    if problem is None:
+        pytest.skip('this machine has a usable GPU: tests/test_gpu.py runs the engine on it')
+    proc, _, _ = _run_cli(tiny_weights, tiny_inputs, tmp_path, ['--backend', 'cupy'])
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    # said once, by rank 0 (MPICH adds its own Abort lines)
+    assert [x for x in proc.stderr.splitlines() if x.startswith('mpimoe')] == \
+        [f'mpimoe: error: --backend cupy: {problem}'], proc.stderr
+    assert not (tmp_path / 'out.h5').exists()
+
+
+@pytest.mark.timeout(2 * RUN_TIMEOUT + 30)
+def test_run_backend_numpy_is_the_auto_run_and_ignores_mpi_gpu(tiny_weights, tiny_inputs,
+                                                                 tmp_path):
+    """--backend numpy --mpi-gpu device is accepted, says the mode is ignored,
+    and gives bit for bit the outputs of the default run (auto: NumPy here;
+    the same arithmetic in the same order), which tests/test_engine.py
+    compares to the reference; run.json records the backend."""
+    if cuda_problem(probe_cuda()) is None:
+        pytest.skip('auto picks CuPy on this machine: tests/test_gpu.py compares the backends')
+    (tmp_path / 'auto').mkdir()
+    (tmp_path / 'numpy').mkdir()
+    _, auto, auto_report = _run_cli(tiny_weights, tiny_inputs, tmp_path / 'auto', [])
+    proc, got, report = _run_cli(tiny_weights, tiny_inputs, tmp_path / 'numpy',
+                                 ['--backend', 'numpy', '--mpi-gpu', 'device'])
+    assert proc.returncode == 0, proc.stderr
+    assert 'mpimoe[0]: --mpi-gpu device ignored: the numpy backend hands host arrays to MPI' \
+        in proc.stderr.splitlines()
+    assert auto_report['backend'] == report['backend'] == {'name': 'numpy', 'mpi_gpu': None}
+    assert report['options']['backend'] == 'numpy' and report['options']['mpi_gpu'] == 'device'
+    assert report['summary']['peak_source'] == 'FP32 GEMM timed on rank 0 (CPU backend)'
+    assert got['ids'] == auto['ids']
+    assert all(np.array_equal(a, b) for a, b in zip(got['generated'], auto['generated']))
+    assert np.array_equal(got['last_logits'], auto['last_logits'])
+
+
+def test_bench_gpu_without_a_gpu_is_one_line_from_the_cli():
+    problem = cuda_problem(probe_cuda())
+    if problem is None:
+        pytest.skip('this machine has a usable GPU: tests/test_gpu.py runs the bench')
+    proc = subprocess.run([sys.executable, '-m', 'mpimoe', 'bench', 'gpu'], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ''
+    assert proc.stderr == f'mpimoe: error: mpimoe bench gpu needs a CUDA GPU: {problem}\n'
+
+
+def test_slot_host_staging_on_numpy():
+    """A slot in host mode hands MPI pinned copies of its rows (never the rows
+    themselves) and gives received rows back in ``inp``; on NumPy the same
+    code path runs with ordinary arrays."""
+    from mpimoe.dispatch import Slot
+    slot = Slot(4, None, 1.0, Backend('numpy'), 'host')
+    rows = slot.out.view(3)
+    rows[...] = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    sent = slot._send_view(3)
+    assert np.array_equal(sent, rows) and not np.shares_memory(sent, rows)
+    assert np.shares_memory(sent, slot.staging.out.buf)
+    where = slot._recv_view(2)
+    assert np.shares_memory(where, slot.staging.inp.buf) and where.shape == (2, 4)
+    where[...] = 7
+    got = slot.received(2)
+    assert np.shares_memory(got, slot.inp.buf) and (got == 7).all()
+    plain = Slot(4, None, 1.0)
+    assert plain.staging is None
+    assert np.shares_memory(plain._send_view(2), plain.out.buf)
+    assert np.shares_memory(plain._recv_view(2), plain.inp.buf)
+
