@@ -26,6 +26,21 @@ def _positive_int(text):
     return value
 
 
+def _add_job_args(p):
+    """The options `reference` and `run` share: files, generation, batching."""
+    p.add_argument('--weights', required=True, metavar='FILE')
+    p.add_argument('--input', required=True, metavar='FILE', help='.jsonl or .h5 token sequences')
+    p.add_argument('--output', required=True, metavar='FILE', help='HDF5 output to write')
+    p.add_argument('--max-new-tokens', type=int, default=0, metavar='N',
+                   help='greedy tokens to generate per sequence (default 0: prefill only)')
+    p.add_argument('--save-logits', action='store_true',
+                   help='also store last_logits [n, vocab] at the last prompt position')
+    p.add_argument('--batch-tokens', type=_positive_int, default=4096, metavar='T',
+                   help='prompt-token budget of one batch (default 4096)')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace OUTPUT if it exists, discarding a partial run to resume')
+
+
 def _add_model_args(p, required=True):
     p.add_argument('--preset', required=required, metavar='NAME',
                    help='named model configuration (tiny, small, paper-4l, paper-16l, paper-61l)')
@@ -265,17 +280,7 @@ def _build_parser():
     p = sub.add_parser('reference', help='single-process reference inference (the oracle)',
                        description='Run the single-process NumPy reference model over an '
                        'input file and write the output format the engine also writes.')
-    p.add_argument('--weights', required=True, metavar='FILE')
-    p.add_argument('--input', required=True, metavar='FILE', help='.jsonl or .h5 token sequences')
-    p.add_argument('--output', required=True, metavar='FILE', help='HDF5 output to write')
-    p.add_argument('--max-new-tokens', type=int, default=0, metavar='N',
-                   help='greedy tokens to generate per sequence (default 0: prefill only)')
-    p.add_argument('--save-logits', action='store_true',
-                   help='also store last_logits [n, vocab] at the last prompt position')
-    p.add_argument('--batch-tokens', type=_positive_int, default=4096, metavar='T',
-                   help='prompt-token budget of one batch (default 4096)')
-    p.add_argument('--overwrite', action='store_true',
-                   help='replace OUTPUT if it exists, discarding a partial run to resume')
+    _add_job_args(p)
     p.set_defaults(func=_cmd_reference)
 
     p = sub.add_parser('run', help='distributed expert-parallel inference (under mpiexec/srun)',
@@ -283,9 +288,7 @@ def _build_parser():
                        'the dense parts, expert ranks their experts; tokens travel by '
                        'non-blocking all-to-all. Launch as: mpiexec -n P python -m mpi4py '
                        '-m mpimoe run ... Writes the same output format as `mpimoe reference`.')
-    p.add_argument('--weights', required=True, metavar='FILE')
-    p.add_argument('--input', required=True, metavar='FILE', help='.jsonl or .h5 token sequences')
-    p.add_argument('--output', required=True, metavar='FILE', help='HDF5 output to write')
+    _add_job_args(p)
     p.add_argument('--placement', default='per-layer', metavar='MODE',
                    help='per-layer | dedicated | packed:K (default per-layer)')
     p.add_argument('--frontends', type=int, default=None, metavar='F',
@@ -306,12 +309,6 @@ def _build_parser():
                    help='the bias stays within [-C, C] (default 0.5)')
     p.add_argument('--micro-batches', type=int, default=2, metavar='M',
                    help='micro-batches per pass, pipelined (default 2: double buffering)')
-    p.add_argument('--max-new-tokens', type=int, default=0, metavar='N',
-                   help='greedy tokens to generate per sequence (default 0: prefill only)')
-    p.add_argument('--batch-tokens', type=int, default=4096, metavar='T',
-                   help='prompt-token budget of one front-end batch (default 4096)')
-    p.add_argument('--save-logits', action='store_true',
-                   help='also store last_logits [n, vocab] at the last prompt position')
     p.add_argument('--metrics', metavar='FILE', help='write the run report (JSON) to FILE')
     p.add_argument('--deadline', type=float, default=600.0, metavar='SECONDS',
                    help='abort the job when a wait makes no progress for this long '
@@ -328,8 +325,6 @@ def _build_parser():
                    help='numpy (CPU), cupy (one GPU per rank: node-local rank modulo the '
                    'visible devices), auto (cupy when CuPy and a GPU are usable; default)')
     _add_mpi_gpu_arg(p)
-    p.add_argument('--overwrite', action='store_true',
-                   help='replace OUTPUT if it exists, discarding a partial run to resume')
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser('bench', help='benchmarks that print figures (under mpiexec/srun)',
