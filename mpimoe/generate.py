@@ -1,4 +1,4 @@
-"""Batching and greedy generation, shared by the reference and the front-ends.
+"""Greedy generation, shared by the reference and the front-ends.
 
 A *forward* is any callable ``forward(tokens, cache, seqs, ntok) -> logits``
 that runs the whole model over a packed batch (tokens int [T]; seqs, ntok
@@ -9,24 +9,7 @@ front-ends run them over MPI.
 
 import numpy as np
 
-__all__ = ['token_batches', 'generate']
-
-
-def token_batches(lengths, budget):
-    """Split sequences, in order, into consecutive batches of at most ``budget``
-    tokens (a longer sequence is a batch of its own).
-
-    lengths: int [n] -> list of (start, stop) index ranges covering [0, n).
-    """
-    out, start, used = [], 0, 0
-    for i, n in enumerate(np.asarray(lengths).tolist()):
-        if i > start and used + n > budget:
-            out.append((start, i))
-            start, used = i, 0
-        used += n
-    if len(lengths):
-        out.append((start, len(lengths)))
-    return out
+__all__ = ['generate']
 
 
 def generate(forward, new_cache, prompts, max_new_tokens):
