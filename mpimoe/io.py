@@ -1,10 +1,11 @@
 """Token-sequence inputs and the HDF5 output format.
 
-Inputs are read whole by :func:`read_inputs` into :class:`Inputs` (flat tokens
-plus offsets); :func:`write_synthetic_inputs` writes random ones.  Outputs are
-written batch by batch by :class:`OutputWriter` and read back by
-:func:`read_outputs`.  Every file is written to ``PATH.partial`` and renamed to
-``PATH`` only when complete, so an existing ``PATH`` is never half-overwritten.
+Inputs are streamed a batch at a time by :class:`InputStream` (or read whole
+by :func:`read_inputs`) into :class:`Inputs` (flat tokens plus offsets);
+:func:`write_synthetic_inputs` writes random ones.  Outputs are committed batch
+by batch by :class:`OutputWriter` (resumable) and read back by
+:func:`read_outputs`.  No file appears under its final name before it is
+complete, so an existing ``PATH`` is never half-overwritten.
 
 ## Input formats
 
@@ -34,7 +35,7 @@ One HDF5 file:
 Root attributes: `format = "mpimoe-output"`, `format_version = 1`, and the run's
 metadata (str, int or float values; e.g. `weights`, `max_new_tokens`,
 `mpimoe_version`).  The file appears under its final name only once all `n`
-sequences are written; until then it is `OUTPUT.partial`.
+sequences are written; until then the committed batches are in `OUTPUT.chunks/`.
 """
 
 import contextlib
