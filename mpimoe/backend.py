@@ -15,8 +15,7 @@ The choices made at start-up are pure functions of their inputs, so that every
 branch is tested on a CPU: :func:`choose_backend` (``--backend``) from a
 :class:`CudaProbe`, :func:`bind_device` (rank -> GPU), :func:`mpi_gpu_mode`
 (``--mpi-gpu``) from what the MPI library says of CUDA
-(:func:`mpi_cuda_support`).  :func:`select_backend` runs the probe and the
-choice and logs it.
+(:func:`mpi_cuda_support`).
 """
 
 import ctypes
@@ -32,7 +31,7 @@ from mpimoe.errors import ConfigError, UsageError
 
 __all__ = ['DTYPES', 'BACKENDS', 'MPI_GPU_MODES', 'storage_dtype', 'to_words', 'from_words',
            'round16', 'array_module', 'to_numpy', 'CudaProbe', 'probe_cuda', 'cuda_problem',
-           'choose_backend', 'select_backend', 'Backend', 'bind_device', 'mpi_cuda_support',
+           'choose_backend', 'Backend', 'bind_device', 'mpi_cuda_support',
            'mpi_gpu_mode', 'grown_capacity', 'Rows', 'HostStaging']
 
 #: dtype name -> NumPy dtype of the 16-bit storage type
@@ -140,11 +139,12 @@ def cuda_problem(probe):
     return None
 
 
-def choose_backend(requested, probe):
+def choose_backend(requested, probe=None):
     """The backend for ``--backend requested``: (name, why) with name
     'numpy' or 'cupy' and why a few words for the log.
 
-    probe: a :class:`CudaProbe` (unused for 'numpy').  ``auto`` takes CuPy
+    probe: a :class:`CudaProbe`, by default :func:`probe_cuda` (never run for
+    'numpy').  ``auto`` takes CuPy
     when it is usable, else NumPy; ``cupy`` without a usable CuPy is a
     ConfigError saying what is missing.
     """
@@ -152,6 +152,7 @@ def choose_backend(requested, probe):
         raise UsageError(f'--backend {requested}: choose one of {", ".join(BACKENDS)}')
     if requested == 'numpy':
         return 'numpy', 'as requested'
+    probe = probe or probe_cuda()
     problem = cuda_problem(probe)
     if problem is None:
         plural = 's' if probe.n_devices > 1 else ''
@@ -159,19 +160,6 @@ def choose_backend(requested, probe):
     if requested == 'cupy':
         raise ConfigError(f'--backend cupy: {problem}')
     return 'numpy', f'auto: {problem}'
-
-
-def select_backend(requested, log, probe=None):
-    """The :class:`Backend` for ``--backend requested``; logs the choice.
-
-    log: a callable taking one line (``print``, ``logger.info``); probe: a
-    :class:`CudaProbe`, by default :func:`probe_cuda` (not run for 'numpy').
-    """
-    if probe is None and requested != 'numpy':
-        probe = probe_cuda()
-    name, why = choose_backend(requested, probe)
-    log(f'backend: {name} ({why})')
-    return Backend(name)
 
 
 class Backend:
@@ -193,10 +181,6 @@ class Backend:
     def asarray(self, a):
         """An array of this backend's module (no copy when it already is one)."""
         return self.xp.asarray(a)
-
-    def to_host(self, a):
-        """A host NumPy array of ``a``."""
-        return to_numpy(a)
 
     def synchronize(self):
         """Wait until the work queued on the current stream is done (no-op on NumPy)."""
@@ -378,10 +362,6 @@ class HostStaging:
         rows, without the host waiting."""
         self.wait()
         self._done = self.backend.copy(self.inp.view(len(rows)), rows, self.stream)
-
-    def ready(self):
-        """True when the last copy is done (never blocks)."""
-        return self._done is None or self._done.done
 
     def wait(self):
         """Block until the last copy is done; then its host buffer may be reused."""

@@ -23,7 +23,6 @@ MPI, the activation and oversubscribing the cores.  One node only.
 """
 
 import ctypes
-import json
 import os
 import time
 from contextlib import contextmanager
@@ -37,6 +36,7 @@ from mpimoe.config import ModelConfig
 from mpimoe.engine import (DONE, MORE, RunOptions, _collective, _ExpertRank, _FrontEndRank,
                            _layer_comms)
 from mpimoe.errors import ConfigError, UsageError
+from mpimoe.io import write_json
 from mpimoe.metrics import Timers
 from mpimoe.model import FrontEnd
 from mpimoe.moe import moe_local, permute, run_experts
@@ -411,10 +411,7 @@ def _write_calibration(path, cfg, s, f):
     efficiency 1)."""
     flops = 2 * int(s['counts'].sum()) * cfg.expert_params
     rate = flops / f[f'gemm_{s["cores"]}'][0] / 1e12
-    tmp = f'{path}.partial'
-    with open(tmp, 'w') as out:
-        json.dump({'gemm_tflops': rate, 'gemm_efficiency': 1.0}, out, indent=1)
-    os.replace(tmp, path)
+    write_json(path, {'gemm_tflops': rate, 'gemm_efficiency': 1.0})
     print(f'  wrote {path}: gemm_tflops {rate:.4g} (expert GEMMs on {s["cores"]} cores), '
           'gemm_efficiency 1')
 

@@ -357,7 +357,7 @@ def _moe_layers(plan, B, q, M, slots, c):
     cfg, P, F = plan.cfg, plan.world_size, plan.n_frontends
     T = B * q
     nodes = plan.nodes
-    n_nodes = int(nodes[-1]) + 1
+    n_nodes = plan.n_nodes
     share = _shares(plan)                                                 # [Lm, E]
     copies = T * cfg.top_k * share                                        # [Lm, E]
     active = 1 - (1 - share) ** (T * cfg.top_k / M)                       # per micro-batch

@@ -26,14 +26,13 @@ __all__ = ['LayerComms', 'Slot']
 class LayerComms:
     """The communicators of one MoE layer on this rank (None if not a member).
 
-    ranks: sorted world ranks of the layer; key_of_expert: int64 [E], the
-    permute key ``position_in_comm * K + slot`` of each expert; K: experts per
-    rank in this layer.
+    ranks: sorted world ranks of the layer; k_slots (K): experts per rank in
+    this layer (the permute key of a row is ``position_in_comm * K + slot``,
+    mpimoe.placement.Plan.dispatch_keys).
     """
 
-    def __init__(self, world, ranks, key_of_expert, k_slots):
+    def __init__(self, world, ranks, k_slots):
         self.ranks = np.asarray(ranks)
-        self.key_of_expert = key_of_expert
         self.k = k_slots
         self.counts = group_comm(world, self.ranks.tolist())
         self.member = self.counts is not None
@@ -67,7 +66,7 @@ class Slot:
         self.deadline_s = deadline_s
         self.reqs = []            # requests whose buffers are in use
         self.count_req = None     # expert side: counts not yet turned into rows
-        self.peer_counts = None   # int32 [size, K] rows per (peer, local expert)
+        self.peer_counts = None   # expert side: int32 [size, K] rows per (peer, local expert)
         self.what = ''
 
     # -- front-end side -------------------------------------------------------
@@ -82,7 +81,6 @@ class Slot:
         per_peer = send_counts.sum(axis=1).astype(np.int32)
         zeros = np.zeros(lc.size, dtype=np.int32)
         displ = _displacements(per_peer)
-        self.peer_counts = send_counts
         out = self._send_view(n_rows)
         self.reqs = [
             lc.counts.Ialltoall(np.ascontiguousarray(send_counts, dtype=np.int32),

@@ -31,12 +31,13 @@ import numpy as np
 
 from mpimoe import __version__
 from mpimoe.backend import (DTYPES, Backend, choose_backend, from_words, mpi_cuda_support,
-                            mpi_gpu_mode, probe_cuda, storage_dtype, to_numpy, to_words)
+                            mpi_gpu_mode, storage_dtype, to_numpy, to_words)
 from mpimoe.balance import BIAS_RULE, max_over_mean, update_bias
 from mpimoe.dispatch import LayerComms, Slot
 from mpimoe.costmodel import pass_flops
 from mpimoe.errors import ConfigError, DataError, MpimoeError, Stopped, UsageError
 from mpimoe.generate import generate
+from mpimoe.io import write_json
 from mpimoe.metrics import Timers, write_trace
 from mpimoe.model import FrontEnd
 from mpimoe.moe import permute, run_experts, unpermute
@@ -153,7 +154,7 @@ def _run(opts, world):
             raise _collective(e)
         # rank 0 checks input and output before anyone spends time loading
         with timers.span('open', 'io'):
-            io = _open_io(opts, cfg, plan, wf) if world.rank == 0 else None
+            io = _open_io(opts, plan, wf) if world.rank == 0 else None
         layers = _layer_comms(world, plan)
         with timers.span('load', 'load'):
             role = _load_role(world, cfg, plan, opts, layers, wf, timers, backend, mode, io)
@@ -197,7 +198,7 @@ def _select_backend(opts, world):
     different backends, is a collective ConfigError (one line from rank 0).
     """
     try:
-        name, why = choose_backend(opts.backend, probe_cuda() if opts.backend != 'numpy' else None)
+        name, why = choose_backend(opts.backend)
         mine = ('', name)
     except MpimoeError as e:
         mine = (str(e), None)
@@ -249,10 +250,9 @@ def _backend_report(backend, mode):
     return out
 
 
-def _open_io(opts, cfg, plan, wf):
+def _open_io(opts, plan, wf):
     """Rank 0: the input stream and the (maybe resumed) output writer."""
-    from mpimoe.io import InputStream, OutputWriter, run_identity
-    stream = InputStream(opts.input, cfg.vocab_size)
+    from mpimoe.io import open_job
     meta = {'producer': 'mpimoe run', 'mpimoe_version': __version__,
             'weights': str(opts.weights), 'input': str(opts.input),
             'max_new_tokens': opts.max_new_tokens, 'placement': plan.mode,
@@ -260,10 +260,9 @@ def _open_io(opts, cfg, plan, wf):
     # the options that change results (bias balancing changes the routing)
     balance = 'off' if opts.balance == 'off' else \
         f'bias every {opts.balance_every} step {opts.balance_step} clip {opts.balance_clip}'
-    identity = run_identity(opts.input, wf.identity(), max_new_tokens=opts.max_new_tokens,
-                            batch_tokens=opts.batch_tokens, balance=balance)
-    writer = OutputWriter(opts.output, len(stream), cfg.vocab_size, opts.save_logits, meta,
-                          identity, overwrite=opts.overwrite)
+    stream, writer = open_job(opts.input, opts.output, wf, opts.save_logits, meta,
+                              opts.overwrite, max_new_tokens=opts.max_new_tokens,
+                              batch_tokens=opts.batch_tokens, balance=balance)
     if writer.written:
         log.info(f'resuming {opts.output}: {writer.written} of {len(stream)} sequences '
                  'already committed')
@@ -285,8 +284,7 @@ def _layer_comms(world, plan):
     """LayerComms of every MoE layer (layer index in the model -> LayerComms)."""
     out = {}
     for m, layer in enumerate(plan.cfg.moe_layers):
-        keys, _, k = plan.dispatch_keys(m)                         # keys: [E, copies]
-        out[layer] = LayerComms(world, plan.layer_ranks(m), keys[:, 0], k)
+        out[layer] = LayerComms(world, plan.layer_ranks(m), plan.dispatch_keys(m)[2])
     return out
 
 
@@ -414,7 +412,7 @@ class _FrontEndRank(_Role):
         xp = self.backend.xp
         x = xp.concatenate(xs) if xs else xp.zeros((0, cfg.d_model), np.float32)
         with self.timers.span('head', 'compute'):
-            logits = self.backend.to_host(fe.logits(x[xp.asarray(np.cumsum(ntok) - 1)]))
+            logits = to_numpy(fe.logits(x[xp.asarray(np.cumsum(ntok) - 1)]))
         tokens = int(np.sum(ntok))
         flops = pass_flops(cfg, tokens, pairs, tokens * cfg.top_k * cfg.n_moe_layers, len(ntok))
         self._record_pass(time.perf_counter() - t0, tokens, flops)
@@ -607,10 +605,10 @@ class _ExpertRank(_Role):
             with self.timers.span('dispatch', 'wait', layer=layer, mb=m):
                 words, counts = slot.expert_received(self._poll)
             with self.timers.span('unpack', 'pack', layer=layer, mb=m):
-                # rows arrive grouped by (front-end, expert); regroup by expert
-                labels = np.repeat(np.tile(np.arange(lc.k), lc.size), counts.ravel())
-                regroup = self.backend.asarray(np.argsort(labels, kind='stable'))   # [n]
-                x16 = from_words(words, cfg.dtype)[regroup]
+                regroup = self._regroup(counts)
+                x16 = from_words(words, cfg.dtype)
+                if regroup is not None:
+                    x16 = x16[regroup]
                 if not self.backend.is_gpu:     # the FP32 contract (mpimoe.model.expert_ffn)
                     x16 = x16.astype(np.float32)
             with self.timers.span('expert', 'compute', layer=layer, mb=m):
@@ -621,8 +619,19 @@ class _ExpertRank(_Role):
                                 poll=self._poll, chunk=POLL_ROWS)
             with self.timers.span('combine', 'pack', layer=layer, mb=m):
                 out = slot.out.view(len(words))
-                out[regroup] = to_words(y.astype(storage_dtype(cfg.dtype)))
+                out[slice(None) if regroup is None else regroup] = \
+                    to_words(y.astype(storage_dtype(cfg.dtype)))
                 slot.expert_send(len(words))
+
+    def _regroup(self, counts):
+        """Rows arrive grouped by (sending peer, local expert); the order that
+        groups them by expert: int [n] on the backend, or None when they already
+        are (one expert here, or one peer sent rows).  counts: int [size, K]."""
+        size, k = counts.shape
+        if k == 1 or np.count_nonzero(counts.sum(axis=1)) <= 1:
+            return None
+        labels = np.repeat(np.tile(np.arange(k), size), counts.ravel())
+        return self.backend.asarray(np.argsort(labels, kind='stable'))
 
     def _poll(self):
         """Post row receives whose counts arrived (in micro-batch order), test sends."""
@@ -757,7 +766,4 @@ def _finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops, backen
              f'{rate(summary["decode_tokens_per_s"])} tokens/s, wall {seconds:.2f} s '
              f'-> {opts.output}')
     if opts.metrics:
-        tmp = f'{opts.metrics}.partial'
-        with open(tmp, 'w') as f:
-            json.dump(report, f, indent=1)
-        os.replace(tmp, opts.metrics)
+        write_json(opts.metrics, report)

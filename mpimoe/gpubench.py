@@ -104,7 +104,7 @@ def _bench(opts, world):
         gemm = _gemm_figures(backend.xp, cfg, opts, clock)
         moe = _moe_figures(backend, cfg, opts, clock)
     _idle(world, opts.deadline)
-    transfer = _transfer_figures(world, backend, opts, modes) if world.size == 2 else None
+    transfer = _transfer_figures(world, backend, cfg, opts, modes) if world.size == 2 else None
     if world.rank == 0:
         _print_table(backend, cfg, opts, lines, gemm, moe, transfer, modes)
     return 0
@@ -235,11 +235,11 @@ def _torch_moe(torch, h, w_router, ups, downs, top_k):
 
 # -------------------------------------------------------------- MPI transfer
 
-def _transfer_figures(world, backend, opts, modes):
+def _transfer_figures(world, backend, cfg, opts, modes):
     """Per size: (MB, {mode: GB/s one way}), rows of paper-61l width between
     ranks 0 and 1; each round trip checks that the rows came back unchanged."""
     xp = backend.xp
-    d = model_config('paper-61l').d_model
+    d = cfg.d_model
     staging = HostStaging(d, backend)
     rng = xp.random.default_rng(opts.seed + 2)
     out = []

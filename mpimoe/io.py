@@ -50,7 +50,7 @@ import numpy as np
 
 from mpimoe.errors import DataError, UsageError
 
-__all__ = ['Inputs', 'InputStream', 'read_inputs', 'file_digest', 'run_identity', 'read_json', 'write_synthetic_inputs',
+__all__ = ['Inputs', 'InputStream', 'read_inputs', 'file_digest', 'open_job', 'read_json', 'write_json', 'write_synthetic_inputs',
            'OutputWriter', 'read_outputs']
 
 OUTPUT_FORMAT = 'mpimoe-output'
@@ -118,7 +118,8 @@ class InputStream:
             ...                                       # batch: Inputs; first: its index
 
     Validation is that of :func:`read_inputs`, batch by batch; duplicate ids
-    are found through the hash of every id seen (about 100 bytes per sequence).
+    are found through the hash of every id seen (about 150 bytes per sequence).
+    ``sha256``: the file's digest, taken while counting its sequences.
     """
 
     def __init__(self, path, vocab_size):
@@ -128,8 +129,10 @@ class InputStream:
         self.vocab_size = vocab_size
         if not os.path.isfile(self.path):
             raise DataError(f'{self.path}: input file not found')
-        self.n = _count_jsonl(self.path) if self.format == 'jsonl' else \
-            _count_hdf5(self.path)
+        if self.format == 'jsonl':
+            self.n, self.sha256 = _count_jsonl(self.path)
+        else:
+            self.n, self.sha256 = _count_hdf5(self.path), file_digest(self.path)
         if self.n == 0:
             raise DataError(f'{self.path}: no sequences')
 
@@ -142,12 +145,13 @@ class InputStream:
         None: one batch of everything), formed from the first sequence on, so
         the batches are the same whatever ``start``; those ending at or before
         sequence ``start`` are skipped (they were done before a restart)."""
-        seen = {}           # hash(id) -> position of its first sequence
+        seen = {}           # hash(id) -> positions of the sequences with such ids
         first, ids, chunks, used = 0, [], [], 0
         for i, (pos, seq_id, tokens) in enumerate(self._sequences()):
-            if hash(seq_id) in seen:
-                self._check_duplicate(seen[hash(seq_id)], pos, seq_id)
-            seen.setdefault(hash(seq_id), pos)
+            earlier = seen.setdefault(hash(seq_id), [])
+            for p in earlier:           # nearly always none; more than one: a collision
+                self._check_duplicate(p, pos, seq_id)
+            earlier.append(pos)
             if ids and budget is not None and used + len(tokens) > budget:
                 if first + len(ids) > start:
                     yield first, _pack(ids, chunks)
@@ -184,13 +188,20 @@ def _pack(ids, chunks):
     return Inputs(ids, np.concatenate(chunks), offsets)
 
 
-def run_identity(input_path, weights_identity, **options):
-    """What must not change for a rerun to resume an output: the input's bytes,
-    the weights (:meth:`WeightFile.identity`) and the ``options`` that change
-    results (str/int/float values; batch composition included, so that a
-    resumed output is bit for bit an uninterrupted one)."""
-    return {'input_sha256': file_digest(input_path), 'weights_sha256': weights_identity,
-            **options}
+def open_job(input_path, output, wf, save_logits, meta, overwrite, **options):
+    """The input stream and the (maybe resumed) output writer of a run over
+    ``input_path`` with the weights ``wf`` (WeightFile): (InputStream, OutputWriter).
+
+    What must not change for a rerun to resume: the input's bytes, the weights
+    (:meth:`WeightFile.identity`) and the ``options`` that change results
+    (str/int/float values; batch composition included, so that a resumed
+    output is bit for bit an uninterrupted one).
+    """
+    stream = InputStream(input_path, wf.config.vocab_size)
+    identity = {'input_sha256': stream.sha256, 'weights_sha256': wf.identity(), **options}
+    writer = OutputWriter(output, len(stream), wf.config.vocab_size, save_logits, meta,
+                          identity, overwrite=overwrite)
+    return stream, writer
 
 
 def read_json(path, what):
@@ -217,8 +228,13 @@ def file_digest(path, block=1 << 22):
 # --- JSONL ---------------------------------------------------------------
 
 def _count_jsonl(path):
+    """(non-blank lines, sha256 hex) of a JSONL file, in one read."""
+    h, n = hashlib.sha256(), 0
     with open(path, 'rb') as f:
-        return sum(1 for raw in f if raw.strip())
+        for raw in f:
+            h.update(raw)
+            n += bool(raw.strip())
+    return n, h.hexdigest()
 
 
 def _jsonl_sequences(path, vocab_size):
@@ -478,7 +494,7 @@ class OutputWriter:
             if os.path.isdir(self.dir):
                 shutil.rmtree(self.dir)
             os.makedirs(self.dir)
-            _commit_json(os.path.join(self.dir, 'manifest.json'), self.identity)
+            write_json(os.path.join(self.dir, 'manifest.json'), self.identity)
         return self
 
     def write(self, index, ids, generated, logits=None):
@@ -581,9 +597,11 @@ def _committed(path):
         os.close(fd)
 
 
-def _commit_json(path, obj):
+def write_json(path, obj, indent=1):
+    """Write ``obj`` as JSON to ``path`` atomically (a reader sees the old file
+    or the whole new one, never a torn one)."""
     with _committed(path) as tmp, open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        json.dump(obj, f, indent=indent, sort_keys=True)
 
 
 def _checked_meta(meta):

@@ -8,11 +8,11 @@ the span for a Chrome/Perfetto trace (``--trace DIR``); off, it records
 nothing.
 """
 
-import json
-import os
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+
+from mpimoe.io import write_json
 
 __all__ = ['Timers', 'write_trace']
 
@@ -73,7 +73,4 @@ class Timers:
 def write_trace(path, events):
     """Write Chrome trace events (a list of dicts) to ``path`` (open it in
     https://ui.perfetto.dev or chrome://tracing)."""
-    tmp = f'{path}.partial'
-    with open(tmp, 'w') as f:
-        json.dump({'traceEvents': events, 'displayTimeUnit': 'ms'}, f)
-    os.replace(tmp, path)
+    write_json(path, {'traceEvents': events, 'displayTimeUnit': 'ms'}, indent=None)

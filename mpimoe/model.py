@@ -207,8 +207,8 @@ class FrontEnd:
     norms, routers and LM head; what a front-end rank holds.
 
     tensors: dict name -> array, names as in weights/FORMAT.md: float32 (NumPy
-    backend) or 16-bit device arrays (CuPy: widened to FP32 at use; the routers
-    and norms, small, once here).
+    backend) or 16-bit device arrays (CuPy: widened to FP32 at use; the routers,
+    small, once here).
     """
 
     def __init__(self, cfg, tensors):

@@ -66,7 +66,7 @@ def run_reference(weights, input_path, output, max_new_tokens=0, save_logits=Fal
     """
     from mpimoe.checkpoint import WeightFile
     from mpimoe.errors import Stopped, UsageError
-    from mpimoe.io import InputStream, OutputWriter, run_identity
+    from mpimoe.io import open_job
     from mpimoe.progress import Progress
     from mpimoe.signals import StopRequest
     if max_new_tokens < 0:
@@ -76,12 +76,8 @@ def run_reference(weights, input_path, output, max_new_tokens=0, save_logits=Fal
             'max_new_tokens': max_new_tokens}
     # check the weights' header, the inputs and the output path before the long part
     with WeightFile(weights) as wf:
-        cfg = wf.config
-        stream = InputStream(input_path, cfg.vocab_size)
-        identity = run_identity(input_path, wf.identity(), max_new_tokens=max_new_tokens,
-                                batch_tokens=batch_tokens)
-        writer = OutputWriter(output, len(stream), cfg.vocab_size, save_logits, meta,
-                              identity, overwrite=overwrite)
+        stream, writer = open_job(input_path, output, wf, save_logits, meta, overwrite,
+                                  max_new_tokens=max_new_tokens, batch_tokens=batch_tokens)
         model = load_reference(wf)
     if writer.written:
         log(f'reference: resuming {output} after {writer.written} committed sequences')
