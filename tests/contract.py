@@ -28,12 +28,34 @@ covered by rounding the constants up).
 
 import numpy as np
 
-__all__ = ['EPS32', 'unit_roundoff', 'gamma', 'expert_bound', 'GELU_SLOPE', 'SILU_SLOPE']
+__all__ = ['EPS32', 'unit_roundoff', 'gamma', 'expert_bound', 'GELU_SLOPE', 'SILU_SLOPE',
+           'LOGIT_RTOL']
 
 #: unit roundoff of FP32
 EPS32 = 2.0 ** -24
 #: max |d gelu / dx| (tanh form) and max |d silu / dx|, rounded up
 GELU_SLOPE, SILU_SLOPE = 1.13, 1.1
+
+
+#: Bound on the relative L2 difference ``|a - b| / |b|`` of one row of logits
+#: between two computations of the same token that differ only in batching
+#: (companions in the batch, prefill versus cached decode).  They do the same
+#: FP32 arithmetic in differently shaped GEMMs: relative differences of about
+#: sqrt(d) 2^-24, ~1e-6.  But the values entering an expert, its hidden
+#: activations and its output are rounded to bf16 (mpimoe.model.expert_ffn), so
+#: an FP32 difference that straddles a rounding midpoint moves that element by
+#: one bf16 ulp: at most eps(bfloat16) = 2^-7 of the element, so at most 2^-7 of
+#: the norm of its vector.  The synthetic weights preserve norms (N(0, 1/d_in)
+#: matrices, RMSNorm before every block, output projections scaled down;
+#: test_synthetic_weights_keep_activations_order_one) and the residual stream
+#: carries an FFN output with gain <= 1, so one flip moves a row of logits by at
+#: most ~2^-7 relative (typically 2^-7 / sqrt(d), the element being one of d).
+#: A flip needs an FP32 difference (~2^-24 sqrt(d) relative) to straddle a
+#: midpoint (2^-8 relative apart): probability ~1e-4 per rounding, over the
+#: ~10^3 roundings of a token's experts, so a row sees well under one flip on
+#: average; we allow four worst-case flips.  A real bug (a wrong position,
+#: mask, cache row or a companion's token) changes the logits by O(1).
+LOGIT_RTOL = 4 * 2.0 ** -7
 
 
 def unit_roundoff(dtype):

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ['mpiexec', 'mpiexec_path']
+__all__ = ['mpiexec', 'mpiexec_start', 'mpiexec_path']
 
 
 def mpiexec_path():
@@ -25,24 +25,32 @@ def mpiexec_path():
     return found
 
 
-def mpiexec(n, args, timeout, env=None):
-    """Run ``mpiexec -n n python -m mpi4py -m mpimoe *args``; CompletedProcess
-    with text stdout/stderr.
+def mpiexec_start(n, args, env=None):
+    """Start ``mpiexec -n n python -m mpi4py -m mpimoe *args`` in a process
+    group of its own (``os.killpg(proc.pid, ...)`` reaches every rank); Popen
+    with text stdout/stderr pipes.
 
     ``env`` adds to (or overrides) this process's environment; BLAS threads
-    default to 1 because the ranks oversubscribe the cores.  On ``timeout``
-    (seconds) every process of the job is killed and TimeoutExpired raised.
+    default to 1 because the ranks oversubscribe the cores.
     """
     cmd = [mpiexec_path(), '-n', str(n), sys.executable, '-m', 'mpi4py', '-m', 'mpimoe',
            *map(str, args)]
     full_env = {'OMP_NUM_THREADS': '1', 'OPENBLAS_NUM_THREADS': '1', **os.environ,
                 **(env or {})}
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=full_env, start_new_session=True) as proc:
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=full_env, start_new_session=True)
+
+
+def mpiexec(n, args, timeout, env=None):
+    """Run :func:`mpiexec_start` to its end; CompletedProcess with text
+    stdout/stderr.  On ``timeout`` (seconds) every process of the job is
+    killed and TimeoutExpired raised.
+    """
+    with mpiexec_start(n, args, env) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
-            raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+            raise subprocess.TimeoutExpired(proc.args, timeout, out, err) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -22,7 +22,7 @@ from contract import expert_bound
 from mpimoe.backend import (DTYPES, Backend, CudaProbe, HostStaging, Rows, array_module,
                             bind_device, choose_backend, cuda_problem, grown_capacity,
                             mpi_cuda_support, mpi_gpu_mode, probe_cuda, round16,
-                            select_backend, to_numpy)
+                            to_numpy)
 from mpimoe.errors import ConfigError, MpimoeError, UsageError
 from mpimoe.gpubench import GpuBenchOptions, run_gpu_bench
 from mpimoe.model import _gelu, _silu, expert_ffn
@@ -41,14 +41,13 @@ GPUS = CudaProbe('14.2.0', 4, '', '0,1,2,3')
 # ---------------------------------------------------------------- --backend
 
 def _select(requested, probe):
-    lines = []
-    backend = select_backend(requested, lines.append, probe)
-    assert len(lines) == 1
-    return backend, lines[0]
+    """(Backend, the log line `mpimoe run` prints) for --backend requested."""
+    name, why = choose_backend(requested, probe)
+    return Backend(name), f'backend: {name} ({why})'
 
 
 def test_numpy_is_chosen_without_probing():
-    # select_backend('numpy') runs no probe: nothing about CUDA is looked at
+    # choose_backend('numpy') runs no probe: nothing about CUDA is looked at
     backend, line = _select('numpy', None)
     assert backend.name == 'numpy' and backend.xp is np and not backend.is_gpu
     assert line == 'backend: numpy (as requested)'
@@ -87,7 +86,7 @@ def test_a_usable_cupy_is_chosen_by_auto_and_cupy(requested):
 ])
 def test_cupy_without_a_usable_cupy_is_a_one_line_error(probe, message):
     with pytest.raises(ConfigError) as err:
-        select_backend('cupy', print, probe)
+        choose_backend('cupy', probe)
     assert str(err.value) == message and '\n' not in message
     assert err.value.exit_code == 2
 
@@ -217,10 +216,10 @@ def test_rows_reallocate_rarely_as_requests_grow():
 def test_host_staging_on_numpy_sizes_and_copies():
     rng = np.random.default_rng(0)
     staging = HostStaging(4, Backend('numpy'))
-    assert staging.stream is None and staging.ready()
+    assert staging.stream is None
     dev = rng.integers(0, 2 ** 16, (5, 4), dtype=np.uint16)
     host = staging.download(dev)
-    assert staging.ready() and np.array_equal(host, dev) and not np.shares_memory(host, dev)
+    assert np.array_equal(host, dev) and not np.shares_memory(host, dev)
     assert staging.out.buf.shape == (5, 4)
     buf = staging.out.buf
     assert np.array_equal(staging.download(dev[:3]), dev[:3]) and staging.out.buf is buf
@@ -410,7 +409,8 @@ def test_run_backend_numpy_is_the_auto_run_and_ignores_mpi_gpu(tiny_weights, tin
         pytest.skip('auto picks CuPy on this machine: tests/test_gpu.py compares the backends')
     (tmp_path / 'auto').mkdir()
     (tmp_path / 'numpy').mkdir()
-    _, auto, auto_report = _run_cli(tiny_weights, tiny_inputs, tmp_path / 'auto', [])
+    auto_proc, auto, auto_report = _run_cli(tiny_weights, tiny_inputs, tmp_path / 'auto', [])
+    assert auto_proc.returncode == 0, auto_proc.stderr
     proc, got, report = _run_cli(tiny_weights, tiny_inputs, tmp_path / 'numpy',
                                  ['--backend', 'numpy', '--mpi-gpu', 'device'])
     assert proc.returncode == 0, proc.stderr

@@ -6,15 +6,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mpirun import mpiexec, mpiexec_path
+from mpirun import mpiexec, mpiexec_start
 from mpimoe.io import read_outputs, write_synthetic_inputs
 
 N_SEQS = 120
@@ -34,14 +32,31 @@ def workload(tmp_path_factory, tiny_weights):
     return tiny_weights, inputs, whole
 
 
-def _start(weights, inputs, out, *extra):
-    """Start a 5-rank run in its own process group; Popen."""
-    cmd = [mpiexec_path(), '-n', '5', sys.executable, '-m', 'mpi4py', '-m', 'mpimoe', 'run',
-           '--weights', str(weights), '--input', str(inputs), '--output', str(out),
-           *map(str, ARGS), *extra]
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'OPENBLAS_NUM_THREADS': '1'}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
+def _job(weights, inputs, out):
+    return ['run', '--weights', weights, '--input', inputs, '--output', out, *ARGS]
+
+
+def _start(weights, inputs, out):
+    """Start the 5-rank run in its own process group; Popen."""
+    return mpiexec_start(5, _job(weights, inputs, out))
+
+
+def _rerun(weights, inputs, out):
+    """Rerun the same command to its end; CompletedProcess (must succeed)."""
+    proc = mpiexec(5, _job(weights, inputs, out), timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _committed(out):
+    """Sequences committed so far in OUT.chunks (chunk files NNN-MMM.h5)."""
+    return max(int(p.stem.split('-')[1]) for p in Path(str(out) + '.chunks').glob('*.h5'))
+
+
+def _assert_resumed(proc, done):
+    """The rerun said it resumed after ``done`` sequences, not from the start."""
+    assert 0 < done < N_SEQS
+    assert f'{done} of {N_SEQS} sequences already committed' in proc.stderr, proc.stderr
 
 
 def _wait_for_chunks(out, n, proc, timeout=120):
@@ -68,19 +83,10 @@ def _assert_same(a_path, b_path):
 def test_sigkill_of_every_process_then_rerun_resumes(workload, tmp_path):
     weights, inputs, whole = workload
     out = tmp_path / 'out.h5'
-    proc = _start(weights, inputs, out)
-    try:
-        _wait_for_chunks(out, 3, proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=30)
+    _partial_run(weights, inputs, out, chunks=3)
     assert not out.exists()
-    committed = len(list(Path(str(out) + '.chunks').glob('*.h5')))
-    rerun = mpiexec(5, ['run', '--weights', weights, '--input', inputs, '--output', out, *ARGS],
-                    timeout=240)
-    assert rerun.returncode == 0, rerun.stderr
-    assert 'resuming' in rerun.stderr and 'already committed' in rerun.stderr
-    assert committed >= 3
+    done = _committed(out)
+    _assert_resumed(_rerun(weights, inputs, out), done)
     _assert_same(whole, out)
     assert not Path(str(out) + '.chunks').exists()
 
@@ -99,17 +105,17 @@ def test_sigterm_stops_cleanly_with_75_and_a_rerun_finishes(workload, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 75, err
     assert 'stopped cleanly on SIGTERM' in err and 'rerun the same command' in err
-    rerun = mpiexec(5, ['run', '--weights', weights, '--input', inputs, '--output', out, *ARGS],
-                    timeout=240)
-    assert rerun.returncode == 0, rerun.stderr
+    done = _committed(out)
+    _assert_resumed(_rerun(weights, inputs, out), done)
     _assert_same(whole, out)
 
 
-def _partial_run(weights, inputs, out):
-    """Leave a partial run behind: SIGKILL after the first committed chunk."""
+def _partial_run(weights, inputs, out, chunks=1):
+    """Leave a partial run behind: SIGKILL of every process once ``chunks``
+    chunks are committed."""
     proc = _start(weights, inputs, out)
     try:
-        _wait_for_chunks(out, 1, proc)
+        _wait_for_chunks(out, chunks, proc)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=30)

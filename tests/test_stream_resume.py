@@ -93,7 +93,7 @@ def test_resume_after_a_failure_equals_an_uninterrupted_run(tmp_path):
 def test_resume_with_other_identity_is_refused_and_touches_nothing(tmp_path):
     ids, gen, logits = _results(4)
     out = tmp_path / 'out.h5'
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match='only 2 of 4 sequences'):
         with OutputWriter(out, 4, 16, True, {}, IDENT) as w:
             _write(w, ids, gen, logits, 0, 2)
     chunks = sorted(p.name for p in (tmp_path / 'out.h5.chunks').iterdir())
