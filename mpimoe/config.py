@@ -14,6 +14,9 @@ from mpimoe.errors import ConfigError
 __all__ = ['ModelConfig', 'PRESETS', 'model_config', 'parse_overrides']
 
 EXPERT_KINDS = ('mlp', 'swiglu')
+#: fields added after files were first written: a stored config may lack them
+#: (their default applies)
+LATER_FIELDS = frozenset({'max_position_embeddings'})
 DTYPES = ('bfloat16', 'float16')
 
 
@@ -51,6 +54,10 @@ class ModelConfig:
     """RMSNorm epsilon."""
     dtype: str = 'bfloat16'
     """Storage dtype of the weights: ``bfloat16`` or ``float16``."""
+    max_position_embeddings: int = 4096
+    """Context length: prompt plus generated tokens of one sequence may not
+    exceed it (``max_position_embeddings`` of the checkpoint's config.json;
+    weight files written before the field existed read as 4096)."""
 
     def __post_init__(self):
         for f in fields(self):
@@ -58,7 +65,8 @@ class ModelConfig:
             if not isinstance(v, _field_type(f)) or isinstance(v, bool):
                 raise ConfigError(f'{f.name}={v!r}: expected {f.type.__name__}')
         for name in ('n_layers', 'n_experts', 'top_k', 'd_model', 'n_heads',
-                     'n_kv_heads', 'head_dim', 'd_expert', 'd_dense', 'vocab_size'):
+                     'n_kv_heads', 'head_dim', 'd_expert', 'd_dense', 'vocab_size',
+                     'max_position_embeddings'):
             if getattr(self, name) < 1:
                 raise ConfigError(f'{name}={getattr(self, name)}: must be >= 1')
         if not 0 <= self.n_dense_layers < self.n_layers:
@@ -131,7 +139,7 @@ class ModelConfig:
             raise ConfigError('config is not a JSON object')
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
-        missing = sorted(n for n in names - set(d))
+        missing = sorted(names - set(d) - LATER_FIELDS)
         if unknown or missing:
             raise ConfigError(f'config keys: unknown {unknown}, missing {missing}')
         return cls(**d)
@@ -150,11 +158,11 @@ PRESETS = {
     'paper-61l': dict(n_layers=61, n_dense_layers=3, n_experts=64, top_k=2,
                       d_model=7168, n_heads=128, n_kv_heads=128, head_dim=128,
                       d_expert=2048, d_dense=18432, expert_kind='mlp',
-                      vocab_size=129280, dtype='bfloat16'),
+                      vocab_size=129280, dtype='bfloat16', max_position_embeddings=163840),
     'paper-16l': dict(n_layers=16, n_dense_layers=0, n_experts=16, top_k=2,
                       d_model=4096, n_heads=32, n_kv_heads=32, head_dim=128,
                       d_expert=16384, d_dense=16384, expert_kind='mlp',
-                      vocab_size=32000, dtype='bfloat16'),
+                      vocab_size=32000, dtype='bfloat16', max_position_embeddings=16384),
     'paper-4l': dict(n_layers=4, n_dense_layers=0, n_experts=16, top_k=2,
                      d_model=8192, n_heads=16, n_kv_heads=16, head_dim=512,
                      d_expert=32768, d_dense=32768, expert_kind='mlp',
