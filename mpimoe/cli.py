@@ -10,7 +10,7 @@ import sys
 
 from mpimoe import __version__
 from mpimoe.backend import BACKENDS, MPI_GPU_MODES
-from mpimoe.errors import EXIT_INTERNAL, IOFailure, MpimoeError, UsageError
+from mpimoe.errors import EXIT_INTERNAL, ConfigError, IOFailure, MpimoeError, UsageError
 from mpimoe.progress import EVERY_S
 
 __all__ = ['main']
@@ -136,6 +136,8 @@ def _cmd_reference(args):
 
 def _cmd_run(args):
     from mpi4py import MPI
+    # no plan fits one rank (it needs a front-end and an expert rank): most
+    # likely started without mpiexec/srun, so say how to launch
     if MPI.COMM_WORLD.size == 1:
         raise UsageError(_launch_hint(args))
     from mpimoe.engine import RunOptions, run_engine
@@ -166,13 +168,13 @@ def _launch_hint(args):
         with WeightFile(args.weights) as wf:
             cfg = wf.config
         loads = load_stats(args.stats, cfg) if args.stats else None
-    except (MpimoeError, OSError):
-        return text + '; `mpimoe plan --preset NAME --gpus P` tells which P fit a model'
-    try:
         make_plan(cfg, 1, args.placement, args.frontends, loads=loads, replicas=args.replicas)
-    except MpimoeError as e:
-        text += f'; for {args.weights}: {e}'
-    return text + '; `mpimoe plan --gpus P` prints the placement on P ranks'
+    except (MpimoeError, OSError) as e:
+        # a ConfigError names the world sizes that fit; unreadable weights or
+        # --stats leave the launch line alone (a launched run reports them)
+        if isinstance(e, ConfigError):
+            text += f'; for {args.weights}: {e}'
+    return text + '; `mpimoe plan --preset NAME --gpus P` prints the placement on P ranks'
 
 
 def _cmd_report(args):

@@ -81,7 +81,7 @@ def test_run_without_launcher_says_how_to_launch(tiny_weights, tiny_inputs, tmp_
                                                    'program and has only 1 rank'), r.stderr
     for fragment in ('mpiexec -n P python -m mpi4py -m mpimoe run',
                      'srun -K1 -n P python -m mpi4py -m mpimoe run',
-                     fits.format(w=tiny_weights), '`mpimoe plan --gpus P`'):
+                     fits.format(w=tiny_weights), '`mpimoe plan --preset NAME --gpus P`'):
         assert fragment in lines[0], (fragment, lines[0])
     assert list(tmp_path.iterdir()) == []
 
