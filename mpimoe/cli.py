@@ -10,9 +10,19 @@ import sys
 
 from mpimoe import __version__
 from mpimoe.backend import BACKENDS, MPI_GPU_MODES
-from mpimoe.errors import EXIT_INTERNAL, IOFailure, MpimoeError
+from mpimoe.errors import EXIT_INTERNAL, ConfigError, IOFailure, MpimoeError, UsageError
+from mpimoe.progress import EVERY_S
 
 __all__ = ['main']
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that takes options only by their full names (no
+    silent abbreviations: ``--max-new`` is an error, not ``--max-new-tokens``);
+    the subcommands' parsers are of this class too."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
 
 
 def _positive_int(text):
@@ -28,7 +38,8 @@ def _positive_int(text):
 
 def _add_job_args(p):
     """The options `reference` and `run` share: files, generation, batching."""
-    p.add_argument('--weights', required=True, metavar='FILE')
+    p.add_argument('--weights', required=True, metavar='FILE',
+                   help='HDF5 weight file (from `mpimoe init-weights` or `mpimoe convert`)')
     p.add_argument('--input', required=True, metavar='FILE', help='.jsonl or .h5 token sequences')
     p.add_argument('--output', required=True, metavar='FILE', help='HDF5 output to write')
     p.add_argument('--max-new-tokens', type=int, default=0, metavar='N',
@@ -124,6 +135,11 @@ def _cmd_reference(args):
 
 
 def _cmd_run(args):
+    from mpi4py import MPI
+    # no plan fits one rank (it needs a front-end and an expert rank): most
+    # likely started without mpiexec/srun, so say how to launch
+    if MPI.COMM_WORLD.size == 1:
+        raise UsageError(_launch_hint(args))
     from mpimoe.engine import RunOptions, run_engine
     opts = RunOptions(weights=args.weights, input=args.input, output=args.output,
                       placement=args.placement, frontends=args.frontends,
@@ -137,6 +153,28 @@ def _cmd_run(args):
                       balance_clip=args.balance_clip, backend=args.backend,
                       mpi_gpu=args.mpi_gpu)
     return run_engine(opts)
+
+
+def _launch_hint(args):
+    """The error of `mpimoe run` on a single rank: how to launch it and, when
+    the weights and --stats can be read, the world sizes that fit (the error
+    of mpimoe.placement.make_plan for one rank, which names them)."""
+    from mpimoe.checkpoint import WeightFile
+    from mpimoe.placement import load_stats, make_plan
+    text = ('`mpimoe run` is an MPI program and has only 1 rank here (started without a '
+            'launcher?): launch P ranks with `mpiexec -n P python -m mpi4py -m mpimoe run ...` '
+            '(Slurm: `srun -K1 -n P python -m mpi4py -m mpimoe run ...`)')
+    try:
+        with WeightFile(args.weights) as wf:
+            cfg = wf.config
+        loads = load_stats(args.stats, cfg) if args.stats else None
+        make_plan(cfg, 1, args.placement, args.frontends, loads=loads, replicas=args.replicas)
+    except (MpimoeError, OSError) as e:
+        # a ConfigError names the world sizes that fit; unreadable weights or
+        # --stats leave the launch line alone (a launched run reports them)
+        if isinstance(e, ConfigError):
+            text += f'; for {args.weights}: {e}'
+    return text + '; `mpimoe plan --preset NAME --gpus P` prints the placement on P ranks'
 
 
 def _cmd_report(args):
@@ -194,11 +232,12 @@ def _add_replicas_arg(p):
 
 def _build_parser():
     from mpimoe.gpubench import GpuBenchOptions
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog='mpimoe', description='Mixture-of-Experts inference with large expert '
         'parallelism over MPI. Run a subcommand with --help for its options.')
     parser.add_argument('--version', action='version', version=f'mpimoe {__version__}')
-    sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True,
+                                help='the subcommand (each has --help)')
 
     p = sub.add_parser('init-weights', help='write seeded synthetic weights for a preset',
                        description='Write seeded synthetic BF16 weights (weights/FORMAT.md), '
@@ -223,7 +262,7 @@ def _build_parser():
     p = sub.add_parser('inspect', help='print and validate a weight file',
                        description='Print the config, tensor count and sizes of a weight '
                        'file and validate it (format version, shapes, dtypes, checksums).')
-    p.add_argument('file', metavar='FILE')
+    p.add_argument('file', metavar='FILE', help='HDF5 weight file')
     p.add_argument('--no-checksums', action='store_true',
                    help='check structure only, do not read the tensors')
     p.set_defaults(func=_cmd_inspect)
@@ -234,11 +273,15 @@ def _build_parser():
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument('--weights', metavar='FILE', help='take the vocabulary size from FILE')
     src.add_argument('--vocab', type=int, metavar='V', help='vocabulary size')
-    p.add_argument('--num-seqs', type=int, required=True, metavar='N')
-    p.add_argument('--min-len', type=int, required=True, metavar='A')
-    p.add_argument('--max-len', type=int, required=True, metavar='B')
+    p.add_argument('--num-seqs', type=int, required=True, metavar='N',
+                   help='number of sequences')
+    p.add_argument('--min-len', type=int, required=True, metavar='A',
+                   help='tokens of the shortest sequence (lengths uniform in [A, B])')
+    p.add_argument('--max-len', type=int, required=True, metavar='B',
+                   help='tokens of the longest sequence')
     p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
-    p.add_argument('--out', required=True, metavar='FILE')
+    p.add_argument('--out', required=True, metavar='FILE',
+                   help='file to write: .jsonl, or .h5/.hdf5 for HDF5')
     p.add_argument('--overwrite', action='store_true', help='replace FILE if it exists')
     p.set_defaults(func=_cmd_make_input)
 
@@ -319,8 +362,10 @@ def _build_parser():
     p.add_argument('--log-dir', metavar='DIR', help='also write one log file per rank here')
     p.add_argument('--verbose', action='store_true',
                    help='let every rank log to stderr (default: rank 0 only)')
-    p.add_argument('--progress-every', type=float, default=30.0, metavar='SECONDS',
-                   help='progress line interval when stderr is not a terminal (default 30)')
+    p.add_argument('--progress-every', type=float, default=EVERY_S, metavar='SECONDS',
+                   help='when stderr is not a terminal (a batch log), progress is a line at '
+                   'the start and one per committed chunk, at most one per SECONDS (the '
+                   f'first and last chunk always; default {EVERY_S:g})')
     p.add_argument('--backend', choices=BACKENDS, default='auto',
                    help='numpy (CPU), cupy (one GPU per rank: node-local rank modulo the '
                    'visible devices), auto (cupy when CuPy and a GPU are usable; default)')
@@ -330,7 +375,8 @@ def _build_parser():
     p = sub.add_parser('bench', help='benchmarks that print figures (under mpiexec/srun)',
                        description='Benchmarks of the distributed engine; each prints a '
                        'table. See benchmarks/README.md.')
-    bench = p.add_subparsers(dest='benchmark', metavar='BENCHMARK', required=True)
+    bench = p.add_subparsers(dest='benchmark', metavar='BENCHMARK', required=True,
+                             help='the benchmark (each has --help)')
     p = bench.add_parser('moe-layer', help='one MoE layer over P ranks vs its expert GEMMs',
                          description='Run one MoE layer (random BF16 weights in memory) over '
                          'the ranks: 1 front-end + the expert ranks of the placement. Prints '
@@ -390,7 +436,7 @@ def _build_parser():
                        description='Print a readable summary of the run.json written by '
                        '`mpimoe run --metrics`; with --png DIR also write an expert-load '
                        'heatmap and per-rank time bars (needs matplotlib).')
-    p.add_argument('file', metavar='RUN_JSON')
+    p.add_argument('file', metavar='RUN_JSON', help='run report of `mpimoe run --metrics`')
     p.add_argument('--png', metavar='DIR', help='write expert_loads.png and rank_times.png here')
     p.set_defaults(func=_cmd_report)
     return parser

@@ -42,7 +42,7 @@ from mpimoe.metrics import Timers, write_trace
 from mpimoe.model import FrontEnd
 from mpimoe.moe import permute, run_experts, unpermute
 from mpimoe.mpiutil import MPI, local_rank, node_ids, run_guarded, wait_all
-from mpimoe.progress import Progress
+from mpimoe.progress import EVERY_S, Progress
 from mpimoe.router import expert_counts, route, spread_copies
 from mpimoe.signals import StopRequest
 
@@ -75,7 +75,7 @@ class RunOptions:
     trace: str = None
     log_dir: str = None
     verbose: bool = False
-    progress_every: float = 30.0
+    progress_every: float = EVERY_S
     stats: str = None
     replicas: int = 0
     balance: str = 'off'

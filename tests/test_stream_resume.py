@@ -112,5 +112,6 @@ def test_progress_lines_for_a_log_file():
     p.update(3, 300)
     p.update(5, 500)
     lines = stream.getvalue().splitlines()
-    assert lines[0].startswith('mpimoe: 5/10 sequences (50.0%)')
+    assert lines[0] == 'mpimoe: 2/10 sequences, resuming after 2 committed'
+    assert lines[1].startswith('mpimoe: 5/10 sequences (50.0%)')
     assert lines[-1].startswith('mpimoe: 10/10 sequences (100.0%)') and 'ETA 00:00:00' in lines[-1]
