@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from mpimoe.errors import DataError, UsageError
+from mpimoe.errors import DataError, IOFailure, UsageError
 
 __all__ = ['Inputs', 'InputStream', 'read_inputs', 'file_digest', 'open_job', 'read_json', 'write_json', 'write_synthetic_inputs',
            'OutputWriter', 'read_outputs']
@@ -123,14 +123,15 @@ class InputStream:
         for first, batch in stream.batches(budget=4096):
             ...                                       # batch: Inputs; first: its index
 
-    Opening validates the whole file, in one read that also takes its digest
-    (``sha256``), so that every defect is found before any compute: each
-    line parses, keys, types, ids (:func:`_check_id`) and token ids are
-    right, the ids are unique, and every prompt fits: prompt + ``max_new_tokens``
-    <= ``context`` (the model's max_position_embeddings) and prompt <=
-    ``batch_tokens`` (the budget of a batch, which bounds its memory; None:
-    no limit).  Memory: one line or slab at a time, and the hash of every id
-    (8 bytes per sequence; twice that while they are sorted).
+    Opening validates the whole file, so that every defect is found before
+    any compute (a JSONL file in the one read that also takes its digest,
+    ``sha256``): every line or slab parses, keys, types, ids
+    (:func:`_check_id`) and token ids are right, the ids are unique, and every
+    prompt fits: prompt + ``max_new_tokens`` <= ``context`` (the model's
+    max_position_embeddings) and prompt <= ``batch_tokens`` (the budget of a
+    batch, which bounds its memory); None: no limit.  Memory: one line or slab
+    at a time and the hash of every id (8 bytes per sequence; twice that while
+    they are sorted).
     """
 
     def __init__(self, path, vocab_size, max_new_tokens=0, context=None, batch_tokens=None):
@@ -148,10 +149,11 @@ class InputStream:
                               np.inf if batch_tokens is None else batch_tokens)
         if not os.path.isfile(self.path):
             raise DataError(f'{self.path}: input file not found')
-        if self.format == 'jsonl':
-            hashes, self.sha256 = self._validate_jsonl()
-        else:
-            hashes, self.sha256 = self._validate_hdf5(), file_digest(self.path)
+        with _reading(self.path):
+            if self.format == 'jsonl':
+                hashes, self.sha256 = self._validate_jsonl()
+            else:
+                hashes, self.sha256 = self._validate_hdf5(), file_digest(self.path)
         self.n = len(hashes)
         if self.n == 0:
             raise DataError(f'{self.path}: no sequences')
@@ -246,10 +248,21 @@ class InputStream:
     def _sequences(self):
         """Yield (position, id, tokens int32 [len]) in file order;
         position: line number (JSONL) or sequence index (HDF5)."""
-        if self.format == 'jsonl':
-            yield from _jsonl_sequences(self.path, self.vocab_size)
-        else:
-            yield from _hdf5_sequences(self.path, self.vocab_size)
+        with _reading(self.path):
+            if self.format == 'jsonl':
+                yield from _jsonl_sequences(self.path, self.vocab_size)
+            else:
+                yield from _hdf5_sequences(self.path, self.vocab_size)
+
+
+@contextlib.contextmanager
+def _reading(path):
+    """Turn an OSError (no permission, a failing disk, HDF5 data that fails to
+    decode) into an IOFailure naming the input ``path``."""
+    try:
+        yield
+    except OSError as e:
+        raise IOFailure(f'{path}: cannot read the input: {e.strerror or e}') from None
 
 
 def _pack(ids, chunks):

@@ -195,7 +195,29 @@ def test_hdf5_defects_in_a_late_slab_are_found_at_open(tmp_path):
     assert f'sequence {n - 2} (id \'s{n - 2}\'): token 256' in _error(path)
 
 
+def _corrupt_hdf5(path):
+    """An input whose compressed tokens fail to decode (bytes of a chunk overwritten)."""
+    with h5py.File(path, 'w') as f:
+        f.create_dataset('ids', data=['a', 'b'], dtype=h5py.string_dtype())
+        f['offsets'] = np.array([0, 20, 40000])
+        tokens = np.random.default_rng(0).integers(0, VOCAB, 40000)
+        f.create_dataset('tokens', data=tokens, compression='gzip', chunks=(4000,))
+        where = f['tokens'].id.get_chunk_info(3).byte_offset
+    with open(path, 'r+b') as f:
+        f.seek(where + 10)
+        f.write(b'\xff' * 64)
+    return path
+
+
 # --- end to end: the CLI, one line before any compute ----------------------
+
+@pytest.mark.timeout(120)
+def test_reference_unreadable_input_is_one_line(tmp_path, tiny_weights):
+    inp = _corrupt_hdf5(tmp_path / 'in.h5')
+    result = _reference('--weights', tiny_weights, '--input', inp, '--output',
+                        tmp_path / 'out.h5', cwd=tmp_path)
+    _assert_one_line_error(result, 74, f'{inp}: cannot read the input: ', 'filter')
+
 
 def _long_file_bad_at_the_end(tmp_path, last):
     lines = [json.dumps({'id': f'seq-{i}', 'tokens': [1 + i % 200] * 4}) for i in range(2000)]
