@@ -356,7 +356,7 @@ def _parse_line(where, raw, vocab_size):
         raise DataError(f'{where}: not valid JSON: {e.msg} at column {e.colno}') from None
     except ValueError:          # int('9' * 5000): the int conversion's digit limit
         raise DataError(f'{where}: a number with more than {sys.get_int_max_str_digits()} '
-                        'digits; ids and token ids are short') from None
+                        'digits, too long for an id or a token id') from None
     except RecursionError:
         raise DataError(f'{where}: JSON nested too deeply; expected '
                         '{"id": ..., "tokens": [...]}') from None
