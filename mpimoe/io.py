@@ -18,8 +18,10 @@ The format is chosen by the extension: `.jsonl`/`.json` or `.h5`/`.hdf5`.
   sequence `i` is `tokens[offsets[i]:offsets[i+1]]`), `ids` (`[n]`
   variable-length UTF-8 strings, `h5py.string_dtype()`).
 
-Ids are unique; every sequence has at least one token; every token id is in
-`[0, vocab_size)`.
+Ids are unique, at most 1024 bytes of UTF-8, without NUL; every sequence has
+at least one token; every token id is in `[0, vocab_size)`.  A run also
+requires prompt + `max_new_tokens` <= the model's `max_position_embeddings`
+and prompt <= `batch_tokens`.  All of it is checked when the file is opened.
 
 ## Output format (`mpimoe reference` and the engine write the same file)
 
@@ -40,15 +42,18 @@ sequences are written; until then the committed batches are in `OUTPUT.chunks/`.
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
+import sys
+from array import array
 from dataclasses import dataclass
 
 import h5py
 import numpy as np
 
-from mpimoe.errors import DataError, UsageError
+from mpimoe.errors import DataError, IOFailure, UsageError
 
 __all__ = ['Inputs', 'InputStream', 'read_inputs', 'file_digest', 'open_job', 'read_json', 'write_json', 'write_synthetic_inputs',
            'OutputWriter', 'read_outputs']
@@ -112,46 +117,60 @@ class InputStream:
     """The sequences of an input file, read in order, a batch at a time, so an
     input larger than memory never is in memory whole.
 
-        stream = InputStream(path, vocab_size)
+        stream = InputStream(path, vocab_size, max_new_tokens=16, context=4096,
+                             batch_tokens=4096)
         len(stream)                                   # sequences in the file
         for first, batch in stream.batches(budget=4096):
             ...                                       # batch: Inputs; first: its index
 
-    Validation is that of :func:`read_inputs`, batch by batch; duplicate ids
-    are found through the hash of every id seen (about 150 bytes per sequence).
-    ``sha256``: the file's digest, taken while counting its sequences.
+    Opening validates the whole file, so that every defect is found before
+    any compute (a JSONL file in the one read that also takes its digest,
+    ``sha256``): every line or slab parses, keys, types, ids
+    (:func:`_check_id`) and token ids are right, the ids are unique, and every
+    prompt fits: prompt + ``max_new_tokens`` <= ``context`` (the model's
+    max_position_embeddings) and prompt <= ``batch_tokens`` (the budget of a
+    batch, which bounds its memory); None: no limit.  Memory: one line or slab
+    at a time and the hash of every id (8 bytes per sequence; twice that while
+    they are sorted).
     """
 
-    def __init__(self, path, vocab_size):
+    def __init__(self, path, vocab_size, max_new_tokens=0, context=None, batch_tokens=None):
         self.path = os.fspath(path)
         self.format = _format_of(self.path)
         _check_vocab(vocab_size)
-        self.vocab_size = vocab_size
+        self.vocab_size, self.max_new_tokens = vocab_size, max_new_tokens
+        self.context, self.batch_tokens = context, batch_tokens
+        if context is not None and max_new_tokens >= context:
+            raise UsageError(f'--max-new-tokens {max_new_tokens}: leaves no room for a prompt '
+                             f'in the context length of the model (max_position_embeddings = '
+                             f'{context}); lower it')
+        # the longest prompt that fits both limits
+        self.max_prompt = min(np.inf if context is None else context - max_new_tokens,
+                              np.inf if batch_tokens is None else batch_tokens)
         if not os.path.isfile(self.path):
             raise DataError(f'{self.path}: input file not found')
-        if self.format == 'jsonl':
-            self.n, self.sha256 = _count_jsonl(self.path)
-        else:
-            self.n, self.sha256 = _count_hdf5(self.path), file_digest(self.path)
+        with _reading(self.path):
+            if self.format == 'jsonl':
+                hashes, self.sha256 = self._validate_jsonl()
+            else:
+                hashes, self.sha256 = self._validate_hdf5(), file_digest(self.path)
+        self.n = len(hashes)
         if self.n == 0:
             raise DataError(f'{self.path}: no sequences')
+        self._check_unique(np.frombuffer(hashes, dtype=np.int64))
 
     def __len__(self):
         return self.n
 
     def batches(self, budget, start=0):
         """Yield (first index, Inputs) for consecutive batches of at most
-        ``budget`` prompt tokens (a longer sequence is a batch of its own;
-        None: one batch of everything), formed from the first sequence on, so
-        the batches are the same whatever ``start``; those ending at or before
+        ``budget`` prompt tokens (a longer sequence is a batch of its own,
+        which a stream opened with ``batch_tokens=budget`` refused; None: one
+        batch of everything), formed from the first sequence on, so the
+        batches are the same whatever ``start``; those ending at or before
         sequence ``start`` are skipped (they were done before a restart)."""
-        seen = {}           # hash(id) -> positions of the sequences with such ids
         first, ids, chunks, used = 0, [], [], 0
-        for i, (pos, seq_id, tokens) in enumerate(self._sequences()):
-            earlier = seen.setdefault(hash(seq_id), [])
-            for p in earlier:           # nearly always none; more than one: a collision
-                self._check_duplicate(p, pos, seq_id)
-            earlier.append(pos)
+        for i, (_, seq_id, tokens) in enumerate(self._sequences()):
             if ids and budget is not None and used + len(tokens) > budget:
                 if first + len(ids) > start:
                     yield first, _pack(ids, chunks)
@@ -162,24 +181,88 @@ class InputStream:
         if ids and first + len(ids) > start:
             yield first, _pack(ids, chunks)
 
-    def _check_duplicate(self, first_pos, pos, seq_id):
-        """DataError if the sequence at ``first_pos`` has the id ``seq_id`` (re-read:
-        equal hashes of different ids are possible, though rare)."""
-        if not any(p == first_pos and i == seq_id for p, i, _ in self._sequences()):
+    def _validate_jsonl(self):
+        """Parse and check every line, hashing the file on the way: (id
+        hashes array('q') [n], sha256 hex)."""
+        digest, hashes = hashlib.sha256(), array('q')
+        for lineno, raw in _jsonl_lines(self.path, digest):
+            where = f'{self.path}:{lineno}'
+            seq_id, tokens = _parse_line(where, raw, self.vocab_size)
+            if len(tokens) > self.max_prompt:
+                raise DataError(f'{where}: id {_id_text(seq_id)}: '
+                                f'{self._too_long(len(tokens))}')
+            hashes.append(hash(seq_id))
+        return hashes, digest.hexdigest()
+
+    def _validate_hdf5(self):
+        """Check every slab: id hashes array('q') [n]."""
+        hashes = array('q')
+        for a, ids, _, offsets in _hdf5_slabs(self.path, self.vocab_size):
+            lengths = np.diff(offsets)
+            bad = np.flatnonzero(lengths > self.max_prompt)
+            if bad.size:
+                j = int(bad[0])
+                raise DataError(f'{self.path}: sequence {a + j} (id {_id_text(ids[j])}): '
+                                f'{self._too_long(int(lengths[j]))}')
+            hashes.extend(map(hash, ids))
+        return hashes
+
+    def _too_long(self, n):
+        """Why a prompt of ``n`` > max_prompt tokens cannot run, and what to do."""
+        total = n + self.max_new_tokens
+        if self.context is not None and total > self.context:
+            return (f'{n} prompt tokens + {self.max_new_tokens} new (--max-new-tokens) = '
+                    f'{total} exceed the context length of the model (max_position_embeddings'
+                    f' = {self.context}); shorten the prompt or lower --max-new-tokens')
+        return (f'{n} prompt tokens exceed --batch-tokens {self.batch_tokens}, the budget of '
+                f'one batch (which bounds its memory); raise --batch-tokens to {n} or shorten '
+                'the prompt')
+
+    def _check_unique(self, hashes):
+        """DataError naming the first sequence whose id an earlier one has.
+
+        hashes: int64 [n], the ids' hashes; the sequences that share a hash
+        (nearly always none) are re-read to compare their ids, as different
+        ids may have equal hashes, though rarely.
+        """
+        ordered = np.sort(hashes)
+        shared = ordered[1:][ordered[1:] == ordered[:-1]]
+        if not shared.size:
             return
+        suspects = set(np.flatnonzero(np.isin(hashes, shared)).tolist())
+        first = {}
+        for k, (pos, seq_id, _) in enumerate(self._sequences()):
+            if k not in suspects:
+                continue
+            if seq_id in first:
+                raise self._duplicate(first[seq_id], pos, seq_id)
+            first[seq_id] = pos
+
+    def _duplicate(self, first_pos, pos, seq_id):
         if self.format == 'jsonl':
-            raise DataError(f'{self.path}:{pos}: duplicate id {seq_id!r} (first on line '
-                            f'{first_pos})')
-        raise DataError(f'{self.path}: sequence {pos} has id {seq_id!r}, already used by '
-                        f'sequence {first_pos}')
+            return DataError(f'{self.path}:{pos}: duplicate id {_id_text(seq_id)} (first on '
+                             f'line {first_pos})')
+        return DataError(f'{self.path}: sequence {pos} has id {_id_text(seq_id)}, already '
+                         f'used by sequence {first_pos}')
 
     def _sequences(self):
-        """Yield (position, id, tokens int32 [len]) in file order, validated;
+        """Yield (position, id, tokens int32 [len]) in file order;
         position: line number (JSONL) or sequence index (HDF5)."""
-        if self.format == 'jsonl':
-            yield from _jsonl_sequences(self.path, self.vocab_size)
-        else:
-            yield from _hdf5_sequences(self.path, self.vocab_size)
+        with _reading(self.path):
+            if self.format == 'jsonl':
+                yield from _jsonl_sequences(self.path, self.vocab_size)
+            else:
+                yield from _hdf5_sequences(self.path, self.vocab_size)
+
+
+@contextlib.contextmanager
+def _reading(path):
+    """Turn an OSError (no permission, a failing disk, HDF5 data that fails to
+    decode) into an IOFailure naming the input ``path``."""
+    try:
+        yield
+    except OSError as e:
+        raise IOFailure(f'{path}: cannot read the input: {e.strerror or e}') from None
 
 
 def _pack(ids, chunks):
@@ -188,17 +271,22 @@ def _pack(ids, chunks):
     return Inputs(ids, np.concatenate(chunks), offsets)
 
 
-def open_job(input_path, output, wf, save_logits, meta, overwrite, **options):
-    """The input stream and the (maybe resumed) output writer of a run over
-    ``input_path`` with the weights ``wf`` (WeightFile): (InputStream, OutputWriter).
+def open_job(input_path, output, wf, save_logits, meta, overwrite, *, max_new_tokens,
+             batch_tokens, **options):
+    """The input stream (validated for ``max_new_tokens`` new tokens in
+    batches of ``batch_tokens``) and the (maybe resumed) output writer of a run
+    over ``input_path`` with the weights ``wf`` (WeightFile): (InputStream, OutputWriter).
 
     What must not change for a rerun to resume: the input's bytes, the weights
     (:meth:`WeightFile.identity`) and the ``options`` that change results
     (str/int/float values; batch composition included, so that a resumed
     output is bit for bit an uninterrupted one).
     """
-    stream = InputStream(input_path, wf.config.vocab_size)
-    identity = {'input_sha256': stream.sha256, 'weights_sha256': wf.identity(), **options}
+    cfg = wf.config
+    stream = InputStream(input_path, cfg.vocab_size, max_new_tokens,
+                         cfg.max_position_embeddings, batch_tokens)
+    identity = {'input_sha256': stream.sha256, 'weights_sha256': wf.identity(),
+                'max_new_tokens': max_new_tokens, 'batch_tokens': batch_tokens, **options}
     writer = OutputWriter(output, len(stream), wf.config.vocab_size, save_logits, meta,
                           identity, overwrite=overwrite)
     return stream, writer
@@ -227,31 +315,51 @@ def file_digest(path, block=1 << 22):
 
 # --- JSONL ---------------------------------------------------------------
 
-def _count_jsonl(path):
-    """(non-blank lines, sha256 hex) of a JSONL file, in one read."""
-    h, n = hashlib.sha256(), 0
+#: longest JSONL line, newline included: a longer one is refused, never read whole
+MAX_LINE_BYTES = 64 << 20
+
+#: longest id, in bytes of UTF-8
+MAX_ID_BYTES = 1024
+
+
+def _jsonl_lines(path, digest=None):
+    """Yield (line number, bytes) of the non-blank lines of ``path``, each read
+    with a cap of MAX_LINE_BYTES; ``digest`` (a hashlib object) gets every byte."""
     with open(path, 'rb') as f:
-        for raw in f:
-            h.update(raw)
-            n += bool(raw.strip())
-    return n, h.hexdigest()
+        for lineno in itertools.count(1):
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f'{path}:{lineno}: line longer than {MAX_LINE_BYTES >> 20} MiB '
+                                '(a missing newline?); put one sequence per line')
+            if digest is not None:
+                digest.update(raw)
+            if raw.strip():
+                yield lineno, raw
 
 
 def _jsonl_sequences(path, vocab_size):
-    with open(path, 'rb') as f:
-        for lineno, raw in enumerate(f, 1):
-            if raw.strip():
-                yield (lineno, *_parse_line(f'{path}:{lineno}', raw, vocab_size))
+    for lineno, raw in _jsonl_lines(path):
+        seq_id, tokens = _parse_line(f'{path}:{lineno}', raw, vocab_size)
+        yield lineno, seq_id, np.array(tokens, dtype=np.int32)
 
 
 def _parse_line(where, raw, vocab_size):
-    """One JSONL line -> (id: str, tokens: int32 [len]); ``where`` is 'FILE:LINE'."""
+    """One JSONL line -> (id: str, tokens: list of int), checked; ``where`` is
+    'FILE:LINE'."""
     try:
         obj = json.loads(raw.decode('utf-8'))
     except UnicodeDecodeError as e:
         raise DataError(f'{where}: not valid UTF-8 ({e.reason} at byte {e.start})') from None
     except json.JSONDecodeError as e:
         raise DataError(f'{where}: not valid JSON: {e.msg} at column {e.colno}') from None
+    except ValueError:          # int('9' * 5000): the int conversion's digit limit
+        raise DataError(f'{where}: a number with more than {sys.get_int_max_str_digits()} '
+                        'digits, too long for an id or a token id') from None
+    except RecursionError:
+        raise DataError(f'{where}: JSON nested too deeply; expected '
+                        '{"id": ..., "tokens": [...]}') from None
     if not isinstance(obj, dict):
         raise DataError(f'{where}: expected an object {{"id": ..., "tokens": [...]}}, '
                         f'got {type(obj).__name__}')
@@ -260,22 +368,56 @@ def _parse_line(where, raw, vocab_size):
             raise DataError(f'{where}: missing key "{key}"')
     seq_id, tokens = obj['id'], obj['tokens']
     if type(seq_id) not in (str, int):
-        raise DataError(f'{where}: "id" must be a string or an integer, got {seq_id!r}')
+        raise DataError(f'{where}: "id" must be a string or an integer, got '
+                        f'{_json_text(seq_id)}')
     seq_id = str(seq_id)
+    _check_id(where, seq_id)
     if not isinstance(tokens, list):
-        raise DataError(f'{where}: id {seq_id!r}: "tokens" must be a list of integers, '
-                        f'got {type(tokens).__name__}')
+        raise DataError(f'{where}: id {_id_text(seq_id)}: "tokens" must be a list of '
+                        f'integers, got {type(tokens).__name__}')
     if not tokens:
-        raise DataError(f'{where}: id {seq_id!r}: empty sequence ("tokens" is [])')
-    for j, t in enumerate(tokens):
-        if type(t) is not int:
-            raise DataError(f'{where}: id {seq_id!r}: tokens[{j}] = {json.dumps(t)} '
-                            'is not an integer')
+        raise DataError(f'{where}: id {_id_text(seq_id)}: empty sequence ("tokens" is [])')
+    if set(map(type, tokens)) != {int}:
+        j, t = next((j, t) for j, t in enumerate(tokens) if type(t) is not int)
+        raise DataError(f'{where}: id {_id_text(seq_id)}: tokens[{j}] = {_json_text(t)} '
+                        'is not an integer')
     if min(tokens) < 0 or max(tokens) >= vocab_size:
         j, t = next((j, t) for j, t in enumerate(tokens) if not 0 <= t < vocab_size)
-        raise DataError(f'{where}: id {seq_id!r}: token {t} at tokens[{j}] is not in '
-                        f'[0, vocab_size={vocab_size})')
-    return seq_id, np.array(tokens, dtype=np.int32)
+        raise DataError(f'{where}: id {_id_text(seq_id)}: token {_json_text(t)} at '
+                        f'tokens[{j}] is not in [0, vocab_size={vocab_size})')
+    return seq_id, tokens
+
+
+def _check_id(where, seq_id):
+    """DataError unless ``seq_id`` is Unicode text (no lone surrogate: it has no
+    UTF-8) without NUL (an HDF5 string ends there) of at most MAX_ID_BYTES bytes."""
+    try:
+        size = len(seq_id.encode('utf-8'))
+    except UnicodeEncodeError as e:
+        raise DataError(f'{where}: id {_id_text(seq_id)} has a lone surrogate '
+                        f'{seq_id[e.start]!r} at character {e.start} (half of a UTF-16 pair, '
+                        'not a character); fix the id') from None
+    if '\0' in seq_id:
+        raise DataError(f'{where}: id {_id_text(seq_id)} contains NUL at character '
+                        f'{seq_id.index(chr(0))}; ids are text without NUL')
+    if size > MAX_ID_BYTES:
+        raise DataError(f'{where}: id {_id_text(seq_id)} has {size} bytes of UTF-8; ids have '
+                        f'at most {MAX_ID_BYTES}')
+
+
+def _id_text(seq_id, limit=48):
+    """repr of an id for a message, cut short if long."""
+    if len(seq_id) <= limit:
+        return repr(seq_id)
+    return f'{seq_id[:limit - 8]!r}... ({len(seq_id)} characters)'
+
+
+def _json_text(value, limit=40):
+    """A JSON value for a message, short: a list or object as [...] or {...}."""
+    if isinstance(value, (list, dict)):
+        return '[...]' if isinstance(value, list) else '{...}'
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
 # --- HDF5 ----------------------------------------------------------------
@@ -297,14 +439,11 @@ def _open_hdf5(path):
     return f
 
 
-def _count_hdf5(path):
-    with _open_hdf5(path) as f:
-        return len(f['ids'])
-
-
-def _hdf5_sequences(path, vocab_size):
-    """Slabs of ``_HDF5_SLAB`` sequences: offsets are read whole (8 bytes per
-    sequence) and checked first, tokens and ids a slab at a time."""
+def _hdf5_slabs(path, vocab_size):
+    """Yield (first, ids list[str] [k], tokens int32 [t], offsets int64 [k+1]
+    relative to the slab) for slabs of ``_HDF5_SLAB`` sequences, checked: the
+    offsets are read whole (8 bytes per sequence) and checked first, tokens
+    and ids a slab at a time."""
     with _open_hdf5(path) as f:
         ids_ds, tokens_ds = f['ids'], f['tokens']
         if ids_ds.ndim != 1 or h5py.check_string_dtype(ids_ds.dtype) is None:
@@ -316,12 +455,18 @@ def _hdf5_sequences(path, vocab_size):
         for a in range(0, len(ids_ds), _HDF5_SLAB):
             b = min(a + _HDF5_SLAB, len(ids_ds))
             ids = _read_ids(path, ids_ds, a, b)
-            base = offsets[a:b + 1] - offsets[a]
+            for j, seq_id in enumerate(ids):
+                _check_id(f'{path}: sequence {a + j}', seq_id)
+            base = (offsets[a:b + 1] - offsets[a]).astype(np.int64)
             tokens = tokens_ds[offsets[a]:offsets[b]]
             _check_token_range(path, tokens, base, ids, vocab_size, a)
-            tokens = tokens.astype(np.int32, copy=False)
-            for j, seq_id in enumerate(ids):
-                yield a + j, seq_id, tokens[base[j]:base[j + 1]]
+            yield a, ids, tokens.astype(np.int32, copy=False), base
+
+
+def _hdf5_sequences(path, vocab_size):
+    for a, ids, tokens, offsets in _hdf5_slabs(path, vocab_size):
+        for j, seq_id in enumerate(ids):
+            yield a + j, seq_id, tokens[offsets[j]:offsets[j + 1]]
 
 
 def _read_ids(path, ds, a, b):
@@ -329,7 +474,8 @@ def _read_ids(path, ds, a, b):
     try:
         return ds.asstr()[a:b].tolist()
     except UnicodeDecodeError as e:
-        raise DataError(f'{path}: dataset ids is not valid UTF-8 ({e.reason})') from None
+        raise DataError(f'{path}: dataset ids is not valid UTF-8 ({e.reason}) in sequences '
+                        f'{a} to {b - 1}') from None
 
 
 def _read_int_1d(path, ds, read=True):
