@@ -1,5 +1,9 @@
 import sys
 
-from mpimoe.cli import main
+try:
+    from mpimoe.cli import main
+except KeyboardInterrupt:       # Ctrl-C while Python loads the modules
+    sys.stderr.write('mpimoe: interrupted\n')
+    sys.exit(130)
 
 sys.exit(main())
