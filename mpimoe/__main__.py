@@ -1,8 +1,13 @@
+import signal
 import sys
 
-try:
-    from mpimoe.cli import main
-except KeyboardInterrupt:       # Ctrl-C while Python loads the modules
+# a Ctrl-C while Python loads the modules waits until they are in: an import
+# broken off half-way can crash the interpreter on its way out
+_early = []
+signal.signal(signal.SIGINT, lambda signum, frame: _early.append(signum))
+from mpimoe.cli import main  # noqa: E402
+signal.signal(signal.SIGINT, signal.default_int_handler)
+if _early:
     sys.stderr.write('mpimoe: interrupted\n')
     sys.exit(130)
 
