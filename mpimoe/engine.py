@@ -354,10 +354,10 @@ class _Role:
         with self.timers.span('control', 'wait'):
             wait_all([req], self.opts.deadline, lambda: f'{awaited} from rank 0')
         if message[0] == STOP:
-            raise _collective(stop_error(int(message[1]), self.committed()))
+            raise _collective(stop_error(int(message[1]), self.stop_detail()))
         return int(message[0])
 
-    def committed(self):
+    def stop_detail(self):
         """What a stopped job keeps, for the stop message (rank 0 says it)."""
         return 'the committed rounds stay; rerun the same command to resume'
 
@@ -538,9 +538,9 @@ class _FrontEndRank(_Role):
             if rank0 and stop:
                 log.info(f'{stop.name} arrived at the end of the run: output complete')
 
-    def committed(self):
+    def stop_detail(self):
         if self.writer is None:
-            return super().committed()
+            return super().stop_detail()
         return (f'{self.writer.written} of {len(self.stream)} sequences committed to '
                 f'{self.writer.dir}; rerun the same command to resume')
 

