@@ -18,7 +18,7 @@ pinned host copies (``host``: mpimoe.backend.HostStaging).
 import numpy as np
 
 from mpimoe.backend import Backend, HostStaging, Rows
-from mpimoe.mpiutil import MPI, group_comm, wait_all
+from mpimoe.mpiutil import MPI, group_comm, rank_list, wait_all
 
 __all__ = ['LayerComms', 'Slot']
 
@@ -101,7 +101,7 @@ class Slot:
         self.peer_counts = np.zeros((lc.size, lc.k), dtype=np.int32)
         self.count_req = lc.counts.Ialltoall(np.zeros((lc.size, lc.k), dtype=np.int32),
                                              self.peer_counts)
-        self.what = 'row counts from the front-ends'
+        self.what = f'row counts from layer ranks {rank_list(lc.ranks.tolist())}'
 
     def expert_post_rows(self):
         """Once the counts are in, post the receive of the rows; True when posted."""

@@ -12,9 +12,15 @@ Work comes in *rounds*: rank 0 streams the input in batches of at most
 ``batch_tokens`` prompt tokens and, each round, hands one batch to each
 front-end, which prefills it and decodes ``max_new_tokens`` greedily; rank 0
 gathers the round's results and commits them as one chunk of the output.
-Before each round rank 0 tells every rank what follows: another round, the
-end, or a clean stop (SIGTERM/SIGUSR1 arrived: exit 75, a rerun resumes after
-the last committed round).
+A round is ``max(1, max_new_tokens)`` forward passes (*steps*) on every rank.
+
+Control: before each round and before each step rank 0 tells every rank, by
+one small Ibcast on ``control``, what follows: another round or step (MORE),
+the end (DONE, before a round), or a stop (STOP, with the number of the
+signal that asked for it).  On a stop every rank leaves at that boundary: the
+round in flight is abandoned, every committed round stays, and the job exits
+75 (SIGTERM/SIGUSR1) or 130 (SIGINT); a rerun resumes after the last
+committed round.
 """
 
 import contextlib
@@ -35,23 +41,24 @@ from mpimoe.backend import (DTYPES, Backend, choose_backend, from_words, mpi_cud
 from mpimoe.balance import BIAS_RULE, max_over_mean, update_bias
 from mpimoe.dispatch import LayerComms, Slot
 from mpimoe.costmodel import pass_flops
-from mpimoe.errors import ConfigError, DataError, MpimoeError, Stopped, UsageError
+from mpimoe.errors import ConfigError, DataError, Interrupted, MpimoeError, Stopped, UsageError
 from mpimoe.generate import generate
 from mpimoe.io import write_json
 from mpimoe.metrics import Timers, write_trace
 from mpimoe.model import FrontEnd
 from mpimoe.moe import permute, run_experts, unpermute
 from mpimoe.mpiutil import MPI, local_rank, node_ids, run_guarded, wait_all
+from mpimoe.mpiutil import rank_list as _ranks
 from mpimoe.progress import EVERY_S, Progress
 from mpimoe.router import expert_counts, route, spread_copies
-from mpimoe.signals import StopRequest
+from mpimoe.signals import StopRequest, stop_error
 
 __all__ = ['RunOptions', 'run_engine']
 
 #: rows an expert computes between two polls of the transfers in flight
 POLL_ROWS = 1024
 
-#: what rank 0 says before each round
+#: what rank 0 says on ``control`` before each round and each step
 DONE, MORE, STOP = 0, 1, 2
 
 log = logging.getLogger('mpimoe')
@@ -109,7 +116,10 @@ class RunOptions:
 def run_engine(opts, comm=None):
     """``mpimoe run`` on every rank; any failure ends the whole job."""
     comm = comm or MPI.COMM_WORLD
-    return run_guarded(comm, _run, opts, comm)
+    # every rank catches the signals from the start (Slurm and mpiexec send
+    # them to all tasks); rank 0's decides, at the next round or step
+    with StopRequest() as stop:
+        return run_guarded(comm, _run, opts, comm, stop)
 
 
 def _collective(e):
@@ -136,7 +146,7 @@ def _setup_logging(opts, rank):
         log.addHandler(file)
 
 
-def _run(opts, world):
+def _run(opts, world, stop):
     from mpimoe.checkpoint import WeightFile
     from mpimoe.placement import load_stats, make_plan
     _setup_logging(opts, world.rank)
@@ -167,11 +177,11 @@ def _run(opts, world):
     log.info(f'{plan.mode} placement, {world.size} ranks ({plan.n_frontends} front-ends, '
              f'{plan.n_expert_ranks} expert ranks), {opts.micro_batches} micro-batches, '
              f'plan {plan.plan_hash()}')
+    stopped = None
     try:
-        # every rank catches the signals (Slurm and mpiexec send them to all
-        # tasks); rank 0's decides, at the next round
-        with StopRequest() as stop:
-            role.run(stop)
+        role.run(stop)
+    except (Stopped, Interrupted) as e:       # every rank, at the same step: report first
+        stopped = e
     finally:
         if opts.trace:
             _write_trace(opts, world, role)
@@ -183,10 +193,12 @@ def _run(opts, world):
     reports = world.gather(report, root=0)
     if world.rank == 0:
         _finish_report(opts, cfg, plan, world, reports, time.perf_counter() - t_start, peak,
-                       _backend_report(backend, mode))
+                       _backend_report(backend, mode), role.segment(stopped))
     for lc in layers.values():
         lc.free()
     rowtype.Free()
+    if stopped is not None:
+        raise stopped
     return 0
 
 
@@ -231,11 +243,6 @@ def _select_backend(opts, world):
         log.info(f'MPI gets {"device rows" if mode == "device" else "pinned host copies"} '
                  f'(--mpi-gpu {opts.mpi_gpu})')
     return backend, mode
-
-
-def _ranks(ranks):
-    """'[0, 1, ...]' with at most 16 ranks, for error messages."""
-    return str(ranks[:16])[:-1] + (', ...]' if len(ranks) > 16 else ']')
 
 
 def _backend_report(backend, mode):
@@ -315,6 +322,7 @@ class _Role:
         self.slots = [Slot(cfg.d_model, self.rowtype, opts.deadline, backend, mode)
                       for _ in range(opts.micro_batches)]
         self.control = world.Dup()
+        self.stop = None            # the StopRequest of run(); rank 0's decides
         self.fault = _parse_fault(os.environ.get('MPIMOE_FAULT'), world.rank)
 
     def maybe_fail(self, stage):
@@ -326,19 +334,40 @@ class _Role:
             raise RuntimeError(f'injected fault (MPIMOE_FAULT) in stage {stage}')
 
     def next_round(self, what=DONE):
-        """Rank 0 says what follows (MORE, DONE or STOP: ``what``); every rank
-        learns it.  On STOP every rank raises Stopped (exit 75)."""
-        flag = np.array([what], dtype=np.int64)
-        req = self.control.Ibcast(flag, root=0)
-        with self.timers.span('control', 'wait'):
-            wait_all([req], self.opts.deadline, lambda: 'the next round from rank 0')
-        if flag[0] == STOP:
-            raise _collective(Stopped(self.stopped_message()))
-        return int(flag[0])
+        """Rank 0 says whether a round follows (``what``: MORE or DONE); every
+        rank learns it (returned).  A stop requested on rank 0 turns MORE into
+        STOP: then every rank raises (see :meth:`_control`)."""
+        return self._control(what, 'the next round')
 
-    def stopped_message(self):
-        return ('stopped cleanly on a signal after the last committed round; rerun the '
-                'same command to resume')
+    def next_step(self):
+        """Before each forward pass: rank 0 says MORE, or STOP once a stop was
+        requested there; every rank then raises at this same step."""
+        return self._control(MORE, 'the next step')
+
+    def _control(self, what, awaited):
+        """Broadcast rank 0's [what, signal number] on ``control``; ``what`` (DONE
+        or MORE) on every rank.  On STOP every rank raises Stopped (exit 75) or
+        Interrupted (SIGINT, 130), said once by rank 0 with what is committed."""
+        signum = (self.stop.signum if self.stop and self.world.rank == 0 else None) or 0
+        message = np.array([STOP if signum and what == MORE else what, signum], dtype=np.int64)
+        req = self.control.Ibcast(message, root=0)
+        with self.timers.span('control', 'wait'):
+            wait_all([req], self.opts.deadline, lambda: f'{awaited} from rank 0')
+        if message[0] == STOP:
+            raise _collective(stop_error(int(message[1]), self.stop_detail()))
+        return int(message[0])
+
+    def stop_detail(self):
+        """What a stopped job keeps, for the stop message (rank 0 says it)."""
+        return 'the committed rounds stay; rerun the same command to resume'
+
+    def segment(self, stopped):
+        """run.json's ``segment`` (rank 0): how this run, one segment of a job
+        that reruns to resume, ended (``stopped``: the Stopped/Interrupted
+        raised, or None) and how much of the output is committed."""
+        return {'outcome': 'complete' if stopped is None else
+                'interrupted' if isinstance(stopped, Interrupted) else 'stopped',
+                'signal': self.stop.name if self.stop else None}
 
     def report(self):
         return {'rank': self.world.rank, 'host': platform.node(),
@@ -484,11 +513,11 @@ class _FrontEndRank(_Role):
     # -- rounds ----------------------------------------------------------------
 
     def run(self, stop):
-        """Rounds until rank 0 says DONE, or STOP once ``stop`` (a StopRequest)
-        is set on rank 0: then Stopped is raised."""
+        """Rounds until rank 0 says DONE; once ``stop`` (a StopRequest) is set on
+        rank 0, Stopped or Interrupted is raised at the next round or step."""
         F, passes = self.plan.n_frontends, max(1, self.opts.max_new_tokens)
         rank0 = self.world.rank == 0
-        self._stop = stop
+        self.stop = stop
         if rank0:
             batches = self.stream.batches(self.opts.batch_tokens, start=self.writer.written)
             progress = Progress(len(self.stream), self.writer.written,
@@ -496,8 +525,7 @@ class _FrontEndRank(_Role):
         with self.writer or contextlib.nullcontext():
             for r in itertools.count():
                 todo = list(itertools.islice(batches, F)) if rank0 else None
-                what = STOP if todo and stop else MORE if todo else DONE
-                if self.next_round(what) == DONE:
+                if self.next_round(MORE if todo else DONE) == DONE:
                     break
                 with self.timers.span('scatter', 'io', round=r):
                     mine = self.front_comm.scatter(
@@ -510,33 +538,38 @@ class _FrontEndRank(_Role):
             if rank0 and stop:
                 log.info(f'{stop.name} arrived at the end of the run: output complete')
 
-    def stopped_message(self):
+    def stop_detail(self):
         if self.writer is None:
-            return super().stopped_message()
-        return (f'stopped cleanly on {self._stop.name}: {self.writer.written} of '
-                f'{len(self.stream)} sequences committed to {self.writer.dir}; rerun the same '
-                'command to resume')
+            return super().stop_detail()
+        return (f'{self.writer.written} of {len(self.stream)} sequences committed to '
+                f'{self.writer.dir}; rerun the same command to resume')
+
+    def segment(self, stopped):
+        out = super().segment(stopped)
+        out.update(committed=self.writer.written, sequences=len(self.stream))
+        return out
 
     def _run_batch(self, mine, passes):
         """Generate for this front-end's batch ``mine`` = (first, Inputs), or run
         ``passes`` empty passes when it has none this round.
 
         Returns (generated int32 [B, N], last_logits float32 [B, V] or None).
+        Every pass is a step: a stop raises before it (see :meth:`next_step`).
         """
         self._pass_kind = 'prefill'
-        if mine is None:
-            empty = np.zeros(0, dtype=np.int64)
-            cache = self.front.new_cache(empty)
-            for _ in range(passes):
-                self.forward(empty, cache, empty, empty)
-                self._pass_kind = 'decode'
-            return np.zeros((0, self.opts.max_new_tokens), np.int32), None
 
         def forward(tokens, cache, seqs, ntok):
+            self.next_step()
             logits = self.forward(tokens, cache, seqs, ntok)
             self._pass_kind = 'decode'
             return logits
 
+        if mine is None:
+            empty = np.zeros(0, dtype=np.int64)
+            cache = self.front.new_cache(empty)
+            for _ in range(passes):
+                forward(empty, cache, empty, empty)
+            return np.zeros((0, self.opts.max_new_tokens), np.int32), None
         batch = mine[1]
         prompts = [batch.seq(i) for i in range(len(batch))]
         return generate(forward, self.front.new_cache, prompts, self.opts.max_new_tokens)
@@ -585,12 +618,21 @@ class _ExpertRank(_Role):
         self.rows = {layer: np.zeros(len(ws), dtype=np.int64) for layer, ws in hosted.items()}
 
     def run(self, stop):
-        """Serve rounds until rank 0 says DONE (``stop`` is rank 0's business)."""
+        """Serve rounds and their steps until rank 0 says DONE, or raise where
+        it says STOP (``stop`` is rank 0's business)."""
+        self.stop = stop
         passes = max(1, self.opts.max_new_tokens)
         while self.next_round() == MORE:
             for _ in range(passes):
+                # the last pass's results have reached the front-ends: nothing
+                # is in flight when a stop ends the job here
+                self._drain()
+                self.next_step()
                 for layer in self.hosted:
                     self._layer(layer)
+        self._drain()
+
+    def _drain(self):
         for s in self.slots:
             s.wait()
 
@@ -722,8 +764,9 @@ def _balance_report(opts, steps, bias):
             'max_over_mean_history': max_over_mean(windows).tolist()}
 
 
-def _finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops, backend):
-    """Rank 0: print the summary and write run.json (backend: _backend_report)."""
+def _finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops, backend, segment):
+    """Rank 0: print the summary and write run.json (backend: _backend_report;
+    segment: _Role.segment, how this run ended)."""
     r0 = reports[0]
     summary = _pass_summary([r['passes'] for r in reports if r['role'] == 'front-end'])
     busy = summary['prefill_s'] + summary['decode_s']
@@ -745,6 +788,7 @@ def _finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops, backen
         'config': json.loads(cfg.to_json()),
         'options': asdict(opts),
         'backend': backend,
+        'segment': segment,
         'placement': {'mode': plan.mode, 'world_size': world.size,
                       'frontends': plan.n_frontends, 'expert_ranks': plan.n_expert_ranks,
                       'experts_per_rank': plan.experts_per_rank, 'hash': plan.plan_hash(),
@@ -763,7 +807,7 @@ def _finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops, backen
     }
     rate = lambda v: 'n/a' if v is None else f'{v:.0f}'  # noqa: E731
     log.info(f'prefill {rate(summary["prefill_tokens_per_s"])} tokens/s, decode '
-             f'{rate(summary["decode_tokens_per_s"])} tokens/s, wall {seconds:.2f} s '
-             f'-> {opts.output}')
+             f'{rate(summary["decode_tokens_per_s"])} tokens/s, wall {seconds:.2f} s'
+             + (f' -> {opts.output}' if segment['outcome'] == 'complete' else ''))
     if opts.metrics:
         write_json(opts.metrics, report)

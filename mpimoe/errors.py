@@ -5,7 +5,7 @@ with ``exit_code``.  Codes follow BSD ``sysexits.h`` where one fits.
 """
 
 __all__ = ['MpimoeError', 'UsageError', 'ConfigError', 'DataError',
-           'IOFailure', 'Stopped', 'EXIT_INTERNAL']
+           'IOFailure', 'Stopped', 'Interrupted', 'EXIT_INTERNAL']
 
 #: exit code for an unexpected exception (a bug): EX_SOFTWARE
 EXIT_INTERNAL = 70
@@ -39,3 +39,9 @@ class Stopped(MpimoeError):
     """Stopped cleanly on a signal after a committed chunk; rerun to resume
     (EX_TEMPFAIL)."""
     exit_code = 75
+
+
+class Interrupted(MpimoeError):
+    """Interrupted by SIGINT (Ctrl-C) at a step boundary; committed chunks stay
+    and a rerun resumes (128 + SIGINT, as a shell reports it)."""
+    exit_code = 130

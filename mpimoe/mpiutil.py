@@ -5,6 +5,7 @@ Importing this module initialises MPI (mpi4py does on import of ``MPI``).
 """
 
 import os
+import signal
 import sys
 import time
 import traceback
@@ -15,7 +16,7 @@ from mpi4py import MPI
 from mpimoe.errors import EXIT_INTERNAL, MpimoeError
 
 __all__ = ['MPI', 'run_guarded', 'local_rank', 'node_ids', 'group_comm', 'wait_all',
-           'WaitTimeout']
+           'WaitTimeout', 'rank_list']
 
 
 #: seconds a failing rank waits after printing its error, before Abort
@@ -31,15 +32,17 @@ def run_guarded(comm, fn, *args, **kwargs):
     """Run ``fn`` on this rank; any exception ends the whole job.
 
     An error every rank detects alike (``exc.collective`` true: bad options, a
-    world size that does not fit) is printed by rank 0 only and every rank
-    exits with its code.  Any other error is printed with this rank's number
-    (and the stage it was in) and ``comm.Abort`` ends every rank, so a
-    failing rank never leaves the others blocked in a collective.
+    world size that does not fit, a clean stop) is printed by rank 0 only and
+    every rank finalizes MPI and exits with its code.  Any other error is
+    printed with this rank's number (and the stage it was in) and
+    ``comm.Abort`` ends every rank, so a failing rank never leaves the others
+    blocked in a collective.  Once the job is ending, SIGINT is ignored.
     Returns fn's result (an exit code) on success.
     """
     try:
         return fn(*args, **kwargs)
     except BaseException as e:  # noqa: B902 -- every exception must end the job
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         where = f'rank {comm.rank}'
         stage = getattr(e, 'mpimoe_stage', None)
         if stage:
@@ -49,8 +52,11 @@ def run_guarded(comm, fn, *args, **kwargs):
             if getattr(e, 'collective', False):
                 if comm.rank == 0:
                     print(f'mpimoe: error: {e}', file=sys.stderr, flush=True)
-                # no rank exits (under `-m mpi4py`: aborts) before rank 0 has printed
+                # no rank exits before rank 0 has printed; then an orderly exit
+                # with the code, not Abort (whose code Open MPI's mpiexec keeps,
+                # but with a banner; `-m mpi4py` aborts only while MPI is up)
                 comm.Barrier()
+                MPI.Finalize()
                 sys.exit(code)
             message = f'mpimoe: error ({where}): {e}'
         elif isinstance(e, KeyboardInterrupt):
@@ -129,3 +135,8 @@ def wait_all(requests, deadline_s, what, poll=None):
             time.sleep(nap)
         nap = min(1e-3, nap * 2 or 2e-5)
     return time.perf_counter() - t0
+
+
+def rank_list(ranks):
+    """'[0, 1, ...]' of at most 16 of ``ranks`` (a list), for error messages."""
+    return str(ranks[:16])[:-1] + (', ...]' if len(ranks) > 16 else ']')

@@ -645,10 +645,13 @@ _SBATCH = '''#!/bin/bash
 # How a long job survives its time limit:
 #  - --signal=B:USR1@120 sends SIGUSR1 to this batch shell 120 s before the limit;
 #  - the trap below forwards it to the job step (srun passes it to every task);
-#  - mpimoe finishes the current round, commits it, and exits with 75;
+#  - mpimoe stops at the next step (forward pass), keeps the committed
+#    rounds, writes this segment's run report and exits with 75;
 #  - this script then requeues the job (--requeue), which reruns the same
 #    command: it resumes after the last committed round; --open-mode=append
-#    keeps one log across requeues.
+#    keeps one log across requeues.  A launcher that reports the clean stop
+#    with another code is not trusted alone: the segment's report
+#    ("outcome": "stopped") also requeues.
 #  A job killed outright (node failure, scancel -9) resumes the same way when
 #  resubmitted with the same OUTPUT: only the round in flight is lost.
 #SBATCH --job-name=mpimoe
@@ -672,13 +675,15 @@ MAX_NEW_TOKENS=${{MAX_NEW_TOKENS:-64}}
 # mpi4py must be built against the site MPI (README: "Install and test").
 export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK
 echo "mpimoe: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NUM_NODES nodes"
+# one run report per segment: a stale one never decides a requeue
+METRICS="run-$SLURM_JOB_ID-${{SLURM_RESTART_COUNT:-0}}.json"
 
 # -K1: end the whole step when one task fails; python -m mpi4py: an uncaught
 # exception on any rank aborts all of them.
 srun -K1 --cpu-bind=cores python -m mpi4py -m mpimoe run \\
     --weights "$WEIGHTS" --input "$INPUT" --output "$OUTPUT" \\
     {run_options} \\
-    --max-new-tokens "$MAX_NEW_TOKENS" --metrics "run-$SLURM_JOB_ID.json" \\
+    --max-new-tokens "$MAX_NEW_TOKENS" --metrics "$METRICS" \\
     --log-dir "logs-$SLURM_JOB_ID" &
 step=$!
 trap 'echo "mpimoe: time limit near, asking the job step to stop"; kill -USR1 "$step"' USR1
@@ -688,7 +693,7 @@ while true; do
     kill -0 "$step" 2>/dev/null || break
 done
 
-if [ "$rc" -eq 75 ]; then
+if [ "$rc" -eq 75 ] || grep -q '"outcome": "stopped"' "$METRICS" 2>/dev/null; then
     echo "mpimoe: stopped cleanly; requeueing to resume"
     scontrol requeue "$SLURM_JOB_ID"
 fi

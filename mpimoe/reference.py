@@ -61,14 +61,15 @@ def run_reference(weights, input_path, output, max_new_tokens=0, save_logits=Fal
     """``mpimoe reference``: the reference over a token file, output as in README.
 
     Inputs are streamed a batch at a time; every batch is a committed chunk of
-    the output, so a killed run resumes; SIGTERM/SIGUSR1 stop it cleanly after
-    the current batch (exit 75).
+    the output, so a killed run resumes.  SIGTERM/SIGUSR1 (exit 75) or SIGINT
+    (130) stop it at the next step (forward pass): the batch in flight is
+    abandoned, the committed ones stay.
     """
     from mpimoe.checkpoint import WeightFile
-    from mpimoe.errors import Stopped, UsageError
+    from mpimoe.errors import UsageError
     from mpimoe.io import open_job
     from mpimoe.progress import Progress
-    from mpimoe.signals import StopRequest
+    from mpimoe.signals import StopRequest, stop_error
     if max_new_tokens < 0:
         raise UsageError(f'--max-new-tokens {max_new_tokens}: must be >= 0')
     meta = {'producer': 'mpimoe reference', 'mpimoe_version': __version__,
@@ -83,13 +84,17 @@ def run_reference(weights, input_path, output, max_new_tokens=0, save_logits=Fal
         log(f'reference: resuming {output} after {writer.written} committed sequences')
     progress = Progress(len(stream), writer.written)
     with StopRequest() as stop, writer as out:
+        def forward(*args):
+            # a step boundary: a stop abandons the batch in flight
+            if stop:
+                raise stop_error(stop.signum, f'{out.written} of {len(stream)} sequences '
+                                 f'committed to {out.dir}; rerun the same command to resume')
+            return model.forward(*args)
+
         for first, batch in stream.batches(batch_tokens, start=writer.written):
             prompts = [batch.seq(i) for i in range(len(batch))]
-            gen, logits = model.generate(prompts, max_new_tokens)
+            gen, logits = generate(forward, model.front.new_cache, prompts, max_new_tokens)
             out.write(np.arange(first, first + len(batch)), batch.ids, list(gen),
                       logits if save_logits else None)
             progress.update(len(batch), int(batch.lengths.sum()) + gen.size)
-            if stop and out.written < len(stream):
-                raise Stopped(f'stopped on {stop.name} after {out.written} of {len(stream)} '
-                              'sequences; rerun the same command to resume')
     log(f'reference: {progress.line()} -> {output}')
