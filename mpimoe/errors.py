@@ -5,10 +5,12 @@ with ``exit_code``.  Codes follow BSD ``sysexits.h`` where one fits.
 """
 
 __all__ = ['MpimoeError', 'UsageError', 'ConfigError', 'DataError',
-           'IOFailure', 'Stopped', 'EXIT_INTERNAL']
+           'IOFailure', 'Stopped', 'EXIT_INTERNAL', 'clip']
 
 #: exit code for an unexpected exception (a bug): EX_SOFTWARE
 EXIT_INTERNAL = 70
+#: characters of file-supplied text a message echoes (see :func:`clip`)
+CLIP = 80
 
 
 class MpimoeError(Exception):
@@ -39,3 +41,10 @@ class Stopped(MpimoeError):
     """Stopped cleanly on a signal after a committed chunk; rerun to resume
     (EX_TEMPFAIL)."""
     exit_code = 75
+
+
+def clip(text, limit=CLIP):
+    """``text`` (any object: its ``str``) cut to ``limit`` characters plus
+    ``...``, so that a message never echoes unbounded file contents."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + '...'
