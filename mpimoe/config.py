@@ -43,8 +43,8 @@ MAX = {
 }
 #: largest rope_theta (100000x Qwen2.5-1M)
 MAX_ROPE_THETA = 1e12
-#: largest number of (MoE layer, expert) pairs: 4x Switch-C's 30720 (each is
-#: 2 or 3 tensors the loader lists)
+#: largest number of (MoE layer, expert) pairs: 5.7x Kimi K2's 60 x 384 (each
+#: is 2 or 3 tensors the loader lists)
 MAX_EXPERTS_TOTAL = 1 << 17
 #: largest parameter count: 12x Switch-C (4e13 bytes of bf16 weights)
 MAX_PARAMS = 2e13

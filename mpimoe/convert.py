@@ -50,13 +50,15 @@ _HARMLESS_KEYS = {
     '_name_or_path', 'architectures', 'model_type', 'transformers_version',
     'torch_dtype', 'dtype', 'use_cache', 'bos_token_id', 'eos_token_id',
     'pad_token_id', 'initializer_range', 'attention_dropout', 'output_router_logits',
-    'router_aux_loss_coef', 'router_jitter_noise', 'output_attentions', 'output_hidden_states', 'return_dict', 'tokenizer_class'}
+    'router_aux_loss_coef', 'router_jitter_noise', 'output_attentions',
+    'output_hidden_states', 'return_dict', 'tokenizer_class'}
 #: config.json key -> ModelConfig field, each required
 _MAPPED_KEYS = {'hidden_size': 'd_model', 'num_hidden_layers': 'n_layers',
                 'num_local_experts': 'n_experts', 'num_experts_per_tok': 'top_k',
                 'num_attention_heads': 'n_heads', 'num_key_value_heads': 'n_kv_heads',
                 'intermediate_size': 'd_expert', 'vocab_size': 'vocab_size',
-                'rms_norm_eps': 'norm_eps', 'max_position_embeddings': 'max_position_embeddings'}
+                'rms_norm_eps': 'norm_eps',
+                'max_position_embeddings': 'max_position_embeddings'}
 #: keys read by the checks of :func:`_feature_problems` or for RoPE / head_dim
 _CHECKED_KEYS = {'hidden_act', 'tie_word_embeddings', 'rope_scaling', 'rope_parameters',
                  'rope_theta', 'sliding_window', 'attention_bias', 'mlp_bias', 'head_dim'}
@@ -225,7 +227,7 @@ class _Source:
                             f'tensor -> shard file): {clip(repr(e))}') from None
         absent = sorted(os.path.basename(s) for s in shards if not os.path.exists(s))
         if absent:
-            raise DataError(_listed(f'{index}: shard files missing', absent))
+            raise DataError(_listed(f'{index}: shard files missing', map(clip, absent)))
         return shards
 
     def problem(self, name, shape):

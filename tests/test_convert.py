@@ -261,8 +261,9 @@ REFUSALS = {
     'config value': (_set('num_experts_per_tok', 6), 'top_k=6: must be <= n_experts=5'),
     'no context length': (_set('max_position_embeddings', None),
                           'missing config keys (1): max_position_embeddings'),
-    'context length no model has': (_set('max_position_embeddings', 1 << 30),
-                                    'max_position_embeddings=1073741824: must be in [1, 16777216]'),
+    'context length no model has': (
+        _set('max_position_embeddings', 1 << 30),
+        'max_position_embeddings=1073741824: must be in [1, 16777216]'),
 }
 
 
