@@ -23,8 +23,9 @@ import numpy as np
 
 from mpimoe import __version__
 from mpimoe.backend import from_words, storage_dtype, to_words
-from mpimoe.errors import ConfigError, DataError
+from mpimoe.errors import ConfigError, DataError, clip
 from mpimoe.config import ModelConfig
+from mpimoe.paths import regular_file
 
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'tensor_specs', 'expert_tensor_names',
            'nonexpert_tensor_names', 'open_for_writing', 'write_tensor', 'write_synthetic',
@@ -39,6 +40,13 @@ _SLAB_ELEMS = 4 << 20
 _LOG_EVERY_S = 5.0
 _WORD = np.dtype('<u2')
 _NORMS = ('attn_norm', 'ffn_norm', 'final_norm')
+#: exponent bits of each 16-bit dtype: all ones is an Inf or a NaN
+_EXPONENT = {'bfloat16': 0x7f80, 'float16': 0x7c00}
+#: HDF5 layouts other than contiguous, as a problem says them
+_LAYOUTS = {h5py.h5d.CHUNKED: 'chunked, maybe filtered', h5py.h5d.COMPACT: 'compact',
+            h5py.h5d.VIRTUAL: 'a virtual dataset: its data lies in other files'}
+#: problems inspect lists one by one before "and N more"
+_SHOW_PROBLEMS = 50
 
 
 # ---------------------------------------------------------------- layout
@@ -234,8 +242,10 @@ class WeightFile:
     """
 
     def __init__(self, source):
-        self.name = os.fspath(source) if isinstance(source, (str, os.PathLike)) \
-            else getattr(source, 'name', repr(source))
+        is_path = isinstance(source, (str, os.PathLike))
+        self.name = os.fspath(source) if is_path else getattr(source, 'name', repr(source))
+        if is_path:
+            regular_file(self.name, 'weights')
         self._file = self._open(source)
         try:
             self.config = self._check_root()
@@ -261,12 +271,12 @@ class WeightFile:
         fmt = _text_attr(attrs, 'format')
         if fmt != FORMAT:
             raise DataError(f'{self.name}: not an mpimoe weight file (format attribute '
-                            f'{fmt!r}, expected {FORMAT!r}); write one with '
+                            f'{clip(repr(fmt))}, expected {FORMAT!r}); write one with '
                             f'`mpimoe init-weights` or `mpimoe convert`')
         version = attrs.get('format_version')
         if not isinstance(version, (int, np.integer)) or version != FORMAT_VERSION:
             shown = version.tolist() if isinstance(version, np.generic) else version
-            raise DataError(f'{self.name}: format_version {shown!r} is not supported '
+            raise DataError(f'{self.name}: format_version {clip(repr(shown))} is not supported '
                             f'(this mpimoe {__version__} reads version {FORMAT_VERSION}); '
                             f'rewrite the file with this version')
         self.written_by = _text_attr(attrs, 'mpimoe_version')
@@ -313,9 +323,12 @@ class WeightFile:
             return f'stored as {ds.dtype}, expected little-endian uint16 words'
         dtype = _text_attr(ds.attrs, 'dtype')
         if dtype != self.config.dtype:
-            return f'dtype attribute {dtype!r}, expected {self.config.dtype!r}'
-        if ds.chunks is not None or ds.external:
-            return 'not contiguous in this file (chunked, filtered or external storage)'
+            return f'dtype attribute {clip(repr(dtype))}, expected {self.config.dtype!r}'
+        layout = ds.id.get_create_plist().get_layout()
+        if layout != h5py.h5d.CONTIGUOUS:
+            return f'not contiguous in this file ({_LAYOUTS.get(layout, layout)})'
+        if ds.external:
+            return 'not contiguous in this file (external storage: its data lies in other files)'
         if not isinstance(ds.attrs.get('crc32'), (int, np.integer)):
             return 'crc32 attribute missing or not an integer'
         return None
@@ -350,15 +363,31 @@ class WeightFile:
     def _crc_ok(self, ds, crc):
         return int(ds.attrs['crc32']) == crc
 
+    def _nonfinite(self, words, shape, r0=0):
+        """Where the first NaN or Inf of ``words`` (uint16 [r1 - r0, *shape[1:]],
+        rows ``r0..`` of a tensor of ``shape``) is, as a problem string, or None."""
+        mask = _WORD.type(_EXPONENT[self.config.dtype])
+        flat = words.reshape(-1)
+        for a in range(0, flat.size, _SLAB_ELEMS):
+            bad = np.flatnonzero((flat[a:a + _SLAB_ELEMS] & mask) == mask)
+            if bad.size:
+                at = np.unravel_index(r0 * int(np.prod(shape[1:])) + a + int(bad[0]), shape)
+                return f'value at {list(map(int, at))} is NaN or Inf (not a usable model)'
+        return None
+
     def read(self, name, verify=True):
         """Tensor ``name`` as an array of the 16-bit dtype, shape from tensor_specs.
 
-        With ``verify`` the crc32 of the bytes read is checked.
+        With ``verify`` the crc32 of the bytes read is checked; NaN and Inf
+        values are refused either way.
         """
         ds = self._checked(name)
         words = self._read_words(name, ds)
         if verify and not self._crc_ok(ds, zlib.crc32(words)):
             raise self._error(name, 'checksum mismatch (file corrupted?); rewrite it')
+        problem = self._nonfinite(words, ds.shape)
+        if problem:
+            raise self._error(name, f'{problem}; rewrite or reconvert the file')
         return from_words(words, self.config.dtype)
 
     def read_expert(self, layer, e, verify=True):
@@ -381,12 +410,17 @@ class WeightFile:
             h.update(f'{name}={crc};'.encode())
         return h.hexdigest()
 
-    def _slab_crc(self, name, ds):
-        """crc32 of ``ds`` read slab by slab (bounded memory)."""
-        crc = 0
+    def _value_problem(self, name, ds):
+        """A checksum mismatch or a NaN/Inf of ``ds``, read slab by slab
+        (bounded memory), as a problem string, or None."""
+        crc, nonfinite = 0, None
         for r0, r1 in _slabs(ds.shape):
-            crc = zlib.crc32(self._read_words(name, ds, np.s_[r0:r1]), crc)
-        return crc
+            words = self._read_words(name, ds, np.s_[r0:r1])
+            crc = zlib.crc32(words, crc)
+            nonfinite = nonfinite or self._nonfinite(words, ds.shape, r0)
+        if not self._crc_ok(ds, crc):
+            return 'checksum mismatch (file corrupted?)'
+        return nonfinite
 
     def _walk(self, group, prefix, found):
         """Collect the names of datasets and links under ``group`` into ``found``."""
@@ -401,8 +435,9 @@ class WeightFile:
     def validate(self, checksums=True):
         """Problems with the file as one string each; ``[]`` means valid.
 
-        Missing and extra tensors, links, shapes, dtypes and (when
-        ``checksums``) the crc32 of every tensor, read in bounded slabs.
+        Missing and extra tensors, links, shapes, dtypes, layouts and (when
+        ``checksums``) the crc32 and the finiteness (no NaN or Inf) of every
+        tensor, read in bounded slabs.
         """
         found = set()
         self._walk(self._file, '', found)
@@ -410,8 +445,8 @@ class WeightFile:
                     for n in sorted(found - set(self._specs))]
         for name in self._specs:
             ds, problem = self._locate(name)
-            if problem is None and checksums and not self._crc_ok(ds, self._slab_crc(name, ds)):
-                problem = 'checksum mismatch (file corrupted?)'
+            if problem is None and checksums:
+                problem = self._value_problem(name, ds)
             if problem:
                 problems.append(f'{name}: {problem}')
         return problems
@@ -435,7 +470,7 @@ def inspect_report(path, checksums=True):
     nbytes = {n: int(np.prod(s)) * cfg.itemsize for n, s in specs}
     expert = sum(nbytes[n] for n in expert_tensor_names(cfg.moe_layers[0], 0, cfg))
     lines = [f'file: {path} ({_size(os.path.getsize(path))} on disk)',
-             f'format: {FORMAT} version {FORMAT_VERSION}, written by mpimoe {writer}',
+             f'format: {FORMAT} version {FORMAT_VERSION}, written by mpimoe {clip(writer)}',
              'config:']
     lines += [f'  {k} = {v}' for k, v in sorted(vars(cfg).items())]
     lines += [f'tensors: {len(specs)}',
@@ -444,9 +479,13 @@ def inspect_report(path, checksums=True):
               f'per expert: {_size(expert)} ({"+".join(cfg.expert_matrices)})',
               f'experts per MoE layer: {_size(expert * cfg.n_experts)} '
               f'({cfg.n_experts} experts x {cfg.n_moe_layers} MoE layers)',
-              'checksums: ' + ('checked' if checksums else 'not checked (--no-checksums)')]
+              'checksums: ' + ('checked (crc32, no NaN or Inf)' if checksums
+                                else 'not checked (--no-checksums)')]
     if problems:
-        lines += [f'validation: {len(problems)} problem(s)'] + [f'  {p}' for p in problems]
+        lines += [f'validation: {len(problems)} problem(s)']
+        lines += [f'  {p}' for p in problems[:_SHOW_PROBLEMS]]
+        if len(problems) > _SHOW_PROBLEMS:
+            lines.append(f'  ... and {len(problems) - _SHOW_PROBLEMS} more')
     else:
         lines.append('validation: valid')
     return '\n'.join(lines), not problems

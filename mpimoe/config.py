@@ -9,15 +9,45 @@ import dataclasses
 import json
 from dataclasses import dataclass, fields
 
-from mpimoe.errors import ConfigError
+from mpimoe.errors import ConfigError, clip
 
-__all__ = ['ModelConfig', 'PRESETS', 'model_config', 'parse_overrides']
+__all__ = ['ModelConfig', 'PRESETS', 'model_config', 'parse_overrides', 'parse_json']
 
 EXPERT_KINDS = ('mlp', 'swiglu')
 #: fields added after files were first written: a stored config may lack them
 #: (their default applies)
 LATER_FIELDS = frozenset({'max_position_embeddings'})
 DTYPES = ('bfloat16', 'float16')
+
+# Upper bounds: a file or a --set can claim any number, and the layout, the
+# plan and the buffers grow with them, so each field is bounded by what a
+# real model has, with room to spare.  The largest public models (2025):
+# DeepSeek-V3 (61 layers, 256 experts of 2048, top-8, d_model 7168, 128 heads,
+# vocab 129280, context 163840), Kimi K2 (61 layers, 384 experts, 1.04T
+# parameters), Switch-C (2048 experts, 1.6T), Llama 3 405B (126 layers,
+# d_model 16384, FFN 53248), PaLM (FFN 73728), Gemma 3 (head_dim 256, vocab
+# 262144), Llama 4 Scout (context 10M tokens), Qwen2.5-1M (rope_theta 1e7).
+#: field -> largest value accepted (every one must also be >= 1)
+MAX = {
+    'n_layers': 1024,                   # 8x Llama 3 405B
+    'n_experts': 4096,                  # 2x Switch-C
+    'top_k': 64,                        # 8x DeepSeek-V3 / Kimi K2
+    'd_model': 65536,                   # 4x Llama 3 405B
+    'n_heads': 1024,                    # 8x DeepSeek-V3
+    'n_kv_heads': 1024,
+    'head_dim': 1024,                   # 4x Gemma 3
+    'd_expert': 262144,                 # 3.5x PaLM's FFN
+    'd_dense': 262144,
+    'vocab_size': 1 << 22,              # 16x Gemma 3
+    'max_position_embeddings': 1 << 24,  # 1.6x Llama 4 Scout
+}
+#: largest rope_theta (100000x Qwen2.5-1M)
+MAX_ROPE_THETA = 1e12
+#: largest number of (MoE layer, expert) pairs: 5.7x Kimi K2's 60 x 384 (each
+#: is 2 or 3 tensors the loader lists)
+MAX_EXPERTS_TOTAL = 1 << 17
+#: largest parameter count: 12x Switch-C (4e13 bytes of bf16 weights)
+MAX_PARAMS = 2e13
 
 
 @dataclass(frozen=True)
@@ -63,14 +93,13 @@ class ModelConfig:
         for f in fields(self):
             v = getattr(self, f.name)
             if not isinstance(v, _field_type(f)) or isinstance(v, bool):
-                raise ConfigError(f'{f.name}={v!r}: expected {f.type.__name__}')
-        for name in ('n_layers', 'n_experts', 'top_k', 'd_model', 'n_heads',
-                     'n_kv_heads', 'head_dim', 'd_expert', 'd_dense', 'vocab_size',
-                     'max_position_embeddings'):
-            if getattr(self, name) < 1:
-                raise ConfigError(f'{name}={getattr(self, name)}: must be >= 1')
+                raise ConfigError(f'{f.name}={clip(repr(v))}: expected {f.type.__name__}')
+        for name, top in MAX.items():
+            v = getattr(self, name)
+            if not 1 <= v <= top:
+                raise ConfigError(f'{name}={clip(v)}: must be in [1, {top}]')
         if not 0 <= self.n_dense_layers < self.n_layers:
-            raise ConfigError(f'n_dense_layers={self.n_dense_layers}: must be in '
+            raise ConfigError(f'n_dense_layers={clip(self.n_dense_layers)}: must be in '
                               f'[0, n_layers={self.n_layers}) so that one MoE layer is left')
         if self.top_k > self.n_experts:
             raise ConfigError(f'top_k={self.top_k}: must be <= n_experts={self.n_experts}')
@@ -79,13 +108,27 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ConfigError(f'head_dim={self.head_dim}: must be even (RoPE rotates pairs)')
         if self.expert_kind not in EXPERT_KINDS:
-            raise ConfigError(f'expert_kind={self.expert_kind!r}: must be one of {EXPERT_KINDS}')
+            raise ConfigError(f'expert_kind={clip(repr(self.expert_kind))}: must be one of '
+                              f'{EXPERT_KINDS}')
         if self.dtype not in DTYPES:
-            raise ConfigError(f'dtype={self.dtype!r}: must be one of {DTYPES}')
-        if not self.rope_theta > 0:
-            raise ConfigError(f'rope_theta={self.rope_theta}: must be > 0')
-        if not self.norm_eps > 0:
-            raise ConfigError(f'norm_eps={self.norm_eps}: must be > 0')
+            raise ConfigError(f'dtype={clip(repr(self.dtype))}: must be one of {DTYPES}')
+        if not 0 < self.rope_theta <= MAX_ROPE_THETA:
+            raise ConfigError(f'rope_theta={clip(self.rope_theta)}: must be in '
+                              f'(0, {MAX_ROPE_THETA:g}]')
+        if not 0 < self.norm_eps < 1:
+            raise ConfigError(f'norm_eps={clip(self.norm_eps)}: must be in (0, 1)')
+        self._check_totals()
+
+    def _check_totals(self):
+        """Bound what the fields multiply into: experts (tensors) and parameters."""
+        experts = self.n_moe_layers * self.n_experts
+        if experts > MAX_EXPERTS_TOTAL:
+            raise ConfigError(f'n_experts={self.n_experts} x {self.n_moe_layers} MoE layers = '
+                              f'{experts} experts: must be <= {MAX_EXPERTS_TOTAL}')
+        params = self.nonexpert_params + experts * self.expert_params
+        if params > MAX_PARAMS:
+            raise ConfigError(f'{params:.3g} parameters: must be <= {MAX_PARAMS:g} '
+                              f'(d_model, d_expert, n_experts or n_layers too large)')
 
     @property
     def moe_layers(self):
@@ -131,18 +174,27 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text):
         """Inverse of :meth:`to_json`; unknown or missing keys raise ConfigError."""
-        try:
-            d = json.loads(text)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f'config is not valid JSON: {e}') from None
+        d = parse_json(text, 'config')
         if not isinstance(d, dict):
             raise ConfigError('config is not a JSON object')
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         missing = sorted(names - set(d) - LATER_FIELDS)
         if unknown or missing:
-            raise ConfigError(f'config keys: unknown {unknown}, missing {missing}')
+            raise ConfigError(f'config keys: unknown {clip(unknown)}, missing {missing}')
         return cls(**d)
+
+
+def parse_json(text, what, error=ConfigError):
+    """``json.loads(text)`` (str or bytes); ``error`` naming ``what`` when it
+    is not JSON, nests too deeply (RecursionError) or holds an integer of more
+    than 4300 digits (Python refuses to convert it)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise error(f'{what} is not usable JSON: nested too deeply') from None
+    except (TypeError, ValueError) as e:
+        raise error(f'{what} is not valid JSON: {clip(e)}') from None
 
 
 def _field_type(f):

@@ -19,7 +19,6 @@ holds one tensor at a time in memory.  Torch ``Linear`` weights are
 transposed.  F32 and F16 sources are rounded to bfloat16 (nearest-even).
 """
 
-import json
 import os
 import time
 
@@ -27,8 +26,9 @@ import ml_dtypes
 import numpy as np
 
 from mpimoe.checkpoint import _LOG_EVERY_S, _WORD, open_for_writing, tensor_specs, write_tensor
-from mpimoe.config import ModelConfig
-from mpimoe.errors import ConfigError, DataError
+from mpimoe.config import ModelConfig, parse_json
+from mpimoe.errors import ConfigError, DataError, clip
+from mpimoe.paths import regular_file
 
 __all__ = ['convert_hf', 'mixtral_config', 'hf_source']
 
@@ -50,14 +50,15 @@ _HARMLESS_KEYS = {
     '_name_or_path', 'architectures', 'model_type', 'transformers_version',
     'torch_dtype', 'dtype', 'use_cache', 'bos_token_id', 'eos_token_id',
     'pad_token_id', 'initializer_range', 'attention_dropout', 'output_router_logits',
-    'router_aux_loss_coef', 'router_jitter_noise', 'max_position_embeddings',
-    'output_attentions', 'output_hidden_states', 'return_dict', 'tokenizer_class'}
+    'router_aux_loss_coef', 'router_jitter_noise', 'output_attentions',
+    'output_hidden_states', 'return_dict', 'tokenizer_class'}
 #: config.json key -> ModelConfig field, each required
 _MAPPED_KEYS = {'hidden_size': 'd_model', 'num_hidden_layers': 'n_layers',
                 'num_local_experts': 'n_experts', 'num_experts_per_tok': 'top_k',
                 'num_attention_heads': 'n_heads', 'num_key_value_heads': 'n_kv_heads',
                 'intermediate_size': 'd_expert', 'vocab_size': 'vocab_size',
-                'rms_norm_eps': 'norm_eps'}
+                'rms_norm_eps': 'norm_eps',
+                'max_position_embeddings': 'max_position_embeddings'}
 #: keys read by the checks of :func:`_feature_problems` or for RoPE / head_dim
 _CHECKED_KEYS = {'hidden_act', 'tie_word_embeddings', 'rope_scaling', 'rope_parameters',
                  'rope_theta', 'sliding_window', 'attention_bias', 'mlp_bias', 'head_dim'}
@@ -77,30 +78,31 @@ def _feature_problems(hf):
     """Features of config.json ``hf`` that mpimoe does not implement: [str]."""
     problems = []
     if hf.get('architectures') != [ARCHITECTURE]:
-        problems.append(f'architectures {hf.get("architectures")!r}: only '
+        problems.append(f'architectures {clip(repr(hf.get("architectures")))}: only '
                         f'[{ARCHITECTURE!r}] can be converted')
     if hf.get('hidden_act', 'silu') != 'silu':
-        problems.append(f'hidden_act {hf["hidden_act"]!r}: only silu (SwiGLU experts)')
+        problems.append(f'hidden_act {clip(repr(hf["hidden_act"]))}: only silu (SwiGLU experts)')
     if hf.get('tie_word_embeddings', False):
         problems.append('tie_word_embeddings true: mpimoe has an untied lm_head')
     if hf.get('rope_scaling') is not None:
-        problems.append(f'rope_scaling {hf["rope_scaling"]!r}: only plain RoPE')
+        problems.append(f'rope_scaling {clip(repr(hf["rope_scaling"]))}: only plain RoPE')
     rope = hf.get('rope_parameters') or {}
     if not isinstance(rope, dict) or rope.get('rope_type', 'default') != 'default' \
             or set(rope) - {'rope_type', 'rope_theta'}:
-        problems.append(f'rope_parameters {rope!r}: only plain RoPE (rope_type default)')
+        problems.append(f'rope_parameters {clip(repr(rope))}: only plain RoPE '
+                        f'(rope_type default)')
     window, max_pos = hf.get('sliding_window'), hf.get('max_position_embeddings')
     if window is not None and not (isinstance(window, int) and isinstance(max_pos, int)
                                    and window >= max_pos):
-        problems.append(f'sliding_window {window} < max_position_embeddings {max_pos}: '
-                        f'mpimoe attends to the whole sequence')
+        problems.append(f'sliding_window {clip(window)} < max_position_embeddings '
+                        f'{clip(max_pos)}: mpimoe attends to the whole sequence')
     for key in ('attention_bias', 'mlp_bias'):
         if hf.get(key):
             problems.append(f'{key} true: mpimoe has no biases')
     unknown = sorted(set(hf) - _HARMLESS_KEYS - set(_MAPPED_KEYS) - _CHECKED_KEYS)
     if unknown:
         problems.append(_listed('unknown config keys (they may change the results, e.g. '
-                                'shared experts or quantization)', unknown))
+                                'shared experts or quantization)', map(clip, unknown)))
     return problems
 
 
@@ -169,17 +171,14 @@ def hf_source(name):
 def _read_header(path):
     """(entries {name: dict(dtype, shape, data_offsets)}, data start byte) of one
     safetensors file; DataError when the header is not readable."""
+    regular_file(path, 'safetensors shard')
     with open(path, 'rb') as f:
         raw = f.read(8)
         n = int.from_bytes(raw, 'little') if len(raw) == 8 else -1
         if not 2 <= n <= _MAX_HEADER:
             raise DataError(f'{path}: not a safetensors file (header length {n}); '
                             f're-download or re-save it')
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise DataError(f'{path}: safetensors header is not valid JSON ({e}); '
-                            f're-download or re-save it') from None
+        header = parse_json(f.read(n), f'{path}: safetensors header', DataError)
     if not isinstance(header, dict):
         raise DataError(f'{path}: safetensors header is not a JSON object')
     header.pop('__metadata__', None)
@@ -207,6 +206,8 @@ class _Source:
         """{shard path: [names it should hold] or None (all its tensors)}."""
         index = os.path.join(self.directory, 'model.safetensors.index.json')
         single = os.path.join(self.directory, 'model.safetensors')
+        regular_file(index, 'index')
+        regular_file(single, 'safetensors file')
         if os.path.isfile(index):
             return self._indexed(index)
         if os.path.isfile(single):
@@ -215,18 +216,18 @@ class _Source:
                         f'model.safetensors.index.json; is it a safetensors checkpoint?')
 
     def _indexed(self, index):
+        doc = _read_json(index)
         try:
-            with open(index, encoding='utf-8') as f:
-                weight_map = json.load(f)['weight_map']
+            weight_map = doc['weight_map']
             shards = {}
             for name, shard in weight_map.items():
                 shards.setdefault(os.path.join(self.directory, shard), []).append(name)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise DataError(f'{index}: not a valid index (needs a "weight_map" object of '
-                            f'tensor -> shard file): {e!r}') from None
-        absent = sorted(os.path.basename(s) for s in shards if not os.path.isfile(s))
+                            f'tensor -> shard file): {clip(repr(e))}') from None
+        absent = sorted(os.path.basename(s) for s in shards if not os.path.exists(s))
         if absent:
-            raise DataError(_listed(f'{index}: shard files missing', absent))
+            raise DataError(_listed(f'{index}: shard files missing', map(clip, absent)))
         return shards
 
     def problem(self, name, shape):
@@ -235,11 +236,11 @@ class _Source:
         try:
             dtype, got, (a, b) = e['dtype'], tuple(e['shape']), map(int, e['data_offsets'])
         except (KeyError, TypeError, ValueError):
-            return f'{name}: malformed header entry {e!r}'
+            return f'{name}: malformed header entry {clip(repr(e))}'
         if got != shape:
-            return f'{name}: shape {list(got)}, config.json implies {list(shape)}'
+            return f'{name}: shape {clip(list(got))}, config.json implies {list(shape)}'
         if dtype not in _ST_DTYPES:
-            return f'{name}: dtype {dtype} (only {", ".join(_ST_DTYPES)})'
+            return f'{name}: dtype {clip(dtype)} (only {", ".join(_ST_DTYPES)})'
         size = os.path.getsize(shard) - self._start[shard]
         if not 0 <= a <= b <= size or b - a != int(np.prod(shape)) * _ST_DTYPES[dtype].itemsize:
             return f'{name}: data_offsets {[a, b]} do not fit {list(shape)} {dtype} in ' \
@@ -287,6 +288,14 @@ def _tensor_problems(source, expected):
     return problems
 
 
+def _read_json(path):
+    """The JSON document in the regular file ``path``; one-line DataError when it
+    is not one (FileNotFoundError passes through)."""
+    regular_file(path, 'JSON file')
+    with open(path, 'rb') as f:
+        return parse_json(f.read(), path, DataError)
+
+
 def _read_config(directory):
     """config.json of ``directory`` as a dict; one-line DataError when absent or bad."""
     if not os.path.isdir(directory):
@@ -294,13 +303,10 @@ def _read_config(directory):
                         f'config.json and the *.safetensors files')
     path = os.path.join(directory, 'config.json')
     try:
-        with open(path, encoding='utf-8') as f:
-            hf = json.load(f)
+        hf = _read_json(path)
     except FileNotFoundError:
         raise DataError(f'{path}: missing; is {directory} a Hugging Face checkpoint '
                         f'directory?') from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f'{path}: not valid JSON: {e}') from None
     if not isinstance(hf, dict):
         raise DataError(f'{path}: not a JSON object')
     return hf

@@ -5,10 +5,12 @@ with ``exit_code``.  Codes follow BSD ``sysexits.h`` where one fits.
 """
 
 __all__ = ['MpimoeError', 'UsageError', 'ConfigError', 'DataError',
-           'IOFailure', 'Stopped', 'Interrupted', 'EXIT_INTERNAL']
+           'IOFailure', 'Stopped', 'Interrupted', 'EXIT_INTERNAL', 'clip']
 
 #: exit code for an unexpected exception (a bug): EX_SOFTWARE
 EXIT_INTERNAL = 70
+#: characters of file-supplied text a message echoes (see :func:`clip`)
+CLIP = 80
 
 
 class MpimoeError(Exception):
@@ -45,3 +47,10 @@ class Interrupted(MpimoeError):
     """Interrupted by SIGINT (Ctrl-C) at a step boundary; committed chunks stay
     and a rerun resumes (128 + SIGINT, as a shell reports it)."""
     exit_code = 130
+
+
+def clip(text, limit=CLIP):
+    """``text`` (any object: its ``str``) cut to ``limit`` characters plus
+    ``...``, so that a message never echoes unbounded file contents."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + '...'

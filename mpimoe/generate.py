@@ -22,12 +22,15 @@ def generate(forward, new_cache, prompts, max_new_tokens):
     lengths = np.array([len(p) for p in prompts], dtype=np.int64)
     cache = new_cache(lengths + max_new_tokens)
     seqs = np.arange(len(prompts))
-    logits = forward(np.concatenate(prompts).astype(np.int64), cache, seqs, lengths)
-    last_logits = logits
-    generated = np.empty((len(prompts), max_new_tokens), dtype=np.int32)
-    ones = np.ones(len(prompts), dtype=np.int64)
-    for step in range(max_new_tokens):
-        generated[:, step] = np.argmax(logits, axis=1)
-        if step + 1 < max_new_tokens:
-            logits = forward(generated[:, step].astype(np.int64), cache, seqs, ones)
+    # an overflow ends in NaN/Inf logits, which the forward refuses in one
+    # message (mpimoe.model.FrontEnd.logits); NumPy's warnings would only add lines
+    with np.errstate(over='ignore', invalid='ignore'):
+        logits = forward(np.concatenate(prompts).astype(np.int64), cache, seqs, lengths)
+        last_logits = logits
+        generated = np.empty((len(prompts), max_new_tokens), dtype=np.int32)
+        ones = np.ones(len(prompts), dtype=np.int64)
+        for step in range(max_new_tokens):
+            generated[:, step] = np.argmax(logits, axis=1)
+            if step + 1 < max_new_tokens:
+                logits = forward(generated[:, step].astype(np.int64), cache, seqs, ones)
     return generated, last_logits

@@ -54,6 +54,7 @@ import h5py
 import numpy as np
 
 from mpimoe.errors import DataError, IOFailure, UsageError
+from mpimoe.paths import regular_file
 
 __all__ = ['Inputs', 'InputStream', 'read_inputs', 'file_digest', 'open_job', 'read_json', 'write_json', 'write_synthetic_inputs',
            'OutputWriter', 'read_outputs']
@@ -295,12 +296,13 @@ def open_job(input_path, output, wf, save_logits, meta, overwrite, *, max_new_to
 def read_json(path, what):
     """A JSON document from ``path``; DataError naming ``what`` (e.g. '--stats')
     when the file cannot be read or parsed."""
+    regular_file(path, what)
     try:
         with open(path, encoding='utf-8') as f:
             return json.load(f)
     except OSError as e:
         raise DataError(f'{what} {path}: cannot read: {e.strerror}') from None
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise DataError(f'{what} {path}: not valid JSON: {e}') from None
 
 

@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from mpimoe.backend import array_module, round16
+from mpimoe.errors import DataError
 
 __all__ = ['rms_norm', 'rope_tables', 'apply_rope', 'KVCache', 'attention', 'ffn',
            'expert_ffn', 'FrontEnd']
@@ -199,7 +200,10 @@ def expert_ffn(x16, w, kind, dtype):
     """
     narrow = lambda a: round16(a, dtype)  # noqa: E731
     mm = _mm16 if w['down'].dtype.itemsize == 2 else _mm
-    return narrow(ffn(x16, w, kind, narrow, mm))
+    # an overflow here (an expert rank) ends in NaN/Inf logits, which the
+    # front-end refuses in one message (FrontEnd.logits); no NumPy warnings
+    with np.errstate(over='ignore', invalid='ignore'):
+        return narrow(ffn(x16, w, kind, narrow, mm))
 
 
 class FrontEnd:
@@ -209,6 +213,12 @@ class FrontEnd:
     tensors: dict name -> array, names as in weights/FORMAT.md: float32 (NumPy
     backend) or 16-bit device arrays (CuPy: widened to FP32 at use; the routers,
     small, once here).
+
+    :meth:`logits` refuses NaN or Inf logits (DataError, exit 65: the weights are
+    finite, the loader checks, so the model's own numbers overflowed; no rerun
+    helps) and names the first stage whose output was not finite: each block
+    notes whether its input is finite (a device scalar, no synchronisation),
+    and the notes are read only when the logits are not finite.
     """
 
     def __init__(self, cfg, tensors):
@@ -221,6 +231,7 @@ class FrontEnd:
                       for i in range(cfg.n_dense_layers)}
         self.router = {i: _f32(tensors[f'layers/{i}/router']) for i in cfg.moe_layers}
         self.xp = array_module(tensors['embed'])
+        self._finite = []       # this pass: (stage number, all finite? device bool)
 
     def new_cache(self, capacity):
         """A KV cache for sequences of the given capacities (prompt + new tokens)."""
@@ -231,14 +242,41 @@ class FrontEnd:
         """tokens: int [T] (host) -> x: float32 [T, d]."""
         return _f32(self.t['embed'][self.xp.asarray(tokens)])
 
+    def _note(self, stage, x):
+        """Keep whether ``x``, the output of stage number ``stage`` (see
+        :meth:`_stage_name`), is finite, for the message of :meth:`logits`."""
+        self._finite.append((stage, self.xp.isfinite(x).all()))
+
+    def _stage_name(self, stage):
+        """Stage 0 is the embedding, 2i+1 the attention of layer i, 2i+2 its FFN."""
+        if stage == 0:
+            return 'the embedding'
+        i, part = divmod(stage - 1, 2)
+        kind = 'attention' if part == 0 else 'dense MLP' if i < self.cfg.n_dense_layers \
+            else 'MoE FFN'
+        return f'the {kind} of layer {i}'
+
+    def _check_finite(self, logits):
+        """DataError when logits [n, vocab] hold NaN or Inf; clears the notes."""
+        notes, self._finite = self._finite, []
+        if bool(self.xp.isfinite(logits).all()):
+            return
+        bad = [stage for stage, finite in notes if not bool(finite)]
+        where = self._stage_name(min(bad)) if bad else 'the final norm and LM head'
+        raise DataError(f'the logits are NaN or Inf: the activations were first non-finite '
+                        f'after {where} (the weights are finite, so the numbers overflowed '
+                        f'FP32, or {self.cfg.dtype} on the wire); check or reconvert the weights')
+
     def attention_block(self, i, x, cache, seqs, ntok):
         """Residual attention block of layer i: x + attn(norm(x)); x: [T, d]."""
+        self._note(2 * i, x)
         w = self.layer[i]
         return x + attention(rms_norm(x, w['attn_norm'], self.cfg.norm_eps), w, self.cfg,
                              cache, i, seqs, ntok)
 
     def ffn_input(self, i, x):
         """The normed input of layer i's FFN: [T, d]."""
+        self._note(2 * i + 1, x)
         return rms_norm(x, self.layer[i]['ffn_norm'], self.cfg.norm_eps)
 
     def dense_ffn(self, i, h):
@@ -246,5 +284,9 @@ class FrontEnd:
         return ffn(h, self.dense[i], self.cfg.expert_kind)
 
     def logits(self, x):
-        """Final norm and LM head: x [n, d] -> float32 [n, vocab]."""
-        return _mm(rms_norm(x, self.t['final_norm'], self.cfg.norm_eps), self.t['lm_head'])
+        """Final norm and LM head: x [n, d] -> float32 [n, vocab]; DataError
+        when they are not finite, naming the stage where that began."""
+        self._note(2 * self.cfg.n_layers, x)
+        out = _mm(rms_norm(x, self.t['final_norm'], self.cfg.norm_eps), self.t['lm_head'])
+        self._check_finite(out)
+        return out

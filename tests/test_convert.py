@@ -172,8 +172,10 @@ def test_convert_maps_config_and_tensors(checkpoint, tmp_path, capsys):
 
 
 def test_sharded_gqa_and_transformers5_config(tmp_path):
-    """Shards with an index; head_dim from hidden/heads; rope_parameters (transformers 5)."""
-    hf = _hf_config(num_attention_heads=4, num_key_value_heads=2, head_dim=None, hidden_size=64)
+    """Shards with an index; head_dim from hidden/heads; rope_parameters (transformers 5);
+    the context length."""
+    hf = _hf_config(num_attention_heads=4, num_key_value_heads=2, head_dim=None, hidden_size=64,
+                    max_position_embeddings=32768)
     del hf['rope_theta']
     hf['rope_parameters'] = {'rope_type': 'default', 'rope_theta': 5e5}
     tensors = _hf_tensors(hf | {'head_dim': 16})
@@ -181,6 +183,7 @@ def test_sharded_gqa_and_transformers5_config(tmp_path):
     assert _convert(tmp_path / 'hf', tmp_path / 'w.h5') == 0
     cfg = _assert_matches(tmp_path / 'w.h5', tensors)
     assert (cfg.head_dim, cfg.n_kv_heads, cfg.rope_theta) == (16, 2, 5e5)
+    assert cfg.max_position_embeddings == 32768
 
 
 @pytest.mark.parametrize('dtype,name', [(np.float32, 'F32'), (np.float16, 'F16')])
@@ -256,6 +259,11 @@ REFUSALS = {
                     'unexpected tensors (a feature mpimoe lacks, e.g. biases or shared experts?) '
                     '(1): model.layers.0.self_attn.q_proj.bias'),
     'config value': (_set('num_experts_per_tok', 6), 'top_k=6: must be <= n_experts=5'),
+    'no context length': (_set('max_position_embeddings', None),
+                          'missing config keys (1): max_position_embeddings'),
+    'context length no model has': (
+        _set('max_position_embeddings', 1 << 30),
+        'max_position_embeddings=1073741824: must be in [1, 16777216]'),
 }
 
 
