@@ -42,12 +42,14 @@ and `OUTPUT.lock` names the job writing them (:class:`OutputLock`).
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
 import re
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass
 
@@ -418,7 +420,7 @@ def _write_jsonl(path, inputs):
 
 
 def _write_hdf5(path, inputs):
-    with h5py.File(path, 'w') as f:
+    with _hdf5_image(path) as f:
         f.create_dataset('tokens', data=inputs.tokens)
         f.create_dataset('offsets', data=inputs.offsets)
         f.create_dataset('ids', data=inputs.ids, dtype=h5py.string_dtype())
@@ -460,15 +462,43 @@ def _same_file(a, b):
 @contextlib.contextmanager
 def os_errors(path, *also):
     """Turn an OSError about ``path`` (or one of ``also``, or about no named
-    file, as h5py's are) into an IOFailure: one line naming ``path`` (exit 74)."""
+    file, as h5py's are) into an IOFailure: one line naming ``path`` (exit 74).
+
+    A write that fails while h5py drops an object is reported only from its
+    destructor (otherwise lost, or printed as an 'Exception ignored' traceback
+    per object): such errors fail the block too, once.
+    """
+    lost, hook = [], sys.unraisablehook
+
+    def collect(unraisable):
+        if 'h5py' in str(unraisable.object):
+            lost.append(unraisable.exc_value)
+        else:
+            hook(unraisable)
+    sys.unraisablehook = collect
     try:
         yield
     except OSError as e:
         if e.filename not in (None, path, *also):
             raise
-        reason = os.strerror(e.errno) if e.errno else str(e).splitlines()[0]
-        raise IOFailure(f'cannot write {path}: {reason}; fix the cause (disk space, quota, '
-                        'permissions) and rerun') from None
+        raise _io_failure(path, e) from None
+    except RuntimeError as e:       # h5py's, when closing after a failed write
+        if 'write failed' not in str(e):
+            raise
+        raise _io_failure(path, e) from None
+    finally:
+        sys.unraisablehook = hook
+    if lost:
+        raise _io_failure(path, lost[0])
+
+
+def _io_failure(path, e):
+    """IOFailure naming ``path`` for the OSError (or h5py error) ``e``."""
+    h5_reason = re.search(r"error message = '([^']*)'", str(e))
+    reason = os.strerror(e.errno) if getattr(e, 'errno', None) else \
+        h5_reason[1] if h5_reason else str(e).splitlines()[0]
+    return IOFailure(f'cannot write {path}: {reason}; fix the cause (disk space, quota, '
+                     'permissions) and rerun')
 
 
 @contextlib.contextmanager
@@ -493,6 +523,30 @@ def atomic_write(path):
             _remove_if_present(tmp)
             raise
         _fsync(os.path.dirname(path) or '.')
+
+
+@contextlib.contextmanager
+def _hdf5_image(path):
+    """Yield an h5py.File built in memory; when the block ends its bytes are
+    written to ``path`` by plain file I/O.  (h5py copes badly with a disk that
+    fills under it: errors from destructors, a crash at exit; a plain write
+    fails with one OSError.)  For files that fit in memory: chunks, inputs."""
+    image = io.BytesIO()
+    with h5py.File(image, 'w') as f:
+        yield f
+    with open(path, 'wb') as out:
+        out.write(image.getbuffer())
+
+
+def _check_space(path, nbytes):
+    """IOFailure before writing ``nbytes`` to ``path`` where its filesystem has
+    less free space (h5py, which writes the large files, fails badly on a full
+    disk; a quota is not seen here)."""
+    st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    free = st.f_bavail * st.f_frsize
+    if free < nbytes:
+        raise IOFailure(f'cannot write {path}: it needs about {nbytes:,} bytes, its '
+                        f'filesystem has {free:,} free; free some space and rerun')
 
 
 def _fsync(path):
@@ -548,12 +602,13 @@ class OutputLock:
             self._acquire()
 
     def _acquire(self):
-        why = ''
+        why = f'{self.path}: other jobs keep taking and releasing it; rerun'
         for _ in range(_LOCK_TRIES):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                holder, why = _read_lock(self.path)
+                holder, unreadable = _read_lock(self.path)
+                why = unreadable or why
                 if holder is not None:
                     stale = _stale(holder, self.info)
                     if not stale:
@@ -563,7 +618,7 @@ class OutputLock:
                     why = (f'{self.path}.break exists: another job is taking over the stale '
                            f'lock, or was killed doing so; if no other job is starting, '
                            f'remove {self.path}.break and rerun')
-                if why:
+                if holder is not None or unreadable:
                     time.sleep(_LOCK_NAP_S)
                 continue
             with os.fdopen(fd, 'w') as f:
@@ -846,7 +901,7 @@ class OutputWriter:
         np.cumsum([np.size(g) for g in generated], out=offsets[1:])
         name = _chunk_name(start, start + b)
         path = os.path.join(self.dir, name)
-        with atomic_write(path) as tmp, h5py.File(tmp, 'w') as f:
+        with atomic_write(path) as tmp, _hdf5_image(tmp) as f:
             f.create_dataset('ids', data=list(ids), dtype=h5py.string_dtype())
             f.create_dataset('generated', data=new.astype(np.int32))
             f.create_dataset('generated_offsets', data=offsets)
@@ -888,6 +943,8 @@ class OutputWriter:
             raise RuntimeError(f'{self.path}: only {self.written} of {self.n_seqs} sequences '
                                'were written; output not saved')
         if not self._assembled:
+            # the chunks' bytes, plus room for the file's own metadata
+            _check_space(self.path, sum(c['bytes'] for c in self.chunks) + (1 << 20))
             with atomic_write(self.path) as tmp:
                 self._assemble(tmp)
                 # before the rename: a rerun killed after it knows OUT is complete

@@ -524,6 +524,17 @@ def test_a_full_disk_is_an_io_failure_naming_the_file(small_disk):
     assert not (small_disk / 'r.json').exists() and not (small_disk / 'r.json.partial').exists()
 
 
+def test_no_room_for_the_assembled_output_is_found_before_writing_it(small_disk):
+    out = small_disk / 'out.h5'
+    with pytest.raises(IOFailure, match=f'cannot write {out}: it needs about .* bytes, its '
+                                        'filesystem has .* free'):
+        with OutputWriter(out, 4, 2000, True, {}, IDENT) as w:
+            for lo in (0, 2):                       # 2 chunks of 16 kB of logits fit
+                w.write([lo, lo + 1], ['a', 'b'], [[1], [2]], np.ones((2, 2000), np.float32))
+    assert sorted(os.listdir(small_disk)) == ['out.h5.chunks']      # kept for a rerun
+    assert len(list((small_disk / 'out.h5.chunks').glob('*.h5'))) == 2
+
+
 def test_cli_make_input_on_a_full_disk_exits_74(small_disk):
     line = one_error_line(_mpimoe('make-input', '--vocab', 256, '--num-seqs', 3000,
                                   '--min-len', 20, '--max-len', 40, '--out',
@@ -540,3 +551,17 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
             Path(tmp).write_text('half')
             raise ValueError
     assert path.read_text() == 'old' and not Path(str(path) + '.partial').exists()
+
+
+@pytest.mark.timeout(200)
+def test_run_on_a_full_disk_exits_74_naming_the_chunk(small_disk, tiny_weights, tmp_path):
+    from mpimoe.io import write_synthetic_inputs
+    inputs = tmp_path / 'in.jsonl'
+    write_synthetic_inputs(inputs, 256, num_seqs=120, min_len=2, max_len=8, seed=1)
+    out = small_disk / 'out.h5'         # 120 x 256 float32 logits do not fit in 64 KiB
+    proc = _run(tiny_weights, inputs, out, '--save-logits', '--batch-tokens', 200)
+    assert proc.returncode == 74, proc.stderr
+    errors = _error_lines(proc.stderr)
+    assert len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr
+    assert f'cannot write {out}.chunks/' in errors[0] and 'No space left on device' in errors[0]
+    assert not out.exists()
