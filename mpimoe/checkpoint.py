@@ -25,6 +25,7 @@ from mpimoe import __version__
 from mpimoe.backend import from_words, storage_dtype, to_words
 from mpimoe.errors import ConfigError, DataError, clip
 from mpimoe.config import ModelConfig
+from mpimoe.io import atomic_write
 from mpimoe.paths import regular_file
 
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'tensor_specs', 'expert_tensor_names',
@@ -171,19 +172,13 @@ def _check_output(path, overwrite):
 @contextlib.contextmanager
 def open_for_writing(path, cfg, overwrite=False):
     """A new weight file: yields an h5py.File on ``path + '.partial'`` with the
-    root attributes of ``cfg`` written; renamed to ``path`` when the block
-    ends cleanly, removed on any error.  Refuses an existing ``path`` unless
-    ``overwrite``."""
+    root attributes of ``cfg`` written; synced and renamed to ``path`` when the
+    block ends cleanly, removed on any error (:func:`mpimoe.io.atomic_write`).
+    Refuses an existing ``path`` unless ``overwrite``."""
     _check_output(path, overwrite)
-    partial = path + '.partial'
-    try:
-        with h5py.File(partial, 'w') as f:
-            _write_root_attrs(f, cfg)
-            yield f
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    with atomic_write(path) as partial, h5py.File(partial, 'w') as f:
+        _write_root_attrs(f, cfg)
+        yield f
 
 
 def write_synthetic(cfg, path, seed=0, overwrite=False, log=None):

@@ -119,7 +119,13 @@ def run_engine(opts, comm=None):
     # every rank catches the signals from the start (Slurm and mpiexec send
     # them to all tasks); rank 0's decides, at the next round or step
     with StopRequest() as stop:
-        return run_guarded(comm, _run, opts, comm, stop)
+        return run_guarded(comm, _run_holding, opts, comm, stop)
+
+
+def _run_holding(opts, world, stop):
+    """_run, releasing what it holds (rank 0: the output's lock) on every way out."""
+    with contextlib.ExitStack() as held:
+        return _run(opts, world, stop, held)
 
 
 def _collective(e):
@@ -146,7 +152,7 @@ def _setup_logging(opts, rank):
         log.addHandler(file)
 
 
-def _run(opts, world, stop):
+def _run(opts, world, stop, held):
     from mpimoe.checkpoint import WeightFile
     from mpimoe.placement import load_stats, make_plan
     _setup_logging(opts, world.rank)
@@ -164,7 +170,7 @@ def _run(opts, world, stop):
             raise _collective(e)
         # rank 0 checks input and output before anyone spends time loading
         with timers.span('open', 'io'):
-            io = _open_io(opts, plan, wf) if world.rank == 0 else None
+            io = _open_io(opts, plan, wf, held) if world.rank == 0 else None
         layers = _layer_comms(world, plan)
         with timers.span('load', 'load'):
             role = _load_role(world, cfg, plan, opts, layers, wf, timers, backend, mode, io)
@@ -257,9 +263,11 @@ def _backend_report(backend, mode):
     return out
 
 
-def _open_io(opts, plan, wf):
-    """Rank 0: the input stream and the (maybe resumed) output writer."""
+def _open_io(opts, plan, wf, held):
+    """Rank 0: check the files the run writes, then open the input stream and
+    the (maybe resumed) output writer, whose lock ``held`` (an ExitStack) releases."""
     from mpimoe.io import open_job
+    _check_report_paths(opts)
     meta = {'producer': 'mpimoe run', 'mpimoe_version': __version__,
             'weights': str(opts.weights), 'input': str(opts.input),
             'max_new_tokens': opts.max_new_tokens, 'placement': plan.mode,
@@ -270,10 +278,30 @@ def _open_io(opts, plan, wf):
     stream, writer = open_job(opts.input, opts.output, wf, opts.save_logits, meta,
                               opts.overwrite, max_new_tokens=opts.max_new_tokens,
                               batch_tokens=opts.batch_tokens, balance=balance)
+    held.callback(writer.close)
     if writer.written:
         log.info(f'resuming {opts.output}: {writer.written} of {len(stream)} sequences '
                  'already committed')
     return stream, writer
+
+
+def _check_report_paths(opts):
+    """Before anything is computed: ``--metrics`` and ``--trace DIR``'s
+    trace.json can be written, exist only with ``--overwrite``, and are none of
+    the run's inputs and outputs (not even with ``--overwrite``)."""
+    from mpimoe.io import check_writable
+    files = [('--weights', opts.weights), ('--input', opts.input), ('--output', opts.output)]
+    if opts.metrics:
+        check_writable(opts.metrics, '--metrics', opts.overwrite, files)
+        files.append(('--metrics', opts.metrics))
+    if opts.trace:
+        if os.path.exists(opts.trace) and not os.path.isdir(opts.trace):
+            raise DataError(f'--trace {opts.trace}: not a directory (trace.json is written '
+                            'into it); choose a directory')
+        trace = os.path.join(opts.trace, 'trace.json')
+        # a directory that does not exist yet is created: check that it can be
+        check_writable(trace if os.path.isdir(opts.trace) else opts.trace, '--trace',
+                       opts.overwrite, files)
 
 
 def _write_trace(opts, world, role):

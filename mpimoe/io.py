@@ -37,16 +37,23 @@ One HDF5 file:
 Root attributes: `format = "mpimoe-output"`, `format_version = 1`, and the run's
 metadata (str, int or float values; e.g. `weights`, `max_new_tokens`,
 `mpimoe_version`).  The file appears under its final name only once all `n`
-sequences are written; until then the committed batches are in `OUTPUT.chunks/`.
+sequences are written; until then the committed batches are in `OUTPUT.chunks/`
+with `manifest.json` (the run's identity; each chunk's range, size and sha256),
+and `OUTPUT.lock` names the job writing them (:class:`OutputLock`).
 """
 
 import contextlib
 import hashlib
+import io
 import itertools
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import sys
+import time
 from array import array
 from dataclasses import dataclass
 
@@ -57,7 +64,10 @@ from mpimoe.errors import DataError, IOFailure, UsageError
 from mpimoe.paths import regular_file
 
 __all__ = ['Inputs', 'InputStream', 'read_inputs', 'file_digest', 'open_job', 'read_json', 'write_json', 'write_synthetic_inputs',
-           'OutputWriter', 'read_outputs']
+           'OutputWriter', 'OutputLock', 'read_outputs', 'atomic_write', 'check_writable',
+           'os_errors']
+
+log = logging.getLogger('mpimoe')
 
 OUTPUT_FORMAT = 'mpimoe-output'
 OUTPUT_VERSION = 1
@@ -281,8 +291,11 @@ def open_job(input_path, output, wf, save_logits, meta, overwrite, *, max_new_to
     What must not change for a rerun to resume: the input's bytes, the weights
     (:meth:`WeightFile.identity`) and the ``options`` that change results
     (str/int/float values; batch composition included, so that a resumed
-    output is bit for bit an uninterrupted one).
+    output is bit for bit an uninterrupted one).  The writer holds the
+    output's lock: enter it, or :meth:`~OutputWriter.close` it.
     """
+    check_writable(output, '--output', overwrite=True,
+                   reads=[('--input', input_path), ('--weights', wf.name)])
     cfg = wf.config
     stream = InputStream(input_path, cfg.vocab_size, max_new_tokens,
                          cfg.max_position_embeddings, batch_tokens)
@@ -534,7 +547,7 @@ def write_synthetic_inputs(path, vocab_size, num_seqs, min_len, max_len, seed=0,
     if max_len < min_len:
         raise UsageError(f'max_len={max_len}: must be >= min_len={min_len}')
     fmt = _format_of(path)
-    _refuse_existing(path, overwrite)
+    check_writable(path, '', overwrite)
     rng = np.random.default_rng(seed)
     lengths = rng.integers(min_len, max_len, size=num_seqs, endpoint=True)
     offsets = np.zeros(num_seqs + 1, dtype=np.int64)
@@ -542,13 +555,8 @@ def write_synthetic_inputs(path, vocab_size, num_seqs, min_len, max_len, seed=0,
     inputs = Inputs([f'seq-{i:06d}' for i in range(num_seqs)],
                     rng.integers(0, vocab_size, size=offsets[-1], dtype=np.int32), offsets)
     write = _write_jsonl if fmt == 'jsonl' else _write_hdf5
-    tmp = path + '.partial'
-    try:
+    with atomic_write(path) as tmp:
         write(tmp, inputs)
-    except BaseException:
-        _remove_if_present(tmp)
-        raise
-    os.replace(tmp, path)
 
 
 def _write_jsonl(path, inputs):
@@ -559,15 +567,141 @@ def _write_jsonl(path, inputs):
 
 
 def _write_hdf5(path, inputs):
-    with h5py.File(path, 'w') as f:
+    with _hdf5_image(path) as f:
         f.create_dataset('tokens', data=inputs.tokens)
         f.create_dataset('offsets', data=inputs.offsets)
         f.create_dataset('ids', data=inputs.ids, dtype=h5py.string_dtype())
 
 
-def _refuse_existing(path, overwrite):
+# --- writing files: path checks, the atomic helper, OS errors --------------
+
+def check_writable(path, what, overwrite, reads=()):
+    """Refuse, before any work, a file that cannot or must not be written: one
+    of ``reads`` ((option, path) pairs: the run's inputs and other outputs,
+    refused even with ``overwrite``), a directory, one whose directory is
+    missing or not writable, or an existing file unless ``overwrite``.
+    ``what`` names the option in the messages ('--metrics'; '' for none)."""
+    path = os.fspath(path)
+    label = f'{what} {path}' if what else path
+    for option, other in reads:
+        if other is not None and _same_file(path, other):
+            raise UsageError(f'{label} is also the {option} of this run and would be '
+                             'destroyed; choose another file')
+    if os.path.isdir(path):
+        raise DataError(f'{label} is a directory; give a file name')
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise DataError(f'{label}: directory {parent} does not exist; create it first')
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise IOFailure(f'{label}: directory {parent} is not writable')
     if os.path.exists(path) and not overwrite:
-        raise DataError(f'{path} exists; pass --overwrite to replace it')
+        raise DataError(f'{label} exists; pass --overwrite to replace it')
+
+
+def _same_file(a, b):
+    """Whether paths ``a`` and ``b`` name one file (symbolic and hard links too)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:                 # one of them does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+@contextlib.contextmanager
+def os_errors(path, *also):
+    """Turn an OSError about ``path`` (or one of ``also``, or about no named
+    file, as h5py's are) into an IOFailure: one line naming ``path`` (exit 74).
+
+    A write that fails while h5py drops an object is reported only from its
+    destructor (otherwise lost, or printed as an 'Exception ignored' traceback
+    per object): such errors fail the block too, once.
+    """
+    lost, hook = [], sys.unraisablehook
+
+    def collect(unraisable):
+        if 'h5py' in str(unraisable.object):
+            lost.append(unraisable.exc_value)
+        else:
+            hook(unraisable)
+    sys.unraisablehook = collect
+    try:
+        yield
+    except OSError as e:
+        if e.filename not in (None, path, *also):
+            raise
+        raise _io_failure(path, e) from None
+    except RuntimeError as e:       # h5py's, when closing after a failed write
+        if 'write failed' not in str(e):
+            raise
+        raise _io_failure(path, e) from None
+    finally:
+        sys.unraisablehook = hook
+    if lost:
+        raise _io_failure(path, lost[0])
+
+
+def _io_failure(path, e):
+    """IOFailure naming ``path`` for the OSError (or h5py error) ``e``."""
+    h5_reason = re.search(r"error message = '([^']*)'", str(e))
+    reason = os.strerror(e.errno) if getattr(e, 'errno', None) else \
+        h5_reason[1] if h5_reason else str(e).splitlines()[0]
+    return IOFailure(f'cannot write {path}: {reason}; fix the cause (disk space, quota, '
+                     'permissions) and rerun')
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """Yield the temporary name ``path + '.partial'`` to write ``path`` through.
+
+    When the block ends cleanly the file is synced, renamed to ``path`` and
+    its directory synced: a reader sees the old file or the whole new one, and
+    the new one survives a crash.  On any error the temporary file is removed
+    and ``path`` is untouched; an OSError of the writing (disk full, quota,
+    permission, I/O) becomes an IOFailure naming ``path``.  Every file mpimoe
+    replaces goes through here.
+    """
+    path = os.fspath(path)
+    tmp = path + '.partial'
+    with os_errors(path, tmp):
+        try:
+            yield tmp
+            _fsync(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            _remove_if_present(tmp)
+            raise
+        _fsync(os.path.dirname(path) or '.')
+
+
+@contextlib.contextmanager
+def _hdf5_image(path):
+    """Yield an h5py.File built in memory; when the block ends its bytes are
+    written to ``path`` by plain file I/O.  (h5py copes badly with a disk that
+    fills under it: errors from destructors, a crash at exit; a plain write
+    fails with one OSError.)  For files that fit in memory: chunks, inputs."""
+    image = io.BytesIO()
+    with h5py.File(image, 'w') as f:
+        yield f
+    with open(path, 'wb') as out:
+        out.write(image.getbuffer())
+
+
+def _check_space(path, nbytes):
+    """IOFailure before writing ``nbytes`` to ``path`` where its filesystem has
+    less free space (h5py, which writes the large files, fails badly on a full
+    disk; a quota is not seen here)."""
+    st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    free = st.f_bavail * st.f_frsize
+    if free < nbytes:
+        raise IOFailure(f'cannot write {path}: it needs about {nbytes:,} bytes, its '
+                        f'filesystem has {free:,} free; free some space and rerun')
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove_if_present(path):
@@ -577,7 +711,179 @@ def _remove_if_present(path):
         pass
 
 
+def write_json(path, obj, indent=1):
+    """Write ``obj`` as JSON to ``path`` atomically (:func:`atomic_write`)."""
+    with atomic_write(path) as tmp, open(tmp, 'w') as f:
+        json.dump(obj, f, indent=indent, sort_keys=True)
+
+
+# --- the lock on an output --------------------------------------------------
+
+#: attempts, and seconds between them, to take a lock being written or taken over
+_LOCK_TRIES, _LOCK_NAP_S = 40, 0.05
+
+
+class OutputLock:
+    """An exclusive lock on the output ``path`` for a whole job: the file
+    ``path + '.lock'``, created with O_EXCL (unlike flock this works on NFS and
+    Lustre), holding the holder's host, pid and start time.
+
+        lock = OutputLock(out)        # DataError naming the holder if it is taken
+        ...
+        lock.release()                # idempotent
+
+    A lock left by a dead job (SIGKILL, a lost node) is taken over when the job
+    is known to be gone: same host and its pid is gone (or is now another
+    process), or an earlier run of this same requeued Slurm job.  The takeover
+    happens while holding ``path + '.lock.break'`` (O_EXCL as well), so two jobs
+    cannot both take one stale lock.  A lock of another host is never broken:
+    its message says to remove it by hand once that job is known to be dead.
+    """
+
+    def __init__(self, path):
+        self.output = os.fspath(path)
+        self.path = self.output + '.lock'
+        self.info = _lock_info()
+        self.held = False
+        with os_errors(self.path, self.path + '.break', self.path + '.partial'):
+            self._acquire()
+
+    def _acquire(self):
+        why = f'{self.path}: other jobs keep taking and releasing it; rerun'
+        for _ in range(_LOCK_TRIES):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder, unreadable = _read_lock(self.path)
+                why = unreadable or why
+                if holder is not None:
+                    stale = _stale(holder, self.info)
+                    if not stale:
+                        raise DataError(self._held_message(holder)) from None
+                    if self._take_over(holder, stale):
+                        return
+                    why = (f'{self.path}.break exists: another job is taking over the stale '
+                           f'lock, or was killed doing so; if no other job is starting, '
+                           f'remove {self.path}.break and rerun')
+                if holder is not None or unreadable:
+                    time.sleep(_LOCK_NAP_S)
+                continue
+            with os.fdopen(fd, 'w') as f:
+                json.dump(self.info, f)
+                f.flush()
+                os.fsync(f.fileno())
+            self.held = True
+            return
+        raise DataError(why)
+
+    def _take_over(self, stale, reason):
+        """Replace the lock of the dead holder ``stale`` by this one; False when
+        another job is doing so (or has done so) at the same moment."""
+        guard = self.path + '.break'
+        try:
+            os.close(os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            return False
+        try:
+            if _read_lock(self.path)[0] != stale:
+                return False
+            write_json(self.path, self.info, indent=None)
+            self.held = True
+        finally:
+            os.remove(guard)
+        log.warning(f'{self.path}: took over the lock of a dead job (pid {stale["pid"]} on '
+                    f'{stale["host"]}: {reason})')
+        return True
+
+    def _held_message(self, holder):
+        who = f'pid {holder["pid"]} on host {holder["host"]}, since {holder.get("started")}'
+        if holder['host'] == self.info['host']:
+            return (f'{self.output} is being written by another job ({who}); wait for it to '
+                    'end or choose another --output')
+        return (f'{self.output} is being written by another job ({who}; lock {self.path}); '
+                f'wait for it to end or choose another --output; if that job is dead (its '
+                f'node failed), remove {self.path} and rerun')
+
+    def release(self):
+        """Remove the lock file if this lock holds it (and no other job took it over)."""
+        if self.held:
+            self.held = False
+            if _read_lock(self.path)[0] == self.info:
+                _remove_if_present(self.path)
+
+
+def _lock_info():
+    """What a lock file says about its holder (this process)."""
+    return {'host': socket.gethostname(), 'pid': os.getpid(),
+            'proc_start': _process_start(os.getpid()),
+            'started': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+            'slurm_job': os.environ.get('SLURM_JOB_ID'),
+            'slurm_restart': int(os.environ.get('SLURM_RESTART_COUNT') or 0)}
+
+
+def _read_lock(path):
+    """(holder dict, '') from a lock file; (None, '') when it is gone; (None,
+    why) when it cannot be read (maybe still being written)."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            holder = json.load(f)
+    except FileNotFoundError:
+        return None, ''
+    except (OSError, ValueError) as e:
+        holder = e
+    if isinstance(holder, dict) and type(holder.get('host')) is str \
+            and type(holder.get('pid')) is int:
+        return holder, ''
+    return None, (f'{path}: unreadable lock file ({holder}); if no job is writing the output, '
+                  'remove it and rerun')
+
+
+def _stale(holder, me):
+    """Why the job that wrote the lock ``holder`` is known to be gone ('' when
+    it may be alive); ``me``: this process's lock info."""
+    if holder.get('slurm_job') and holder['slurm_job'] == me['slurm_job'] \
+            and (holder.get('slurm_restart') or 0) < me['slurm_restart']:
+        return 'an earlier run of this requeued Slurm job'
+    if holder['host'] != me['host']:
+        return ''
+    start = _process_start(holder['pid'])
+    if start is None:
+        return 'the process is gone'
+    if start and holder.get('proc_start') and start != holder['proc_start']:
+        return 'its pid now belongs to a newer process'
+    return ''
+
+
+def _process_start(pid):
+    """The start time of process ``pid`` in clock ticks since boot (Linux
+    /proc); 0 where /proc cannot tell but the process exists; None when there
+    is no such process (or only its zombie)."""
+    try:
+        with open(f'/proc/{pid}/stat', 'rb') as f:
+            fields = f.read().rsplit(b')', 1)[1].split()
+        return None if fields[0] == b'Z' else int(fields[19])
+    except FileNotFoundError:
+        if os.path.isdir('/proc/self'):
+            return None
+    except (OSError, IndexError, ValueError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:         # another user's process
+        pass
+    return 0
+
+
 # --- outputs -------------------------------------------------------------
+
+#: a chunk file: sequences START to STOP of the input
+_CHUNK_NAME = re.compile(r'(\d{12})-(\d{12})\.h5')
+#: the fields of a manifest's chunk entries, and of its "final" entry
+_CHUNK_FIELDS = {'start': int, 'stop': int, 'file': str, 'bytes': int, 'sha256': str}
+_FINAL_FIELDS = {'bytes': int, 'sha256': str}
+
 
 class OutputWriter:
     """Write the output file (format in the module docstring) in input order,
@@ -587,63 +893,144 @@ class OutputWriter:
             for batch in ...:                 # starting at sequence w.written
                 w.write(index, ids, generated, logits)
 
-    Each :meth:`write` commits one chunk file ``OUT.chunks/NNNN.h5``: written
-    under a temporary name, synced, then renamed, so a chunk is visible only
-    when complete whatever moment the job is killed at.  A clean exit with all
-    ``n_seqs`` written assembles the chunks into ``OUT`` (through
-    ``OUT.partial``) and removes the directory.  After a failure the chunks
-    stay; a new writer with the same ``identity`` (input digest, weights,
-    options that change results) resumes after them (``written`` > 0), one with
-    another identity refuses to touch them and says what differs.
+    The writer holds :class:`OutputLock` on ``OUT`` from its creation to the end
+    of the ``with`` block, whatever way it ends (:meth:`close` releases it for a
+    writer never entered).  Each :meth:`write` commits one chunk file
+    ``OUT.chunks/START-STOP.h5`` (:func:`atomic_write`) and then records its
+    size and sha256 in ``OUT.chunks/manifest.json`` (also atomic): a chunk
+    counts once the manifest lists it.  A clean exit with all ``n_seqs``
+    written verifies every chunk, assembles them into ``OUT`` (atomic; the
+    manifest records the final file's checksum before the rename) and removes
+    the directory.  After a failure the chunks stay; a new writer with the same
+    ``identity`` (input digest, weights, options that change results) verifies
+    them and resumes after them (``written`` > 0); one with another identity
+    refuses to touch them and says what differs.  A run killed between the
+    final rename and the removal of the directory is finished by its rerun; a
+    directory with neither manifest nor chunks (killed as it was created) is
+    started afresh.
     """
 
     def __init__(self, path, n_seqs, vocab_size, save_logits, meta, identity=None,
                  overwrite=False):
         self.path = os.fspath(path)
-        _refuse_existing(self.path, overwrite)
         if n_seqs < 1:
             raise ValueError(f'n_seqs={n_seqs}: must be >= 1')
+        check_writable(self.path, '', overwrite=True)     # existence: below, under the lock
         self.n_seqs, self.vocab_size, self.save_logits = n_seqs, vocab_size, save_logits
         self.meta = _checked_meta(meta)
         self.identity = {'n_seqs': n_seqs, 'vocab_size': vocab_size,
                          'save_logits': int(save_logits), **_checked_meta(identity)}
         self.dir = self.path + '.chunks'
-        self._fresh = overwrite or not os.path.isdir(self.dir)
-        self.chunks = [] if self._fresh else self._committed_chunks()
-        self.written = self.chunks[-1][1] if self.chunks else 0   # [0, written) committed
-
-    def _committed_chunks(self):
-        """(start, stop, file) of the chunks a previous run committed, checked."""
-        manifest = os.path.join(self.dir, 'manifest.json')
+        self.manifest = os.path.join(self.dir, 'manifest.json')
+        self._lock = OutputLock(self.path)
         try:
-            with open(manifest) as f:
+            self._assembled = not overwrite and os.path.exists(self.path) and self._finished()
+            if os.path.exists(self.path) and not (overwrite or self._assembled):
+                raise DataError(f'{self.path} exists; pass --overwrite to replace it')
+            before = None if overwrite or self._assembled else self._read_manifest()
+            self._fresh = before is None and not self._assembled
+            self.chunks = [] if before is None else self._committed_chunks(before)
+        except BaseException:
+            self._lock.release()
+            raise
+        # sequences [0, written) are committed
+        self.written = n_seqs if self._assembled else \
+            self.chunks[-1]['stop'] if self.chunks else 0
+
+    def _read_manifest(self):
+        """The manifest of ``OUT.chunks/``, its structure checked; None when the
+        directory holds neither a manifest nor chunks (or does not exist)."""
+        if not os.path.isdir(self.dir):
+            return None
+        hint = f'pass --overwrite to start over (or remove {self.dir})'
+        if not os.path.exists(self.manifest):
+            if any(n.endswith('.h5') for n in os.listdir(self.dir)):
+                raise DataError(f'{self.manifest}: missing, but {self.dir} holds chunks; {hint}')
+            return None                 # killed between creating the directory and the manifest
+        try:
+            with open(self.manifest, encoding='utf-8') as f:
                 before = json.load(f)
         except (OSError, ValueError) as e:
-            raise DataError(f'{self.dir}: unreadable resume manifest ({e}); remove the '
-                            'directory or pass --overwrite to start over') from None
-        diff = [f'{k} {before.get(k)!r} then, {v!r} now' for k, v in self.identity.items()
-                if before.get(k) != v]
+            raise DataError(f'{self.manifest}: unreadable resume manifest ({e}); {hint}') from None
+        problem = _manifest_problem(before)
+        if problem:
+            raise DataError(f'{self.manifest}: malformed resume manifest ({problem}); {hint}')
+        return before
+
+    def _finished(self):
+        """Whether ``OUT`` is the file this run's manifest says it assembled (a
+        run killed after the final rename, before removing the directory)."""
+        try:
+            before = self._read_manifest()
+        except DataError:
+            return False
+        final = before and before.get('final')
+        return bool(final) and before['identity'] == self.identity \
+            and os.path.getsize(self.path) == final['bytes'] \
+            and file_digest(self.path) == final['sha256']
+
+    def _committed_chunks(self, before):
+        """The chunks (manifest entries) a previous run committed, checked: same
+        identity, consecutive ranges, no stray chunk files, sizes and checksums."""
+        diff = [f'{k} {before["identity"].get(k)!r} then, {v!r} now'
+                for k, v in self.identity.items() if before['identity'].get(k) != v]
         if diff:
             raise DataError(f'{self.dir} holds a partial run that differs ({"; ".join(diff)}); '
                             'rerun with the original input, weights and options, or pass '
                             '--overwrite to start over')
-        chunks, expect = [], 0
-        for name in sorted(n for n in os.listdir(self.dir) if n.endswith('.h5')):
-            start, stop = (int(v) for v in name[:-3].split('-'))
-            if start != expect:
-                raise DataError(f'{self.dir}: chunk {name} does not follow sequence {expect}; '
-                                'pass --overwrite to start over')
-            chunks.append((start, stop, os.path.join(self.dir, name)))
-            expect = stop
+        chunks, expect = before['chunks'], 0
+        for c in chunks:
+            if c['start'] != expect or not c['start'] < c['stop'] <= self.n_seqs \
+                    or c['file'] != _chunk_name(c['start'], c['stop']):
+                raise DataError(f'{self.manifest}: chunk {c["file"]!r} (sequences {c["start"]}'
+                                f'-{c["stop"]}) does not follow sequence {expect}; pass '
+                                '--overwrite to start over')
+            expect = c['stop']
+        listed = {c['file'] for c in chunks}
+        for name in sorted(os.listdir(self.dir)):
+            match = _CHUNK_NAME.fullmatch(name)
+            if not name.endswith('.h5') or name in listed:
+                continue
+            if match and int(match[1]) == expect:
+                # renamed, but killed before the manifest listed it: redone
+                os.remove(os.path.join(self.dir, name))
+                continue
+            raise DataError(f'{os.path.join(self.dir, name)}: not a chunk of this run (chunks '
+                            'are the START-STOP.h5 files listed in manifest.json); remove it, '
+                            'or pass --overwrite to start over')
+        for c in chunks:
+            self._check_chunk(c)
         return chunks
+
+    def _check_chunk(self, c):
+        """DataError unless the chunk of manifest entry ``c`` is the file that was
+        committed: the same size and sha256."""
+        path = os.path.join(self.dir, c['file'])
+        what = f'{path} (sequences {c["start"]}-{c["stop"]})'
+        hint = 'restore it, or pass --overwrite to start over'
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            raise DataError(f'{what}: committed chunk is missing; {hint}') from None
+        if size != c['bytes']:
+            raise DataError(f'{what}: {size} bytes, {c["bytes"]} when it was committed '
+                            f'(truncated or replaced); {hint}')
+        if file_digest(path) != c['sha256']:
+            raise DataError(f'{what}: contents differ from the sha256 recorded when it was '
+                            f'committed (corrupted or replaced); {hint}')
 
     def __enter__(self):
         if self._fresh:
-            if os.path.isdir(self.dir):
-                shutil.rmtree(self.dir)
-            os.makedirs(self.dir)
-            write_json(os.path.join(self.dir, 'manifest.json'), self.identity)
+            with os_errors(self.dir):
+                if os.path.isdir(self.dir):
+                    shutil.rmtree(self.dir)
+                os.mkdir(self.dir)
+            self._write_manifest()
         return self
+
+    def _write_manifest(self, final=None):
+        write_json(self.manifest, {'identity': self.identity, 'chunks': self.chunks,
+                                   'final': final})
 
     def write(self, index, ids, generated, logits=None):
         """Commit the next ``b`` sequences as one chunk.
@@ -659,14 +1046,17 @@ class OutputWriter:
             raise ValueError(f'generated token outside [0, vocab_size={self.vocab_size})')
         offsets = np.zeros(b + 1, dtype=np.int64)
         np.cumsum([np.size(g) for g in generated], out=offsets[1:])
-        name = os.path.join(self.dir, f'{start:012d}-{start + b:012d}.h5')
-        with _committed(name) as tmp, h5py.File(tmp, 'w') as f:
+        name = _chunk_name(start, start + b)
+        path = os.path.join(self.dir, name)
+        with atomic_write(path) as tmp, _hdf5_image(tmp) as f:
             f.create_dataset('ids', data=list(ids), dtype=h5py.string_dtype())
             f.create_dataset('generated', data=new.astype(np.int32))
             f.create_dataset('generated_offsets', data=offsets)
             if self.save_logits:
                 f.create_dataset('last_logits', data=np.asarray(logits, dtype=np.float32))
-        self.chunks.append((start, start + b, name))
+        self.chunks.append({'start': start, 'stop': start + b, 'file': name,
+                            'bytes': os.path.getsize(path), 'sha256': file_digest(path)})
+        self._write_manifest()
         self.written += b
 
     def _check_batch(self, index, ids, generated, logits):
@@ -684,22 +1074,34 @@ class OutputWriter:
             raise ValueError(f'logits shape {np.shape(logits)}; expected {(b, self.vocab_size)}')
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            return                      # committed chunks stay for a rerun
+        try:
+            if exc_type is None:        # else the committed chunks stay for a rerun
+                self._finish()
+        finally:
+            self._lock.release()
+
+    def close(self):
+        """Release the lock of a writer that is not entered (or not any more)."""
+        self._lock.release()
+
+    def _finish(self):
+        """Assemble ``OUT`` (unless a killed run did) and remove the directory."""
         if self.written != self.n_seqs:
             raise RuntimeError(f'{self.path}: only {self.written} of {self.n_seqs} sequences '
                                'were written; output not saved')
-        tmp = self.path + '.partial'
-        try:
-            self._assemble(tmp)
-        except BaseException:
-            _remove_if_present(tmp)
-            raise
-        os.replace(tmp, self.path)
-        shutil.rmtree(self.dir)
+        if not self._assembled:
+            # the chunks' bytes, plus room for the file's own metadata
+            _check_space(self.path, sum(c['bytes'] for c in self.chunks) + (1 << 20))
+            with atomic_write(self.path) as tmp:
+                self._assemble(tmp)
+                # before the rename: a rerun killed after it knows OUT is complete
+                self._write_manifest({'bytes': os.path.getsize(tmp),
+                                      'sha256': file_digest(tmp)})
+        with os_errors(self.dir):
+            shutil.rmtree(self.dir)
 
     def _assemble(self, tmp):
-        """Copy the chunks, in order, into one output file ``tmp``."""
+        """Copy the chunks, verified, in order, into one output file ``tmp``."""
         n = self.n_seqs
         with h5py.File(tmp, 'w') as out:
             out.attrs.update({'format': OUTPUT_FORMAT, 'format_version': OUTPUT_VERSION,
@@ -710,8 +1112,10 @@ class OutputWriter:
             offs = out.create_dataset('generated_offsets', data=np.zeros(n + 1, np.int64))
             logits = out.create_dataset('last_logits', shape=(n, self.vocab_size),
                                         dtype=np.float32) if self.save_logits else None
-            for start, stop, name in self.chunks:
-                with h5py.File(name, 'r') as f:
+            for c in self.chunks:
+                self._check_chunk(c)
+                start, stop = c['start'], c['stop']
+                with h5py.File(os.path.join(self.dir, c['file']), 'r') as f:
                     ids[start:stop] = f['ids'].asstr()[()]
                     end = gen.shape[0]
                     new = f['generated'][()]
@@ -722,34 +1126,34 @@ class OutputWriter:
                         logits[start:stop] = f['last_logits'][()]
 
 
-@contextlib.contextmanager
-def _committed(path):
-    """Yield a temporary name for ``path``; on success sync the file, rename it
-    to ``path`` and sync the directory (atomic and durable); on failure remove it."""
-    tmp = path + '.tmp'
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        _remove_if_present(tmp)
-        raise
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(path) or '.', os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _chunk_name(start, stop):
+    return f'{start:012d}-{stop:012d}.h5'
 
 
-def write_json(path, obj, indent=1):
-    """Write ``obj`` as JSON to ``path`` atomically (a reader sees the old file
-    or the whole new one, never a torn one)."""
-    with _committed(path) as tmp, open(tmp, 'w') as f:
-        json.dump(obj, f, indent=indent, sort_keys=True)
+def _manifest_problem(m):
+    """What is wrong with the structure of a resume manifest ('' if nothing):
+    {"identity": {...}, "chunks": [{start, stop, file, bytes, sha256}, ...],
+    "final": null or {bytes, sha256}}."""
+    if not isinstance(m, dict):
+        return f'a JSON {type(m).__name__}, not an object'
+    if not isinstance(m.get('identity'), dict):
+        return '"identity" is not an object'
+    if not isinstance(m.get('chunks'), list):
+        return '"chunks" is not a list'
+    for i, c in enumerate(m['chunks']):
+        if not _has_fields(c, _CHUNK_FIELDS):
+            return f'chunks[{i}] is not an object of {_fields_text(_CHUNK_FIELDS)}'
+    if m.get('final') is not None and not _has_fields(m['final'], _FINAL_FIELDS):
+        return f'"final" is neither null nor an object of {_fields_text(_FINAL_FIELDS)}'
+    return ''
+
+
+def _has_fields(obj, fields):
+    return isinstance(obj, dict) and all(type(obj.get(k)) is t for k, t in fields.items())
+
+
+def _fields_text(fields):
+    return ', '.join(f'{k} ({t.__name__})' for k, t in fields.items())
 
 
 def _checked_meta(meta):
@@ -782,6 +1186,10 @@ def read_outputs(path):
         if f.attrs.get('format_version') != OUTPUT_VERSION:
             raise DataError(f'{path}: output format_version {f.attrs.get("format_version")}; '
                             f'this mpimoe reads version {OUTPUT_VERSION}')
+        missing = [k for k in ('ids', 'generated', 'generated_offsets')
+                   if not isinstance(f.get(k), h5py.Dataset)]
+        if missing:
+            raise DataError(f'{path}: missing dataset(s) {", ".join(missing)}')
         offsets = f['generated_offsets'][()]
         generated = f['generated'][()]
         return {

@@ -54,6 +54,7 @@ then balances the primaries' share of the loads (load / copies).
 
 import hashlib
 import json
+import os
 import shlex
 from dataclasses import dataclass, field
 
@@ -702,14 +703,15 @@ exit "$rc"
 
 
 def write_sbatch(path, text):
-    """Write the job script ``text`` to ``path``; an existing file is never
-    replaced (DataError)."""
-    try:
-        with open(path, 'x', encoding='utf-8') as f:
-            f.write(text)
-    except FileExistsError:
+    """Write the job script ``text`` to ``path`` (atomically); an existing file
+    is never replaced (DataError)."""
+    from mpimoe.io import atomic_write, check_writable
+    if os.path.exists(path):
         raise DataError(f'--emit-sbatch {path}: file exists; remove it or choose another '
-                        f'name') from None
+                        f'name')
+    check_writable(path, '--emit-sbatch', overwrite=False)
+    with atomic_write(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
+        f.write(text)
 
 
 def _positive_int(what, v, least=1):

@@ -79,7 +79,11 @@ def run_reference(weights, input_path, output, max_new_tokens=0, save_logits=Fal
     with WeightFile(weights) as wf:
         stream, writer = open_job(input_path, output, wf, save_logits, meta, overwrite,
                                   max_new_tokens=max_new_tokens, batch_tokens=batch_tokens)
-        model = load_reference(wf)
+        try:
+            model = load_reference(wf)
+        except BaseException:
+            writer.close()              # the output's lock
+            raise
     if writer.written:
         log(f'reference: resuming {output} after {writer.written} committed sequences')
     progress = Progress(len(stream), writer.written)

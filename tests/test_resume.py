@@ -49,8 +49,10 @@ def _rerun(weights, inputs, out):
 
 
 def _committed(out):
-    """Sequences committed so far in OUT.chunks (chunk files NNN-MMM.h5)."""
-    return max(int(p.stem.split('-')[1]) for p in Path(str(out) + '.chunks').glob('*.h5'))
+    """Sequences committed so far: the end of the last chunk that OUT.chunks/manifest.json
+    lists (a chunk file renamed just before the kill, not yet listed, is redone)."""
+    manifest = json.loads((Path(str(out) + '.chunks') / 'manifest.json').read_text())
+    return manifest['chunks'][-1]['stop']
 
 
 def _assert_resumed(proc, done):
@@ -167,3 +169,33 @@ def test_progress_logs_and_trace(tiny_weights, tiny_inputs, tmp_path):
     assert {'attention', 'route', 'permute', 'dispatch', 'combine', 'unpermute'} <= front
     assert {'expert', 'dispatch', 'combine'} <= {e['name'] for e in spans if e['pid'] == 4}
     assert all(e['dur'] >= 0 and 'mb' in e['args'] for e in spans if e['name'] == 'expert')
+
+
+@pytest.mark.timeout(400)
+def test_rerun_refuses_a_damaged_chunk_and_a_second_job_on_the_same_output(workload, tmp_path):
+    weights, inputs, whole = workload
+    out = tmp_path / 'out.h5'
+    _partial_run(weights, inputs, out, chunks=2)
+    chunk = min(Path(str(out) + '.chunks').glob('*.h5'))        # the first one
+    stop = int(chunk.stem.split('-')[1])
+    good = chunk.read_bytes()
+    chunk.write_bytes(good[:-1] + bytes([good[-1] ^ 0x10]))
+    proc = mpiexec(5, _job(weights, inputs, out), timeout=120)
+    assert proc.returncode == 65, proc.stderr
+    assert f'{chunk} (sequences 0-{stop}): contents differ from the sha256' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    chunk.write_bytes(good)
+    first = _start(weights, inputs, out)
+    try:
+        _wait_for_chunks(out, len(list(chunk.parent.glob('*.h5'))) + 1, first)   # resumed
+        os.killpg(first.pid, signal.SIGSTOP)     # alive, but it must not finish meanwhile
+        second = mpiexec(5, [*_job(weights, inputs, out), '--overwrite'], timeout=120)
+        os.killpg(first.pid, signal.SIGCONT)
+        assert second.returncode == 65, second.stderr
+        assert f'{out} is being written by another job (pid ' in second.stderr
+        _, err = first.communicate(timeout=240)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 0, err
+    _assert_same(whole, out)
