@@ -45,6 +45,7 @@ from mpimoe.mpiutil import MPI, local_rank, node_ids, run_guarded, wait_all
 from mpimoe.progress import Progress
 from mpimoe.router import expert_counts, route, spread_copies
 from mpimoe.signals import StopRequest
+from mpimoe.threads import apply_threads, rank_threads
 
 __all__ = ['RunOptions', 'run_engine']
 
@@ -84,6 +85,7 @@ class RunOptions:
     balance_clip: float = 0.5
     backend: str = 'auto'
     mpi_gpu: str = 'auto'
+    threads: int = None
 
     def validate(self):
         """ConfigError on options that cannot work."""
@@ -94,6 +96,8 @@ class RunOptions:
         if not (self.balance_step > 0 and self.balance_clip > 0):
             raise ConfigError(f'--balance-step {self.balance_step}, --balance-clip '
                               f'{self.balance_clip}: both must be > 0')
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f'--threads {self.threads}: must be >= 1')
         if self.micro_batches < 1:
             raise ConfigError(f'--micro-batches {self.micro_batches}: must be >= 1')
         if self.max_new_tokens < 0:
@@ -140,6 +144,7 @@ def _run(opts, world):
     from mpimoe.checkpoint import WeightFile
     from mpimoe.placement import load_stats, make_plan
     _setup_logging(opts, world.rank)
+    threads = _size_threads(opts, world)
     backend, mode = _select_backend(opts, world)
     timers = Timers(trace=bool(opts.trace))
     t_start = time.perf_counter()
@@ -176,18 +181,35 @@ def _run(opts, world):
         if opts.trace:
             _write_trace(opts, world, role)
     report = role.report()
-    # rank 0 times a GEMM (the peak for the MFU estimate) while the others sleep
-    idle = world.Ibarrier()
-    peak = _peak_tflops(backend) if world.rank == 0 else None
-    wait_all([idle], opts.deadline, lambda: 'rank 0 to finish its report')
+    peak = _timed_peak(opts, world, backend)
     reports = world.gather(report, root=0)
     if world.rank == 0:
         _finish_report(opts, cfg, plan, world, reports, time.perf_counter() - t_start, peak,
-                       _backend_report(backend, mode))
+                       _backend_report(backend, mode), threads)
     for lc in layers.values():
         lc.free()
     rowtype.Free()
     return 0
+
+
+def _size_threads(opts, world):
+    """Size and apply this rank's BLAS threads (mpimoe.threads), before the
+    first GEMM; rank 0 logs the choice.  -> run.json's ``threads`` (rank 0),
+    None elsewhere."""
+    n, why = rank_threads(world, opts.threads)
+    libraries = apply_threads(n)
+    log.debug(f'rank {world.rank}: {n} BLAS threads ({why}; {", ".join(libraries) or "no BLAS"})')
+    chosen = world.gather((n, why), root=0)                   # per rank: (threads, reason)
+    if world.rank != 0:
+        return None
+    counts = sorted({c for c, _ in chosen})
+    where = ' on node 0' if 'cores' in why else ''
+    if len(counts) == 1:
+        log.info(f'BLAS threads per rank: {n} ({why}{where})')
+    else:
+        log.info(f'BLAS threads per rank: {counts[0]} to {counts[-1]} (rank 0: {why}{where})')
+    return {'per_rank': [c for c, _ in chosen], 'reasons': sorted({w for _, w in chosen}),
+            'libraries': libraries}
 
 
 def _select_backend(opts, world):
@@ -671,10 +693,22 @@ def _parse_fault(spec, rank):
     return stage if r.isdigit() and int(r) == rank else None
 
 
+def _timed_peak(opts, world, backend):
+    """Rank 0's GEMM rate (run.json's MFU: with --metrics only), timed while
+    the others sleep; None on the other ranks and without --metrics."""
+    if not opts.metrics:
+        return None
+    idle = world.Ibarrier()
+    peak = _peak_tflops(backend) if world.rank == 0 else None
+    wait_all([idle], opts.deadline, lambda: 'rank 0 to finish its report')
+    return peak
+
+
 def _peak_tflops(backend, repeats=3):
     """This rank's GEMM rate, TFLOP/s (best of ``repeats`` n x n products):
-    FP32, n = 1024 on the CPU; BF16, n = 8192 on a GPU (its practical peak)."""
-    n, dtype = (8192, DTYPES['bfloat16']) if backend.is_gpu else (1024, np.float32)
+    FP32, n = 512 on the CPU (as fast per FLOP as 1024 with OpenBLAS, an
+    eighth of the time); BF16, n = 8192 on a GPU (its practical peak)."""
+    n, dtype = (8192, DTYPES['bfloat16']) if backend.is_gpu else (512, np.float32)
     rng = backend.xp.random.default_rng(0)
     a = (rng.standard_normal((n, n), dtype=np.float32) * np.float32(n ** -0.5)).astype(dtype)
     best = float('inf')
@@ -722,8 +756,9 @@ def _balance_report(opts, steps, bias):
             'max_over_mean_history': max_over_mean(windows).tolist()}
 
 
-def _finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops, backend):
-    """Rank 0: print the summary and write run.json (backend: _backend_report)."""
+def _finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops, backend, threads):
+    """Rank 0: print the summary and write run.json (backend: _backend_report,
+    threads: _size_threads; peak_tflops None without --metrics)."""
     r0 = reports[0]
     summary = _pass_summary([r['passes'] for r in reports if r['role'] == 'front-end'])
     busy = summary['prefill_s'] + summary['decode_s']
@@ -733,7 +768,7 @@ def _finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops, backen
                    peak_source='BF16 GEMM timed on rank 0 (GPU)' if backend['name'] == 'cupy'
                    else 'FP32 GEMM timed on rank 0 (CPU backend)')
     summary['mfu'] = summary['achieved_tflops'] / (peak_tflops * world.size) \
-        if busy else None
+        if busy and peak_tflops else None
     steps = np.array(r0['step_counts'], dtype=np.int64).reshape(
         -1, cfg.n_moe_layers, cfg.n_experts)                               # [passes, Lm, E]
     loads = steps.sum(axis=0)
@@ -745,6 +780,7 @@ def _finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops, backen
         'config': json.loads(cfg.to_json()),
         'options': asdict(opts),
         'backend': backend,
+        'threads': threads,
         'placement': {'mode': plan.mode, 'world_size': world.size,
                       'frontends': plan.n_frontends, 'expert_ranks': plan.n_expert_ranks,
                       'experts_per_rank': plan.experts_per_rank, 'hash': plan.plan_hash(),
