@@ -52,6 +52,12 @@ __all__ = ['RunOptions', 'run_engine']
 #: rows an expert computes between two polls of the transfers in flight
 POLL_ROWS = 1024
 
+#: fewest rows per expert (on average) worth a micro-batch of their own: each
+#: micro-batch costs every layer its per-call overheads and every expert GEMM
+#: one more pass over its weights (BLAS packs them per call), which a few rows
+#: do not repay: small decode passes fill fewer micro-batches
+MIN_EXPERT_ROWS = 16
+
 #: what rank 0 says before each round
 DONE, MORE, STOP = 0, 1, 2
 
@@ -144,8 +150,8 @@ def _run(opts, world):
     from mpimoe.checkpoint import WeightFile
     from mpimoe.placement import load_stats, make_plan
     _setup_logging(opts, world.rank)
-    threads = _size_threads(opts, world)
     backend, mode = _select_backend(opts, world)
+    threads = _size_threads(opts, world)
     timers = Timers(trace=bool(opts.trace))
     t_start = time.perf_counter()
     with WeightFile(opts.weights) as wf:
@@ -408,7 +414,8 @@ class _FrontEndRank(_Role):
         t0 = time.perf_counter()
         # causal query-key pairs of this pass (for the FLOP count)
         pairs = int(np.sum(ntok * cache.length[seqs] + ntok * (ntok + 1) // 2))
-        mbs = _micro_batches(ntok, len(self.slots))
+        # at least MIN_EXPERT_ROWS rows per expert in each micro-batch
+        mbs = _micro_batches(ntok, len(self.slots), MIN_EXPERT_ROWS * cfg.n_experts / cfg.top_k)
         bounds = np.concatenate([[0], np.cumsum(ntok)])
         xs = [fe.embed(tokens[bounds[a]:bounds[b]]) for a, b in mbs]
         pending = [None] * len(mbs)
@@ -417,6 +424,10 @@ class _FrontEndRank(_Role):
                 if pending[m] is not None:
                     xs[m] = self._collect(m, xs[m], pending[m])
                     pending[m] = None
+                if a == b:            # an empty micro-batch only posts its collectives
+                    if i >= cfg.n_dense_layers:
+                        pending[m] = self._dispatch_empty(i, m)
+                    continue
                 with self.timers.span('attention', 'compute', layer=i, mb=m):
                     self.maybe_fail('attention')
                     xs[m] = fe.attention_block(i, xs[m], cache, seqs[a:b], ntok[a:b])
@@ -463,12 +474,22 @@ class _FrontEndRank(_Role):
         self.bytes_sent[i - cfg.n_dense_layers] += 2 * n * cfg.d_model * cfg.itemsize
         return i, order, weights, n
 
+    def _dispatch_empty(self, i, m):
+        """Stage dispatch of layer i for an empty micro-batch m: the collectives
+        every rank of the layer expects, with no rows."""
+        lc, slot = self.layers[i], self.slots[m]
+        slot.wait()
+        slot.frontend_start(lc, np.zeros((lc.size, lc.k), np.int32), 0)
+        return i, None, None, 0
+
     def _collect(self, m, x, pending):
         """Stages combine (wait) and unpermute: x + the MoE output of micro-batch m."""
         i, order, weights, n = pending
         slot = self.slots[m]
         with self.timers.span('combine', 'wait', layer=i, mb=m):
             slot.wait(self._poll)
+        if not n:
+            return x
         with self.timers.span('unpermute', 'pack', layer=i, mb=m):
             out = unpermute(from_words(slot.received(n), self.cfg.dtype), order, weights)
             out += x
@@ -626,6 +647,9 @@ class _ExpertRank(_Role):
         for m, slot in enumerate(self.slots):
             with self.timers.span('dispatch', 'wait', layer=layer, mb=m):
                 words, counts = slot.expert_received(self._poll)
+            if not len(words):    # an empty micro-batch only answers its collectives
+                slot.expert_send(0)
+                continue
             with self.timers.span('unpack', 'pack', layer=layer, mb=m):
                 regroup = self._regroup(counts)
                 x16 = from_words(words, cfg.dtype)
@@ -671,16 +695,18 @@ class _ExpertRank(_Role):
         return out
 
 
-def _micro_batches(ntok, m):
-    """Split B sequences into at most m consecutive groups of about equal tokens.
+def _micro_batches(ntok, m, min_tokens=1):
+    """Split B sequences into consecutive groups of about equal tokens: m, or
+    fewer when the pass has under ``min_tokens`` tokens per group (at least one).
 
-    ntok: int [B] -> list of exactly m (a, b) ranges (some may be empty), so
-    every front-end posts the same number of collectives per layer.
+    ntok: int [B] -> list of exactly m (a, b) ranges, the unused ones empty at
+    the end, so every front-end posts the same number of collectives per layer.
     """
     cum = np.concatenate([[0], np.cumsum(ntok)])
-    targets = cum[-1] * np.arange(1, m) / m
+    k = int(max(1, min(m, cum[-1] // min_tokens)))
+    targets = cum[-1] * np.arange(1, k) / k
     cuts = np.searchsorted(cum, targets, side='left').clip(0, len(ntok))
-    edges = np.concatenate([[0], cuts, [len(ntok)]]).astype(int)
+    edges = np.concatenate([[0], cuts, [len(ntok)] * (m - k + 1)]).astype(int)
     edges = np.maximum.accumulate(edges)
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
