@@ -56,7 +56,7 @@ POLL_ROWS = 1024
 #: micro-batch costs every layer its per-call overheads and every expert GEMM
 #: one more pass over its weights (BLAS packs them per call), which a few rows
 #: do not repay: small decode passes fill fewer micro-batches
-MIN_EXPERT_ROWS = 16
+MIN_EXPERT_ROWS = 8
 
 #: what rank 0 says before each round
 DONE, MORE, STOP = 0, 1, 2
