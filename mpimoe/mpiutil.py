@@ -117,6 +117,7 @@ def wait_all(requests, deadline_s, what, poll=None):
     Returns the seconds spent waiting.
     """
     t0 = time.perf_counter()
+    nap = 0.0
     while not MPI.Request.Testall(requests):
         if poll is not None:
             poll()
@@ -124,7 +125,7 @@ def wait_all(requests, deadline_s, what, poll=None):
         if now - t0 > deadline_s:
             raise WaitTimeout(f'no progress for {deadline_s:.0f} s waiting for {what()}; '
                               'a peer rank is hung or dead (raise --deadline if legitimately slow)')
-        # naps of a quarter of the time waited so far (20 us to 1 ms): a wait
-        # ends at most ~25% late, where doubling naps made a 1.3 ms wait 2 ms
-        time.sleep(min(1e-3, max(2e-5, (now - t0) / 4)))
+        if nap:
+            time.sleep(nap)
+        nap = min(1e-3, nap * 2 or 2e-5)
     return time.perf_counter() - t0
