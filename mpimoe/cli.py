@@ -122,9 +122,7 @@ def _cmd_plan(args):
 def _cmd_reference(args):
     from mpimoe.reference import run_reference
     from mpimoe.threads import apply_threads, process_threads
-    threads, why = process_threads(args.threads)
-    apply_threads(threads)
-    print(f'BLAS threads: {threads} ({why})')
+    apply_threads(process_threads(args.threads)[0])
     run_reference(args.weights, args.input, args.output, max_new_tokens=args.max_new_tokens,
                   save_logits=args.save_logits, overwrite=args.overwrite,
                   batch_tokens=args.batch_tokens, log=print)
