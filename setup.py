@@ -8,7 +8,8 @@ setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
     packages=find_packages(include=['mpimoe', 'mpimoe.*']),
-    install_requires=['mpi4py>=3.1', 'numpy>=1.24', 'h5py>=3.8', 'ml_dtypes>=0.3'],
+    install_requires=['mpi4py>=3.1', 'numpy>=1.24', 'h5py>=3.8', 'ml_dtypes>=0.3',
+                      'threadpoolctl>=3.1'],
     extras_require={
         # an MPI library for machines that have none (clusters bring their own)
         'mpich': ['mpich'],

@@ -22,13 +22,12 @@ ranks share those same cores, so the ratio is the price of routing, packing,
 MPI, the activation and oversubscribing the cores.  One node only.
 """
 
-import ctypes
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from mpimoe.backend import round16
 from mpimoe.checkpoint import nonexpert_tensor_names, tensor_specs
@@ -43,6 +42,7 @@ from mpimoe.moe import moe_local, permute, run_experts
 from mpimoe.mpiutil import MPI, WaitTimeout, run_guarded, wait_all
 from mpimoe.placement import make_plan
 from mpimoe.router import route
+from mpimoe.threads import apply_threads
 
 __all__ = ['BenchOptions', 'bench_moe_layer']
 
@@ -100,10 +100,12 @@ def _bench(opts, world):
                               placement=opts.placement, frontends=1,
                               micro_batches=opts.micro_batches, deadline=opts.deadline)
         run_opts.validate()
-        blas = _Blas()
+        blas = apply_threads(1)
+        if not blas:
+            raise ConfigError('mpimoe bench found no BLAS that threadpoolctl can size '
+                              '(OpenBLAS, MKL, BLIS) behind NumPy')
     except UsageError as e:
         raise _collective(e)
-    blas.set(1)
     layers = _layer_comms(world, plan)
     layer = cfg.moe_layers[0]
     t0, cpu0, machine0 = time.perf_counter(), time.process_time(), _machine_cpu_s()
@@ -164,7 +166,8 @@ def _nonexpert_tensors(cfg, seed):
 # -------------------------------------------------------------- rounds
 
 def _frontend_rounds(role, layer, opts, blas):
-    """Rank 0: per round, baselines then the distributed layer.
+    """Rank 0: per round, baselines then the distributed layer (blas: the
+    BLAS libraries, for the table).
 
     Returns (per-round dicts of seconds, summary dict for the table).
     """
@@ -181,7 +184,7 @@ def _frontend_rounds(role, layer, opts, blas):
         r = {}
         # all cores first: OpenBLAS's extra thread spins a while after a call
         for n in (cores, 1):
-            with blas.threads(n):
+            with threadpool_limits(limits=n, user_api='blas'):
                 _timed(r, f'gemm_{n}', _gemms, rows, counts, experts)
                 _timed(r, f'stage_{n}', run_experts, rows, counts, experts, cfg.expert_kind,
                        cfg.dtype)
@@ -192,13 +195,13 @@ def _frontend_rounds(role, layer, opts, blas):
         y = _timed(r, 'layer', _layer_pass, role, layer, hs)
         r.update(_since(role.timers, before))
         rounds.append(r)
-    with blas.threads(cores):
+    with threadpool_limits(limits=cores, user_api='blas'):
         error = float(np.abs(y - (h + moe_local(h, role.front.router[layer], experts,
                                                  cfg)[0])).max())
     _idle(role.world, opts.deadline)
     role.next_round(DONE)
     return rounds, {'counts': counts, 'cores': cores, 'error': error,
-                    'blas': blas.describe()}
+                    'blas': ', '.join(blas)}
 
 
 def _expert_rounds(role, layer):
@@ -306,47 +309,6 @@ def _others_share(machine0, ours, seconds, cores):
     if machine0 is None:
         return None
     return max(0.0, _machine_cpu_s() - machine0 - ours) / (cores * seconds)
-
-
-# -------------------------------------------------------------- BLAS threads
-
-class _Blas:
-    """The thread count of the OpenBLAS NumPy calls (the NumPy wheels' BLAS),
-    set through its C API; a ConfigError when NumPy uses another BLAS."""
-
-    _SET = ('scipy_openblas_set_num_threads64_', 'openblas_set_num_threads64_',
-            'openblas_set_num_threads')
-    _GET = ('scipy_openblas_get_num_threads64_', 'openblas_get_num_threads64_',
-            'openblas_get_num_threads')
-
-    def __init__(self):
-        with open('/proc/self/maps') as f:
-            paths = {line.split()[-1] for line in f if 'openblas' in line.lower()}
-        self.path = min(paths, default=None)
-        lib = ctypes.CDLL(self.path) if self.path else None
-        found = [(s, g) for s, g in zip(self._SET, self._GET)
-                 if lib is not None and hasattr(lib, s) and hasattr(lib, g)]
-        if not found:
-            raise ConfigError('mpimoe bench needs NumPy built with OpenBLAS (the PyPI '
-                              'wheels) to set the BLAS threads per rank')
-        self._set, self._get = getattr(lib, found[0][0]), getattr(lib, found[0][1])
-
-    def set(self, n):
-        self._set(ctypes.c_int(n))
-        if self._get() != n:
-            raise RuntimeError(f'OpenBLAS refused {n} threads (has {self._get()})')
-
-    @contextmanager
-    def threads(self, n):
-        """``n`` threads inside the block, 1 after."""
-        self.set(n)
-        try:
-            yield
-        finally:
-            self.set(1)
-
-    def describe(self):
-        return os.path.basename(self.path)
 
 
 # -------------------------------------------------------------- report

@@ -50,6 +50,9 @@ def _add_job_args(p):
                    help='prompt-token budget of one batch (default 4096)')
     p.add_argument('--overwrite', action='store_true',
                    help='replace OUTPUT if it exists, discarding a partial run to resume')
+    p.add_argument('--threads', type=_positive_int, default=None, metavar='N',
+                   help='BLAS threads per process (default: SLURM_CPUS_PER_TASK under srun, '
+                   'else the cores of its CPU affinity divided among the ranks sharing them)')
 
 
 def _add_model_args(p, required=True):
@@ -129,6 +132,8 @@ def _cmd_plan(args):
 
 def _cmd_reference(args):
     from mpimoe.reference import run_reference
+    from mpimoe.threads import apply_threads, process_threads
+    apply_threads(process_threads(args.threads)[0])
     run_reference(args.weights, args.input, args.output, max_new_tokens=args.max_new_tokens,
                   save_logits=args.save_logits, overwrite=args.overwrite,
                   batch_tokens=args.batch_tokens, log=print)
@@ -151,7 +156,7 @@ def _cmd_run(args):
                       stats=args.stats, replicas=args.replicas, balance=args.balance,
                       balance_every=args.balance_every, balance_step=args.balance_step,
                       balance_clip=args.balance_clip, backend=args.backend,
-                      mpi_gpu=args.mpi_gpu)
+                      mpi_gpu=args.mpi_gpu, threads=args.threads)
     return run_engine(opts)
 
 

@@ -52,11 +52,18 @@ from mpimoe.mpiutil import rank_list as _ranks
 from mpimoe.progress import EVERY_S, Progress
 from mpimoe.router import expert_counts, route, spread_copies
 from mpimoe.signals import StopRequest, stop_error
+from mpimoe.threads import apply_threads, rank_threads
 
 __all__ = ['RunOptions', 'run_engine']
 
 #: rows an expert computes between two polls of the transfers in flight
 POLL_ROWS = 1024
+
+#: fewest rows per expert (on average) worth a micro-batch of their own: each
+#: micro-batch costs every layer its per-call overheads and every expert GEMM
+#: one more pass over its weights (BLAS packs them per call), which a few rows
+#: do not repay: small decode passes fill fewer micro-batches
+MIN_EXPERT_ROWS = 8
 
 #: what rank 0 says on ``control`` before each round and each step
 DONE, MORE, STOP = 0, 1, 2
@@ -91,6 +98,7 @@ class RunOptions:
     balance_clip: float = 0.5
     backend: str = 'auto'
     mpi_gpu: str = 'auto'
+    threads: int = None
 
     def validate(self):
         """ConfigError on options that cannot work."""
@@ -101,6 +109,8 @@ class RunOptions:
         if not (self.balance_step > 0 and self.balance_clip > 0):
             raise ConfigError(f'--balance-step {self.balance_step}, --balance-clip '
                               f'{self.balance_clip}: both must be > 0')
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f'--threads {self.threads}: must be >= 1')
         if self.micro_batches < 1:
             raise ConfigError(f'--micro-batches {self.micro_batches}: must be >= 1')
         if self.max_new_tokens < 0:
@@ -157,6 +167,7 @@ def _run(opts, world, stop, held):
     from mpimoe.placement import load_stats, make_plan
     _setup_logging(opts, world.rank)
     backend, mode = _select_backend(opts, world)
+    threads = _size_threads(opts, world)
     timers = Timers(trace=bool(opts.trace))
     t_start = time.perf_counter()
     with WeightFile(opts.weights) as wf:
@@ -192,20 +203,37 @@ def _run(opts, world, stop, held):
         if opts.trace:
             _write_trace(opts, world, role)
     report = role.report()
-    # rank 0 times a GEMM (the peak for the MFU estimate) while the others sleep
-    idle = world.Ibarrier()
-    peak = _peak_tflops(backend) if world.rank == 0 else None
-    wait_all([idle], opts.deadline, lambda: 'rank 0 to finish its report')
+    peak = _timed_peak(opts, world, backend)
     reports = world.gather(report, root=0)
     if world.rank == 0:
         _finish_report(opts, cfg, plan, world, reports, time.perf_counter() - t_start, peak,
-                       _backend_report(backend, mode), role.segment(stopped))
+                       _backend_report(backend, mode), threads, role.segment(stopped))
     for lc in layers.values():
         lc.free()
     rowtype.Free()
     if stopped is not None:
         raise stopped
     return 0
+
+
+def _size_threads(opts, world):
+    """Size and apply this rank's BLAS threads (mpimoe.threads), before the
+    first GEMM; rank 0 logs the choice.  -> run.json's ``threads`` (rank 0),
+    None elsewhere."""
+    n, why = rank_threads(world, opts.threads)
+    libraries = apply_threads(n)
+    log.debug(f'rank {world.rank}: {n} BLAS threads ({why}; {", ".join(libraries) or "no BLAS"})')
+    chosen = world.gather((n, why), root=0)                   # per rank: (threads, reason)
+    if world.rank != 0:
+        return None
+    counts = sorted({c for c, _ in chosen})
+    where = ' on node 0' if 'cores' in why else ''
+    if len(counts) == 1:
+        log.info(f'BLAS threads per rank: {n} ({why}{where})')
+    else:
+        log.info(f'BLAS threads per rank: {counts[0]} to {counts[-1]} (rank 0: {why}{where})')
+    return {'per_rank': [c for c, _ in chosen], 'reasons': sorted({w for _, w in chosen}),
+            'libraries': libraries}
 
 
 def _select_backend(opts, world):
@@ -443,7 +471,8 @@ class _FrontEndRank(_Role):
         t0 = time.perf_counter()
         # causal query-key pairs of this pass (for the FLOP count)
         pairs = int(np.sum(ntok * cache.length[seqs] + ntok * (ntok + 1) // 2))
-        mbs = _micro_batches(ntok, len(self.slots))
+        # at least MIN_EXPERT_ROWS rows per expert in each micro-batch
+        mbs = _micro_batches(ntok, len(self.slots), MIN_EXPERT_ROWS * cfg.n_experts / cfg.top_k)
         bounds = np.concatenate([[0], np.cumsum(ntok)])
         xs = [fe.embed(tokens[bounds[a]:bounds[b]]) for a, b in mbs]
         pending = [None] * len(mbs)
@@ -452,6 +481,10 @@ class _FrontEndRank(_Role):
                 if pending[m] is not None:
                     xs[m] = self._collect(m, xs[m], pending[m])
                     pending[m] = None
+                if a == b:            # an empty micro-batch only posts its collectives
+                    if i >= cfg.n_dense_layers:
+                        pending[m] = self._dispatch_empty(i, m)
+                    continue
                 with self.timers.span('attention', 'compute', layer=i, mb=m):
                     self.maybe_fail('attention')
                     xs[m] = fe.attention_block(i, xs[m], cache, seqs[a:b], ntok[a:b])
@@ -498,12 +531,22 @@ class _FrontEndRank(_Role):
         self.bytes_sent[i - cfg.n_dense_layers] += 2 * n * cfg.d_model * cfg.itemsize
         return i, order, weights, n
 
+    def _dispatch_empty(self, i, m):
+        """Stage dispatch of layer i for an empty micro-batch m: the collectives
+        every rank of the layer expects, with no rows."""
+        lc, slot = self.layers[i], self.slots[m]
+        slot.wait()
+        slot.frontend_start(lc, np.zeros((lc.size, lc.k), np.int32), 0)
+        return i, None, None, 0
+
     def _collect(self, m, x, pending):
         """Stages combine (wait) and unpermute: x + the MoE output of micro-batch m."""
         i, order, weights, n = pending
         slot = self.slots[m]
         with self.timers.span('combine', 'wait', layer=i, mb=m):
             slot.wait(self._poll)
+        if not n:
+            return x
         with self.timers.span('unpermute', 'pack', layer=i, mb=m):
             out = unpermute(from_words(slot.received(n), self.cfg.dtype), order, weights)
             out += x
@@ -674,6 +717,9 @@ class _ExpertRank(_Role):
         for m, slot in enumerate(self.slots):
             with self.timers.span('dispatch', 'wait', layer=layer, mb=m):
                 words, counts = slot.expert_received(self._poll)
+            if not len(words):    # an empty micro-batch only answers its collectives
+                slot.expert_send(0)
+                continue
             with self.timers.span('unpack', 'pack', layer=layer, mb=m):
                 regroup = self._regroup(counts)
                 x16 = from_words(words, cfg.dtype)
@@ -719,16 +765,18 @@ class _ExpertRank(_Role):
         return out
 
 
-def _micro_batches(ntok, m):
-    """Split B sequences into at most m consecutive groups of about equal tokens.
+def _micro_batches(ntok, m, min_tokens=1):
+    """Split B sequences into consecutive groups of about equal tokens: m, or
+    fewer when the pass has under ``min_tokens`` tokens per group (at least one).
 
-    ntok: int [B] -> list of exactly m (a, b) ranges (some may be empty), so
-    every front-end posts the same number of collectives per layer.
+    ntok: int [B] -> list of exactly m (a, b) ranges, the unused ones empty at
+    the end, so every front-end posts the same number of collectives per layer.
     """
     cum = np.concatenate([[0], np.cumsum(ntok)])
-    targets = cum[-1] * np.arange(1, m) / m
+    k = int(max(1, min(m, cum[-1] // min_tokens)))
+    targets = cum[-1] * np.arange(1, k) / k
     cuts = np.searchsorted(cum, targets, side='left').clip(0, len(ntok))
-    edges = np.concatenate([[0], cuts, [len(ntok)]]).astype(int)
+    edges = np.concatenate([[0], cuts, [len(ntok)] * (m - k + 1)]).astype(int)
     edges = np.maximum.accumulate(edges)
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
@@ -741,10 +789,22 @@ def _parse_fault(spec, rank):
     return stage if r.isdigit() and int(r) == rank else None
 
 
+def _timed_peak(opts, world, backend):
+    """Rank 0's GEMM rate (run.json's MFU: with --metrics only), timed while
+    the others sleep; None on the other ranks and without --metrics."""
+    if not opts.metrics:
+        return None
+    idle = world.Ibarrier()
+    peak = _peak_tflops(backend) if world.rank == 0 else None
+    wait_all([idle], opts.deadline, lambda: 'rank 0 to finish its report')
+    return peak
+
+
 def _peak_tflops(backend, repeats=3):
     """This rank's GEMM rate, TFLOP/s (best of ``repeats`` n x n products):
-    FP32, n = 1024 on the CPU; BF16, n = 8192 on a GPU (its practical peak)."""
-    n, dtype = (8192, DTYPES['bfloat16']) if backend.is_gpu else (1024, np.float32)
+    FP32, n = 512 on the CPU (as fast per FLOP as 1024 with OpenBLAS, an
+    eighth of the time); BF16, n = 8192 on a GPU (its practical peak)."""
+    n, dtype = (8192, DTYPES['bfloat16']) if backend.is_gpu else (512, np.float32)
     rng = backend.xp.random.default_rng(0)
     a = (rng.standard_normal((n, n), dtype=np.float32) * np.float32(n ** -0.5)).astype(dtype)
     best = float('inf')
@@ -792,9 +852,11 @@ def _balance_report(opts, steps, bias):
             'max_over_mean_history': max_over_mean(windows).tolist()}
 
 
-def _finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops, backend, segment):
-    """Rank 0: print the summary and write run.json (backend: _backend_report;
-    segment: _Role.segment, how this run ended)."""
+def _finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops, backend, threads,
+                   segment):
+    """Rank 0: print the summary and write run.json (backend: _backend_report,
+    threads: _size_threads; peak_tflops None without --metrics; segment:
+    _Role.segment, how this run ended)."""
     r0 = reports[0]
     summary = _pass_summary([r['passes'] for r in reports if r['role'] == 'front-end'])
     busy = summary['prefill_s'] + summary['decode_s']
@@ -804,7 +866,7 @@ def _finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops, backen
                    peak_source='BF16 GEMM timed on rank 0 (GPU)' if backend['name'] == 'cupy'
                    else 'FP32 GEMM timed on rank 0 (CPU backend)')
     summary['mfu'] = summary['achieved_tflops'] / (peak_tflops * world.size) \
-        if busy else None
+        if busy and peak_tflops else None
     steps = np.array(r0['step_counts'], dtype=np.int64).reshape(
         -1, cfg.n_moe_layers, cfg.n_experts)                               # [passes, Lm, E]
     loads = steps.sum(axis=0)
@@ -817,6 +879,7 @@ def _finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops, backen
         'options': asdict(opts),
         'backend': backend,
         'segment': segment,
+        'threads': threads,
         'placement': {'mode': plan.mode, 'world_size': world.size,
                       'frontends': plan.n_frontends, 'expert_ranks': plan.n_expert_ranks,
                       'experts_per_rank': plan.experts_per_rank, 'hash': plan.plan_hash(),
