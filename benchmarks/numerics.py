@@ -2,7 +2,7 @@
 tests/contract.py (LOGIT_RTOL, TIE_RTOL) and README's *Numerics*.
 
     python benchmarks/numerics.py engine [--preset tiny] [--seqs 600] [--new 40] \
-        [--ranks 5] [--placement packed:2] [--out DIR] [-- MORE RUN OPTIONS]
+        [--ranks 5] [--placement packed:2] [--out DIR] [--run-options '...']
     python benchmarks/numerics.py batching [--preset tiny] [--seqs 200] [--new 40] \
         [--chunk 7]
 
@@ -11,7 +11,9 @@ tokens, runs ``mpimoe reference`` (one process) and ``mpimoe run`` (under
 mpiexec), both with ``--new`` tokens and the last logits, and prints how many
 sequences' greedy tokens diverge, the gap of the two chosen tokens' logits at
 each divergence (recomputed, tests/contract.py's greedy_divergences) against
-the tie bound, and the largest logit differences.
+the tie bound, and the largest logit differences.  With ``--out DIR`` the
+files are kept, and a reference output already there is reused (same
+preset, --seqs and --new only).
 
 ``batching`` runs the reference in one process three ways on the same tokens
 (teacher-forced on its own greedy choice): one batch of every sequence (A),
@@ -59,8 +61,9 @@ def _setup(args, d):
 def engine(args, d):
     weights, inputs = _setup(args, d)
     t0 = time.monotonic()
-    run_reference(weights, inputs, d / 'ref.h5', max_new_tokens=args.new, save_logits=True,
-                  overwrite=True, log=lambda *a: None)
+    if not (d / 'ref.h5').exists():
+        run_reference(weights, inputs, d / 'ref.h5', max_new_tokens=args.new,
+                      save_logits=True, log=lambda *a: None)
     t1 = time.monotonic()
     proc = mpiexec(args.ranks, ['run', '--weights', weights, '--input', inputs, '--output',
                                 d / 'run.h5', '--max-new-tokens', args.new, '--save-logits',
@@ -145,8 +148,9 @@ def main(argv=None):
     p.add_argument('--placement', default='packed:2')
     p.add_argument('--chunk', type=int, default=7)
     p.add_argument('--out', help='keep the files in this directory')
-    p.add_argument('more', nargs='*', help='more `mpimoe run` options (after --)')
+    p.add_argument('--run-options', default='', help='more `mpimoe run` options, one string')
     args = p.parse_args(argv)
+    args.more = args.run_options.split()
     args.seqs = args.seqs or (600 if args.mode == 'engine' else 200)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(args.out or tmp)

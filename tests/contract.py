@@ -1,10 +1,14 @@
-"""Element-wise bounds on the difference of two evaluations of one expert
-(mpimoe.model.expert_ffn), for tests that compare backends.
+"""Bounds on the difference of two evaluations, for tests that compare
+backends, layouts and batchings: element-wise for one expert
+(mpimoe.model.expert_ffn, below), per row of logits and per greedy choice
+for the whole model (LOGIT_RTOL, TIE_RTOL: argued with them), and the one
+comparison of an output file against the reference's.
 
     bound = expert_bound(x16, w, 'mlp', 'bfloat16', rounded_pre=1)   # [n, d]
     assert np.all(np.abs(y_gpu - y_cpu) <= bound)
+    assert_matches_reference(read_outputs(run), read_outputs(ref), weights, inputs)
 
-Both evaluations take the same 16-bit inputs and weights and round the hidden
+For one expert, both evaluations take the same 16-bit inputs and weights and round the hidden
 activations and the output to 16 bits; they may differ in
 
 - the order of their FP32 sums: a dot product of length n is within
@@ -199,9 +203,9 @@ def assert_greedy_match(got, ref, recompute, names=None):
 
     Tokens must be equal up to a first divergence, which is accepted only
     where the two tokens' recomputed logits are within :func:`tie_bound`:
-    each evaluation is within that bound of the recomputed one, so each
-    picked its token at a gap of at most the bound, and either may pick
-    either.  The rest of that sequence is not compared: each evaluation
+    two evaluations move a gap by at most that bound, so where one picked a
+    over b and the other b over a, a third (the recomputed one) has them
+    within it.  The rest of that sequence is not compared: each evaluation
     continues from its own token, so from there on they decode different
     texts.  Returns the accepted divergences: list of (sequence, step, gap,
     bound).
