@@ -3,9 +3,9 @@
 
 Unit tests check the rules (mpimoe.balance, the plan's replica table and
 permute keys); MPI tests run the engine on the tiny model and compare with the
-single-process reference, with the tolerance argued in test_engine.py: with
+single-process reference, with the bounds argued in tests/contract.py: with
 replicas or a permuted layout every token still meets the same expert with the
-same arithmetic, so the outputs must equal the reference's.  The gate bias
+same arithmetic, so the outputs must match the reference's.  The gate bias
 changes which experts tokens choose, so there the test is the behaviour: on
 weights whose router makes two experts hot, the bias lowers max/mean load.
 """
@@ -31,7 +31,8 @@ from mpimoe.io import read_outputs
 from mpimoe.placement import make_plan, sbatch_script
 from mpimoe.reference import run_reference
 from mpimoe.router import route, spread_copies
-from test_engine import REF_NEW_TOKENS, RUN_TIMEOUT, _assert_matches
+from contract import assert_matches_reference
+from test_engine import REF_NEW_TOKENS, RUN_TIMEOUT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -320,7 +321,8 @@ def test_gate_bias_lowers_max_over_mean(skewed, reference, tiny_inputs, tmp_path
     the first rounds steers the later ones away from experts 0 and 1."""
     rounds = ['--batch-tokens', '24']
     got, off = _run(skewed, tiny_inputs, tmp_path, 9, rounds)
-    _assert_matches(got, reference(skewed), REF_NEW_TOKENS)       # --balance off: the reference
+    # --balance off: the reference
+    assert_matches_reference(got, reference(skewed), skewed, tiny_inputs, REF_NEW_TOKENS)
     assert off['balance']['bias'] is None
     before = np.array(off['expert_loads']['max_over_mean'])         # [Lm]
     assert (before > 1.8).all(), before                            # the file is skewed
@@ -364,7 +366,8 @@ def test_replicas_equal_reference(tiny_weights, reference, tiny_inputs, tmp_path
     stats = _stats_file(tmp_path / 'stats.json', HOT.astype(int), [1, 2, 3])
     got, report = _run(tiny_weights, tiny_inputs, tmp_path, n,
                        ['--placement', mode, '--stats', stats, '--replicas', replicas, *extra])
-    _assert_matches(got, reference(tiny_weights), REF_NEW_TOKENS)
+    assert_matches_reference(got, reference(tiny_weights), tiny_weights, tiny_inputs,
+                             REF_NEW_TOKENS)
     frontends = 2 if '--frontends' in extra else None
     plan = make_plan(model_config('tiny'), n, mode, frontends, loads=HOT, replicas=replicas)
     p = report['placement']
@@ -391,7 +394,8 @@ def test_stats_layout_equals_reference(tiny_weights, reference, tiny_inputs, tmp
     assert (plan.owner != plan.block_owner).any()
     got, report = _run(tiny_weights, tiny_inputs, tmp_path, 5,
                        ['--placement', 'packed:2', '--stats', stats])
-    _assert_matches(got, reference(tiny_weights), REF_NEW_TOKENS)
+    assert_matches_reference(got, reference(tiny_weights), tiny_weights, tiny_inputs,
+                             REF_NEW_TOKENS)
     assert report['placement']['hash'] == plan.plan_hash()
     hosted = {tuple(p) for r in report['ranks'] for p in r.get('experts', [])}
     assert len(hosted) == 24
