@@ -187,8 +187,15 @@ def test_rerun_refuses_a_damaged_chunk_and_a_second_job_on_the_same_output(workl
     chunk.write_bytes(good)
     first = _start(weights, inputs, out)
     try:
-        _wait_for_chunks(out, len(list(chunk.parent.glob('*.h5'))) + 1, first)   # resumed
-        os.killpg(first.pid, signal.SIGSTOP)     # alive, but it must not finish meanwhile
+        # paused as soon as it holds the lock (taken before the weights load),
+        # so that it is alive, not finished, while the second job starts
+        lock = Path(str(out) + '.lock')
+        t0 = time.monotonic()
+        while not lock.exists():
+            assert first.poll() is None and time.monotonic() - t0 < 120, 'no lock taken'
+            time.sleep(0.005)
+        os.killpg(first.pid, signal.SIGSTOP)
+        assert not out.exists()
         second = mpiexec(5, [*_job(weights, inputs, out), '--overwrite'], timeout=120)
         os.killpg(first.pid, signal.SIGCONT)
         assert second.returncode == 65, second.stderr
@@ -198,4 +205,5 @@ def test_rerun_refuses_a_damaged_chunk_and_a_second_job_on_the_same_output(workl
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
     assert first.returncode == 0, err
+    assert 'sequences already committed' in err                       # it resumed
     _assert_same(whole, out)
