@@ -174,11 +174,10 @@ def _launch_hint(args):
             cfg = wf.config
         loads = load_stats(args.stats, cfg) if args.stats else None
         make_plan(cfg, 1, args.placement, args.frontends, loads=loads, replicas=args.replicas)
-    except (MpimoeError, OSError) as e:
-        # a ConfigError names the world sizes that fit; unreadable weights or
-        # --stats leave the launch line alone (a launched run reports them)
-        if isinstance(e, ConfigError):
-            text += f'; for {args.weights}: {e}'
+    except ConfigError as e:                    # names the world sizes that fit
+        text += f'; for {args.weights}: {e}'
+    except (MpimoeError, OSError):
+        pass        # unreadable weights or --stats: a launched run reports them
     return text + '; `mpimoe plan --preset NAME --gpus P` prints the placement on P ranks'
 
 

@@ -59,11 +59,6 @@ class StopRequest:
         return self.signum is not None
 
     @property
-    def interrupted(self):
-        """True once SIGINT arrived."""
-        return self.signum == signal.SIGINT
-
-    @property
     def name(self):
         return signal.Signals(self.signum).name if self.signum else None
 
