@@ -301,7 +301,7 @@ def open_job(input_path, output, wf, save_logits, meta, overwrite, *, max_new_to
                          cfg.max_position_embeddings, batch_tokens)
     identity = {'input_sha256': stream.sha256, 'weights_sha256': wf.identity(),
                 'max_new_tokens': max_new_tokens, 'batch_tokens': batch_tokens, **options}
-    writer = OutputWriter(output, len(stream), wf.config.vocab_size, save_logits, meta,
+    writer = OutputWriter(output, len(stream), cfg.vocab_size, save_logits, meta,
                           identity, overwrite=overwrite)
     return stream, writer
 
@@ -464,8 +464,9 @@ def _hdf5_slabs(path, vocab_size):
         if ids_ds.ndim != 1 or h5py.check_string_dtype(ids_ds.dtype) is None:
             raise DataError(f'{path}: dataset ids must be a 1-D array of strings '
                             f'(h5py.string_dtype()), got {ids_ds.dtype} {ids_ds.shape}')
-        offsets = _read_int_1d(path, f['offsets'])
-        _read_int_1d(path, tokens_ds, read=False)
+        _check_int_1d(path, f['offsets'])
+        _check_int_1d(path, tokens_ds)
+        offsets = f['offsets'][()]
         _check_offsets(path, offsets, tokens_ds.shape[0], ids_ds)
         for a in range(0, len(ids_ds), _HDF5_SLAB):
             b = min(a + _HDF5_SLAB, len(ids_ds))
@@ -493,12 +494,11 @@ def _read_ids(path, ds, a, b):
                         f'{a} to {b - 1}') from None
 
 
-def _read_int_1d(path, ds, read=True):
-    """A 1-D integer dataset (read once, in its stored dtype, if ``read``)."""
+def _check_int_1d(path, ds):
+    """DataError unless ``ds`` is a 1-D integer dataset."""
     if ds.ndim != 1 or ds.dtype.kind not in 'iu':
         raise DataError(f'{path}: dataset {ds.name.lstrip("/")} must be a 1-D integer array, '
                         f'got {ds.dtype} {ds.shape}')
-    return ds[()] if read else None
 
 
 def _check_offsets(path, offsets, total, ids):
