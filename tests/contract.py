@@ -80,7 +80,7 @@ GELU_SLOPE, SILU_SLOPE = 1.13, 1.1
 #: Bound on the relative L2 difference ``|a - b| / |b|`` of one row of logits
 #: between two evaluations (above): twice one evaluation's rounding error is
 #: about 1 u (seen: 0.32 u); 8 u = 2^-5 leaves a factor 8 above it.
-LOGIT_RTOL = 4 * 2.0 ** -7
+LOGIT_RTOL = 2.0 ** -5
 
 #: Bound on how far two evaluations move the gap ``l[a] - l[b]`` of any two
 #: logits of a row, relative to the row's RMS: twice one evaluation's

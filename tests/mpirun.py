@@ -7,13 +7,14 @@ The job runs in a session of its own so that a timeout kills every rank
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ['mpiexec', 'mpiexec_start', 'mpiexec_path']
+__all__ = ['mpiexec', 'mpiexec_start', 'mpiexec_path', 'error_lines', 'uninterrupted_run']
 
 
 def mpiexec_path():
@@ -54,3 +55,23 @@ def mpiexec(n, args, timeout, env=None):
             out, err = proc.communicate()
             raise subprocess.TimeoutExpired(proc.args, timeout, out, err) from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def error_lines(stderr):
+    """The `mpimoe: ...` lines of a job's stderr but progress lines (`mpimoe: 0/2
+    sequences, starting`); MPICH adds its own Abort lines, not counted."""
+    return [line for line in stderr.splitlines() if line.startswith('mpimoe:')
+            and not re.match(r'mpimoe: \d+/\d+ sequences', line)]
+
+
+def uninterrupted_run(d, weights, args, num_seqs, max_len, seed, ranks=5):
+    """(inputs, whole): a synthetic JSONL input of ``num_seqs`` sequences of
+    2..``max_len`` tokens in directory ``d`` and the output ``whole`` of
+    ``mpimoe run`` over it to its end (the file a stopped or killed run must equal)."""
+    from mpimoe.io import write_synthetic_inputs
+    inputs, whole = d / 'in.jsonl', d / 'whole.h5'
+    write_synthetic_inputs(inputs, 256, num_seqs=num_seqs, min_len=2, max_len=max_len, seed=seed)
+    proc = mpiexec(ranks, ['run', '--weights', weights, '--input', inputs, '--output', whole,
+                           *args], timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    return inputs, whole

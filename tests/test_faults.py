@@ -15,7 +15,7 @@ import time
 import h5py
 import pytest
 
-from mpirun import mpiexec
+from mpirun import error_lines, mpiexec
 from mpimoe.checkpoint import WeightFile
 from mpimoe.placement import make_plan
 
@@ -39,11 +39,6 @@ def _run(weights, inputs, out, n=RANKS, extra=(), env=None):
     return proc, seconds
 
 
-def _errors(stderr):
-    """The `mpimoe: ...` lines of stderr but progress lines (`mpimoe: 0/2
-    sequences, starting`); MPICH adds its own Abort lines."""
-    return [line for line in stderr.splitlines() if line.startswith('mpimoe:')
-            and not re.match(r'mpimoe: \d+/\d+ sequences', line)]
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
@@ -65,7 +60,7 @@ def test_hung_rank_hits_deadline(tiny_weights, tiny_inputs, tmp_path):
     proc, _ = _run(tiny_weights, tiny_inputs, tmp_path / 'out.h5',
                    extra=['--placement', PLACEMENT, '--deadline', 3],
                    env={'MPIMOE_FAULT': 'hang:4'})
-    timeouts = [line for line in _errors(proc.stderr)
+    timeouts = [line for line in error_lines(proc.stderr)
                 if re.search(r'\(rank \d+, stage \w+.*\): no progress for 3 s waiting for', line)]
     assert timeouts, proc.stderr
     # e.g. "... waiting for rows back from layer ranks {1: 7, 2: 12, 3: 9, 4: 8}"
@@ -91,7 +86,7 @@ def test_corrupted_expert_names_rank_and_tensor(tiny_weights, tiny_inputs, tmp_p
     proc, _ = _run(str(bad), tiny_inputs, tmp_path / 'out.h5', extra=['--placement', PLACEMENT])
     assert proc.returncode == 65
     assert 'Traceback' not in proc.stderr
-    assert _errors(proc.stderr) == [
+    assert error_lines(proc.stderr) == [
         f'mpimoe: error (rank {host}, stage load): {bad}: tensor {name}: checksum mismatch '
         '(file corrupted?); rewrite it'], proc.stderr
 
@@ -102,7 +97,7 @@ def test_missing_weights(tiny_inputs, tmp_path):
     proc, _ = _run(missing, tiny_inputs, tmp_path / 'out.h5')
     assert proc.returncode == 65
     assert 'Traceback' not in proc.stderr
-    lines = _errors(proc.stderr)
+    lines = error_lines(proc.stderr)
     assert lines and all(f'{missing}: no such file' in line for line in lines), proc.stderr
     ranks = [re.match(r'mpimoe: error \(rank (\d+)\b', line).group(1) for line in lines]
     assert len(ranks) == len(set(ranks)) <= RANKS
@@ -114,7 +109,7 @@ def test_world_size_that_does_not_fit(tiny_weights, tiny_inputs, tmp_path):
     proc, _ = _run(tiny_weights, tiny_inputs, tmp_path / 'out.h5', n=9,
                    extra=['--placement', 'dedicated'])
     assert proc.returncode == 2
-    assert _errors(proc.stderr) == [
+    assert error_lines(proc.stderr) == [
         'mpimoe: error: placement dedicated needs 24 expert ranks + F front-ends: '
         'world size must be >= 25 (got 9)'], proc.stderr
 
@@ -125,7 +120,7 @@ def test_existing_output_is_kept(tiny_weights, tiny_inputs, tmp_path):
     out.write_bytes(b'results of an earlier run')
     proc, _ = _run(tiny_weights, tiny_inputs, out, extra=['--placement', PLACEMENT])
     assert proc.returncode == 65
-    assert _errors(proc.stderr) == [
+    assert error_lines(proc.stderr) == [
         f'mpimoe: error (rank 0, stage open): {out} exists; pass --overwrite to replace it'], \
         proc.stderr
     assert out.read_bytes() == b'results of an earlier run'
@@ -140,7 +135,7 @@ def test_token_out_of_vocabulary(tiny_weights, tmp_path):
     proc, _ = _run(tiny_weights, inputs, out, extra=['--placement', PLACEMENT])
     assert proc.returncode == 65
     assert 'Traceback' not in proc.stderr
-    lines = _errors(proc.stderr)
+    lines = error_lines(proc.stderr)
     assert lines and all("id 'bad-seq': token 256 at tokens[1]" in line for line in lines), \
         proc.stderr
     assert not out.exists()

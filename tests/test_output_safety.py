@@ -11,7 +11,6 @@ tmpfs (mounted only where the tests run as root).
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import h5py
 import numpy as np
 import pytest
 
-from mpirun import mpiexec
+from mpirun import error_lines, mpiexec
 from mpimoe.errors import DataError, IOFailure, UsageError
 from mpimoe.io import OutputWriter, atomic_write, check_writable, os_errors, \
     read_outputs, write_json
@@ -447,10 +446,6 @@ def _run(weights, inputs, out, *extra):
                        '--placement', 'packed:8', '--max-new-tokens', 1, *extra], timeout=90)
 
 
-def _error_lines(stderr):
-    """The `mpimoe: ...` lines of stderr but progress lines (`mpimoe: 0/2 sequences`)."""
-    return [line for line in stderr.splitlines() if line.startswith('mpimoe:')
-            and not re.match(r'mpimoe: \d+/\d+ sequences', line)]
 
 
 @pytest.mark.timeout(200)
@@ -472,7 +467,7 @@ def test_run_refuses_metrics_and_trace_paths_before_compute(tmp_path, tiny_weigh
     for extra, code, message in cases:
         proc = _run(tiny_weights, tiny_inputs, out, *extra)
         assert proc.returncode == code, proc.stderr
-        errors = _error_lines(proc.stderr)
+        errors = error_lines(proc.stderr)
         assert len(errors) == 1 and 'stage open' in errors[0] and message in errors[0], \
             proc.stderr
         assert 'Traceback' not in proc.stderr
@@ -564,7 +559,7 @@ def test_run_on_a_full_disk_exits_74_naming_the_chunk(small_disk, tiny_weights, 
     out = small_disk / 'out.h5'         # 120 x 256 float32 logits do not fit in 64 KiB
     proc = _run(tiny_weights, inputs, out, '--save-logits', '--batch-tokens', 200)
     assert proc.returncode == 74, proc.stderr
-    errors = _error_lines(proc.stderr)
+    errors = error_lines(proc.stderr)
     assert len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr
     assert f'cannot write {out}.chunks/' in errors[0] and 'No space left on device' in errors[0]
     assert not out.exists()

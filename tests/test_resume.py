@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpirun import mpiexec, mpiexec_start
-from mpimoe.io import read_outputs, write_synthetic_inputs
+from mpirun import mpiexec, mpiexec_start, uninterrupted_run
+from mpimoe.io import read_outputs
 
 N_SEQS = 120
 ARGS = ['--max-new-tokens', 3, '--batch-tokens', 24, '--save-logits', '--placement', 'packed:2']
@@ -22,13 +22,8 @@ ARGS = ['--max-new-tokens', 3, '--batch-tokens', 24, '--save-logits', '--placeme
 @pytest.fixture(scope='module')
 def workload(tmp_path_factory, tiny_weights):
     """(weights, inputs, uninterrupted output): many small rounds on 5 ranks."""
-    d = tmp_path_factory.mktemp('resume')
-    inputs = d / 'in.jsonl'
-    write_synthetic_inputs(inputs, 256, num_seqs=N_SEQS, min_len=2, max_len=12, seed=5)
-    whole = d / 'whole.h5'
-    proc = mpiexec(5, ['run', '--weights', tiny_weights, '--input', inputs, '--output', whole,
-                       *ARGS], timeout=240)
-    assert proc.returncode == 0, proc.stderr
+    inputs, whole = uninterrupted_run(tmp_path_factory.mktemp('resume'), tiny_weights, ARGS,
+                                      N_SEQS, max_len=12, seed=5)
     return tiny_weights, inputs, whole
 
 

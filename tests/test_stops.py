@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpirun import mpiexec, mpiexec_start
-from mpimoe.io import read_outputs, write_synthetic_inputs
+from mpirun import mpiexec, mpiexec_start, uninterrupted_run
+from mpimoe.io import read_outputs
 from mpimoe.signals import StopRequest, stop_error
 
 #: 6 sequences of 2..6 tokens in batches of <= 10 tokens: 3 rounds of 80 steps
@@ -29,12 +29,8 @@ STOP_WITHIN = 15
 @pytest.fixture(scope='module')
 def workload(tmp_path_factory, tiny_weights):
     """(weights, inputs, uninterrupted output) of long rounds on 5 ranks."""
-    d = tmp_path_factory.mktemp('stops')
-    inputs = d / 'in.jsonl'
-    write_synthetic_inputs(inputs, 256, num_seqs=N_SEQS, min_len=2, max_len=6, seed=1)
-    whole = d / 'whole.h5'
-    proc = mpiexec(RANKS, _job(tiny_weights, inputs, whole), timeout=240)
-    assert proc.returncode == 0, proc.stderr
+    inputs, whole = uninterrupted_run(tmp_path_factory.mktemp('stops'), tiny_weights, ARGS,
+                                      N_SEQS, max_len=6, seed=1, ranks=RANKS)
     return tiny_weights, inputs, whole
 
 
