@@ -26,9 +26,9 @@ import zlib
 import h5py
 import numpy as np
 
-from mpimoe.backend import from_words, storage_dtype, to_words
-from mpimoe.balance import max_over_mean
-from mpimoe.checkpoint import WeightFile
+from mpimoe.backends.backend import from_words, storage_dtype, to_words
+from mpimoe.planning.balance import max_over_mean
+from mpimoe.checkpoint.weights import WeightFile
 
 
 def skew_router(path, experts, add):

@@ -38,10 +38,11 @@ sys.path.insert(0, str(REPO / 'tests'))
 
 from contract import (LOGIT_RTOL, TIE_RTOL, greedy_divergences, next_logits,  # noqa: E402
                       rel_l2_rows)
-from mpimoe.checkpoint import WeightFile, write_synthetic  # noqa: E402
-from mpimoe.config import model_config  # noqa: E402
-from mpimoe.io import read_inputs, read_outputs, write_synthetic_inputs  # noqa: E402
-from mpimoe.reference import load_reference, run_reference  # noqa: E402
+from mpimoe.checkpoint.weights import WeightFile, write_synthetic  # noqa: E402
+from mpimoe.model.config import model_config  # noqa: E402
+from mpimoe.io.inputs import read_inputs, write_synthetic_inputs
+from mpimoe.io.outputs import read_outputs  # noqa: E402
+from mpimoe.model.reference import load_reference, run_reference  # noqa: E402
 from mpirun import mpiexec  # noqa: E402
 
 U = 2.0 ** -8
@@ -114,8 +115,8 @@ def _describe(what, other, a):
 
 
 def batching(args, d):
-    import mpimoe.model
-    import mpimoe.moe
+    import mpimoe.model.layers
+    import mpimoe.moe.experts
     weights, inputs = _setup(args, d)
     with WeightFile(weights) as wf:
         model = load_reference(wf)
@@ -126,7 +127,7 @@ def batching(args, d):
     b = np.concatenate([_teacher(model, prompts[i:i + args.chunk], tokens[i:i + args.chunk])
                         for i in range(0, len(prompts), args.chunk)], axis=1)
     # U: expert_ffn and moe_local without their 16-bit roundings
-    mpimoe.model.round16 = mpimoe.moe.round16 = lambda x, dtype: x
+    mpimoe.model.layers.round16 = mpimoe.moe.experts.round16 = lambda x, dtype: x
     unrounded = _teacher(model, prompts, tokens)
     print(f'{args.preset}, {args.seqs} sequences x {args.new} steps ({a.shape[0] * a.shape[1]} '
           f'rows); TIE_RTOL {TIE_RTOL:.3g} = {TIE_RTOL / U:.0f} u, LOGIT_RTOL {LOGIT_RTOL:.3g}')

@@ -3,16 +3,16 @@
     def test_x(tiny_weights, tiny_inputs, make_weights):
         mlp = make_weights('tiny', ['expert_kind=mlp'])     # path (str) of an HDF5 file
 
-Files are written with the package's own writers (mpimoe.checkpoint.write_synthetic,
-mpimoe.io.write_synthetic_inputs) into a session temporary directory; tests must
+Files are written with the package's own writers (mpimoe.checkpoint.weights.write_synthetic,
+mpimoe.io.inputs.write_synthetic_inputs) into a session temporary directory; tests must
 treat them as read-only (copy a file before corrupting it).
 """
 
 import pytest
 
-from mpimoe.checkpoint import write_synthetic
-from mpimoe.config import model_config
-from mpimoe.io import write_synthetic_inputs
+from mpimoe.checkpoint.weights import write_synthetic
+from mpimoe.model.config import model_config
+from mpimoe.io.inputs import write_synthetic_inputs
 
 
 @pytest.fixture(scope='session')

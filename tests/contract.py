@@ -1,6 +1,6 @@
 """Bounds on the difference of two evaluations, for tests that compare
 backends, layouts and batchings: element-wise for one expert
-(mpimoe.model.expert_ffn, below), per row of logits and per greedy choice
+(mpimoe.model.layers.expert_ffn, below), per row of logits and per greedy choice
 for the whole model (LOGIT_RTOL, TIE_RTOL: argued with them), and the one
 comparison of an output file against the reference's.
 
@@ -223,9 +223,9 @@ def assert_greedy_match(got, ref, recompute, names=None):
 @functools.lru_cache(maxsize=4)
 def _reference_of(weights, inputs):
     """(ReferenceModel of weight file ``weights``, prompts of ``inputs``)."""
-    from mpimoe.checkpoint import WeightFile
-    from mpimoe.io import read_inputs
-    from mpimoe.reference import load_reference
+    from mpimoe.checkpoint.weights import WeightFile
+    from mpimoe.io.inputs import read_inputs
+    from mpimoe.model.reference import load_reference
     with WeightFile(weights) as wf:
         model = load_reference(wf)
     seqs = read_inputs(inputs, model.cfg.vocab_size)
@@ -234,7 +234,7 @@ def _reference_of(weights, inputs):
 
 def assert_matches_reference(got, ref, weights, inputs, max_new=None):
     """An output file of another evaluation (the engine, another layout)
-    against the reference's: mpimoe.io.read_outputs dicts of ``inputs`` with
+    against the reference's: mpimoe.io.outputs.read_outputs dicts of ``inputs`` with
     ``weights`` (paths).
 
     The same ids in order; greedy tokens as :func:`assert_greedy_match` (got

@@ -68,7 +68,7 @@ def uninterrupted_run(d, weights, args, num_seqs, max_len, seed, ranks=5):
     """(inputs, whole): a synthetic JSONL input of ``num_seqs`` sequences of
     2..``max_len`` tokens in directory ``d`` and the output ``whole`` of
     ``mpimoe run`` over it to its end (the file a stopped or killed run must equal)."""
-    from mpimoe.io import write_synthetic_inputs
+    from mpimoe.io.inputs import write_synthetic_inputs
     inputs, whole = d / 'in.jsonl', d / 'whole.h5'
     write_synthetic_inputs(inputs, 256, num_seqs=num_seqs, min_len=2, max_len=max_len, seed=seed)
     proc = mpiexec(ranks, ['run', '--weights', weights, '--input', inputs, '--output', whole,

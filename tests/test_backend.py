@@ -1,4 +1,4 @@
-"""The backend decisions and buffers that need no GPU (mpimoe.backend), and
+"""The backend decisions and buffers that need no GPU (mpimoe.backends.backend), and
 the NumPy path of the array-generic model code.
 
 Every branch of ``--backend`` and ``--mpi-gpu`` is driven through the pure
@@ -19,15 +19,15 @@ import numpy as np
 import pytest
 
 from contract import expert_bound
-from mpimoe.backend import (DTYPES, Backend, CudaProbe, HostStaging, Rows, array_module,
+from mpimoe.backends.backend import (DTYPES, Backend, CudaProbe, HostStaging, Rows, array_module,
                             bind_device, choose_backend, cuda_problem, grown_capacity,
                             mpi_cuda_support, mpi_gpu_mode, probe_cuda, round16,
                             to_numpy)
 from mpimoe.errors import ConfigError, MpimoeError, UsageError
-from mpimoe.gpubench import GpuBenchOptions, run_gpu_bench
-from mpimoe.model import _gelu, _silu, expert_ffn
-from mpimoe.moe import moe_local
-from mpimoe.router import route
+from mpimoe.bench.gpu import GpuBenchOptions, run_gpu_bench
+from mpimoe.model.layers import _gelu, _silu, expert_ffn
+from mpimoe.moe.experts import moe_local
+from mpimoe.moe.router import route
 
 NO_CUPY = CudaProbe()
 BROKEN_CUPY = CudaProbe(error='libnvrtc.so.12: cannot open shared object file')
@@ -272,7 +272,7 @@ def test_numpy_moe_local_is_route_then_experts_then_weighted_sum():
     """moe_local on NumPy, written out: each expert's rows (its tokens, in
     token order: one GEMM block, as run_experts makes it) through the FP32
     expert, then the weighted sum over each token's slots in slot order."""
-    from mpimoe.config import model_config
+    from mpimoe.model.config import model_config
     cfg = model_config('tiny')
     rng = np.random.default_rng(2)
     experts = [_expert(rng, cfg.expert_kind, cfg.d_model, cfg.d_expert)
@@ -296,7 +296,7 @@ def test_numpy_moe_local_is_route_then_experts_then_weighted_sum():
 
 @pytest.mark.parametrize('kind', ['mlp', 'swiglu'])
 def test_16_bit_contract_on_numpy_within_the_argued_bound(kind):
-    """16-bit weights take the GPU contract (mpimoe.model._mm16), here through
+    """16-bit weights take the GPU contract (mpimoe.model.layers._mm16), here through
     ml_dtypes on the CPU: products rounded to bf16 before the activation.
     Against the FP32 contract the outputs differ, within tests/contract.py's
     bound for one rounding of the pre-activations; a wrong expert does not fit
@@ -349,8 +349,8 @@ def test_gpu_bench_torch_baseline_is_the_same_layer():
     sum (flips of single roundings: measured 0.02 u overall, 0.22 u in the
     worst row); against the FP32 contract by about u (model.expert_ffn)."""
     torch = pytest.importorskip('torch')
-    from mpimoe.config import model_config
-    from mpimoe.gpubench import _torch_moe
+    from mpimoe.model.config import model_config
+    from mpimoe.bench.gpu import _torch_moe
     cfg = model_config('tiny').replace(d_model=256, d_expert=512, expert_kind='mlp')
     rng = np.random.default_rng(7)
     experts = [_expert(rng, 'mlp', cfg.d_model, cfg.d_expert) for _ in range(cfg.n_experts)]
@@ -375,7 +375,7 @@ def _run_cli(weights, inputs, out_dir, extra):
     """``mpimoe run`` on 9 ranks (tiny: 1 front-end, 8 expert ranks);
     (CompletedProcess, outputs dict or None, run.json dict or None)."""
     from mpirun import mpiexec
-    from mpimoe.io import read_outputs
+    from mpimoe.io.outputs import read_outputs
     out, metrics = out_dir / 'out.h5', out_dir / 'run.json'
     proc = mpiexec(9, ['run', '--weights', weights, '--input', inputs, '--output', out,
                        '--max-new-tokens', 3, '--save-logits', '--metrics', metrics, *extra],
@@ -438,7 +438,7 @@ def test_slot_host_staging_on_numpy():
     """A slot in host mode hands MPI pinned copies of its rows (never the rows
     themselves) and gives received rows back in ``inp``; on NumPy the same
     code path runs with ordinary arrays."""
-    from mpimoe.dispatch import Slot
+    from mpimoe.parallel.slots import Slot
     slot = Slot(4, None, 1.0, Backend('numpy'), 'host')
     rows = slot.out.view(3)
     rows[...] = np.arange(12, dtype=np.uint16).reshape(3, 4)

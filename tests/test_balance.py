@@ -1,7 +1,7 @@
 """Load balancing: the gate bias (--balance bias), replicas of hot experts
 (--replicas R --stats F) and the topology layout in `mpimoe run --stats`.
 
-Unit tests check the rules (mpimoe.balance, the plan's replica table and
+Unit tests check the rules (mpimoe.planning.balance, the plan's replica table and
 permute keys); MPI tests run the engine on the tiny model and compare with the
 single-process reference, with the bounds argued in tests/contract.py: with
 replicas or a permuted layout every token still meets the same expert with the
@@ -24,13 +24,13 @@ import numpy as np
 import pytest
 
 from mpirun import mpiexec
-from mpimoe.balance import max_over_mean, replicate, update_bias
-from mpimoe.config import model_config
+from mpimoe.planning.balance import max_over_mean, replicate, update_bias
+from mpimoe.model.config import model_config
 from mpimoe.errors import ConfigError
-from mpimoe.io import read_outputs
-from mpimoe.placement import make_plan, sbatch_script
-from mpimoe.reference import run_reference
-from mpimoe.router import route, spread_copies
+from mpimoe.io.outputs import read_outputs
+from mpimoe.planning.placement import make_plan, sbatch_script
+from mpimoe.model.reference import run_reference
+from mpimoe.moe.router import route, spread_copies
 from contract import assert_matches_reference
 from test_engine import REF_NEW_TOKENS, RUN_TIMEOUT
 

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from mpirun import mpiexec
-from mpimoe.costmodel import load_calibration
+from mpimoe.planning.costmodel import load_calibration
 
 
 @pytest.mark.timeout(150)

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from mpirun import mpiexec
-from mpimoe.checkpoint import WeightFile, inspect_report, tensor_specs, write_synthetic
-from mpimoe.config import MAX, MAX_EXPERTS_TOTAL, ModelConfig, model_config
+from mpimoe.checkpoint.weights import WeightFile, inspect_report, tensor_specs, write_synthetic
+from mpimoe.model.config import MAX, MAX_EXPERTS_TOTAL, ModelConfig, model_config
 from mpimoe.errors import CLIP, ConfigError, DataError, clip
-from mpimoe.reference import load_reference
+from mpimoe.model.reference import load_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: seconds a CLI child may run: a regression that blocks is killed (a refusal

@@ -1,4 +1,4 @@
-"""Weight format (mpimoe/checkpoint.py): layout, round trip, partial reads,
+"""Weight format (mpimoe/checkpoint/weights.py): layout, round trip, partial reads,
 corruption and every user error as a one-line DataError."""
 
 import io
@@ -11,9 +11,9 @@ import h5py
 import numpy as np
 import pytest
 
-from mpimoe.checkpoint import (WeightFile, expert_tensor_names, inspect_report,
+from mpimoe.checkpoint.weights import (WeightFile, expert_tensor_names, inspect_report,
                                nonexpert_tensor_names, tensor_specs, write_synthetic)
-from mpimoe.config import model_config
+from mpimoe.model.config import model_config
 from mpimoe.errors import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,6 +1,6 @@
 """The ``mpimoe`` command line as a user meets it: every option explained, no
 silent abbreviations, `mpimoe run` without a launcher told how to launch, and
-the progress lines of a batch log (mpimoe/progress.py)."""
+the progress lines of a batch log (mpimoe/runtime/progress.py)."""
 
 import argparse
 import io
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mpimoe.cli import _build_parser, main
-from mpimoe.progress import Progress
+from mpimoe.cli.main import _build_parser, main
+from mpimoe.runtime.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""``mpimoe convert`` (mpimoe/convert.py): Hugging Face Mixtral checkpoints -> mpimoe.
+"""``mpimoe convert`` (mpimoe/checkpoint/convert.py): Hugging Face Mixtral checkpoints -> mpimoe.
 
 Format and refusals use checkpoints written here with NumPy (``_write_checkpoint``:
 config.json, safetensors shards, index), so they run without PyTorch.  Parity
@@ -11,7 +11,7 @@ Parity tolerance, from the arithmetic.  The weights are bf16-exact before
 saving, so conversion is lossless (checked bit for bit below) and both sides
 compute in FP32 from the same values.  The one intended difference: mpimoe
 rounds each expert's input, hidden activations and output to bf16 (the wire
-format contract, mpimoe.model.expert_ffn); transformers does not.  One rounding
+format contract, mpimoe.model.layers.expert_ffn); transformers does not.  One rounding
 has relative error <= u = 2^-9 (bf16 keeps 8 significant bits); to first order
 the input error reaches the output through both the gate and up branches
 (2u), then hidden (u) and output (u): <= 4u relative on a layer's MoE output, a
@@ -32,10 +32,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from mpimoe.checkpoint import WeightFile, tensor_specs
-from mpimoe.cli import main
-from mpimoe.convert import hf_source
-from mpimoe.io import read_inputs, read_outputs, write_synthetic_inputs
+from mpimoe.checkpoint.weights import WeightFile, tensor_specs
+from mpimoe.cli.main import main
+from mpimoe.checkpoint.convert import hf_source
+from mpimoe.io.inputs import read_inputs, write_synthetic_inputs
+from mpimoe.io.outputs import read_outputs
 from mpirun import mpiexec
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

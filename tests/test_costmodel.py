@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpimoe.config import model_config
-from mpimoe.costmodel import (Constants, Workload, check_memory, describe, load_calibration,
+from mpimoe.model.config import model_config
+from mpimoe.planning.costmodel import (Constants, Workload, check_memory, describe, load_calibration,
                               make_constants, memory, pass_time, predict)
 from mpimoe.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
-from mpimoe.placement import make_plan
+from mpimoe.planning.placement import make_plan
 
 GB = 1e9
 
@@ -212,7 +212,7 @@ def test_bad_constants_and_workload():
 # -- the command line ---------------------------------------------------------------------
 
 def _plan(*args):
-    code = ('import sys; from mpimoe.cli import main; rc = main(sys.argv[1:]); '
+    code = ('import sys; from mpimoe.cli.main import main; rc = main(sys.argv[1:]); '
             'assert "mpi4py" not in sys.modules; sys.exit(rc)')
     return subprocess.run([sys.executable, '-c', code, 'plan', *map(str, args)],
                           capture_output=True, text=True, timeout=20)

@@ -8,8 +8,8 @@ evaluation pick either token, last_logits within LOGIT_RTOL (relative L2).
 
 Why not exact.  Both paths do FP32 arithmetic on the same BF16 weights and
 round to BF16 at the same points (the rows entering an expert, its hidden
-activations, its output: mpimoe.model.expert_ffn), and they sum the top-k expert
-outputs in the same slot order (mpimoe.moe.unpermute).  What differs is the shape
+activations, its output: mpimoe.model.layers.expert_ffn), and they sum the top-k expert
+outputs in the same slot order (mpimoe.moe.experts.unpermute).  What differs is the shape
 of the GEMMs -- how many rows one call multiplies (a round's batch, a
 micro-batch, one expert's block) -- and BLAS then sums the dot products in
 another order, differently on every CPU kernel.  That moves an FP32 result by
@@ -28,9 +28,10 @@ import pytest
 
 from contract import assert_matches_reference
 from mpirun import mpiexec
-from mpimoe.checkpoint import WeightFile
-from mpimoe.io import read_inputs, read_outputs
-from mpimoe.reference import run_reference
+from mpimoe.checkpoint.weights import WeightFile
+from mpimoe.io.inputs import read_inputs
+from mpimoe.io.outputs import read_outputs
+from mpimoe.model.reference import run_reference
 
 #: the reference generates this many tokens; a run may ask for fewer
 REF_NEW_TOKENS = 6

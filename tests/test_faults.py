@@ -16,8 +16,8 @@ import h5py
 import pytest
 
 from mpirun import error_lines, mpiexec
-from mpimoe.checkpoint import WeightFile
-from mpimoe.placement import make_plan
+from mpimoe.checkpoint.weights import WeightFile
+from mpimoe.planning.placement import make_plan
 
 #: seconds mpiexec may run before the test kills the job
 TIMEOUT = 60

@@ -14,7 +14,7 @@ Tolerances, from the arithmetic (u = 2^-8, bfloat16's unit roundoff):
   hidden values of which ~2 flipped, moving it by ~2^-8 / 45 relative, so its
   own rounding flips with a probability of a few percent).  A GEMM that
   accumulates in reduced precision leaves far fewer equal.
-- *GPU contract against the CPU's FP32 one* (mpimoe.model.expert_ffn): the
+- *GPU contract against the CPU's FP32 one* (mpimoe.model.layers.expert_ffn): the
   pre-activations are rounded on the GPU only.  Element-wise within the bound
   with ``rounded_pre=1``; relative L2 about u (measured on the CPU with the
   same contract: 0.94-1.09 u overall, per row at most 1.25 u at d = 1024):
@@ -31,16 +31,16 @@ import pytest
 cupy = pytest.importorskip('cupy')
 
 from contract import LOGIT_RTOL, expert_bound, gamma, unit_roundoff  # noqa: E402
-from mpimoe.backend import (DTYPES, Backend, HostStaging, cuda_problem, probe_cuda,  # noqa: E402
+from mpimoe.backends.backend import (DTYPES, Backend, HostStaging, cuda_problem, probe_cuda,  # noqa: E402
                             round16, choose_backend, to_numpy, to_words)
-from mpimoe.checkpoint import WeightFile  # noqa: E402
-from mpimoe.config import model_config  # noqa: E402
-from mpimoe.generate import generate  # noqa: E402
-from mpimoe.io import read_inputs  # noqa: E402
-from mpimoe.model import _mm16, expert_ffn  # noqa: E402
-from mpimoe.moe import moe_local  # noqa: E402
-from mpimoe.reference import ReferenceModel, load_reference  # noqa: E402
-from mpimoe.router import route  # noqa: E402
+from mpimoe.checkpoint.weights import WeightFile  # noqa: E402
+from mpimoe.model.config import model_config  # noqa: E402
+from mpimoe.model.generate import generate  # noqa: E402
+from mpimoe.io.inputs import read_inputs  # noqa: E402
+from mpimoe.model.layers import _mm16, expert_ffn  # noqa: E402
+from mpimoe.moe.experts import moe_local  # noqa: E402
+from mpimoe.model.reference import ReferenceModel, load_reference  # noqa: E402
+from mpimoe.moe.router import route  # noqa: E402
 
 _PROBLEM = cuda_problem(probe_cuda())
 if _PROBLEM is not None:
@@ -240,7 +240,7 @@ def test_host_staging_buffers_are_pinned_and_ordered(gpu):
 # ---------------------------------------------------------------- mpimoe bench gpu
 
 def test_gpu_bench_prints_its_table(capsys):
-    from mpimoe.gpubench import GpuBenchOptions, run_gpu_bench
+    from mpimoe.bench.gpu import GpuBenchOptions, run_gpu_bench
     opts = GpuBenchOptions(gemm_tokens=(128, 1024), square=2048, moe_tokens=512,
                            repeats=2, warmup=1)
     assert run_gpu_bench(opts) == 0

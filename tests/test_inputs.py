@@ -12,7 +12,7 @@ import pytest
 import mpimoe.io
 from mpirun import mpiexec
 from mpimoe.errors import DataError, UsageError
-from mpimoe.io import MAX_LINE_BYTES, InputStream, read_inputs
+from mpimoe.io.inputs import MAX_LINE_BYTES, InputStream, read_inputs
 from test_reference_cli import _assert_one_line_error, _reference
 
 VOCAB = 256

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from mpimoe.errors import DataError, UsageError
-from mpimoe.io import OutputWriter, read_inputs, read_outputs, write_synthetic_inputs
+from mpimoe.io.outputs import OutputWriter, read_outputs
+from mpimoe.io.inputs import read_inputs, write_synthetic_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 256

@@ -1,5 +1,5 @@
-"""Known-answer tests of the single-process reference model (mpimoe.model,
-mpimoe.router, mpimoe.moe, mpimoe.generate, mpimoe.reference): hand-computed
+"""Known-answer tests of the single-process reference model (mpimoe.model.layers,
+mpimoe.moe.router, mpimoe.moe.experts, mpimoe.model.generate, mpimoe.model.reference): hand-computed
 norms, RoPE and activations, attention against a naive float64 loop, the MoE
 layer against the dense mixture, the KV cache against full recomputation, batch
 independence, and the scale of the synthetic model's activations and routing.
@@ -10,17 +10,17 @@ import math
 import numpy as np
 import pytest
 
-from mpimoe.backend import round16
-from mpimoe.checkpoint import WeightFile
+from mpimoe.backends.backend import round16
+from mpimoe.checkpoint.weights import WeightFile
 from contract import (LOGIT_RTOL, TIE_RTOL, assert_greedy_match, assert_logits_close,
                       next_logits, tie_bound)
-from mpimoe.config import model_config
-from mpimoe.generate import generate
-from mpimoe.io import read_inputs
-from mpimoe.model import KVCache, apply_rope, attention, expert_ffn, ffn, rms_norm, rope_tables
-from mpimoe.moe import moe_local
-from mpimoe.reference import load_reference
-from mpimoe.router import expert_counts, route
+from mpimoe.model.config import model_config
+from mpimoe.model.generate import generate
+from mpimoe.io.inputs import read_inputs
+from mpimoe.model.layers import KVCache, apply_rope, attention, expert_ffn, ffn, rms_norm, rope_tables
+from mpimoe.moe.experts import moe_local
+from mpimoe.model.reference import load_reference
+from mpimoe.moe.router import expert_counts, route
 
 
 TINY = model_config('tiny')
@@ -53,7 +53,7 @@ def _prefill(model, prompts):
 
 
 def _generate_recorded(model, prompts, n):
-    """Greedy generation through mpimoe.generate.generate, recording every forward.
+    """Greedy generation through mpimoe.model.generate.generate, recording every forward.
 
     -> (generated int32 [B, n], logits float32 [n, B, V]): ``logits[s]`` are the
     logits ``generated[:, s]`` was picked from.

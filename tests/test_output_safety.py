@@ -1,4 +1,4 @@
-"""Data safety of outputs (mpimoe/io.py): the lock on an output, chunk checksums
+"""Data safety of outputs (mpimoe/io/): the lock on an output, chunk checksums
 verified on resume and at assembly, the kill windows of a run, stray and
 malformed files in ``OUT.chunks/``, paths checked before compute, and OS errors
 (disk full) as one line with exit code 74.
@@ -24,8 +24,8 @@ import pytest
 
 from mpirun import error_lines, mpiexec
 from mpimoe.errors import DataError, IOFailure, UsageError
-from mpimoe.io import OutputWriter, atomic_write, check_writable, os_errors, \
-    read_outputs, write_json
+from mpimoe.io.outputs import OutputWriter, read_outputs
+from mpimoe.io.files import atomic_write, check_writable, os_errors, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 N, VOCAB = 6, 16
@@ -93,8 +93,8 @@ if kill_at == 'mkdir':              # the chunk directory exists, its manifest n
 elif kill_at == 'rmtree':           # OUT renamed, the chunk directory not yet removed
     mpimoe.io.shutil.rmtree = die
 elif kill_at == 'manifest':         # the second chunk renamed, not yet in the manifest
-    digest = mpimoe.io.file_digest
-    mpimoe.io.file_digest = lambda p: die() if p.endswith('000000000004.h5') else digest(p)
+    digest = mpimoe.io.inputs.file_digest
+    mpimoe.io.inputs.file_digest = lambda p: die() if p.endswith('000000000004.h5') else digest(p)
 with writer(out) as w:
     write(w, *RANGES[0])
     if kill_at == 'hold':           # hold the lock until told to go on
@@ -553,7 +553,7 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
 
 @pytest.mark.timeout(200)
 def test_run_on_a_full_disk_exits_74_naming_the_chunk(small_disk, tiny_weights, tmp_path):
-    from mpimoe.io import write_synthetic_inputs
+    from mpimoe.io.inputs import write_synthetic_inputs
     inputs = tmp_path / 'in.jsonl'
     write_synthetic_inputs(inputs, 256, num_seqs=120, min_len=2, max_len=8, seed=1)
     out = small_disk / 'out.h5'         # 120 x 256 float32 logits do not fit in 64 KiB

@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from mpimoe.config import model_config
+from mpimoe.model.config import model_config
 from mpimoe.errors import ConfigError, DataError
-from mpimoe.placement import load_stats, make_plan, node_inbound, parse_mode
+from mpimoe.planning.placement import load_stats, make_plan, node_inbound, parse_mode
 
 # (preset, world size, mode) -> expected (F, K, G)
 CASES = {
@@ -137,7 +137,7 @@ def test_plan_arrays_read_only():
 
 
 def _mpimoe(*args):
-    code = ('import sys; from mpimoe.cli import main; rc = main(sys.argv[1:]); '
+    code = ('import sys; from mpimoe.cli.main import main; rc = main(sys.argv[1:]); '
             'assert "mpi4py" not in sys.modules; sys.exit(rc)')
     return subprocess.run([sys.executable, '-c', code, *args], capture_output=True,
                           text=True, timeout=10)

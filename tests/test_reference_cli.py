@@ -1,5 +1,5 @@
 """``mpimoe reference`` end to end, as a user runs it (a subprocess): the output
-file's datasets, dtypes and shapes (mpimoe/io.py), the same numbers as the
+file's datasets, dtypes and shapes (mpimoe/io/), the same numbers as the
 library, and every user error as one line on stderr with its exit code."""
 
 import os
@@ -11,9 +11,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from mpimoe.checkpoint import WeightFile
-from mpimoe.io import read_inputs, read_outputs
-from mpimoe.reference import load_reference
+from mpimoe.checkpoint.weights import WeightFile
+from mpimoe.io.inputs import read_inputs
+from mpimoe.io.outputs import read_outputs
+from mpimoe.model.reference import load_reference
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from mpirun import mpiexec
-from mpimoe.report import load_report, summarize
+from mpimoe.cli.report import load_report, summarize
 
 
 @pytest.fixture(scope='module')

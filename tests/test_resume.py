@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mpirun import mpiexec, mpiexec_start, uninterrupted_run
-from mpimoe.io import read_outputs
+from mpimoe.io.outputs import read_outputs
 
 N_SEQS = 120
 ARGS = ['--max-new-tokens', 3, '--batch-tokens', 24, '--save-logits', '--placement', 'packed:2']

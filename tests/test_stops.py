@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from mpirun import mpiexec, mpiexec_start, uninterrupted_run
-from mpimoe.io import read_outputs
-from mpimoe.signals import StopRequest, stop_error
+from mpimoe.io.outputs import read_outputs
+from mpimoe.runtime.signals import StopRequest, stop_error
 
 #: 6 sequences of 2..6 tokens in batches of <= 10 tokens: 3 rounds of 80 steps
 N_SEQS = 6

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from mpimoe.errors import DataError
-from mpimoe.io import InputStream, OutputWriter, read_inputs, read_outputs, \
-    write_synthetic_inputs
-from mpimoe.progress import Progress
+from mpimoe.io.inputs import InputStream, read_inputs, write_synthetic_inputs
+from mpimoe.io.outputs import OutputWriter, read_outputs
+from mpimoe.runtime.progress import Progress
 
 VOCAB = 64
 

@@ -1,11 +1,11 @@
-"""BLAS threads per rank (mpimoe.threads): the sizing rule, and what a run records."""
+"""BLAS threads per rank (mpimoe.runtime.threads): the sizing rule, and what a run records."""
 
 import json
 
 import pytest
 
 from mpirun import mpiexec
-from mpimoe.threads import blas_threads
+from mpimoe.runtime.threads import blas_threads
 
 RUN_TIMEOUT = 120
 

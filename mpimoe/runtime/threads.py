@@ -47,7 +47,7 @@ def _affinity():
 def rank_threads(comm, explicit=None):
     """:func:`blas_threads` of this rank of ``comm`` (collective: the ranks
     of each node exchange their affinity sets)."""
-    from mpimoe.mpiutil import MPI
+    from mpimoe.parallel.mpiutil import MPI
     mine = _affinity()
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     try:

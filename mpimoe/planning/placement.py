@@ -21,7 +21,7 @@ mode           K    G
 ``packed:K``   K    any divisor of Lm that matches the world size
 =============  ===  =====================================================
 
-    >>> from mpimoe.config import model_config
+    >>> from mpimoe.model.config import model_config
     >>> plan = make_plan(model_config('paper-61l'), 3904, 'dedicated', gpus_per_node=8)
     >>> plan.n_frontends, plan.n_expert_ranks, plan.n_nodes
     (192, 3712, 488)
@@ -44,11 +44,11 @@ agree, and so do the plan hashes.
 
 **Replicas.**  With loads and ``replicas=R``, R extra ranks ``[P-R, P)`` (beyond
 F and the mode's expert ranks) host copies of the hottest (layer, expert) pairs,
-chosen by :func:`mpimoe.balance.replicate`: highest load per copy first, each
+chosen by :func:`mpimoe.planning.balance.replicate`: highest load per copy first, each
 extra rank taking at most K experts of one layer and K * Lm/G in all (what an
 expert rank of the mode holds).  ``owner`` stays the primary; ``replicas`` lists
 the copies; front-end f sends token t's copy for a replicated expert to copy
-``(f + t) mod copies`` (:func:`mpimoe.router.spread_copies`).  The LPT layout above
+``(f + t) mod copies`` (:func:`mpimoe.moe.router.spread_copies`).  The LPT layout above
 then balances the primaries' share of the loads (load / copies).
 """
 
@@ -60,8 +60,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mpimoe.balance import replicate
-from mpimoe.config import ModelConfig
+from mpimoe.planning.balance import replicate
+from mpimoe.model.config import ModelConfig
 from mpimoe.errors import ConfigError, DataError
 
 __all__ = ['Plan', 'make_plan', 'parse_mode', 'load_stats', 'node_inbound', 'sbatch_script',
@@ -96,7 +96,7 @@ class Plan:
     """A placement of every (MoE layer, expert) on one rank; build with :func:`make_plan`."""
 
     cfg: ModelConfig
-    """The :class:`~mpimoe.config.ModelConfig` placed."""
+    """The :class:`~mpimoe.model.config.ModelConfig` placed."""
     world_size: int
     """Ranks in total (P)."""
     mode: str
@@ -406,7 +406,7 @@ def make_plan(cfg, world_size, mode='per-layer', n_frontends=None, gpus_per_node
 
     ``n_frontends=None`` picks the smallest F >= 1 for which the remaining ranks
     fit ``mode``; ``gpus_per_node=None`` puts every rank on one node, ``nodes``
-    (int [world_size], e.g. :func:`mpimoe.mpiutil.node_ids`) gives the node of
+    (int [world_size], e.g. :func:`mpimoe.parallel.mpiutil.node_ids`) gives the node of
     each rank instead.  ``loads`` (token copies per expert, [n_moe_layers,
     n_experts]) balances the node links; with ``replicas=R`` the last R ranks
     host replicas of hot experts (module docstring).  A world size or F that
@@ -594,7 +594,7 @@ def node_inbound(owner, nodes, loads):
 def load_stats(path, cfg):
     """Expert loads from a run.json: ``expert_loads.counts`` as float64 [n_moe_layers,
     n_experts]; its ``layers`` must be ``cfg.moe_layers``.  Raises DataError."""
-    from mpimoe.io import read_json
+    from mpimoe.io.inputs import read_json
     doc = read_json(path, '--stats')
     el = doc.get('expert_loads') if isinstance(doc, dict) else None
     if not isinstance(el, dict) or 'counts' not in el:
@@ -705,7 +705,7 @@ exit "$rc"
 def write_sbatch(path, text):
     """Write the job script ``text`` to ``path`` (atomically); an existing file
     is never replaced (DataError)."""
-    from mpimoe.io import atomic_write, check_writable
+    from mpimoe.io.files import atomic_write, check_writable
     if os.path.exists(path):
         raise DataError(f'--emit-sbatch {path}: file exists; remove it or choose another '
                         f'name')

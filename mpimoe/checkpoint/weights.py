@@ -22,11 +22,11 @@ import h5py
 import numpy as np
 
 from mpimoe import __version__
-from mpimoe.backend import from_words, storage_dtype, to_words
+from mpimoe.backends.backend import from_words, storage_dtype, to_words
 from mpimoe.errors import ConfigError, DataError, clip
-from mpimoe.config import ModelConfig
-from mpimoe.io import atomic_write
-from mpimoe.paths import regular_file
+from mpimoe.model.config import ModelConfig
+from mpimoe.io.files import atomic_write
+from mpimoe.io.paths import regular_file
 
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'tensor_specs', 'expert_tensor_names',
            'nonexpert_tensor_names', 'open_for_writing', 'write_tensor', 'write_synthetic',
@@ -173,7 +173,7 @@ def _check_output(path, overwrite):
 def open_for_writing(path, cfg, overwrite=False):
     """A new weight file: yields an h5py.File on ``path + '.partial'`` with the
     root attributes of ``cfg`` written; synced and renamed to ``path`` when the
-    block ends cleanly, removed on any error (:func:`mpimoe.io.atomic_write`).
+    block ends cleanly, removed on any error (:func:`mpimoe.io.files.atomic_write`).
     Refuses an existing ``path`` unless ``overwrite``."""
     _check_output(path, overwrite)
     with atomic_write(path) as partial, h5py.File(partial, 'w') as f:

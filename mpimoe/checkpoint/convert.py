@@ -5,7 +5,7 @@ plus ``model.safetensors``, or shards listed by ``model.safetensors.index.json``
 Only ``MixtralForCausalLM`` is accepted (SwiGLU experts ``w1`` gate, ``w3`` up,
 ``w2`` down; softmax top-k router with renormalised weights; GQA attention
 with rotate-half RoPE; RMSNorm; untied LM head): the same model as
-:mod:`mpimoe.model` with ``expert_kind='swiglu'`` and no dense layers.
+:mod:`mpimoe.model.layers` with ``expert_kind='swiglu'`` and no dense layers.
 
     summary = convert_hf('Mixtral-8x7B/', 'mixtral.h5')   # {'path', 'tensors', ...}
 
@@ -25,10 +25,10 @@ import time
 import ml_dtypes
 import numpy as np
 
-from mpimoe.checkpoint import _LOG_EVERY_S, _WORD, open_for_writing, tensor_specs, write_tensor
-from mpimoe.config import ModelConfig, parse_json
+from mpimoe.checkpoint.weights import _LOG_EVERY_S, _WORD, open_for_writing, tensor_specs, write_tensor
+from mpimoe.model.config import ModelConfig, parse_json
 from mpimoe.errors import ConfigError, DataError, clip
-from mpimoe.paths import regular_file
+from mpimoe.io.paths import regular_file
 
 __all__ = ['convert_hf', 'mixtral_config', 'hf_source']
 

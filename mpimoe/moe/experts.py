@@ -2,10 +2,10 @@
 **unpermute**; and the whole layer in one process (the reference).
 
 The distributed engine runs the same functions with **dispatch** and
-**combine** (mpimoe.dispatch) between them, so both paths do the same
+**combine** (mpimoe.parallel.slots) between them, so both paths do the same
 arithmetic in the same order.
 
-Arrays are NumPy or CuPy (one module per call, mpimoe.backend.array_module):
+Arrays are NumPy or CuPy (one module per call, mpimoe.backends.backend.array_module):
 on CuPy every stage runs on the device, with no loop over tokens and no copy
 of rows to the host; only the per-expert row counts (E integers) come back,
 to slice the rows of each expert's GEMMs.
@@ -13,9 +13,9 @@ to slice the rows of each expert's GEMMs.
 
 import numpy as np
 
-from mpimoe.backend import array_module, round16, to_numpy
-from mpimoe.model import expert_ffn
-from mpimoe.router import route
+from mpimoe.backends.backend import array_module, round16, to_numpy
+from mpimoe.model.layers import expert_ffn
+from mpimoe.moe.router import route
 
 __all__ = ['permute', 'unpermute', 'run_experts', 'moe_local']
 

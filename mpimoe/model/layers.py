@@ -2,14 +2,14 @@
 
 Everything here is FP32 arithmetic on arrays of one array module (NumPy, or CuPy
 through NumPy's dispatch; arrays are created with the module of the input,
-mpimoe.backend.array_module).  A batch is *packed*: ``x [T, d]`` holds the new
+mpimoe.backends.backend.array_module).  A batch is *packed*: ``x [T, d]`` holds the new
 tokens of several sequences back to back, ``ntok [B]`` of them for sequence
 ``seqs[b]`` of the KV cache.  Prefill has ``ntok = prompt lengths``; a decode
 step has ``ntok = 1`` for every sequence.  Index arrays (``seqs``, ``ntok``,
 positions, token ids) are host NumPy arrays on either backend.
 
 Weights are FP32 on the NumPy backend.  On CuPy they stay 16-bit on the device
-(mpimoe.backend.Backend.weights): the non-expert matrices are widened to FP32
+(mpimoe.backends.backend.Backend.weights): the non-expert matrices are widened to FP32
 at each use (:func:`_mm`: same arithmetic as on the CPU), the experts'
 matrices go to 16-bit GEMMs (:func:`expert_ffn` states both contracts).
 """
@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from mpimoe.backend import array_module, round16
+from mpimoe.backends.backend import array_module, round16
 from mpimoe.errors import DataError
 
 __all__ = ['rms_norm', 'rope_tables', 'apply_rope', 'KVCache', 'attention', 'ffn',

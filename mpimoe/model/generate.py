@@ -23,7 +23,7 @@ def generate(forward, new_cache, prompts, max_new_tokens):
     cache = new_cache(lengths + max_new_tokens)
     seqs = np.arange(len(prompts))
     # an overflow ends in NaN/Inf logits, which the forward refuses in one
-    # message (mpimoe.model.FrontEnd.logits); NumPy's warnings would only add lines
+    # message (mpimoe.model.layers.FrontEnd.logits); NumPy's warnings would only add lines
     with np.errstate(over='ignore', invalid='ignore'):
         logits = forward(np.concatenate(prompts).astype(np.int64), cache, seqs, lengths)
         last_logits = logits

@@ -1,6 +1,6 @@
 """Cost model: memory per rank and predicted speed of a placement plan.
 
-Pure arithmetic on a :class:`~mpimoe.placement.Plan`; no MPI, no GPU.  A *pass*
+Pure arithmetic on a :class:`~mpimoe.planning.placement.Plan`; no MPI, no GPU.  A *pass*
 is one forward over the batch of the front-ends: the prefill of B sequences of
 S tokens, or one decode step (one new token for each of B sequences at context
 S).  The busiest front-end holds ceil(B/F) sequences; it splits them into
@@ -51,8 +51,8 @@ replaced in turn by command-line options::
      "nvlink_gbs": 450,       # intra-node bandwidth per GPU, each direction, GB/s
      "alpha_us": 10}          # latency of one message (one collective), us
 
-    >>> from mpimoe.config import model_config
-    >>> from mpimoe.placement import make_plan
+    >>> from mpimoe.model.config import model_config
+    >>> from mpimoe.planning.placement import make_plan
     >>> plan = make_plan(model_config('paper-4l'), 72, 'dedicated', n_frontends=8,
     ...                  gpus_per_node=8)
     >>> p = predict(plan, Workload(8, 128), make_constants(link_gbps=3200))
@@ -66,7 +66,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from mpimoe.errors import ConfigError, DataError
-from mpimoe.placement import _count, _size
+from mpimoe.planning.placement import _count, _size
 
 __all__ = ['Constants', 'Workload', 'RankMemory', 'PassTime', 'Prediction',
            'load_calibration', 'make_constants', 'memory', 'check_memory', 'predict',
@@ -146,7 +146,7 @@ class Workload:
 
 def load_calibration(path):
     """Measured constants from a JSON file: dict name -> float (keys above)."""
-    from mpimoe.io import read_json
+    from mpimoe.io.inputs import read_json
     doc = read_json(path, '--calibration')
     if not isinstance(doc, dict):
         raise DataError(f'--calibration {path}: expected a JSON object')
@@ -408,7 +408,7 @@ def describe(plan, work, consts, gpu_memory_gb, baseline=None):
                      f'{worst}')
     if work is None:
         return lines
-    lines.append('cost model constants (the model is stated in mpimoe/costmodel.py):')
+    lines.append('cost model constants (the model is stated in mpimoe/planning/costmodel.py):')
     lines += [f'  {n:16s} {getattr(consts, n):<8g} {consts.source.get(n, "assumed")}'
               for n in _NAMES]
     lines += _describe_prediction(predict(plan, work, consts), work)

@@ -3,7 +3,7 @@ loads: the gate bias and replicas of hot experts.  Pure NumPy, no MPI.
 
 **Gate bias** (auxiliary-loss-free balancing, as in DeepSeek-V3).  A bias
 ``b`` [n_moe_layers, E] is added to the gate probabilities for the *choice* of
-the top-k experts only (:func:`mpimoe.router.route`); the combine weights stay
+the top-k experts only (:func:`mpimoe.moe.router.route`); the combine weights stay
 the softmax probabilities.  Every ``every`` forward passes rank 0 sums the
 token copies per expert of those passes (``load``) and moves every expert's
 bias one fixed step against its deviation from its layer's mean, then

@@ -1,7 +1,7 @@
 """``mpimoe bench moe-layer``: one MoE layer over P ranks against its expert
 GEMMs alone, timed in the same job.
 
-The layer is the engine's own pipeline (mpimoe.engine roles and stages route,
+The layer is the engine's own pipeline (mpimoe.runtime.engine roles and stages route,
 permute, dispatch, expert, combine, unpermute) on weights built in memory: a
 one-layer model whose experts are random BF16-rounded FP32 matrices (as the
 engine holds them on CPU), and random activations [T, d] on rank 0, the one
@@ -10,7 +10,7 @@ front-end.  Each repeat is one *round* of the engine's control protocol:
 1. baselines on rank 0 while the other ranks sleep (:func:`_idle`): the bare
    GEMMs of every expert (``x @ up``, ``@ down``) on the rows the router sends
    it, one block per expert, and the expert stage
-   :func:`mpimoe.moe.run_experts` (GEMMs, activation, 16-bit rounding) on
+   :func:`mpimoe.moe.experts.run_experts` (GEMMs, activation, 16-bit rounding) on
    the same rows; each with as many BLAS threads as rank 0 has cores, and
    with 1;
 2. the distributed layer, every rank at 1 BLAS thread: rank 0 dispatches
@@ -29,20 +29,20 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from mpimoe.backend import round16
-from mpimoe.checkpoint import nonexpert_tensor_names, tensor_specs
-from mpimoe.config import ModelConfig
-from mpimoe.engine import (DONE, MORE, RunOptions, _collective, _ExpertRank, _FrontEndRank,
+from mpimoe.backends.backend import round16
+from mpimoe.checkpoint.weights import nonexpert_tensor_names, tensor_specs
+from mpimoe.model.config import ModelConfig
+from mpimoe.runtime.engine import (DONE, MORE, RunOptions, _collective, _ExpertRank, _FrontEndRank,
                            _layer_comms)
 from mpimoe.errors import ConfigError, UsageError
-from mpimoe.io import write_json
-from mpimoe.metrics import Timers
-from mpimoe.model import FrontEnd
-from mpimoe.moe import moe_local, permute, run_experts
-from mpimoe.mpiutil import MPI, WaitTimeout, run_guarded, wait_all
-from mpimoe.placement import make_plan
-from mpimoe.router import route
-from mpimoe.threads import apply_threads
+from mpimoe.io.files import write_json
+from mpimoe.runtime.metrics import Timers
+from mpimoe.model.layers import FrontEnd
+from mpimoe.moe.experts import moe_local, permute, run_experts
+from mpimoe.parallel.mpiutil import MPI, WaitTimeout, run_guarded, wait_all
+from mpimoe.planning.placement import make_plan
+from mpimoe.moe.router import route
+from mpimoe.runtime.threads import apply_threads
 
 __all__ = ['BenchOptions', 'bench_moe_layer']
 

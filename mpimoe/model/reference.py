@@ -2,15 +2,15 @@
 
 NumPy, FP32 arithmetic on weights read from the BF16 file; activations
 entering an expert are rounded to 16 bits exactly as they are on the wire in
-the distributed engine (mpimoe.moe.expert_ffn states the contract).
+the distributed engine (mpimoe.moe.experts.expert_ffn states the contract).
 """
 
 import numpy as np
 
 from mpimoe import __version__
-from mpimoe.generate import generate
-from mpimoe.model import FrontEnd
-from mpimoe.moe import moe_local
+from mpimoe.model.generate import generate
+from mpimoe.model.layers import FrontEnd
+from mpimoe.moe.experts import moe_local
 
 __all__ = ['ReferenceModel', 'load_reference', 'run_reference']
 
@@ -48,7 +48,7 @@ class ReferenceModel:
 
 
 def load_reference(wf):
-    """Read a whole :class:`~mpimoe.checkpoint.WeightFile` into a ReferenceModel."""
+    """Read a whole :class:`~mpimoe.checkpoint.weights.WeightFile` into a ReferenceModel."""
     cfg = wf.config
     tensors = {k: v.astype(np.float32) for k, v in wf.read_nonexpert().items()}
     experts = {i: [{m: a.astype(np.float32) for m, a in wf.read_expert(i, e).items()}
@@ -65,11 +65,11 @@ def run_reference(weights, input_path, output, max_new_tokens=0, save_logits=Fal
     (130) stop it at the next step (forward pass): the batch in flight is
     abandoned, the committed ones stay.
     """
-    from mpimoe.checkpoint import WeightFile
+    from mpimoe.checkpoint.weights import WeightFile
     from mpimoe.errors import UsageError
-    from mpimoe.io import open_job
-    from mpimoe.progress import Progress
-    from mpimoe.signals import StopRequest, stop_error
+    from mpimoe.io.job import open_job
+    from mpimoe.runtime.progress import Progress
+    from mpimoe.runtime.signals import StopRequest, stop_error
     if max_new_tokens < 0:
         raise UsageError(f'--max-new-tokens {max_new_tokens}: must be >= 0')
     meta = {'producer': 'mpimoe reference', 'mpimoe_version': __version__,

@@ -36,23 +36,23 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from mpimoe import __version__
-from mpimoe.backend import (DTYPES, Backend, choose_backend, from_words, mpi_cuda_support,
+from mpimoe.backends.backend import (DTYPES, Backend, choose_backend, from_words, mpi_cuda_support,
                             mpi_gpu_mode, storage_dtype, to_numpy, to_words)
-from mpimoe.balance import BIAS_RULE, max_over_mean, update_bias
-from mpimoe.dispatch import LayerComms, Slot
-from mpimoe.costmodel import pass_flops
+from mpimoe.planning.balance import BIAS_RULE, max_over_mean, update_bias
+from mpimoe.parallel.slots import LayerComms, Slot
+from mpimoe.planning.costmodel import pass_flops
 from mpimoe.errors import ConfigError, DataError, Interrupted, MpimoeError, Stopped, UsageError
-from mpimoe.generate import generate
-from mpimoe.io import write_json
-from mpimoe.metrics import Timers, write_trace
-from mpimoe.model import FrontEnd
-from mpimoe.moe import permute, run_experts, unpermute
-from mpimoe.mpiutil import MPI, local_rank, node_ids, run_guarded, wait_all
-from mpimoe.mpiutil import rank_list as _ranks
-from mpimoe.progress import EVERY_S, Progress
-from mpimoe.router import expert_counts, route, spread_copies
-from mpimoe.signals import StopRequest, stop_error
-from mpimoe.threads import apply_threads, rank_threads
+from mpimoe.model.generate import generate
+from mpimoe.io.files import write_json
+from mpimoe.runtime.metrics import Timers, write_trace
+from mpimoe.model.layers import FrontEnd
+from mpimoe.moe.experts import permute, run_experts, unpermute
+from mpimoe.parallel.mpiutil import MPI, local_rank, node_ids, run_guarded, wait_all
+from mpimoe.parallel.mpiutil import rank_list as _ranks
+from mpimoe.runtime.progress import EVERY_S, Progress
+from mpimoe.moe.router import expert_counts, route, spread_copies
+from mpimoe.runtime.signals import StopRequest, stop_error
+from mpimoe.runtime.threads import apply_threads, rank_threads
 
 __all__ = ['RunOptions', 'run_engine']
 
@@ -163,8 +163,8 @@ def _setup_logging(opts, rank):
 
 
 def _run(opts, world, stop, held):
-    from mpimoe.checkpoint import WeightFile
-    from mpimoe.placement import load_stats, make_plan
+    from mpimoe.checkpoint.weights import WeightFile
+    from mpimoe.planning.placement import load_stats, make_plan
     _setup_logging(opts, world.rank)
     backend, mode = _select_backend(opts, world)
     threads = _size_threads(opts, world)
@@ -217,7 +217,7 @@ def _run(opts, world, stop, held):
 
 
 def _size_threads(opts, world):
-    """Size and apply this rank's BLAS threads (mpimoe.threads), before the
+    """Size and apply this rank's BLAS threads (mpimoe.runtime.threads), before the
     first GEMM; rank 0 logs the choice.  -> run.json's ``threads`` (rank 0),
     None elsewhere."""
     n, why = rank_threads(world, opts.threads)
@@ -294,7 +294,7 @@ def _backend_report(backend, mode):
 def _open_io(opts, plan, wf, held):
     """Rank 0: check the files the run writes, then open the input stream and
     the (maybe resumed) output writer, whose lock ``held`` (an ExitStack) releases."""
-    from mpimoe.io import open_job
+    from mpimoe.io.job import open_job
     _check_report_paths(opts)
     meta = {'producer': 'mpimoe run', 'mpimoe_version': __version__,
             'weights': str(opts.weights), 'input': str(opts.input),
@@ -317,7 +317,7 @@ def _check_report_paths(opts):
     """Before anything is computed: ``--metrics`` and ``--trace DIR``'s
     trace.json can be written, exist only with ``--overwrite``, and are none of
     the run's inputs and outputs (not even with ``--overwrite``)."""
-    from mpimoe.io import check_writable
+    from mpimoe.io.files import check_writable
     files = [('--weights', opts.weights), ('--input', opts.input), ('--output', opts.output)]
     if opts.metrics:
         check_writable(opts.metrics, '--metrics', opts.overwrite, files)
@@ -353,7 +353,7 @@ def _layer_comms(world, plan):
 
 def _load_role(world, cfg, plan, opts, layers, wf, timers, backend, mode, io=None):
     """This rank's role, its weights read from ``wf`` (WeightFile) onto
-    ``backend`` (mpimoe.backend.Backend.weights), its MPI buffers for ``mode``
+    ``backend`` (mpimoe.backends.backend.Backend.weights), its MPI buffers for ``mode``
     (--mpi-gpu); ``io`` (rank 0): the input stream and output writer."""
     args = (world, cfg, plan, opts, layers, timers)
     if plan.is_frontend(world.rank):
@@ -369,7 +369,7 @@ class _Role:
     """What front-ends and expert ranks share: slots, control, timers."""
 
     def __init__(self, world, cfg, plan, opts, layers, timers, backend=None, mode=None):
-        """backend: mpimoe.backend.Backend (default NumPy); mode: the --mpi-gpu
+        """backend: mpimoe.backends.backend.Backend (default NumPy); mode: the --mpi-gpu
         mode (None on NumPy)."""
         self.world, self.cfg, self.plan, self.opts = world, cfg, plan, opts
         self.layers, self.timers = layers, timers
@@ -438,7 +438,7 @@ class _FrontEndRank(_Role):
 
     def __init__(self, world, cfg, plan, opts, layers, timers, front, io=None, backend=None,
                  mode=None):
-        """front: the :class:`~mpimoe.model.FrontEnd` (weights on the backend);
+        """front: the :class:`~mpimoe.model.layers.FrontEnd` (weights on the backend);
         io (rank 0 only): (InputStream, OutputWriter)."""
         super().__init__(world, cfg, plan, opts, layers, timers, backend, mode)
         backend = self.backend
@@ -568,7 +568,7 @@ class _FrontEndRank(_Role):
 
     def _update_bias(self):
         """With --balance bias, every balance_every passes: rank 0 moves the gate
-        bias by the loads of those passes (mpimoe.balance.update_bias) and every
+        bias by the loads of those passes (mpimoe.planning.balance.update_bias) and every
         front-end receives it, so all route alike from the next pass on."""
         every = self.opts.balance_every
         if self.bias is None or sum(map(len, self.passes.values())) % every:
@@ -681,7 +681,7 @@ class _ExpertRank(_Role):
 
     def __init__(self, world, cfg, plan, opts, layers, timers, hosted, backend=None, mode=None):
         """hosted: layer index in the model -> this rank's expert weight dicts
-        ([d, h] / [h, d], mpimoe.backend.Backend.weights) in slot order."""
+        ([d, h] / [h, d], mpimoe.backends.backend.Backend.weights) in slot order."""
         super().__init__(world, cfg, plan, opts, layers, timers, backend, mode)
         self.front_comm = world.Split(MPI.UNDEFINED, world.rank)
         self.hosted = hosted
@@ -725,7 +725,7 @@ class _ExpertRank(_Role):
                 x16 = from_words(words, cfg.dtype)
                 if regroup is not None:
                     x16 = x16[regroup]
-                if not self.backend.is_gpu:     # the FP32 contract (mpimoe.model.expert_ffn)
+                if not self.backend.is_gpu:     # the FP32 contract (mpimoe.model.layers.expert_ffn)
                     x16 = x16.astype(np.float32)
             with self.timers.span('expert', 'compute', layer=layer, mb=m):
                 self.maybe_fail('expert')

@@ -2,16 +2,16 @@
 
 1. **expert GEMMs**: the two 2-D BF16 GEMMs of one paper-61l expert
    (7168 -> 2048 -> 7168) at 128 .. 8192 tokens, in TFLOP/s, beside the
-   expert stage as the engine runs it (mpimoe.model.expert_ffn: GEMMs, GELU,
+   expert stage as the engine runs it (mpimoe.model.layers.expert_ffn: GEMMs, GELU,
    16-bit rounding), the same work as one batched 3-D matmul, and a large
    square BF16 matmul (the device's practical peak);
 2. **MoE layer**: one paper-61l MoE layer (64 experts, top-2) on one GPU,
-   mpimoe.moe.moe_local on CuPy against a PyTorch loop over the experts (the
+   mpimoe.moe.experts.moe_local on CuPy against a PyTorch loop over the experts (the
    eager implementation most MoE code starts from), on the same weights and
    tokens: milliseconds, tokens/s, and the relative difference of the outputs;
 3. **MPI transfer** (under ``mpiexec -n 2``): rows of 1 .. 64 MB between the
    two ranks' GPUs, staged through pinned host buffers
-   (mpimoe.backend.HostStaging) and, where the MPI library reports CUDA
+   (mpimoe.backends.backend.HostStaging) and, where the MPI library reports CUDA
    support, handed over as device buffers; GB/s one way (half a round trip).
 
 Device work is timed with CUDA events, MPI transfers with the host clock
@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpimoe.backend import (DTYPES, MPI_GPU_MODES, Backend, HostStaging, cuda_problem,
+from mpimoe.backends.backend import (DTYPES, MPI_GPU_MODES, Backend, HostStaging, cuda_problem,
                             mpi_cuda_support, mpi_gpu_mode, probe_cuda)
-from mpimoe.config import model_config
+from mpimoe.model.config import model_config
 from mpimoe.errors import ConfigError, UsageError
-from mpimoe.model import expert_ffn
-from mpimoe.moe import moe_local
+from mpimoe.model.layers import expert_ffn
+from mpimoe.moe.experts import moe_local
 
 __all__ = ['GpuBenchOptions', 'run_gpu_bench']
 
@@ -76,7 +76,7 @@ def run_gpu_bench(opts, comm=None):
     problem = cuda_problem(probe_cuda())
     if problem is not None:
         raise UsageError(f'mpimoe bench gpu needs a CUDA GPU: {problem}')
-    from mpimoe.mpiutil import MPI, run_guarded
+    from mpimoe.parallel.mpiutil import MPI, run_guarded
     comm = comm or MPI.COMM_WORLD
     if comm.size > 2:
         raise UsageError(f'mpimoe bench gpu runs on 1 rank, or 2 for the transfer figures, '
@@ -85,9 +85,9 @@ def run_gpu_bench(opts, comm=None):
 
 
 def _bench(opts, world):
-    from mpimoe.bench import _idle
-    from mpimoe.engine import _collective
-    from mpimoe.mpiutil import MPI, local_rank
+    from mpimoe.bench.moe_layer import _idle
+    from mpimoe.runtime.engine import _collective
+    from mpimoe.parallel.mpiutil import MPI, local_rank
     try:
         mode = mpi_gpu_mode(opts.mpi_gpu, 'cupy', mpi_cuda_support(MPI))
     except UsageError as e:

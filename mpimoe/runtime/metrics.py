@@ -12,7 +12,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
-from mpimoe.io import write_json
+from mpimoe.io.files import write_json
 
 __all__ = ['Timers', 'write_trace']
 

@@ -9,9 +9,9 @@ import argparse
 import sys
 
 from mpimoe import __version__
-from mpimoe.backend import BACKENDS, MPI_GPU_MODES
+from mpimoe.backends.backend import BACKENDS, MPI_GPU_MODES
 from mpimoe.errors import EXIT_INTERNAL, ConfigError, IOFailure, MpimoeError, UsageError
-from mpimoe.progress import EVERY_S
+from mpimoe.runtime.progress import EVERY_S
 
 __all__ = ['main']
 
@@ -63,28 +63,28 @@ def _add_model_args(p, required=True):
 
 
 def _cmd_init_weights(args):
-    from mpimoe.checkpoint import write_synthetic
-    from mpimoe.config import model_config
+    from mpimoe.checkpoint.weights import write_synthetic
+    from mpimoe.model.config import model_config
     cfg = model_config(args.preset, args.overrides)
     write_synthetic(cfg, args.out, seed=args.seed, overwrite=args.overwrite, log=print)
 
 
 def _cmd_convert(args):
-    from mpimoe.convert import convert_hf
+    from mpimoe.checkpoint.convert import convert_hf
     convert_hf(args.from_hf, args.out, overwrite=args.overwrite, log=print)
 
 
 def _cmd_inspect(args):
-    from mpimoe.checkpoint import inspect_report
+    from mpimoe.checkpoint.weights import inspect_report
     text, ok = inspect_report(args.file, checksums=not args.no_checksums)
     print(text)
     return 0 if ok else 65
 
 
 def _cmd_make_input(args):
-    from mpimoe.io import write_synthetic_inputs
+    from mpimoe.io.inputs import write_synthetic_inputs
     if args.weights:
-        from mpimoe.checkpoint import WeightFile
+        from mpimoe.checkpoint.weights import WeightFile
         with WeightFile(args.weights) as wf:
             vocab = wf.config.vocab_size
     else:
@@ -98,10 +98,10 @@ def _cmd_make_input(args):
 def _cmd_plan(args):
     import dataclasses
     import os
-    from mpimoe import costmodel
-    from mpimoe.config import model_config
+    from mpimoe.planning import costmodel
+    from mpimoe.model.config import model_config
     from mpimoe.errors import ConfigError
-    from mpimoe.placement import load_stats, make_plan, sbatch_script, write_sbatch
+    from mpimoe.planning.placement import load_stats, make_plan, sbatch_script, write_sbatch
     if (args.batch_seqs is None) != (args.seq_len is None):
         raise ConfigError('--batch-seqs and --seq-len go together (the batch of one pass)')
     if args.emit_sbatch and args.gpus_per_node is None:
@@ -131,8 +131,8 @@ def _cmd_plan(args):
 
 
 def _cmd_reference(args):
-    from mpimoe.reference import run_reference
-    from mpimoe.threads import apply_threads, process_threads
+    from mpimoe.model.reference import run_reference
+    from mpimoe.runtime.threads import apply_threads, process_threads
     apply_threads(process_threads(args.threads)[0])
     run_reference(args.weights, args.input, args.output, max_new_tokens=args.max_new_tokens,
                   save_logits=args.save_logits, overwrite=args.overwrite,
@@ -145,7 +145,7 @@ def _cmd_run(args):
     # likely started without mpiexec/srun, so say how to launch
     if MPI.COMM_WORLD.size == 1:
         raise UsageError(_launch_hint(args))
-    from mpimoe.engine import RunOptions, run_engine
+    from mpimoe.runtime.engine import RunOptions, run_engine
     opts = RunOptions(weights=args.weights, input=args.input, output=args.output,
                       placement=args.placement, frontends=args.frontends,
                       micro_batches=args.micro_batches, max_new_tokens=args.max_new_tokens,
@@ -163,9 +163,9 @@ def _cmd_run(args):
 def _launch_hint(args):
     """The error of `mpimoe run` on a single rank: how to launch it and, when
     the weights and --stats can be read, the world sizes that fit (the error
-    of mpimoe.placement.make_plan for one rank, which names them)."""
-    from mpimoe.checkpoint import WeightFile
-    from mpimoe.placement import load_stats, make_plan
+    of mpimoe.planning.placement.make_plan for one rank, which names them)."""
+    from mpimoe.checkpoint.weights import WeightFile
+    from mpimoe.planning.placement import load_stats, make_plan
     text = ('`mpimoe run` is an MPI program and has only 1 rank here (started without a '
             'launcher?): launch P ranks with `mpiexec -n P python -m mpi4py -m mpimoe run ...` '
             '(Slurm: `srun -K1 -n P python -m mpi4py -m mpimoe run ...`)')
@@ -182,7 +182,7 @@ def _launch_hint(args):
 
 
 def _cmd_report(args):
-    from mpimoe.report import load_report, plot, summarize
+    from mpimoe.cli.report import load_report, plot, summarize
     report = load_report(args.file)
     print(summarize(report))
     if args.png:
@@ -191,7 +191,7 @@ def _cmd_report(args):
 
 
 def _cmd_bench(args):
-    from mpimoe.bench import BenchOptions, bench_moe_layer
+    from mpimoe.bench.moe_layer import BenchOptions, bench_moe_layer
     opts = BenchOptions(d_model=args.d_model, experts=args.experts, d_expert=args.d_expert,
                         top_k=args.top_k, tokens=args.tokens, micro_batches=args.micro_batches,
                         repeats=args.repeats, warmup=args.warmup, kind=args.kind,
@@ -201,7 +201,7 @@ def _cmd_bench(args):
 
 
 def _cmd_bench_gpu(args):
-    from mpimoe.gpubench import GpuBenchOptions, run_gpu_bench
+    from mpimoe.bench.gpu import GpuBenchOptions, run_gpu_bench
     opts = GpuBenchOptions(gemm_tokens=args.gemm_tokens, square=args.square,
                            moe_tokens=args.moe_tokens, sizes_mb=args.sizes_mb,
                            repeats=args.repeats, warmup=args.warmup, seed=args.seed,
@@ -235,7 +235,7 @@ def _add_replicas_arg(p):
 
 
 def _build_parser():
-    from mpimoe.gpubench import GpuBenchOptions
+    from mpimoe.bench.gpu import GpuBenchOptions
     parser = _Parser(
         prog='mpimoe', description='Mixture-of-Experts inference with large expert '
         'parallelism over MPI. Run a subcommand with --help for its options.')
@@ -319,7 +319,7 @@ def _build_parser():
                    help='inter-node bandwidth per node and direction, Gb/s (default: the '
                    'calibration file, else 200)')
     p.add_argument('--calibration', metavar='FILE',
-                   help='measured cost-model constants, JSON (keys in mpimoe/costmodel.py)')
+                   help='measured cost-model constants, JSON (keys in mpimoe/planning/costmodel.py)')
     p.add_argument('--emit-sbatch', metavar='FILE',
                    help='write a Slurm job script for this plan (never overwrites FILE)')
     p.set_defaults(func=_cmd_plan)

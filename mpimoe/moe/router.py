@@ -4,13 +4,13 @@ scores, top-k choice, combine weights.
 Softmax over the router logits, top-k experts per token, the chosen
 probabilities renormalised to sum to 1 (as in Mixtral).  An optional
 per-expert ``bias`` shifts the *choice* only, never the combine weights (the
-auxiliary-loss-free balancing scheme, mpimoe.balance).  With replicas of hot
+auxiliary-loss-free balancing scheme, mpimoe.planning.balance).  With replicas of hot
 experts, :func:`spread_copies` picks the copy of its expert each token goes to.
 """
 
 import numpy as np
 
-from mpimoe.backend import array_module
+from mpimoe.backends.backend import array_module
 
 __all__ = ['route', 'spread_copies', 'expert_counts']
 

@@ -12,13 +12,13 @@ words.  A :class:`Slot` owns the buffers of one micro-batch (reused across
 layers and steps, grown only when a step needs more) and the requests in
 flight on them.  On a GPU the buffers are device rows: MPI gets them directly
 (``--mpi-gpu device``, once the stream that wrote them is done) or through
-pinned host copies (``host``: mpimoe.backend.HostStaging).
+pinned host copies (``host``: mpimoe.backends.backend.HostStaging).
 """
 
 import numpy as np
 
-from mpimoe.backend import Backend, HostStaging, Rows
-from mpimoe.mpiutil import MPI, group_comm, rank_list, wait_all
+from mpimoe.backends.backend import Backend, HostStaging, Rows
+from mpimoe.parallel.mpiutil import MPI, group_comm, rank_list, wait_all
 
 __all__ = ['LayerComms', 'Slot']
 
@@ -28,7 +28,7 @@ class LayerComms:
 
     ranks: sorted world ranks of the layer; k_slots (K): experts per rank in
     this layer (the permute key of a row is ``position_in_comm * K + slot``,
-    mpimoe.placement.Plan.dispatch_keys).
+    mpimoe.planning.placement.Plan.dispatch_keys).
     """
 
     def __init__(self, world, ranks, k_slots):

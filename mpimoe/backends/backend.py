@@ -189,9 +189,9 @@ class Backend:
 
     def weights(self, tensors):
         """Weight arrays as the math takes them: dict name -> 16-bit host array
-        (from mpimoe.checkpoint) -> dict name -> array.
+        (from mpimoe.checkpoint.weights) -> dict name -> array.
 
-        NumPy: FP32 copies (the CPU contract, mpimoe.model.expert_ffn).  CuPy:
+        NumPy: FP32 copies (the CPU contract, mpimoe.model.layers.expert_ffn).  CuPy:
         the 16-bit words copied to the device and viewed as the 16-bit dtype,
         no FP32 copy on the device.
         """

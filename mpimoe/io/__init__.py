@@ -1,0 +1,1 @@
+"""Inputs, outputs and safe file writing (see each module)."""

@@ -1,0 +1,363 @@
+"""The HDF5 output format, committed in verified chunks.
+
+One HDF5 file:
+
+| dataset | dtype | shape | content |
+|---|---|---|---|
+| `ids` | UTF-8 string | `[n]` | sequence ids, in input order |
+| `generated` | int32 | `[total_new]` | the new tokens of all sequences, concatenated in input order |
+| `generated_offsets` | int64 | `[n+1]` | sequence `i` generated `generated[generated_offsets[i]:generated_offsets[i+1]]` |
+| `last_logits` | float32 | `[n, vocab_size]` | optional (`--save-logits`): logits at the last prompt position |
+
+Root attributes: `format = "mpimoe-output"`, `format_version = 1`, and the run's
+metadata (str, int or float values; e.g. `weights`, `max_new_tokens`,
+`mpimoe_version`).  The file appears under its final name only once all `n`
+sequences are written; until then the committed batches are in `OUTPUT.chunks/`
+with `manifest.json` (the run's identity; each chunk's range, size and sha256),
+
+"""
+
+import json
+import os
+import re
+import shutil
+
+import h5py
+import numpy as np
+from mpimoe.errors import DataError
+from mpimoe.io.files import _check_space, _hdf5_image, atomic_write, check_writable, os_errors, write_json
+from mpimoe.io.inputs import file_digest
+from mpimoe.io.lock import OutputLock
+
+
+
+OUTPUT_FORMAT = 'mpimoe-output'
+OUTPUT_VERSION = 1
+
+# --- outputs -------------------------------------------------------------
+
+#: a chunk file: sequences START to STOP of the input
+_CHUNK_NAME = re.compile(r'(\d{12})-(\d{12})\.h5')
+#: the fields of a manifest's chunk entries, and of its "final" entry
+_CHUNK_FIELDS = {'start': int, 'stop': int, 'file': str, 'bytes': int, 'sha256': str}
+_FINAL_FIELDS = {'bytes': int, 'sha256': str}
+
+
+class OutputWriter:
+    """Write the output file (format in the module docstring) in input order,
+    in committed chunks, so that a killed job resumes where it stopped.
+
+        with OutputWriter(out, n, vocab, save_logits, meta, identity) as w:
+            for batch in ...:                 # starting at sequence w.written
+                w.write(index, ids, generated, logits)
+
+    The writer holds :class:`OutputLock` on ``OUT`` from its creation to the end
+    of the ``with`` block, whatever way it ends (:meth:`close` releases it for a
+    writer never entered).  Each :meth:`write` commits one chunk file
+    ``OUT.chunks/START-STOP.h5`` (:func:`atomic_write`) and then records its
+    size and sha256 in ``OUT.chunks/manifest.json`` (also atomic): a chunk
+    counts once the manifest lists it.  A clean exit with all ``n_seqs``
+    written verifies every chunk, assembles them into ``OUT`` (atomic; the
+    manifest records the final file's checksum before the rename) and removes
+    the directory.  After a failure the chunks stay; a new writer with the same
+    ``identity`` (input digest, weights, options that change results) verifies
+    them and resumes after them (``written`` > 0); one with another identity
+    refuses to touch them and says what differs.  A run killed between the
+    final rename and the removal of the directory is finished by its rerun; a
+    directory with neither manifest nor chunks (killed as it was created) is
+    started afresh.
+    """
+
+    def __init__(self, path, n_seqs, vocab_size, save_logits, meta, identity=None,
+                 overwrite=False):
+        self.path = os.fspath(path)
+        if n_seqs < 1:
+            raise ValueError(f'n_seqs={n_seqs}: must be >= 1')
+        check_writable(self.path, '', overwrite=True)     # existence: below, under the lock
+        self.n_seqs, self.vocab_size, self.save_logits = n_seqs, vocab_size, save_logits
+        self.meta = _checked_meta(meta)
+        self.identity = {'n_seqs': n_seqs, 'vocab_size': vocab_size,
+                         'save_logits': int(save_logits), **_checked_meta(identity)}
+        self.dir = self.path + '.chunks'
+        self.manifest = os.path.join(self.dir, 'manifest.json')
+        self._lock = OutputLock(self.path)
+        try:
+            self._assembled = not overwrite and os.path.exists(self.path) and self._finished()
+            if os.path.exists(self.path) and not (overwrite or self._assembled):
+                raise DataError(f'{self.path} exists; pass --overwrite to replace it')
+            before = None if overwrite or self._assembled else self._read_manifest()
+            self._fresh = before is None and not self._assembled
+            self.chunks = [] if before is None else self._committed_chunks(before)
+        except BaseException:
+            self._lock.release()
+            raise
+        # sequences [0, written) are committed
+        self.written = n_seqs if self._assembled else \
+            self.chunks[-1]['stop'] if self.chunks else 0
+
+    def _read_manifest(self):
+        """The manifest of ``OUT.chunks/``, its structure checked; None when the
+        directory holds neither a manifest nor chunks (or does not exist)."""
+        if not os.path.isdir(self.dir):
+            return None
+        hint = f'pass --overwrite to start over (or remove {self.dir})'
+        if not os.path.exists(self.manifest):
+            if any(n.endswith('.h5') for n in os.listdir(self.dir)):
+                raise DataError(f'{self.manifest}: missing, but {self.dir} holds chunks; {hint}')
+            return None                 # killed between creating the directory and the manifest
+        try:
+            with open(self.manifest, encoding='utf-8') as f:
+                before = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DataError(f'{self.manifest}: unreadable resume manifest ({e}); {hint}') from None
+        problem = _manifest_problem(before)
+        if problem:
+            raise DataError(f'{self.manifest}: malformed resume manifest ({problem}); {hint}')
+        return before
+
+    def _finished(self):
+        """Whether ``OUT`` is the file this run's manifest says it assembled (a
+        run killed after the final rename, before removing the directory)."""
+        try:
+            before = self._read_manifest()
+        except DataError:
+            return False
+        final = before and before.get('final')
+        return bool(final) and before['identity'] == self.identity \
+            and os.path.getsize(self.path) == final['bytes'] \
+            and file_digest(self.path) == final['sha256']
+
+    def _committed_chunks(self, before):
+        """The chunks (manifest entries) a previous run committed, checked: same
+        identity, consecutive ranges, no stray chunk files, sizes and checksums."""
+        diff = [f'{k} {before["identity"].get(k)!r} then, {v!r} now'
+                for k, v in self.identity.items() if before['identity'].get(k) != v]
+        if diff:
+            raise DataError(f'{self.dir} holds a partial run that differs ({"; ".join(diff)}); '
+                            'rerun with the original input, weights and options, or pass '
+                            '--overwrite to start over')
+        chunks, expect = before['chunks'], 0
+        for c in chunks:
+            if c['start'] != expect or not c['start'] < c['stop'] <= self.n_seqs \
+                    or c['file'] != _chunk_name(c['start'], c['stop']):
+                raise DataError(f'{self.manifest}: chunk {c["file"]!r} (sequences {c["start"]}'
+                                f'-{c["stop"]}) does not follow sequence {expect}; pass '
+                                '--overwrite to start over')
+            expect = c['stop']
+        listed = {c['file'] for c in chunks}
+        for name in sorted(os.listdir(self.dir)):
+            match = _CHUNK_NAME.fullmatch(name)
+            if not name.endswith('.h5') or name in listed:
+                continue
+            if match and int(match[1]) == expect:
+                # renamed, but killed before the manifest listed it: redone
+                os.remove(os.path.join(self.dir, name))
+                continue
+            raise DataError(f'{os.path.join(self.dir, name)}: not a chunk of this run (chunks '
+                            'are the START-STOP.h5 files listed in manifest.json); remove it, '
+                            'or pass --overwrite to start over')
+        for c in chunks:
+            self._check_chunk(c)
+        return chunks
+
+    def _check_chunk(self, c):
+        """DataError unless the chunk of manifest entry ``c`` is the file that was
+        committed: the same size and sha256."""
+        path = os.path.join(self.dir, c['file'])
+        what = f'{path} (sequences {c["start"]}-{c["stop"]})'
+        hint = 'restore it, or pass --overwrite to start over'
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            raise DataError(f'{what}: committed chunk is missing; {hint}') from None
+        if size != c['bytes']:
+            raise DataError(f'{what}: {size} bytes, {c["bytes"]} when it was committed '
+                            f'(truncated or replaced); {hint}')
+        if file_digest(path) != c['sha256']:
+            raise DataError(f'{what}: contents differ from the sha256 recorded when it was '
+                            f'committed (corrupted or replaced); {hint}')
+
+    def __enter__(self):
+        if self._fresh:
+            with os_errors(self.dir):
+                if os.path.isdir(self.dir):
+                    shutil.rmtree(self.dir)
+                os.mkdir(self.dir)
+            self._write_manifest()
+        return self
+
+    def _write_manifest(self, final=None):
+        write_json(self.manifest, {'identity': self.identity, 'chunks': self.chunks,
+                                   'final': final})
+
+    def write(self, index, ids, generated, logits=None):
+        """Commit the next ``b`` sequences as one chunk.
+
+        index: int [b], must be ``written, written+1, ...``; ids: list[str] [b];
+        generated: list of b int arrays [new_i]; logits: float32 [b, vocab]
+        (required exactly when ``save_logits``).
+        """
+        start, b = self.written, len(index)
+        self._check_batch(index, ids, generated, logits)
+        new = np.concatenate([np.asarray(g, dtype=np.int64).ravel() for g in generated])
+        if new.size and (new.min() < 0 or new.max() >= self.vocab_size):
+            raise ValueError(f'generated token outside [0, vocab_size={self.vocab_size})')
+        offsets = np.zeros(b + 1, dtype=np.int64)
+        np.cumsum([np.size(g) for g in generated], out=offsets[1:])
+        name = _chunk_name(start, start + b)
+        path = os.path.join(self.dir, name)
+        with atomic_write(path) as tmp, _hdf5_image(tmp) as f:
+            f.create_dataset('ids', data=list(ids), dtype=h5py.string_dtype())
+            f.create_dataset('generated', data=new.astype(np.int32))
+            f.create_dataset('generated_offsets', data=offsets)
+            if self.save_logits:
+                f.create_dataset('last_logits', data=np.asarray(logits, dtype=np.float32))
+        self.chunks.append({'start': start, 'stop': start + b, 'file': name,
+                            'bytes': os.path.getsize(path), 'sha256': file_digest(path)})
+        self._write_manifest()
+        self.written += b
+
+    def _check_batch(self, index, ids, generated, logits):
+        b, start = len(index), self.written
+        if not np.array_equal(index, np.arange(start, start + b)) or start + b > self.n_seqs:
+            raise ValueError(f'index must continue the input order: expected {start}, '
+                             f'{start + 1}, ... (< {self.n_seqs}), got {list(index)[:4]}...')
+        if b == 0 or len(ids) != b or len(generated) != b:
+            raise ValueError(f'batch of {b} sequences with {len(ids)} ids and '
+                             f'{len(generated)} generated arrays')
+        if self.save_logits != (logits is not None):
+            raise ValueError(f'logits must be given exactly when save_logits '
+                             f'(save_logits={self.save_logits})')
+        if logits is not None and np.shape(logits) != (b, self.vocab_size):
+            raise ValueError(f'logits shape {np.shape(logits)}; expected {(b, self.vocab_size)}')
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:        # else the committed chunks stay for a rerun
+                self._finish()
+        finally:
+            self._lock.release()
+
+    def close(self):
+        """Release the lock of a writer that is not entered (or not any more)."""
+        self._lock.release()
+
+    def _finish(self):
+        """Assemble ``OUT`` (unless a killed run did) and remove the directory."""
+        if self.written != self.n_seqs:
+            raise RuntimeError(f'{self.path}: only {self.written} of {self.n_seqs} sequences '
+                               'were written; output not saved')
+        if not self._assembled:
+            # the chunks' bytes, plus room for the file's own metadata
+            _check_space(self.path, sum(c['bytes'] for c in self.chunks) + (1 << 20))
+            with atomic_write(self.path) as tmp:
+                self._assemble(tmp)
+                # before the rename: a rerun killed after it knows OUT is complete
+                self._write_manifest({'bytes': os.path.getsize(tmp),
+                                      'sha256': file_digest(tmp)})
+        with os_errors(self.dir):
+            shutil.rmtree(self.dir)
+
+    def _assemble(self, tmp):
+        """Copy the chunks, verified, in order, into one output file ``tmp``."""
+        n = self.n_seqs
+        with h5py.File(tmp, 'w') as out:
+            out.attrs.update({'format': OUTPUT_FORMAT, 'format_version': OUTPUT_VERSION,
+                              **self.meta})
+            ids = out.create_dataset('ids', shape=(n,), dtype=h5py.string_dtype())
+            gen = out.create_dataset('generated', shape=(0,), maxshape=(None,),
+                                     chunks=(1 << 14,), dtype=np.int32)
+            offs = out.create_dataset('generated_offsets', data=np.zeros(n + 1, np.int64))
+            logits = out.create_dataset('last_logits', shape=(n, self.vocab_size),
+                                        dtype=np.float32) if self.save_logits else None
+            for c in self.chunks:
+                self._check_chunk(c)
+                start, stop = c['start'], c['stop']
+                with h5py.File(os.path.join(self.dir, c['file']), 'r') as f:
+                    ids[start:stop] = f['ids'].asstr()[()]
+                    end = gen.shape[0]
+                    new = f['generated'][()]
+                    gen.resize((end + new.size,))
+                    gen[end:] = new
+                    offs[start + 1:stop + 1] = end + f['generated_offsets'][1:]
+                    if logits is not None:
+                        logits[start:stop] = f['last_logits'][()]
+
+
+def _chunk_name(start, stop):
+    return f'{start:012d}-{stop:012d}.h5'
+
+
+def _manifest_problem(m):
+    """What is wrong with the structure of a resume manifest ('' if nothing):
+    {"identity": {...}, "chunks": [{start, stop, file, bytes, sha256}, ...],
+    "final": null or {bytes, sha256}}."""
+    if not isinstance(m, dict):
+        return f'a JSON {type(m).__name__}, not an object'
+    if not isinstance(m.get('identity'), dict):
+        return '"identity" is not an object'
+    if not isinstance(m.get('chunks'), list):
+        return '"chunks" is not a list'
+    for i, c in enumerate(m['chunks']):
+        if not _has_fields(c, _CHUNK_FIELDS):
+            return f'chunks[{i}] is not an object of {_fields_text(_CHUNK_FIELDS)}'
+    if m.get('final') is not None and not _has_fields(m['final'], _FINAL_FIELDS):
+        return f'"final" is neither null nor an object of {_fields_text(_FINAL_FIELDS)}'
+    return ''
+
+
+def _has_fields(obj, fields):
+    return isinstance(obj, dict) and all(type(obj.get(k)) is t for k, t in fields.items())
+
+
+def _fields_text(fields):
+    return ', '.join(f'{k} ({t.__name__})' for k, t in fields.items())
+
+
+def _checked_meta(meta):
+    """meta: dict str -> str/int/float, without the reserved format keys."""
+    meta = dict(meta or {})
+    for key, value in meta.items():
+        if not isinstance(key, str) or key in ('format', 'format_version'):
+            raise ValueError(f'meta key {key!r}: must be a str other than format, format_version')
+        if isinstance(value, (bool, np.bool_)) or not isinstance(
+                value, (str, int, float, np.integer, np.floating)):
+            raise ValueError(f'meta[{key!r}] = {value!r}: must be a str, int or float')
+    return meta
+
+
+def read_outputs(path):
+    """Read an output file -> dict: ids list[str] [n], generated list of int32
+    [new_i], last_logits float32 [n, vocab] or None, meta dict of the caller's
+    attributes."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f'{path}: output file not found')
+    try:
+        f = h5py.File(path, 'r')
+    except OSError as e:
+        raise DataError(f'{path}: not a readable HDF5 file ({e})') from None
+    with f:
+        if f.attrs.get('format') != OUTPUT_FORMAT:
+            raise DataError(f'{path}: not an mpimoe output file (no format="{OUTPUT_FORMAT}" '
+                            'attribute)')
+        if f.attrs.get('format_version') != OUTPUT_VERSION:
+            raise DataError(f'{path}: output format_version {f.attrs.get("format_version")}; '
+                            f'this mpimoe reads version {OUTPUT_VERSION}')
+        missing = [k for k in ('ids', 'generated', 'generated_offsets')
+                   if not isinstance(f.get(k), h5py.Dataset)]
+        if missing:
+            raise DataError(f'{path}: missing dataset(s) {", ".join(missing)}')
+        offsets = f['generated_offsets'][()]
+        generated = f['generated'][()]
+        return {
+            'ids': f['ids'].asstr()[()].tolist(),
+            'generated': np.split(generated, offsets[1:-1]),
+            'last_logits': f['last_logits'][()] if 'last_logits' in f else None,
+            'meta': {k: _python_scalar(v) for k, v in f.attrs.items()
+                     if k not in ('format', 'format_version')},
+        }
+
+
+def _python_scalar(value):
+    return value.item() if isinstance(value, np.generic) else value
