@@ -83,7 +83,7 @@ def finish(out):
 
 CHILD = '''
 import os, signal, sys
-import mpimoe.io
+import mpimoe.io.outputs
 from test_output_safety import RANGES, write, writer
 out, kill_at = sys.argv[1], sys.argv[2]
 die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
@@ -91,10 +91,10 @@ if kill_at == 'mkdir':              # the chunk directory exists, its manifest n
     mkdir = os.mkdir
     os.mkdir = lambda *a: (mkdir(*a), die())
 elif kill_at == 'rmtree':           # OUT renamed, the chunk directory not yet removed
-    mpimoe.io.shutil.rmtree = die
+    mpimoe.io.outputs.shutil.rmtree = die
 elif kill_at == 'manifest':         # the second chunk renamed, not yet in the manifest
-    digest = mpimoe.io.inputs.file_digest
-    mpimoe.io.inputs.file_digest = lambda p: die() if p.endswith('000000000004.h5') else digest(p)
+    digest = mpimoe.io.outputs.file_digest
+    mpimoe.io.outputs.file_digest = lambda p: die() if p.endswith('000000000004.h5') else digest(p)
 with writer(out) as w:
     write(w, *RANGES[0])
     if kill_at == 'hold':           # hold the lock until told to go on
