@@ -38,7 +38,7 @@ from mpimoe.model.config import model_config  # noqa: E402
 from mpimoe.model.generate import generate  # noqa: E402
 from mpimoe.io.inputs import read_inputs  # noqa: E402
 from mpimoe.model.layers import _mm16, expert_ffn  # noqa: E402
-from mpimoe.moe.experts import moe_local  # noqa: E402
+from mpimoe.moe.local import moe_local  # noqa: E402
 from mpimoe.model.reference import ReferenceModel, load_reference  # noqa: E402
 from mpimoe.moe.router import route  # noqa: E402
 

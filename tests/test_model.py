@@ -18,7 +18,7 @@ from mpimoe.model.config import model_config
 from mpimoe.model.generate import generate
 from mpimoe.io.inputs import read_inputs
 from mpimoe.model.layers import KVCache, apply_rope, attention, expert_ffn, ffn, rms_norm, rope_tables
-from mpimoe.moe.experts import moe_local
+from mpimoe.moe.local import moe_local
 from mpimoe.model.reference import load_reference
 from mpimoe.moe.router import expert_counts, route
 
