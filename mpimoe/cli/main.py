@@ -63,7 +63,7 @@ def _add_model_args(p, required=True):
 
 
 def _cmd_init_weights(args):
-    from mpimoe.checkpoint.weights import write_synthetic
+    from mpimoe.checkpoint.writer import write_synthetic
     from mpimoe.model.config import model_config
     cfg = model_config(args.preset, args.overrides)
     write_synthetic(cfg, args.out, seed=args.seed, overwrite=args.overwrite, log=print)
