@@ -30,7 +30,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from mpimoe.backends.backend import round16
-from mpimoe.checkpoint.weights import nonexpert_tensor_names, tensor_specs
+from mpimoe.checkpoint.layout import nonexpert_tensor_names, tensor_specs
 from mpimoe.model.config import ModelConfig
 from mpimoe.runtime.engine import (DONE, MORE, RunOptions, _collective, _ExpertRank, _FrontEndRank,
                            _layer_comms)
