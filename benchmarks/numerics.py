@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO / 'tests'))
 
 from contract import (LOGIT_RTOL, TIE_RTOL, greedy_divergences, next_logits,  # noqa: E402
                       rel_l2_rows)
-from mpimoe.checkpoint.weights import WeightFile, write_synthetic  # noqa: E402
+from mpimoe.checkpoint.weights import WeightFile  # noqa: E402
+from mpimoe.checkpoint.writer import write_synthetic  # noqa: E402
 from mpimoe.model.config import model_config  # noqa: E402
 from mpimoe.io.inputs import read_inputs, write_synthetic_inputs
 from mpimoe.io.outputs import read_outputs  # noqa: E402

@@ -3,14 +3,14 @@
     def test_x(tiny_weights, tiny_inputs, make_weights):
         mlp = make_weights('tiny', ['expert_kind=mlp'])     # path (str) of an HDF5 file
 
-Files are written with the package's own writers (mpimoe.checkpoint.weights.write_synthetic,
+Files are written with the package's own writers (mpimoe.checkpoint.writer.write_synthetic,
 mpimoe.io.inputs.write_synthetic_inputs) into a session temporary directory; tests must
 treat them as read-only (copy a file before corrupting it).
 """
 
 import pytest
 
-from mpimoe.checkpoint.weights import write_synthetic
+from mpimoe.checkpoint.writer import write_synthetic
 from mpimoe.model.config import model_config
 from mpimoe.io.inputs import write_synthetic_inputs
 

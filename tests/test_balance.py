@@ -28,7 +28,8 @@ from mpimoe.planning.balance import max_over_mean, replicate, update_bias
 from mpimoe.model.config import model_config
 from mpimoe.errors import ConfigError
 from mpimoe.io.outputs import read_outputs
-from mpimoe.planning.placement import make_plan, sbatch_script
+from mpimoe.planning.placement import make_plan
+from mpimoe.planning.sbatch import sbatch_script
 from mpimoe.model.reference import run_reference
 from mpimoe.moe.router import route, spread_copies
 from contract import assert_matches_reference

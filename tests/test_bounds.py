@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 from mpirun import mpiexec
-from mpimoe.checkpoint.weights import WeightFile, inspect_report, tensor_specs, write_synthetic
+from mpimoe.checkpoint.layout import tensor_specs
+from mpimoe.checkpoint.weights import WeightFile, inspect_report
+from mpimoe.checkpoint.writer import write_synthetic
 from mpimoe.model.config import MAX, MAX_EXPERTS_TOTAL, ModelConfig, model_config
 from mpimoe.errors import CLIP, ConfigError, DataError, clip
 from mpimoe.model.reference import load_reference

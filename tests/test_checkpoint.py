@@ -1,5 +1,5 @@
-"""Weight format (mpimoe/checkpoint/weights.py): layout, round trip, partial reads,
-corruption and every user error as a one-line DataError."""
+"""Weight format (mpimoe/checkpoint/layout.py, writer.py, weights.py): layout, round
+trip, partial reads, corruption and every user error as a one-line DataError."""
 
 import io
 import os
@@ -11,8 +11,9 @@ import h5py
 import numpy as np
 import pytest
 
-from mpimoe.checkpoint.weights import (WeightFile, expert_tensor_names, inspect_report,
-                               nonexpert_tensor_names, tensor_specs, write_synthetic)
+from mpimoe.checkpoint.layout import expert_tensor_names, nonexpert_tensor_names, tensor_specs
+from mpimoe.checkpoint.weights import WeightFile, inspect_report
+from mpimoe.checkpoint.writer import write_synthetic
 from mpimoe.model.config import model_config
 from mpimoe.errors import DataError
 

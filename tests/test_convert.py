@@ -32,7 +32,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from mpimoe.checkpoint.weights import WeightFile, tensor_specs
+from mpimoe.checkpoint.layout import tensor_specs
+from mpimoe.checkpoint.weights import WeightFile
 from mpimoe.cli.main import main
 from mpimoe.checkpoint.convert import hf_source
 from mpimoe.io.inputs import read_inputs, write_synthetic_inputs

@@ -12,7 +12,9 @@ import pytest
 
 from mpimoe.model.config import model_config
 from mpimoe.errors import ConfigError, DataError
-from mpimoe.planning.placement import load_stats, make_plan, node_inbound, parse_mode
+from mpimoe.planning.placement import make_plan, parse_mode
+from mpimoe.planning.stats import load_stats
+from mpimoe.planning.topology import node_inbound
 
 # (preset, world size, mode) -> expected (F, K, G)
 CASES = {

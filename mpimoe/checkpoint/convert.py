@@ -25,7 +25,8 @@ import time
 import ml_dtypes
 import numpy as np
 
-from mpimoe.checkpoint.weights import _LOG_EVERY_S, _WORD, open_for_writing, tensor_specs, write_tensor
+from mpimoe.checkpoint.layout import WORD, tensor_specs
+from mpimoe.checkpoint.writer import LOG_EVERY_S, open_for_writing, write_tensor
 from mpimoe.model.config import ModelConfig, parse_json
 from mpimoe.errors import ConfigError, DataError, clip
 from mpimoe.io.paths import regular_file
@@ -334,8 +335,8 @@ def _to_bf16_words(a):
     """BF16, F16 or F32 array -> uint16 words of bfloat16, rounded to nearest-even
     (BF16 is passed through bit for bit).  Same shape."""
     if a.dtype == _ST_DTYPES['BF16']:
-        return a.view(_WORD)
-    return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).view(_WORD)
+        return a.view(WORD)
+    return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).view(WORD)
 
 
 def convert_hf(directory, out, overwrite=False, log=None):
@@ -361,7 +362,7 @@ def convert_hf(directory, out, overwrite=False, log=None):
             words = _to_bf16_words(source.read(hf))
             words = np.ascontiguousarray(words.T if transposed else words)
             total += write_tensor(f, name, shape, cfg.dtype, [(0, shape[0], words)])
-            if time.monotonic() - last >= _LOG_EVERY_S:
+            if time.monotonic() - last >= LOG_EVERY_S:
                 last = time.monotonic()
                 log(f'  {total / 1e9:.3f} GB  {last - t0:.0f} s  {name}')
     secs = time.monotonic() - t0

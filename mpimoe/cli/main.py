@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from mpimoe import __version__
-from mpimoe.backends.backend import BACKENDS, MPI_GPU_MODES
+from mpimoe.backends.backend import MPI_GPU_MODES
 from mpimoe.errors import EXIT_INTERNAL, ConfigError, IOFailure, MpimoeError, UsageError
 from mpimoe.runtime.options import JobOptions, RunOptions, add_arguments
 
@@ -44,7 +44,7 @@ def _add_model_args(p, required=True):
 
 
 def _cmd_init_weights(args):
-    from mpimoe.checkpoint.weights import write_synthetic
+    from mpimoe.checkpoint.writer import write_synthetic
     from mpimoe.model.config import model_config
     cfg = model_config(args.preset, args.overrides)
     write_synthetic(cfg, args.out, seed=args.seed, overwrite=args.overwrite, log=print)
@@ -82,7 +82,9 @@ def _cmd_plan(args):
     from mpimoe.planning import costmodel
     from mpimoe.model.config import model_config
     from mpimoe.errors import ConfigError
-    from mpimoe.planning.placement import load_stats, make_plan, sbatch_script, write_sbatch
+    from mpimoe.planning.placement import make_plan
+    from mpimoe.planning.sbatch import sbatch_script, write_sbatch
+    from mpimoe.planning.stats import load_stats
     if (args.batch_seqs is None) != (args.seq_len is None):
         raise ConfigError('--batch-seqs and --seq-len go together (the batch of one pass)')
     if args.emit_sbatch and args.gpus_per_node is None:
@@ -135,7 +137,8 @@ def _launch_hint(args):
     the weights and --stats can be read, the world sizes that fit (the error
     of mpimoe.planning.placement.make_plan for one rank, which names them)."""
     from mpimoe.checkpoint.weights import WeightFile
-    from mpimoe.planning.placement import load_stats, make_plan
+    from mpimoe.planning.placement import make_plan
+    from mpimoe.planning.stats import load_stats
     text = ('`mpimoe run` is an MPI program and has only 1 rank here (started without a '
             'launcher?): launch P ranks with `mpiexec -n P python -m mpi4py -m mpimoe run ...` '
             '(Slurm: `srun -K1 -n P python -m mpi4py -m mpimoe run ...`)')

@@ -1,5 +1,6 @@
-"""Writing files safely: path checks before any work, the one atomic
-write, OS errors as one-line IOFailures, JSON."""
+"""Writing files safely: path checks before any work, the one atomic write,
+OS errors as one-line IOFailures, a free-space check, HDF5 files built in
+memory and written by plain file I/O, and JSON."""
 
 import contextlib
 import io
@@ -9,11 +10,12 @@ import re
 import sys
 
 import h5py
+
 from mpimoe.errors import DataError, IOFailure, UsageError
 
+__all__ = ['check_writable', 'os_errors', 'atomic_write', 'hdf5_image', 'check_space',
+           'remove_if_present', 'write_json']
 
-
-# --- writing files: path checks, the atomic helper, OS errors --------------
 
 def check_writable(path, what, overwrite, reads=()):
     """Refuse, before any work, a file that cannot or must not be written: one
@@ -107,13 +109,13 @@ def atomic_write(path):
             _fsync(tmp)
             os.replace(tmp, path)
         except BaseException:
-            _remove_if_present(tmp)
+            remove_if_present(tmp)
             raise
         _fsync(os.path.dirname(path) or '.')
 
 
 @contextlib.contextmanager
-def _hdf5_image(path):
+def hdf5_image(path):
     """Yield an h5py.File built in memory; when the block ends its bytes are
     written to ``path`` by plain file I/O.  (h5py copes badly with a disk that
     fills under it: errors from destructors, a crash at exit; a plain write
@@ -125,7 +127,7 @@ def _hdf5_image(path):
         out.write(image.getbuffer())
 
 
-def _check_space(path, nbytes):
+def check_space(path, nbytes):
     """IOFailure before writing ``nbytes`` to ``path`` where its filesystem has
     less free space (h5py, which writes the large files, fails badly on a full
     disk; a quota is not seen here)."""
@@ -144,7 +146,8 @@ def _fsync(path):
         os.close(fd)
 
 
-def _remove_if_present(path):
+def remove_if_present(path):
+    """Remove the file ``path``; nothing when it does not exist."""
     try:
         os.remove(path)
     except FileNotFoundError:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 from mpimoe.errors import DataError, IOFailure, UsageError
-from mpimoe.io.files import _hdf5_image, atomic_write, check_writable
+from mpimoe.io.files import atomic_write, check_writable, hdf5_image
 from mpimoe.io.paths import regular_file
 
 
@@ -513,7 +513,7 @@ def _write_jsonl(path, inputs):
 
 
 def _write_hdf5(path, inputs):
-    with _hdf5_image(path) as f:
+    with hdf5_image(path) as f:
         f.create_dataset('tokens', data=inputs.tokens)
         f.create_dataset('offsets', data=inputs.offsets)
         f.create_dataset('ids', data=inputs.ids, dtype=h5py.string_dtype())

@@ -1,18 +1,18 @@
-"""The lock on an output: one job writes it at a time."""
+"""The lock on an output: one job writes it at a time (:class:`OutputLock`, a
+lock file created with O_EXCL, taken over only from a job known to be dead)."""
 
 import json
 import logging
 import os
 import socket
 import time
+
 from mpimoe.errors import DataError
-from mpimoe.io.files import _remove_if_present, os_errors, write_json
+from mpimoe.io.files import os_errors, remove_if_present, write_json
 
-
+__all__ = ['OutputLock']
 
 log = logging.getLogger('mpimoe')
-
-# --- the lock on an output --------------------------------------------------
 
 #: attempts, and seconds between them, to take a lock being written or taken over
 _LOCK_TRIES, _LOCK_NAP_S = 40, 0.05
@@ -104,7 +104,7 @@ class OutputLock:
         if self.held:
             self.held = False
             if _read_lock(self.path)[0] == self.info:
-                _remove_if_present(self.path)
+                remove_if_present(self.path)
 
 
 def _lock_info():

@@ -25,7 +25,8 @@ import shutil
 import h5py
 import numpy as np
 from mpimoe.errors import DataError
-from mpimoe.io.files import _check_space, _hdf5_image, atomic_write, check_writable, os_errors, write_json
+from mpimoe.io.files import (atomic_write, check_space, check_writable, hdf5_image, os_errors,
+                             write_json)
 from mpimoe.io.inputs import file_digest
 from mpimoe.io.lock import OutputLock
 
@@ -206,7 +207,7 @@ class OutputWriter:
         np.cumsum([np.size(g) for g in generated], out=offsets[1:])
         name = _chunk_name(start, start + b)
         path = os.path.join(self.dir, name)
-        with atomic_write(path) as tmp, _hdf5_image(tmp) as f:
+        with atomic_write(path) as tmp, hdf5_image(tmp) as f:
             f.create_dataset('ids', data=list(ids), dtype=h5py.string_dtype())
             f.create_dataset('generated', data=new.astype(np.int32))
             f.create_dataset('generated_offsets', data=offsets)
@@ -249,7 +250,7 @@ class OutputWriter:
                                'were written; output not saved')
         if not self._assembled:
             # the chunks' bytes, plus room for the file's own metadata
-            _check_space(self.path, sum(c['bytes'] for c in self.chunks) + (1 << 20))
+            check_space(self.path, sum(c['bytes'] for c in self.chunks) + (1 << 20))
             with atomic_write(self.path) as tmp:
                 self._assemble(tmp)
                 # before the rename: a rerun killed after it knows OUT is complete

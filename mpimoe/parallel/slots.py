@@ -28,7 +28,7 @@ class LayerComms:
 
     ranks: sorted world ranks of the layer; k_slots (K): experts per rank in
     this layer (the permute key of a row is ``position_in_comm * K + slot``,
-    mpimoe.planning.placement.Plan.dispatch_keys).
+    mpimoe.planning.plan.Plan.dispatch_keys).
     """
 
     def __init__(self, world, ranks, k_slots):

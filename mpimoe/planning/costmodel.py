@@ -66,7 +66,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from mpimoe.errors import ConfigError, DataError
-from mpimoe.planning.placement import _count, _size
+from mpimoe.planning.text import plural as _count, size_text as _size
 
 __all__ = ['Constants', 'Workload', 'RankMemory', 'PassTime', 'Prediction',
            'load_calibration', 'make_constants', 'memory', 'check_memory', 'predict',

@@ -70,7 +70,8 @@ def _setup_logging(opts, rank):
 
 def _run(opts, world, stop, held):
     from mpimoe.checkpoint.weights import WeightFile
-    from mpimoe.planning.placement import load_stats, make_plan
+    from mpimoe.planning.placement import make_plan
+    from mpimoe.planning.stats import load_stats
     _setup_logging(opts, world.rank)
     backend, mode = _select_backend(opts, world)
     threads = _size_threads(opts, world)
