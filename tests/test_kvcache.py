@@ -1,6 +1,7 @@
 """The block KV cache (mpimoe.model.kvcache): reservations and handles,
 deterministic allocation and reuse, refusals, positions and overflow, 16-bit
-storage, zeroed blocks, and its size against the planner's figure."""
+storage, zeroed blocks, and its size against the planner's figure
+(mpimoe.planning.costmodel.kv_cache_bytes) and the planner's use of it."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ import pytest
 from mpimoe.backends.backend import DTYPES, round16
 from mpimoe.model.config import model_config
 from mpimoe.model.kvcache import BLOCK_TOKENS, BlockKVCache, blocks_for
-from mpimoe.planning.costmodel import kv_cache_bytes
+from mpimoe.planning.costmodel import Workload, describe, kv_cache_bytes, make_constants, memory
+from mpimoe.planning.placement import make_plan
 
 TINY = model_config('tiny')
 
@@ -130,3 +132,19 @@ def test_nbytes_is_the_planners_figure(preset, kv_tokens):
     # the table is as wide as the longest sequence the model takes, or the pool
     assert cache.table.shape == (4, min(blocks_for(kv_tokens),
                                         blocks_for(cfg.max_position_embeddings)))
+
+
+def test_planner_front_end_memory_is_the_pool():
+    """memory(): --kv-tokens' pool when given (with or without a workload),
+    else a whole-block reservation of S tokens per sequence of the busiest
+    front-end (ceil(5 / 2) = 3 sequences of 20 tokens: 2 blocks each)."""
+    cfg = model_config('tiny')
+    plan = make_plan(cfg, 26, 'dedicated', n_frontends=2)
+    work = Workload(5, 20)
+    assert memory(plan, work)[0].kv_cache == kv_cache_bytes(cfg, 3 * 2 * BLOCK_TOKENS)
+    assert memory(plan, work, kv_tokens=1000)[0].kv_cache == kv_cache_bytes(cfg, 1000)
+    fe, ex = memory(plan, None, kv_tokens=1000)
+    assert fe.kv_cache == kv_cache_bytes(cfg, 1000) and fe.buffers == ex.kv_cache == 0
+    assert memory(plan)[0].kv_cache == 0
+    head = describe(plan, None, make_constants(), 80, kv_tokens=1000)[0]
+    assert 'weights and a KV cache of 1,000 tokens per front-end' in head

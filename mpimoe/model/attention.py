@@ -14,8 +14,10 @@ attended in two groups, without a loop over sequences or tokens:
   ``ntok`` (padding rows repeat the last query and are dropped), the keys as
   above.
 
-So a decode query is never padded to a long prompt, and peak memory is about
-one group's scores, ``float32 [B, H, n, L]``, times two.
+So a decode query is never padded to a long prompt.  Peak memory is one
+group's: its gathered keys and values, ``float32 [B, KV, L, hd]`` each (4
+bytes per element where the cache holds 2), and its scores, ``float32 [B, H,
+n, L]``, twice (the masking makes a copy; the softmax then runs in place).
 
 **Numerics.**  The same FP32 arithmetic as a per-sequence loop (projections,
 RoPE, scores, masked softmax, weighted sum), except that keys and values are
@@ -92,7 +94,7 @@ def _attend(q, out, cache, layer, seqs, first, ntok, KV):
     visible = xp.arange(L)[None, None, :] <= xp.asarray(qpos)[:, :, None]   # [B, n, L]
     scores = xp.where(visible[:, None, None], scores, np.float32(-np.inf))
     scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
+    xp.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
     o = scores.reshape(B, KV, G * n, L) @ vals                              # [B, KV, G*n, hd]
     o = o.reshape(B, KV, G, n, hd).transpose(0, 3, 1, 2, 4).reshape(B * n, H, hd)

@@ -131,9 +131,14 @@ class BlockKVCache:
     def _check(self, seqs, ntok):
         """ValueError unless ``ntok[b]`` more tokens fit ``seqs[b]``'s reservation."""
         if not self.live[seqs].all():
-            raise ValueError('KV cache: a sequence handle is not allocated')
-        if np.any(self.length[seqs] + ntok > self.capacity[seqs]):
-            raise ValueError('KV cache overflow: a sequence outgrew its reservation')
+            h = seqs[np.argmin(self.live[seqs])]
+            raise ValueError(f'KV cache handle {h} is not allocated')
+        over = np.flatnonzero(self.length[seqs] + ntok > self.capacity[seqs])
+        if over.size:
+            b = over[0]
+            h = seqs[b]
+            raise ValueError(f'KV cache overflow: sequence {h} holds {self.length[h]} tokens, '
+                             f'{ntok[b]} more exceed its reservation of {self.capacity[h]}')
 
     def locate(self, seqs, ntok):
         """Where the next ``ntok[b]`` tokens of ``seqs[b]`` go: (positions,
