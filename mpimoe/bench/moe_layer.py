@@ -37,7 +37,7 @@ from mpimoe.runtime.engine import (DONE, MORE, RunOptions, _collective, _ExpertR
 from mpimoe.errors import ConfigError, UsageError
 from mpimoe.io.files import write_json
 from mpimoe.runtime.metrics import Timers
-from mpimoe.model.layers import FrontEnd
+from mpimoe.model.frontend import FrontEnd
 from mpimoe.moe.experts import moe_local, permute, run_experts
 from mpimoe.parallel.mpiutil import MPI, WaitTimeout, run_guarded, wait_all
 from mpimoe.planning.placement import make_plan

@@ -9,21 +9,26 @@ front-ends run them over MPI.
 
 import numpy as np
 
+from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for
+
 __all__ = ['generate']
 
 
 def generate(forward, new_cache, prompts, max_new_tokens):
     """Prefill ``prompts`` together, then decode greedily, one token per step.
 
-    prompts: list of B int arrays; new_cache(capacity int [B]) -> KV cache.
+    prompts: list of B int arrays; new_cache(kv_tokens, max_seqs) -> a
+    :class:`~mpimoe.model.kvcache.BlockKVCache` (FrontEnd.new_cache), made
+    just large enough for every sequence's prompt + ``max_new_tokens``.
     Returns (generated int32 [B, max_new_tokens], last_logits float32 [B, V]:
     the logits at the last prompt position).
     """
     lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-    cache = new_cache(lengths + max_new_tokens)
-    seqs = np.arange(len(prompts))
+    capacity = lengths + max_new_tokens
+    cache = new_cache(BLOCK_TOKENS * int(blocks_for(capacity).sum()), len(prompts))
+    seqs = np.array([cache.allocate(int(n)) for n in capacity], dtype=np.int64)
     # an overflow ends in NaN/Inf logits, which the forward refuses in one
-    # message (mpimoe.model.layers.FrontEnd.logits); NumPy's warnings would only add lines
+    # message (mpimoe.model.frontend.FrontEnd.logits); NumPy's warnings would only add lines
     with np.errstate(over='ignore', invalid='ignore'):
         logits = forward(np.concatenate(prompts).astype(np.int64), cache, seqs, lengths)
         last_logits = logits

@@ -9,7 +9,7 @@ import numpy as np
 
 from mpimoe import __version__
 from mpimoe.model.generate import generate
-from mpimoe.model.layers import FrontEnd
+from mpimoe.model.frontend import FrontEnd
 from mpimoe.moe.experts import moe_local
 
 __all__ = ['ReferenceModel', 'load_reference', 'run_reference']

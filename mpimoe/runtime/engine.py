@@ -45,7 +45,7 @@ from mpimoe.errors import ConfigError, DataError, Interrupted, MpimoeError, Stop
 from mpimoe.model.generate import generate
 from mpimoe.io.files import write_json
 from mpimoe.runtime.metrics import Timers, write_trace
-from mpimoe.model.layers import FrontEnd
+from mpimoe.model.frontend import FrontEnd
 from mpimoe.moe.experts import permute, run_experts, unpermute
 from mpimoe.parallel.mpiutil import MPI, local_rank, node_ids, run_guarded, wait_all
 from mpimoe.parallel.mpiutil import rank_list as _ranks
@@ -638,7 +638,7 @@ class _FrontEndRank(_Role):
 
         if mine is None:
             empty = np.zeros(0, dtype=np.int64)
-            cache = self.front.new_cache(empty)
+            cache = self.front.new_cache(0, 0)
             for _ in range(passes):
                 forward(empty, cache, empty, empty)
             return np.zeros((0, self.opts.max_new_tokens), np.int32), None
