@@ -1,8 +1,9 @@
 """Known-answer tests of the single-process reference model (mpimoe.model.layers,
-mpimoe.moe.router, mpimoe.moe.experts, mpimoe.model.generate, mpimoe.model.reference): hand-computed
-norms, RoPE and activations, attention against a naive float64 loop, the MoE
+mpimoe.model.frontend, mpimoe.moe.router, mpimoe.moe.experts,
+mpimoe.model.reference): hand-computed norms, RoPE and activations, the MoE
 layer against the dense mixture, the KV cache against full recomputation, batch
 independence, and the scale of the synthetic model's activations and routing.
+Attention and the KV cache alone: tests/test_attention.py, tests/test_kvcache.py.
 """
 
 import math
@@ -15,9 +16,9 @@ from mpimoe.checkpoint.weights import WeightFile
 from contract import (LOGIT_RTOL, TIE_RTOL, assert_greedy_match, assert_logits_close,
                       next_logits, tie_bound)
 from mpimoe.model.config import model_config
-from mpimoe.model.generate import generate
 from mpimoe.io.inputs import read_inputs
-from mpimoe.model.layers import KVCache, apply_rope, attention, expert_ffn, ffn, rms_norm, rope_tables
+from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for
+from mpimoe.model.layers import apply_rope, expert_ffn, ffn, rms_norm, rope_tables
 from mpimoe.moe.local import moe_local
 from mpimoe.model.reference import load_reference
 from mpimoe.moe.router import expert_counts, route
@@ -44,28 +45,37 @@ def prompts(tiny_inputs):
     return [inputs.seq(i) for i in range(len(inputs))]
 
 
+def _fresh_cache(fe, lengths):
+    """A new cache of FrontEnd ``fe`` just large enough for sequences of
+    ``lengths`` [B] tokens, and their handles int [B]."""
+    cache = fe.new_cache(BLOCK_TOKENS * int(blocks_for(lengths).sum()), len(lengths))
+    return cache, np.array([cache.allocate(int(n)) for n in lengths])
+
+
 def _prefill(model, prompts):
     """One forward over whole ``prompts`` in a fresh cache -> logits [B, V] at
     each prompt's last token."""
     lengths = np.array([len(p) for p in prompts])
-    return model.forward(np.concatenate(prompts), model.front.new_cache(lengths),
-                         np.arange(len(prompts)), lengths)
+    cache, seqs = _fresh_cache(model.front, lengths)
+    return model.forward(np.concatenate(prompts), cache, seqs, lengths)
 
 
 def _generate_recorded(model, prompts, n):
-    """Greedy generation through mpimoe.model.generate.generate, recording every forward.
+    """Greedy generation in lock-step (prefill, then one token of every
+    sequence per step), recording every forward.
 
     -> (generated int32 [B, n], logits float32 [n, B, V]): ``logits[s]`` are the
     logits ``generated[:, s]`` was picked from.
     """
-    steps = []
-
-    def forward(*args):
-        steps.append(model.forward(*args))
-        return steps[-1]
-
-    generated, last_logits = generate(forward, model.front.new_cache, prompts, n)
-    assert np.array_equal(last_logits, steps[0])
+    lengths = np.array([len(p) for p in prompts])
+    cache, seqs = _fresh_cache(model.front, lengths + n)
+    steps = [model.forward(np.concatenate(prompts), cache, seqs, lengths)]
+    generated = np.empty((len(prompts), n), dtype=np.int32)
+    for s in range(n):
+        generated[:, s] = steps[-1].argmax(axis=1)
+        if s + 1 < n:
+            steps.append(model.forward(generated[:, s].astype(np.int64), cache, seqs,
+                                       np.ones(len(prompts), np.int64)))
     return generated, np.stack(steps)
 
 
@@ -80,7 +90,7 @@ def _run_layers(model, prompts):
     """
     fe, cfg = model.front, model.cfg
     lengths = np.array([len(p) for p in prompts])
-    seqs, cache = np.arange(len(prompts)), fe.new_cache(lengths)
+    cache, seqs = _fresh_cache(fe, lengths)
     x = fe.embed(np.concatenate(prompts))
     residual, counts = [], {}
     for i in range(cfg.n_layers):
@@ -260,72 +270,7 @@ def test_moe_with_all_experts_is_the_dense_mixture(make_weights, overrides):
     assert np.abs(dense).max() > 0.1                     # the experts are not all zero
 
 
-# ---------------------------------------------------------------- attention
-
-def _naive_attention(x, w, cfg):
-    """One sequence, positions 0..n-1, float64, head by head: x [n, d] -> [n, d]."""
-    n, H, KV, hd = len(x), cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    cos, sin = rope_tables(np.arange(n), hd, cfg.rope_theta)
-    x = x.astype(np.float64)
-    q = apply_rope((x @ w['wq']).reshape(n, H, hd), cos, sin)
-    k = apply_rope((x @ w['wk']).reshape(n, KV, hd), cos, sin)
-    v = (x @ w['wv']).reshape(n, KV, hd)
-    out = np.empty((n, H, hd))
-    for head in range(H):
-        kv = head // (H // KV)          # query heads share a KV head in consecutive groups
-        scores = q[:, head] @ k[:, kv].T / math.sqrt(hd)                        # [n, n]
-        scores[np.triu_indices(n, 1)] = -np.inf
-        p = np.exp(scores - scores.max(axis=1, keepdims=True))
-        out[:, head] = (p / p.sum(axis=1, keepdims=True)) @ v[:, kv]
-    return out.reshape(n, H * hd) @ w['wo']
-
-
-def _attention_weights(cfg, rng):
-    d, q, kv = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    return {name: (rng.standard_normal(s) / math.sqrt(s[0])).astype(np.float32)
-            for name, s in (('wq', (d, q)), ('wk', (d, kv)), ('wv', (d, kv)), ('wo', (q, d)))}
-
-
-@pytest.mark.parametrize('n_kv_heads', [1, 2, 4])
-def test_attention_prefill_and_decode_match_naive_loop(n_kv_heads):
-    """Two packed sequences: prefill, then two one-token decode steps through
-    the cache, against the float64 loop over the whole sequences.  FP32 GEMMs
-    over d = 64 and softmax sums: errors ~ 64 2^-24 of the magnitudes, so
-    2^-14 of the largest output is a safe bound."""
-    cfg = TINY.replace(n_kv_heads=n_kv_heads)
-    rng = np.random.default_rng(5)
-    w = _attention_weights(cfg, rng)
-    seqs_x = [rng.standard_normal((n, cfg.d_model)).astype(np.float32) for n in (7, 4)]
-    cache = KVCache(1, [7, 4], cfg.n_kv_heads, cfg.head_dim)
-    seqs, pre = np.arange(2), np.array([5, 2])
-    out = [attention(np.concatenate([seqs_x[0][:5], seqs_x[1][:2]]), w, cfg, cache, 0,
-                     seqs, pre)]
-    cache.advance(seqs, pre)
-    for step in range(2):
-        ones = np.ones(2, np.int64)
-        out.append(attention(np.stack([seqs_x[0][5 + step], seqs_x[1][2 + step]]), w, cfg,
-                             cache, 0, seqs, ones))
-        cache.advance(seqs, ones)
-    got = [np.concatenate([out[0][:5], out[1][:1], out[2][:1]]),
-           np.concatenate([out[0][5:], out[1][1:], out[2][1:]])]
-    for g, x in zip(got, seqs_x):
-        ref = _naive_attention(x, w, cfg)
-        np.testing.assert_allclose(g, ref, rtol=0, atol=2.0 ** -14 * np.abs(ref).max())
-
-
-def test_attention_is_causal():
-    """Changing token 5 leaves the outputs of positions 0..4 bit for bit equal
-    (masked scores are exp(-inf) = 0 exactly) and changes positions 5.."""
-    rng = np.random.default_rng(6)
-    w = _attention_weights(TINY, rng)
-    x = rng.standard_normal((8, TINY.d_model)).astype(np.float32)
-    y = x.copy()
-    y[5] = rng.standard_normal(TINY.d_model)
-    a, b = [attention(v, w, TINY, KVCache(1, [8], TINY.n_kv_heads, TINY.head_dim), 0,
-                      np.array([0]), np.array([8])) for v in (x, y)]
-    np.testing.assert_array_equal(a[:5], b[:5])
-    assert np.all(np.abs(a[5:] - b[5:]).max(axis=1) > 1e-3)
-
+# ---------------------------------------------------------------- causality
 
 def test_model_is_causal(tiny_model):
     """The whole model: a token changed at position 8 leaves the logits of

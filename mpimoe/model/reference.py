@@ -43,12 +43,14 @@ class ReferenceModel:
         """Greedy (or ``params``: SamplingParams fields) generation for a list
         of int prompts -> (list of int32 token arrays, last_logits float32
         [B, V]), continuously batched as ``mpimoe reference`` does."""
+        from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for
         from mpimoe.runtime.request import Request, SamplingParams
         from mpimoe.runtime.scheduler import Scheduler
         p = SamplingParams(max_tokens=max_new_tokens, **params)
         # room for every sequence at once: all prompts in the first step
         tokens = sum(map(len, prompts))
-        cache = self.front.new_cache(tokens + len(prompts) * max_new_tokens, len(prompts))
+        need = blocks_for(np.array([len(q) + max_new_tokens for q in prompts]))
+        cache = self.front.new_cache(BLOCK_TOKENS * int(need.sum()), len(prompts))
         sched = Scheduler(cache, max(tokens, len(prompts)), len(prompts),
                           self.cfg.eos_token_id, save_logits=True)
         sched.add(Request(i, str(i), np.asarray(q, np.int64), p) for i, q in enumerate(prompts))

@@ -7,8 +7,11 @@ S).  The busiest front-end holds ceil(B/F) sequences; it splits them into
 M' = min(M, ceil(B/F)) micro-batches (whole sequences, as the engine does).
 
 **Memory** per rank, by role: weights (:meth:`Plan.weight_bytes`); KV cache on
-a front-end, ``2 * n_layers * n_kv_heads * head_dim * 2`` bytes per token for its
-ceil(B/F) * S tokens; communication buffers, per micro-batch slot a send and a
+a front-end (:func:`kv_cache_bytes`: what mpimoe.model.kvcache.BlockKVCache
+allocates), ``2 * n_layers * n_kv_heads * head_dim * 2`` bytes per token of a
+pool of whole blocks of BLOCK_TOKENS tokens: ``--kv-tokens`` tokens rounded up
+when given, else one whole-block reservation of S tokens for each of its
+ceil(B/F) sequences; communication buffers, per micro-batch slot a send and a
 receive buffer of ``rows * d_model * 2`` bytes, rows = tokens of a micro-batch x
 top_k on a front-end, and in the worst case (every row of every front-end's
 micro-batch routed here) F x tokens x min(top_k, K) on an expert rank.
@@ -39,17 +42,8 @@ micro-batch, times M' (weights are read again for every micro-batch):
 
 Prefill tokens/s = B*S / prefill pass; time per output token = decode pass.
 
-**Constants** (:class:`Constants`): assumed H100 SXM defaults, replaced by a
-calibration JSON written by benchmarks (keys below, all optional, numbers),
-replaced in turn by command-line options::
-
-    {"gemm_tflops": 989,      # dense 16-bit peak, TFLOP/s per GPU; a benchmark that
-                              # measures achieved TFLOP/s writes it with efficiency 1
-     "gemm_efficiency": 0.6,  # fraction of the peak reached by the GEMMs, (0, 1]
-     "hbm_gbs": 3350,         # device memory bandwidth, GB/s
-     "link_gbps": 200,        # inter-node link per node, each direction, Gb/s
-     "nvlink_gbs": 450,       # intra-node bandwidth per GPU, each direction, GB/s
-     "alpha_us": 10}          # latency of one message (one collective), us
+**Constants**: mpimoe.planning.constants (defaults, calibration JSON,
+command-line options); its names are re-exported here, the planner's API.
 
     >>> from mpimoe.model.config import model_config
     >>> from mpimoe.planning.placement import make_plan
@@ -60,66 +54,20 @@ replaced in turn by command-line options::
     (342000.0, 'experts', 1.87)
 """
 
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 
-from mpimoe.errors import ConfigError, DataError
+from mpimoe.errors import ConfigError
+from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for
+from mpimoe.planning.constants import NAMES, Constants, load_calibration, make_constants
 from mpimoe.planning.text import plural as _count, size_text as _size
 
 __all__ = ['Constants', 'Workload', 'RankMemory', 'PassTime', 'Prediction',
-           'load_calibration', 'make_constants', 'memory', 'check_memory', 'predict',
-           'pass_time', 'describe']
+           'load_calibration', 'make_constants', 'kv_cache_bytes', 'memory', 'check_memory',
+           'predict', 'pass_time', 'describe']
 
 _GB = 1e9
-
-#: Why each default was chosen (printed next to an assumed constant).
-ASSUMED = {
-    'gemm_tflops': 'H100 SXM dense BF16/FP16 peak',
-    'gemm_efficiency': 'typical of large cuBLAS GEMMs',
-    'hbm_gbs': 'H100 SXM HBM3',
-    'link_gbps': 'one 200 Gb/s HDR/NDR200 port per node; 8 x 400 Gb/s NDR is 3200',
-    'nvlink_gbs': 'H100 NVLink 4, per direction',
-    'alpha_us': 'MPI message latency incl. software overhead',
-}
-
-
-@dataclass(frozen=True)
-class Constants:
-    """Machine constants of the model; ``source`` says where each came from."""
-
-    gemm_tflops: float = 989.0
-    """Dense 16-bit peak TFLOP/s per GPU."""
-    gemm_efficiency: float = 0.6
-    """Fraction of the peak the GEMMs reach, in (0, 1]."""
-    hbm_gbs: float = 3350.0
-    """Device memory bandwidth, GB/s."""
-    link_gbps: float = 200.0
-    """Inter-node bandwidth per node and direction, Gb/s."""
-    nvlink_gbs: float = 450.0
-    """Intra-node bandwidth per GPU and direction, GB/s."""
-    alpha_us: float = 10.0
-    """Latency of one message, microseconds; one per collective."""
-    source: dict = field(default_factory=dict, compare=False)
-    """Constant name -> 'assumed (why)', 'measured (FILE)' or 'option --NAME'."""
-
-    def __post_init__(self):
-        for f in fields(self)[:-1]:
-            v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not \
-                    (math.isfinite(v) and v > 0):
-                raise ConfigError(f'{f.name}={v!r}: must be a number > 0')
-        if self.gemm_efficiency > 1:
-            raise ConfigError(f'gemm_efficiency={self.gemm_efficiency}: must be in (0, 1]')
-
-    @property
-    def flops(self):
-        """Effective GEMM rate, FLOP/s."""
-        return self.gemm_tflops * 1e12 * self.gemm_efficiency
-
-
-_NAMES = [f.name for f in fields(Constants)][:-1]
 
 
 @dataclass(frozen=True)
@@ -144,39 +92,6 @@ class Workload:
         return -(-self.batch_seqs // plan.n_frontends)
 
 
-def load_calibration(path):
-    """Measured constants from a JSON file: dict name -> float (keys above)."""
-    from mpimoe.io.inputs import read_json
-    doc = read_json(path, '--calibration')
-    if not isinstance(doc, dict):
-        raise DataError(f'--calibration {path}: expected a JSON object')
-    unknown = sorted(set(doc) - set(_NAMES))
-    if unknown:
-        raise DataError(f'--calibration {path}: unknown keys {unknown}; valid keys: '
-                        f'{", ".join(_NAMES)}')
-    bad = [k for k, v in doc.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
-    if bad:
-        raise DataError(f'--calibration {path}: {bad[0]} must be a number')
-    values = {k: float(v) for k, v in doc.items()}
-    try:
-        Constants(**values)
-    except ConfigError as e:
-        raise DataError(f'--calibration {path}: {e}') from None
-    return values
-
-
-def make_constants(calibration=None, calibration_path=None, **options):
-    """Defaults < ``calibration`` (from ``calibration_path``) < ``options`` that are
-    not None (command-line values, e.g. ``link_gbps=400``)."""
-    values, source = {}, {n: f'assumed ({ASSUMED[n]})' for n in _NAMES}
-    for k, v in (calibration or {}).items():
-        values[k], source[k] = v, f'measured ({calibration_path})'
-    for k, v in options.items():
-        if v is not None:
-            values[k], source[k] = v, f'option --{k.replace("_", "-")}'
-    return Constants(**values, source=source)
-
-
 # -- memory --------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -193,19 +108,34 @@ class RankMemory:
         return self.weights + self.kv_cache + self.buffers
 
 
-def memory(plan, work=None):
-    """[front-end, largest expert rank] :class:`RankMemory`; without a workload
-    only the weights."""
+def kv_cache_bytes(cfg, kv_tokens):
+    """Bytes of a front-end's KV cache pool for ``kv_tokens`` tokens: whole
+    blocks of BLOCK_TOKENS tokens, keys and values of every layer in 16 bits
+    (equal to ``BlockKVCache.for_tokens(cfg, kv_tokens, ...).nbytes``)."""
+    tokens = BLOCK_TOKENS * blocks_for(kv_tokens)
+    return 2 * cfg.n_layers * tokens * cfg.n_kv_heads * cfg.head_dim * cfg.itemsize
+
+
+def memory(plan, work=None, kv_tokens=None):
+    """[front-end, largest expert rank] :class:`RankMemory`.
+
+    kv_tokens: the front-end's KV pool in tokens (``--kv-tokens``); None: with
+    a workload, a whole-block reservation of S tokens for each of the busiest
+    front-end's ceil(B/F) sequences, without one no KV cache.  Without a
+    workload no buffers either.
+    """
     cfg = plan.cfg
     wb = plan.weight_bytes()
     fe_w, ex_w = int(wb[0]), int(wb[plan.n_frontends:].max())
+    if kv_tokens is None and work is not None:
+        kv_tokens = work.seqs_per_frontend(plan) * BLOCK_TOKENS * blocks_for(work.seq_len)
+    kv = 0 if kv_tokens is None else kv_cache_bytes(cfg, kv_tokens)
     if work is None:
-        return [RankMemory('front-end', fe_w, 0, 0), RankMemory('expert rank', ex_w, 0, 0)]
+        return [RankMemory('front-end', fe_w, kv, 0), RankMemory('expert rank', ex_w, 0, 0)]
     seqs = work.seqs_per_frontend(plan)
     M = min(work.micro_batches, seqs)
     mb_tokens = -(-seqs // M) * work.seq_len                    # largest micro-batch
     row = cfg.d_model * cfg.itemsize
-    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * cfg.itemsize * seqs * work.seq_len
     fe_buf = M * 2 * mb_tokens * cfg.top_k * row
     # a token sends at most min(top_k, K) copies to one rank (K experts of a layer)
     ex_buf = M * 2 * plan.n_frontends * mb_tokens * min(cfg.top_k, plan.experts_per_rank) * row
@@ -388,19 +318,22 @@ def _moe_layers(plan, B, q, M, slots, c):
 
 # -- text -----------------------------------------------------------------------
 
-def describe(plan, work, consts, gpu_memory_gb, baseline=None):
-    """Lines: memory per role, the constants and their sources, and (with a
-    workload) the prediction; ``baseline`` (a Plan, e.g. the block layout with the
-    same stats) adds its prediction for comparison."""
+def describe(plan, work, consts, gpu_memory_gb, baseline=None, kv_tokens=None):
+    """Lines: memory per role (kv_tokens: as in :func:`memory`), the constants
+    and their sources, and (with a workload) the prediction; ``baseline`` (a
+    Plan, e.g. the block layout with the same stats) adds its prediction for
+    comparison."""
+    pool = '' if kv_tokens is None else f'a KV cache of {kv_tokens:,} tokens per front-end, '
     if work is None:
-        head = ('memory per rank (weights only: --batch-seqs and --seq-len add the KV cache, '
-                'buffers and time estimates):')
+        what = 'weights only: --batch-seqs and --seq-len add the KV cache,' if kv_tokens is None \
+            else f'weights and {pool[:-2]}; --batch-seqs and --seq-len add'
+        head = f'memory per rank ({what} buffers and time estimates):'
     else:
         head = (f'memory per rank (B = {work.batch_seqs} sequences x S = {work.seq_len} tokens '
-                f'over {_count(plan.n_frontends, "front-end")}, '
+                f'over {_count(plan.n_frontends, "front-end")}, {pool}'
                 f'{_mbs(work.micro_batches)}):')
     lines = [head]
-    for m in memory(plan, work):
+    for m in memory(plan, work, kv_tokens):
         worst = ' (buffers: worst case, every row to this rank)' if m.role == 'expert rank' \
             and m.buffers else ''
         share = 100 * m.total / (gpu_memory_gb * _GB)
@@ -410,7 +343,7 @@ def describe(plan, work, consts, gpu_memory_gb, baseline=None):
         return lines
     lines.append('cost model constants (the model is stated in mpimoe/planning/costmodel.py):')
     lines += [f'  {n:16s} {getattr(consts, n):<8g} {consts.source.get(n, "assumed")}'
-              for n in _NAMES]
+              for n in NAMES]
     lines += _describe_prediction(predict(plan, work, consts), work)
     if baseline is not None:
         b = predict(baseline, work, consts)

@@ -1,0 +1,100 @@
+"""The front-end's part of the model: embedding, attention blocks, dense FFNs,
+norms, routers and LM head (everything but the experts), over the layer math
+of mpimoe.model.layers and mpimoe.model.attention and the KV cache of
+mpimoe.model.kvcache.
+"""
+
+from mpimoe.backends.backend import array_module
+from mpimoe.errors import DataError
+from mpimoe.model.attention import attention
+from mpimoe.model.kvcache import BlockKVCache
+from mpimoe.model.layers import _f32, _mm, ffn, rms_norm
+
+__all__ = ['FrontEnd']
+
+
+class FrontEnd:
+    """The non-expert part of the model: embedding, attention, dense FFNs,
+    norms, routers and LM head; what a front-end rank holds.
+
+    tensors: dict name -> array, names as in weights/FORMAT.md: float32 (NumPy
+    backend) or 16-bit device arrays (CuPy: widened to FP32 at use; the routers,
+    small, once here).
+
+    :meth:`logits` refuses NaN or Inf logits (DataError, exit 65: the weights are
+    finite, the loader checks, so the model's own numbers overflowed; no rerun
+    helps) and names the first stage whose output was not finite: each block
+    notes whether its input is finite (a device scalar, no synchronisation),
+    and the notes are read only when the logits are not finite.
+    """
+
+    def __init__(self, cfg, tensors):
+        self.cfg = cfg
+        self.t = tensors
+        self.layer = [{name: tensors[f'layers/{i}/{name}'] for name in
+                       ('attn_norm', 'wq', 'wk', 'wv', 'wo', 'ffn_norm')}
+                      for i in range(cfg.n_layers)]
+        self.dense = {i: {m: tensors[f'layers/{i}/mlp/{m}'] for m in cfg.expert_matrices}
+                      for i in range(cfg.n_dense_layers)}
+        self.router = {i: _f32(tensors[f'layers/{i}/router']) for i in cfg.moe_layers}
+        self.xp = array_module(tensors['embed'])
+        self._finite = []       # this pass: (stage number, all finite? device bool)
+
+    def new_cache(self, kv_tokens, max_seqs):
+        """A :class:`~mpimoe.model.kvcache.BlockKVCache` on this front-end's
+        array module for ``kv_tokens`` tokens (rounded up to whole blocks) of
+        at most ``max_seqs`` sequences."""
+        return BlockKVCache.for_tokens(self.cfg, kv_tokens, max_seqs, self.xp)
+
+    def embed(self, tokens):
+        """tokens: int [T] (host) -> x: float32 [T, d]."""
+        return _f32(self.t['embed'][self.xp.asarray(tokens)])
+
+    def _note(self, stage, x):
+        """Keep whether ``x``, the output of stage number ``stage`` (see
+        :meth:`_stage_name`), is finite, for the message of :meth:`logits`."""
+        self._finite.append((stage, self.xp.isfinite(x).all()))
+
+    def _stage_name(self, stage):
+        """Stage 0 is the embedding, 2i+1 the attention of layer i, 2i+2 its FFN."""
+        if stage == 0:
+            return 'the embedding'
+        i, part = divmod(stage - 1, 2)
+        kind = 'attention' if part == 0 else 'dense MLP' if i < self.cfg.n_dense_layers \
+            else 'MoE FFN'
+        return f'the {kind} of layer {i}'
+
+    def _check_finite(self, logits):
+        """DataError when logits [n, vocab] hold NaN or Inf; clears the notes."""
+        notes, self._finite = self._finite, []
+        if bool(self.xp.isfinite(logits).all()):
+            return
+        bad = [stage for stage, finite in notes if not bool(finite)]
+        where = self._stage_name(min(bad)) if bad else 'the final norm and LM head'
+        raise DataError(f'the logits are NaN or Inf: the activations were first non-finite '
+                        f'after {where} (the weights are finite, so the numbers overflowed '
+                        f'FP32, or {self.cfg.dtype} on the wire); check or reconvert the weights')
+
+    def attention_block(self, i, x, cache, seqs, ntok):
+        """Residual attention block of layer i: x + attn(norm(x)); x: [T, d]."""
+        self._note(2 * i, x)
+        w = self.layer[i]
+        return x + attention(rms_norm(x, w['attn_norm'], self.cfg.norm_eps), w, self.cfg,
+                             cache, i, seqs, ntok)
+
+    def ffn_input(self, i, x):
+        """The normed input of layer i's FFN: [T, d]."""
+        self._note(2 * i + 1, x)
+        return rms_norm(x, self.layer[i]['ffn_norm'], self.cfg.norm_eps)
+
+    def dense_ffn(self, i, h):
+        """Dense MLP of layer i (i < n_dense_layers): [T, d] -> [T, d]."""
+        return ffn(h, self.dense[i], self.cfg.expert_kind)
+
+    def logits(self, x):
+        """Final norm and LM head: x [n, d] -> float32 [n, vocab]; DataError
+        when they are not finite, naming the stage where that began."""
+        self._note(2 * self.cfg.n_layers, x)
+        out = _mm(rms_norm(x, self.t['final_norm'], self.cfg.norm_eps), self.t['lm_head'])
+        self._check_finite(out)
+        return out
