@@ -188,6 +188,18 @@ def test_sharded_gqa_and_transformers5_config(tmp_path):
     assert cfg.max_position_embeddings == 32768
 
 
+@pytest.mark.parametrize('value, expected', [(2, (2,)), ([2, 7], (2, 7)), (None, ()),
+                                             ('absent', ())])
+def test_end_of_sequence_ids_are_carried(tmp_path, value, expected):
+    """config.json's eos_token_id (an int, a list, null or absent) is the
+    model's: an input sequence ends there."""
+    hf = _hf_config() if value == 'absent' else _hf_config(eos_token_id=value)
+    tensors = _hf_tensors(hf)
+    _write_checkpoint(tmp_path / 'hf', hf, tensors)
+    assert _convert(tmp_path / 'hf', tmp_path / 'w.h5') == 0
+    assert _assert_matches(tmp_path / 'w.h5', tensors).eos_token_id == expected
+
+
 @pytest.mark.parametrize('dtype,name', [(np.float32, 'F32'), (np.float16, 'F16')])
 def test_f32_and_f16_round_to_nearest_even(dtype, name, tmp_path, capsys):
     """F32/F16 sources are rounded to bf16 nearest-even, with a note."""
@@ -266,6 +278,11 @@ REFUSALS = {
     'context length no model has': (
         _set('max_position_embeddings', 1 << 30),
         'max_position_embeddings=1073741824: must be in [1, 16777216]'),
+    'end-of-sequence id outside the vocabulary': (
+        _set('eos_token_id', [2, 100]),
+        'eos_token_id=[2, 100]: 100 is not a token id in [0, vocab_size=100)'),
+    'end-of-sequence id not an int': (
+        _set('eos_token_id', '2'), "eos_token_id=['2']: '2' is not a token id"),
 }
 
 

@@ -9,10 +9,12 @@ import h5py
 import numpy as np
 import pytest
 
-import mpimoe.io.inputs
+import mpimoe.io.hdf5
+import mpimoe.io.jsonl
 from mpirun import mpiexec
 from mpimoe.errors import DataError, UsageError
-from mpimoe.io.inputs import MAX_LINE_BYTES, InputStream, read_inputs
+from mpimoe.io.inputs import InputStream, read_inputs
+from mpimoe.io.jsonl import MAX_LINE_BYTES
 from test_reference_cli import _assert_one_line_error, _reference
 
 VOCAB = 256
@@ -89,7 +91,7 @@ def test_over_long_line_is_refused_naming_it(tmp_path):
 def test_over_long_line_is_not_read_whole(tmp_path, monkeypatch):
     """A line without newline is read only up to the cap (here 4 KiB of a
     4 MiB line), never whole into memory."""
-    monkeypatch.setattr(mpimoe.io.inputs, 'MAX_LINE_BYTES', 4096)
+    monkeypatch.setattr(mpimoe.io.jsonl, 'MAX_LINE_BYTES', 4096)
     path = tmp_path / 'long.jsonl'
     path.write_bytes(GOOD.encode() + b'\n' + b'[' * (4 << 20))
     tracemalloc.start()
@@ -103,7 +105,7 @@ def test_over_long_line_is_not_read_whole(tmp_path, monkeypatch):
 
 
 def test_a_line_of_exactly_the_cap_is_read(tmp_path, monkeypatch):
-    monkeypatch.setattr(mpimoe.io.inputs, 'MAX_LINE_BYTES', 64)
+    monkeypatch.setattr(mpimoe.io.jsonl, 'MAX_LINE_BYTES', 64)
     line = '{"id": "b", "tokens": [1]}'
     line += ' ' * (63 - len(line))                      # 63 bytes + newline = the cap
     inp = read_inputs(_jsonl(tmp_path / 'ok.jsonl', [GOOD, line]), VOCAB)
@@ -184,7 +186,7 @@ def test_hdf5_bad_ids(tmp_path, ids, dtype, expected):
 
 
 def test_hdf5_defects_in_a_late_slab_are_found_at_open(tmp_path):
-    n = mpimoe.io.inputs._HDF5_SLAB + 10
+    n = mpimoe.io.hdf5._HDF5_SLAB + 10
     ids = [f's{i}' for i in range(n)]
     ids[-1] = 's3'
     path = _h5(tmp_path / 'dup.h5', np.ones(n), np.arange(n + 1), ids)

@@ -1,6 +1,7 @@
 """Input readers, synthetic inputs, the output writer, and ``mpimoe make-input``."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -192,19 +193,31 @@ def _batches(rng, n=5, vocab=16):
     return ids, generated, logits
 
 
+#: how the 5 sequences of _batches ended, and their prompt lengths
+REASONS, PROMPTS = ['length', 'stop', 'length', 'stop', 'length'], np.array([4, 1, 7, 2, 9])
+
+
+def _write(w, lo, hi, ids, generated, logits=None):
+    w.write(np.arange(lo, hi), ids[lo:hi], generated[lo:hi], logits,
+            finish_reasons=REASONS[lo:hi], prompt_tokens=PROMPTS[lo:hi])
+
+
 @pytest.mark.parametrize('save_logits', [True, False])
 def test_output_two_batches_round_trip(tmp_path, save_logits):
     out = tmp_path / 'out.h5'
     ids, generated, logits = _batches(np.random.default_rng(0))
     with OutputWriter(out, 5, 16, save_logits, META) as w:
         for lo, hi in ((0, 2), (2, 5)):
-            w.write(np.arange(lo, hi), ids[lo:hi], generated[lo:hi],
-                    logits[lo:hi] if save_logits else None)
+            _write(w, lo, hi, ids, generated, logits[lo:hi] if save_logits else None)
         assert not out.exists()
     got = read_outputs(out)
     assert got['ids'] == ids and got['meta'] == META
     assert [g.tolist() for g in got['generated']] == [g.tolist() for g in generated]
     assert all(g.dtype == np.int32 for g in got['generated'])
+    assert got['finish_reason'] == REASONS
+    assert got['prompt_tokens'].dtype == got['completion_tokens'].dtype == np.int32
+    assert got['prompt_tokens'].tolist() == PROMPTS.tolist()
+    assert got['completion_tokens'].tolist() == [3, 0, 3, 1, 3]
     if save_logits:
         assert np.array_equal(got['last_logits'], logits)
     else:
@@ -216,9 +229,11 @@ def test_output_prefill_only_has_no_generated_tokens(tmp_path):
     out = tmp_path / 'out.h5'
     logits = np.ones((3, 16), dtype=np.float32)
     with OutputWriter(out, 3, 16, True, {}) as w:
-        w.write(np.arange(3), ['a', 'b', 'c'], [np.zeros(0, np.int32)] * 3, logits)
+        w.write(np.arange(3), ['a', 'b', 'c'], [np.zeros(0, np.int32)] * 3, logits,
+                finish_reasons=['length'] * 3, prompt_tokens=[5, 1, 2])
     got = read_outputs(out)
     assert [g.size for g in got['generated']] == [0, 0, 0] and got['meta'] == {}
+    assert got['completion_tokens'].tolist() == [0, 0, 0]
     assert np.array_equal(got['last_logits'], logits)
 
 
@@ -227,7 +242,7 @@ def test_output_missing_sequences_is_an_error(tmp_path):
     ids, generated, _ = _batches(np.random.default_rng(0))
     with pytest.raises(RuntimeError, match='only 2 of 5 sequences'):
         with OutputWriter(out, 5, 16, False, META) as w:
-            w.write([0, 1], ids[:2], generated[:2])
+            _write(w, 0, 2, ids, generated)
     assert not out.exists() and not Path(str(out) + '.partial').exists()
 
 
@@ -235,8 +250,8 @@ def test_output_batches_out_of_order_are_refused(tmp_path):
     ids, generated, _ = _batches(np.random.default_rng(0))
     with pytest.raises(ValueError, match='index must continue the input order'):
         with OutputWriter(tmp_path / 'out.h5', 5, 16, False, META) as w:
-            w.write([0, 1], ids[:2], generated[:2])
-            w.write([3, 4], ids[3:], generated[3:])
+            _write(w, 0, 2, ids, generated)
+            _write(w, 3, 5, ids, generated)
 
 
 def test_output_refuses_existing_file(tmp_path):
@@ -254,9 +269,38 @@ def test_output_exception_leaves_existing_file_untouched(tmp_path):
     ids, generated, _ = _batches(np.random.default_rng(0))
     with pytest.raises(KeyError):
         with OutputWriter(out, 5, 16, False, META, overwrite=True) as w:
-            w.write(range(5), ids, generated)
+            _write(w, 0, 5, ids, generated)
             raise KeyError('boom')
     assert out.read_bytes() == b'previous result'
+
+
+@pytest.mark.parametrize('reasons, prompts, message', [
+    (['length', 'done'], [1, 2], "finish reason 'done': must be one of ('stop', 'length')"),
+    (['length'], [1, 2], 'batch of 2 sequences with 1 finish reasons'),
+    (['stop', 'stop'], [1, 0], 'prompt_tokens [1, 0]...: must be integers >= 1'),
+    (['stop', 'stop'], [1.0, 2.0], 'must be integers >= 1'),
+])
+def test_output_refuses_bad_ends(tmp_path, reasons, prompts, message):
+    ids, generated, _ = _batches(np.random.default_rng(0))
+    w = OutputWriter(tmp_path / 'out.h5', 5, 16, False, META)
+    with pytest.raises(ValueError, match=re.escape(message)), w:
+        w.write([0, 1], ids[:2], generated[:2], finish_reasons=reasons, prompt_tokens=prompts)
+    assert w.written == 0 and not list((tmp_path / 'out.h5.chunks').glob('*.h5'))
+
+
+def test_read_outputs_of_a_file_before_the_per_sequence_counts(tmp_path):
+    """An output written before finish_reason, prompt_tokens and completion_tokens
+    existed reads with None for them."""
+    out = tmp_path / 'out.h5'
+    ids, generated, _ = _batches(np.random.default_rng(0))
+    with OutputWriter(out, 5, 16, False, META) as w:
+        _write(w, 0, 5, ids, generated)
+    with h5py.File(out, 'r+') as f:
+        for key in ('finish_reason', 'prompt_tokens', 'completion_tokens'):
+            del f[key]
+    got = read_outputs(out)
+    assert got['finish_reason'] is got['prompt_tokens'] is got['completion_tokens'] is None
+    assert got['ids'] == ids
 
 
 def test_read_outputs_refuses_other_files(tmp_path):

@@ -46,9 +46,14 @@ def writer(out, overwrite=False):
     return OutputWriter(out, N, VOCAB, True, {}, IDENT, overwrite=overwrite)
 
 
+#: how each of the N sequences ended, and its prompt length
+REASONS, PROMPTS = ['stop', 'length'] * (N // 2), np.arange(1, N + 1)
+
+
 def write(w, lo, hi):
     ids, gen, logits = results()
-    w.write(np.arange(lo, hi), ids[lo:hi], gen[lo:hi], logits[lo:hi])
+    w.write(np.arange(lo, hi), ids[lo:hi], gen[lo:hi], logits[lo:hi],
+            finish_reasons=REASONS[lo:hi], prompt_tokens=PROMPTS[lo:hi])
 
 
 def partial(out, chunks=2):
@@ -67,6 +72,8 @@ def assert_complete(out):
     assert got['ids'] == ids
     assert all(np.array_equal(a, b) for a, b in zip(got['generated'], gen))
     assert np.array_equal(got['last_logits'], logits)
+    assert got['finish_reason'] == REASONS and got['prompt_tokens'].tolist() == PROMPTS.tolist()
+    assert got['completion_tokens'].tolist() == [g.size for g in gen]
     assert not Path(str(out) + '.chunks').exists() and not Path(str(out) + '.lock').exists()
 
 
@@ -514,7 +521,8 @@ def test_a_full_disk_is_an_io_failure_naming_the_file(small_disk):
     with pytest.raises(IOFailure, match=f'cannot write {small_disk / "out.h5.chunks"}/'
                                         '000000000000-000000000002.h5: No space left'):
         with OutputWriter(out, 2, 20000, True, {}, IDENT) as w:
-            w.write([0, 1], ['a', 'b'], [[1], [2]], big)
+            w.write([0, 1], ['a', 'b'], [[1], [2]], big, finish_reasons=['length'] * 2,
+                    prompt_tokens=[1, 1])
     assert not list((small_disk / 'out.h5.chunks').glob('*.partial'))
     assert not Path(str(out) + '.lock').exists()
     with pytest.raises(IOFailure, match=f'cannot write {small_disk / "r.json"}: No space'):
@@ -528,7 +536,8 @@ def test_no_room_for_the_assembled_output_is_found_before_writing_it(small_disk)
                                         'filesystem has .* free'):
         with OutputWriter(out, 4, 2000, True, {}, IDENT) as w:
             for lo in (0, 2):                       # 2 chunks of 16 kB of logits fit
-                w.write([lo, lo + 1], ['a', 'b'], [[1], [2]], np.ones((2, 2000), np.float32))
+                w.write([lo, lo + 1], ['a', 'b'], [[1], [2]], np.ones((2, 2000), np.float32),
+                        finish_reasons=['length'] * 2, prompt_tokens=[1, 1])
     assert sorted(os.listdir(small_disk)) == ['out.h5.chunks']      # kept for a rerun
     assert len(list((small_disk / 'out.h5.chunks').glob('*.h5'))) == 2
 

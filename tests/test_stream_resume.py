@@ -61,7 +61,8 @@ IDENT = {'input_sha256': 'abc', 'max_new_tokens': 3}
 
 
 def _write(writer, ids, gen, logits, lo, hi):
-    writer.write(np.arange(lo, hi), ids[lo:hi], gen[lo:hi], logits[lo:hi])
+    writer.write(np.arange(lo, hi), ids[lo:hi], gen[lo:hi], logits[lo:hi],
+                 finish_reasons=['length'] * (hi - lo), prompt_tokens=np.full(hi - lo, 2))
 
 
 def test_resume_after_a_failure_equals_an_uninterrupted_run(tmp_path):

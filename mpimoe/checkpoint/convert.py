@@ -49,8 +49,7 @@ _IGNORED = '.rotary_emb.inv_freq'
 #: generation defaults); any other key not mapped or checked below is refused
 _HARMLESS_KEYS = {
     '_name_or_path', 'architectures', 'model_type', 'transformers_version',
-    'torch_dtype', 'dtype', 'use_cache', 'bos_token_id', 'eos_token_id',
-    'pad_token_id', 'initializer_range', 'attention_dropout', 'output_router_logits',
+    'torch_dtype', 'dtype', 'use_cache', 'bos_token_id', 'pad_token_id', 'initializer_range', 'attention_dropout', 'output_router_logits',
     'router_aux_loss_coef', 'router_jitter_noise', 'output_attentions',
     'output_hidden_states', 'return_dict', 'tokenizer_class'}
 #: config.json key -> ModelConfig field, each required
@@ -61,8 +60,10 @@ _MAPPED_KEYS = {'hidden_size': 'd_model', 'num_hidden_layers': 'n_layers',
                 'rms_norm_eps': 'norm_eps',
                 'max_position_embeddings': 'max_position_embeddings'}
 #: keys read by the checks of :func:`_feature_problems` or for RoPE / head_dim
+#: / the end-of-sequence ids (optional)
 _CHECKED_KEYS = {'hidden_act', 'tie_word_embeddings', 'rope_scaling', 'rope_parameters',
-                 'rope_theta', 'sliding_window', 'attention_bias', 'mlp_bias', 'head_dim'}
+                 'rope_theta', 'sliding_window', 'attention_bias', 'mlp_bias', 'head_dim',
+                 'eos_token_id'}
 
 
 # ---------------------------------------------------------------- config
@@ -113,6 +114,14 @@ def _rope_theta(hf):
     return hf.get('rope_theta', rope.get('rope_theta') if isinstance(rope, dict) else None)
 
 
+def _eos_ids(value):
+    """config.json's ``eos_token_id``: an int, a list of ints, or null/absent
+    (none) -> tuple (ModelConfig checks the ids)."""
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list) else (value,)
+
+
 def mixtral_config(hf):
     """config.json of a Mixtral model (dict) -> (ModelConfig or None, problems [str]).
 
@@ -133,7 +142,8 @@ def mixtral_config(hf):
                                       and heads > 0 else None)
     try:
         cfg = ModelConfig(**fields, n_dense_layers=0, head_dim=head_dim, d_dense=fields['d_expert'],
-                          expert_kind='swiglu', rope_theta=theta, dtype='bfloat16')
+                          expert_kind='swiglu', rope_theta=theta, dtype='bfloat16',
+                          eos_token_id=_eos_ids(hf.get('eos_token_id')))
     except ConfigError as e:
         return None, problems + [f'config.json does not give a valid model: {e}']
     return cfg, problems

@@ -8,7 +8,12 @@ One HDF5 file:
 | `generated` | int32 | `[total_new]` | the new tokens of all sequences, concatenated in input order |
 | `generated_offsets` | int64 | `[n+1]` | sequence `i` generated `generated[generated_offsets[i]:generated_offsets[i+1]]` |
 | `last_logits` | float32 | `[n, vocab_size]` | optional (`--save-logits`): logits at the last prompt position |
+| `finish_reason` | UTF-8 string | `[n]` | why sequence `i` ended: `stop` (at an end-of-sequence or stop token, kept in `generated`) or `length` (at its `max_tokens`) |
+| `prompt_tokens` | int32 | `[n]` | tokens of sequence `i`'s prompt |
+| `completion_tokens` | int32 | `[n]` | tokens sequence `i` generated (`generated_offsets[i+1] - generated_offsets[i]`) |
 
+`finish_reason`, `prompt_tokens` and `completion_tokens` are absent from files
+written before they existed (:func:`read_outputs` returns None for them).
 Root attributes: `format = "mpimoe-output"`, `format_version = 1`, and the run's
 metadata (str, int or float values; e.g. `weights`, `max_new_tokens`,
 `mpimoe_version`).  The file appears under its final name only once all `n`
@@ -29,6 +34,7 @@ from mpimoe.io.files import (atomic_write, check_space, check_writable, hdf5_ima
                              write_json)
 from mpimoe.io.inputs import file_digest
 from mpimoe.io.lock import OutputLock
+from mpimoe.runtime.request import FINISH_REASONS
 
 
 
@@ -50,7 +56,8 @@ class OutputWriter:
 
         with OutputWriter(out, n, vocab, save_logits, meta, identity) as w:
             for batch in ...:                 # starting at sequence w.written
-                w.write(index, ids, generated, logits)
+                w.write(index, ids, generated, logits, finish_reasons=reasons,
+                        prompt_tokens=lengths)
 
     The writer holds :class:`OutputLock` on ``OUT`` from its creation to the end
     of the ``with`` block, whatever way it ends (:meth:`close` releases it for a
@@ -191,26 +198,32 @@ class OutputWriter:
         write_json(self.manifest, {'identity': self.identity, 'chunks': self.chunks,
                                    'final': final})
 
-    def write(self, index, ids, generated, logits=None):
+    def write(self, index, ids, generated, logits=None, *, finish_reasons, prompt_tokens):
         """Commit the next ``b`` sequences as one chunk.
 
         index: int [b], must be ``written, written+1, ...``; ids: list[str] [b];
         generated: list of b int arrays [new_i]; logits: float32 [b, vocab]
-        (required exactly when ``save_logits``).
+        (required exactly when ``save_logits``); finish_reasons: list of b
+        FINISH_REASONS; prompt_tokens: int [b], each prompt's length (>= 1).
         """
         start, b = self.written, len(index)
         self._check_batch(index, ids, generated, logits)
+        reasons, prompts = _checked_ends(b, finish_reasons, prompt_tokens)
         new = np.concatenate([np.asarray(g, dtype=np.int64).ravel() for g in generated])
         if new.size and (new.min() < 0 or new.max() >= self.vocab_size):
             raise ValueError(f'generated token outside [0, vocab_size={self.vocab_size})')
+        completion = np.array([np.size(g) for g in generated], dtype=np.int64)
         offsets = np.zeros(b + 1, dtype=np.int64)
-        np.cumsum([np.size(g) for g in generated], out=offsets[1:])
+        np.cumsum(completion, out=offsets[1:])
         name = _chunk_name(start, start + b)
         path = os.path.join(self.dir, name)
         with atomic_write(path) as tmp, hdf5_image(tmp) as f:
             f.create_dataset('ids', data=list(ids), dtype=h5py.string_dtype())
             f.create_dataset('generated', data=new.astype(np.int32))
             f.create_dataset('generated_offsets', data=offsets)
+            f.create_dataset('finish_reason', data=reasons, dtype=h5py.string_dtype())
+            f.create_dataset('prompt_tokens', data=prompts)
+            f.create_dataset('completion_tokens', data=completion.astype(np.int32))
             if self.save_logits:
                 f.create_dataset('last_logits', data=np.asarray(logits, dtype=np.float32))
         self.chunks.append({'start': start, 'stop': start + b, 'file': name,
@@ -269,6 +282,12 @@ class OutputWriter:
             gen = out.create_dataset('generated', shape=(0,), maxshape=(None,),
                                      chunks=(1 << 14,), dtype=np.int32)
             offs = out.create_dataset('generated_offsets', data=np.zeros(n + 1, np.int64))
+            per_seq = {'finish_reason': out.create_dataset('finish_reason', shape=(n,),
+                                                           dtype=h5py.string_dtype()),
+                       'prompt_tokens': out.create_dataset('prompt_tokens', shape=(n,),
+                                                           dtype=np.int32),
+                       'completion_tokens': out.create_dataset('completion_tokens', shape=(n,),
+                                                               dtype=np.int32)}
             logits = out.create_dataset('last_logits', shape=(n, self.vocab_size),
                                         dtype=np.float32) if self.save_logits else None
             for c in self.chunks:
@@ -281,8 +300,25 @@ class OutputWriter:
                     gen.resize((end + new.size,))
                     gen[end:] = new
                     offs[start + 1:stop + 1] = end + f['generated_offsets'][1:]
+                    for key, ds in per_seq.items():
+                        ds[start:stop] = f[key][()]
                     if logits is not None:
                         logits[start:stop] = f['last_logits'][()]
+
+
+def _checked_ends(b, finish_reasons, prompt_tokens):
+    """(finish reasons list[str] [b], prompt lengths int32 [b]), checked:
+    each reason one of FINISH_REASONS, each length an integer >= 1."""
+    reasons, prompts = list(finish_reasons), np.asarray(prompt_tokens)
+    if len(reasons) != b or prompts.shape != (b,):
+        raise ValueError(f'batch of {b} sequences with {len(reasons)} finish reasons and '
+                         f'prompt_tokens of shape {prompts.shape}')
+    bad = [r for r in reasons if r not in FINISH_REASONS]
+    if bad:
+        raise ValueError(f'finish reason {bad[0]!r}: must be one of {FINISH_REASONS}')
+    if prompts.dtype.kind not in 'iu' or (prompts < 1).any() or (prompts > 2 ** 31 - 1).any():
+        raise ValueError(f'prompt_tokens {prompts.tolist()[:4]}...: must be integers >= 1')
+    return reasons, prompts.astype(np.int32)
 
 
 def _chunk_name(start, stop):
@@ -329,8 +365,9 @@ def _checked_meta(meta):
 
 def read_outputs(path):
     """Read an output file -> dict: ids list[str] [n], generated list of int32
-    [new_i], last_logits float32 [n, vocab] or None, meta dict of the caller's
-    attributes."""
+    [new_i], last_logits float32 [n, vocab] or None, finish_reason list[str]
+    [n], prompt_tokens int32 [n], completion_tokens int32 [n] (each None in a
+    file written before it existed), meta dict of the caller's attributes."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f'{path}: output file not found')
@@ -355,6 +392,9 @@ def read_outputs(path):
             'ids': f['ids'].asstr()[()].tolist(),
             'generated': np.split(generated, offsets[1:-1]),
             'last_logits': f['last_logits'][()] if 'last_logits' in f else None,
+            'finish_reason': f['finish_reason'].asstr()[()].tolist()
+            if 'finish_reason' in f else None,
+            **{k: f[k][()] if k in f else None for k in ('prompt_tokens', 'completion_tokens')},
             'meta': {k: _python_scalar(v) for k, v in f.attrs.items()
                      if k not in ('format', 'format_version')},
         }

@@ -16,7 +16,7 @@ __all__ = ['ModelConfig', 'PRESETS', 'model_config', 'parse_overrides', 'parse_j
 EXPERT_KINDS = ('mlp', 'swiglu')
 #: fields added after files were first written: a stored config may lack them
 #: (their default applies)
-LATER_FIELDS = frozenset({'max_position_embeddings'})
+LATER_FIELDS = frozenset({'max_position_embeddings', 'eos_token_id'})
 DTYPES = ('bfloat16', 'float16')
 
 # Upper bounds: a file or a --set can claim any number, and the layout, the
@@ -41,6 +41,8 @@ MAX = {
     'vocab_size': 1 << 22,              # 16x Gemma 3
     'max_position_embeddings': 1 << 24,  # 1.6x Llama 4 Scout
 }
+#: most end-of-sequence ids (Llama 3 has 3)
+MAX_EOS_IDS = 64
 #: largest rope_theta (100000x Qwen2.5-1M)
 MAX_ROPE_THETA = 1e12
 #: largest number of (MoE layer, expert) pairs: 5.7x Kimi K2's 60 x 384 (each
@@ -88,16 +90,24 @@ class ModelConfig:
     """Context length: prompt plus generated tokens of one sequence may not
     exceed it (``max_position_embeddings`` of the checkpoint's config.json;
     weight files written before the field existed read as 4096)."""
+    eos_token_id: tuple = ()
+    """End-of-sequence token id(s): a sequence ends at the first it generates
+    (unless its request sets ``ignore_eos``); () = the model has none.
+    ``eos_token_id`` of the checkpoint's config.json (an int or a list);
+    ``--set eos_token_id=2,7``; weight files written before the field existed
+    read as ()."""
 
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
             if not isinstance(v, _field_type(f)) or isinstance(v, bool):
-                raise ConfigError(f'{f.name}={clip(repr(v))}: expected {f.type.__name__}')
+                raise ConfigError(f'{f.name}={clip(repr(v))}: expected '
+                                  f'{_CONVERTERS[f.type][1]}')
         for name, top in MAX.items():
             v = getattr(self, name)
             if not 1 <= v <= top:
                 raise ConfigError(f'{name}={clip(v)}: must be in [1, {top}]')
+        self._check_eos()
         if not 0 <= self.n_dense_layers < self.n_layers:
             raise ConfigError(f'n_dense_layers={clip(self.n_dense_layers)}: must be in '
                               f'[0, n_layers={self.n_layers}) so that one MoE layer is left')
@@ -118,6 +128,15 @@ class ModelConfig:
         if not 0 < self.norm_eps < 1:
             raise ConfigError(f'norm_eps={clip(self.norm_eps)}: must be in (0, 1)')
         self._check_totals()
+
+    def _check_eos(self):
+        ids = self.eos_token_id
+        if len(ids) > MAX_EOS_IDS:
+            raise ConfigError(f'eos_token_id: {len(ids)} ids; at most {MAX_EOS_IDS}')
+        bad = [t for t in ids if type(t) is not int or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ConfigError(f'eos_token_id={clip(list(ids))}: {clip(repr(bad[0]))} is not a '
+                              f'token id in [0, vocab_size={self.vocab_size})')
 
     def _check_totals(self):
         """Bound what the fields multiply into: experts (tensors) and parameters."""
@@ -182,7 +201,8 @@ class ModelConfig:
         missing = sorted(names - set(d) - LATER_FIELDS)
         if unknown or missing:
             raise ConfigError(f'config keys: unknown {clip(unknown)}, missing {missing}')
-        return cls(**d)
+        # JSON has lists, the config tuples
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def parse_json(text, what, error=ConfigError):
@@ -200,6 +220,16 @@ def parse_json(text, what, error=ConfigError):
 def _field_type(f):
     """The accepted Python type(s) of a field: a float field accepts an int."""
     return (int, float) if f.type is float else f.type
+
+
+def _int_list(text):
+    """``'2,7'`` -> ``(2, 7)``; ``''`` -> ``()``."""
+    return tuple(int(t) for t in text.split(',')) if text.strip() else ()
+
+
+#: field type -> (--set value converter, its name in messages)
+_CONVERTERS = {int: (int, 'int'), float: (float, 'float'), str: (str, 'str'),
+               tuple: (_int_list, 'list of ints (comma-separated: 2,7)')}
 
 
 #: Named configurations.  ``paper-*`` follow the reference deployment
@@ -231,12 +261,14 @@ PRESETS = {
 
 
 def parse_overrides(pairs):
-    """``['top_k=3', 'expert_kind=mlp']`` -> ``{'top_k': 3, 'expert_kind': 'mlp'}``.
+    """``['top_k=3', 'expert_kind=mlp', 'eos_token_id=2,7']`` -> ``{'top_k': 3,
+    'expert_kind': 'mlp', 'eos_token_id': (2, 7)}``.
 
-    Values are converted to the field's type; an unknown key or a value that
-    does not convert raises ConfigError naming the key.
+    Values are converted to the field's type (a tuple: comma-separated ints,
+    empty for none); an unknown key or a value that does not convert raises
+    ConfigError naming the key.
     """
-    types = {f.name: _field_type(f) for f in fields(ModelConfig)}
+    types = {f.name: f.type for f in fields(ModelConfig)}
     out = {}
     for pair in pairs or ():
         key, sep, value = pair.partition('=')
@@ -245,11 +277,11 @@ def parse_overrides(pairs):
             raise ConfigError(f'--set {pair!r}: expected KEY=VALUE')
         if key not in types:
             raise ConfigError(f'--set {key}: unknown key; valid keys: {", ".join(types)}')
-        conv = float if types[key] == (int, float) else types[key]
+        conv, expected = _CONVERTERS[types[key]]
         try:
             out[key] = conv(value.strip())
         except ValueError:
-            raise ConfigError(f'--set {key}={value}: not a valid {conv.__name__}') from None
+            raise ConfigError(f'--set {key}={value}: not a valid {expected}') from None
     return out
 
 

@@ -22,8 +22,9 @@ class SamplingParams:
 
     max_tokens: new tokens at most (0: prefill only); temperature: 0 is greedy
     (argmax), else softmax(logits / temperature) is sampled; top_k: sample
-    among the k most likely tokens (0: all); top_p: among the fewest most
-    likely tokens whose probabilities sum to at least top_p (1: all); seed:
+    among the k most likely tokens (0: all); top_p: then among the fewest most
+    likely of those whose probabilities, renormalised over them, sum to at
+    least top_p (1: all); top_k and top_p do not apply when greedy; seed:
     with the sequence's id and step, the whole random stream
     (mpimoe.runtime.sampler); stop_token_ids: tokens that end the sequence
     like an end-of-sequence token; ignore_eos: do not stop at the model's

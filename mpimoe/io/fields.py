@@ -1,0 +1,137 @@
+"""The fields of one input sequence besides its tokens, checked: its id, and
+its generation settings (an input line's keys, or the run's defaults).
+
+    settings = line_settings(prefix, {'temperature': 0.7, 'seed': 3}, vocab_size)
+    params = dataclasses.replace(defaults, **settings)      # SamplingParams
+"""
+
+import json
+import math
+
+from mpimoe.errors import DataError, UsageError
+
+__all__ = ['SETTINGS', 'OPTIONS', 'line_settings', 'check_defaults']
+
+#: longest id, in bytes of UTF-8
+MAX_ID_BYTES = 1024
+#: highest temperature (softmax(logits / 100) is all but uniform)
+MAX_TEMPERATURE = 100
+#: most stop tokens of a sequence
+MAX_STOP_IDS = 64
+
+#: an input line's generation settings (SamplingParams fields), in order
+SETTINGS = ('max_tokens', 'temperature', 'top_k', 'top_p', 'seed', 'stop_token_ids',
+            'ignore_eos')
+#: the run option that gives each setting's default
+OPTIONS = {'max_tokens': '--max-new-tokens', 'temperature': '--temperature',
+           'top_k': '--top-k', 'top_p': '--top-p', 'seed': '--seed',
+           'stop_token_ids': '--stop-token-ids', 'ignore_eos': '--ignore-eos'}
+
+
+def _is_int(v):
+    return type(v) is int             # not a bool, not a float 3.0
+
+
+def _is_number(v):
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _rule(key, vocab_size):
+    """(accepts(value) -> bool, what the value must be) of setting ``key``."""
+    ints, numbers = _is_int, _is_number
+    return {
+        'max_tokens': (lambda v: ints(v) and v >= 0, 'an integer >= 0'),
+        'temperature': (lambda v: numbers(v) and 0 <= v <= MAX_TEMPERATURE,
+                        f'a number in [0, {MAX_TEMPERATURE}] (0: greedy)'),
+        'top_k': (lambda v: ints(v) and 0 <= v <= vocab_size,
+                  f'an integer in [0, vocab_size={vocab_size}] (0: off)'),
+        'top_p': (lambda v: numbers(v) and 0 < v <= 1, 'a number in (0, 1]'),
+        'seed': (lambda v: ints(v) and 0 <= v < 1 << 63, 'an integer in [0, 2^63)'),
+        'stop_token_ids': (lambda v: isinstance(v, (list, tuple)) and len(v) <= MAX_STOP_IDS
+                           and all(ints(t) and 0 <= t < vocab_size for t in v),
+                           f'a list of at most {MAX_STOP_IDS} token ids in '
+                           f'[0, vocab_size={vocab_size})'),
+        'ignore_eos': (lambda v: type(v) is bool, 'true or false'),
+    }[key]
+
+
+def _converted(key, value):
+    """A checked setting as SamplingParams holds it: floats, a tuple."""
+    if key in ('temperature', 'top_p'):
+        return float(value)
+    return tuple(value) if key == 'stop_token_ids' else value
+
+
+def line_settings(prefix, obj, vocab_size):
+    """The generation settings of input line ``obj`` (a dict) besides "id" and
+    "tokens", checked and converted: {key: value}.
+
+    DataError starting with ``prefix`` ('FILE:LINE: id ...') for a key not in
+    SETTINGS (listing the allowed ones) or a value of the wrong type or range
+    (naming the key, the value and the range).
+    """
+    settings = {}
+    for key, value in obj.items():
+        if key in ('id', 'tokens'):
+            continue
+        if key not in SETTINGS:
+            raise DataError(f'{prefix}: unknown key {_json_text(key)}; a line has the keys '
+                            f'id, tokens, {", ".join(SETTINGS)}')
+        accepts, allowed = _rule(key, vocab_size)
+        if not accepts(value):
+            raise DataError(f'{prefix}: "{key}" = {_setting_text(value)}: must be {allowed}')
+        settings[key] = _converted(key, value)
+    return settings
+
+
+def check_defaults(defaults, vocab_size):
+    """UsageError naming the run option (OPTIONS) of the first setting of
+    ``defaults`` (SamplingParams) that is of the wrong type or range."""
+    for key in SETTINGS:
+        value = getattr(defaults, key)
+        accepts, allowed = _rule(key, vocab_size)
+        if not accepts(value):
+            shown = ','.join(map(str, value)) if key == 'stop_token_ids' and \
+                isinstance(value, (list, tuple)) else value
+            raise UsageError(f'{OPTIONS[key]} {shown}: must be {allowed}')
+
+
+def _check_id(where, seq_id):
+    """DataError unless ``seq_id`` is Unicode text (no lone surrogate: it has no
+    UTF-8) without NUL (an HDF5 string ends there) of at most MAX_ID_BYTES bytes."""
+    try:
+        size = len(seq_id.encode('utf-8'))
+    except UnicodeEncodeError as e:
+        raise DataError(f'{where}: id {_id_text(seq_id)} has a lone surrogate '
+                        f'{seq_id[e.start]!r} at character {e.start} (half of a UTF-16 pair, '
+                        'not a character); fix the id') from None
+    if '\0' in seq_id:
+        raise DataError(f'{where}: id {_id_text(seq_id)} contains NUL at character '
+                        f'{seq_id.index(chr(0))}; ids are text without NUL')
+    if size > MAX_ID_BYTES:
+        raise DataError(f'{where}: id {_id_text(seq_id)} has {size} bytes of UTF-8; ids have '
+                        f'at most {MAX_ID_BYTES}')
+
+
+def _id_text(seq_id, limit=48):
+    """repr of an id for a message, cut short if long."""
+    if len(seq_id) <= limit:
+        return repr(seq_id)
+    return f'{seq_id[:limit - 8]!r}... ({len(seq_id)} characters)'
+
+
+def _json_text(value, limit=40):
+    """A JSON value for a message, short: a list or object as [...] or {...}."""
+    if isinstance(value, (list, dict)):
+        return '[...]' if isinstance(value, list) else '{...}'
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def _setting_text(value):
+    """A setting's value for a message: as :func:`_json_text`, but a list of
+    scalars (stop_token_ids) is shown, cut short."""
+    if isinstance(value, list) and not any(isinstance(v, (list, dict)) for v in value):
+        text = json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + '...'
+    return _json_text(value)
