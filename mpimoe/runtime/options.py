@@ -21,13 +21,13 @@ __all__ = ['JobOptions', 'RunOptions', 'add_arguments', 'from_args']
 
 
 def _opt(default, help, *, flag=None, aliases=(), metavar=None, choices=None, lo=None,
-         above=None, hi=None, kind=None):
+         above=None, hi=None):
     """A field with its command-line metadata: ``lo`` <= value (``above`` <
-    value, ``hi`` >= value) when it is set; ``kind`` the argparse type when
-    the default (None) does not say it."""
+    value, ``hi`` >= value) when it is set; the field's type is the
+    argparse type."""
     return field(default=default, metadata=dict(
         help=help, flag=flag, aliases=aliases, metavar=metavar, choices=choices, lo=lo,
-        above=above, hi=hi, kind=kind))
+        above=above, hi=hi))
 
 
 def _required(help, metavar='FILE'):
@@ -64,11 +64,11 @@ class JobOptions:
                          metavar='N', lo=1)
     kv_tokens: int = _opt(None, 'KV cache of a front-end, in tokens (default: 4 x '
                           '--max-batch-tokens); a sequence reserves prompt + max_tokens',
-                          metavar='N', lo=1, kind=int)
+                          metavar='N', lo=1)
     chunk_tokens: int = _opt(None, 'prompt tokens per committed chunk of the output, per '
                              'front-end (default: 16 x --max-batch-tokens); each chunk runs '
                              'from an empty batch, so a resumed run is bit for bit an '
-                             'uninterrupted one', metavar='T', lo=1, kind=int)
+                             'uninterrupted one', metavar='T', lo=1)
     batching: str = _opt('continuous', 'continuous: a sequence that ends leaves at once and '
                          'the next waiting one joins (default); static: a front-end takes new '
                          'sequences only once all its running ones ended (the baseline of '
@@ -77,7 +77,7 @@ class JobOptions:
                            'resume')
     threads: int = _opt(None, 'BLAS threads per process (default: SLURM_CPUS_PER_TASK under '
                         'srun, else the cores of its CPU affinity divided among the ranks '
-                        'sharing them)', metavar='N', lo=1, kind=int)
+                        'sharing them)', metavar='N', lo=1)
 
     def validate(self):
         """ConfigError naming the first option out of its range."""
@@ -125,7 +125,7 @@ class RunOptions(JobOptions):
     placement: str = _opt('per-layer', 'per-layer | dedicated | packed:K (default per-layer)',
                           metavar='MODE')
     frontends: int = _opt(None, 'front-end ranks (default: the fewest >= 1 that fit the '
-                          'placement)', metavar='F', lo=1, kind=int)
+                          'placement)', metavar='F', lo=1)
     stats: str = _opt(None, 'place experts for the expert loads of a previous run (its '
                       'run.json): the topology layout of `mpimoe plan --stats` on the MPI '
                       'node layout', metavar='RUN_JSON')
@@ -179,8 +179,8 @@ def add_arguments(parser, cls):
         elif isinstance(f.default, bool):
             parser.add_argument(*names, dest=f.name, action='store_true', help=m['help'])
         else:
-            kind = m.get('kind') or type(f.default)
-            parser.add_argument(*names, dest=f.name, type=_typed(kind, _flag(f)),
+            kind = f.type
+            parser.add_argument(*names, dest=f.name, type=_typed(kind),
                                 default=f.default, metavar=m.get('metavar'),
                                 choices=m.get('choices'), help=m['help'])
 
@@ -191,8 +191,8 @@ def from_args(cls, args):
                   if hasattr(args, f.name)})
 
 
-def _typed(kind, flag):
-    """argparse type: ``kind`` of the text, else a one-line error naming the flag."""
+def _typed(kind):
+    """argparse type: ``kind`` of the text, else a one-line error (argparse names the flag)."""
     if kind is str:
         return str
 
