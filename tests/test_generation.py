@@ -167,34 +167,3 @@ def test_a_sequence_larger_than_the_kv_cache_is_refused_before_compute(tiny_weig
                        '--max-batch-tokens', 32], timeout=RUN_TIMEOUT)
     assert proc.returncode == 65, proc.stderr
     assert '--kv-tokens' in proc.stderr and not out.exists(), proc.stderr
-
-
-def test_a_rerun_with_another_sampling_setting_is_refused(tiny_weights, tiny_inputs, tmp_path):
-    """A partial output (one chunk committed, as a stopped run leaves it) is
-    resumed by the same settings only: another --temperature is refused
-    naming it, and nothing is touched."""
-    from mpimoe.io.job import open_job
-    from mpimoe.runtime.options import JobOptions
-    out = tmp_path / 'o.h5'
-    opts = JobOptions(weights=tiny_weights, input=tiny_inputs, output=str(out),
-                      max_new_tokens=2, temperature=0.8, seed=7)
-    with WeightFile(tiny_weights) as wf:
-        stream, writer = open_job(opts, wf, {'producer': 'test'}, 1)
-    writer.__enter__()          # left as a stopped run leaves it: not finished
-    try:
-        writer.write(np.arange(2), ['seq-000000', 'seq-000001'], [[1, 2], [3, 4]],
-                     finish_reasons=['length'] * 2, prompt_tokens=stream_lengths(stream, 2))
-    finally:
-        writer.close()
-    chunks = sorted(p.name for p in (tmp_path / 'o.h5.chunks').iterdir())
-    proc = mpiexec(1, ['reference', '--weights', tiny_weights, '--input', tiny_inputs,
-                       '--output', out, '--max-new-tokens', 2, '--temperature', '0.5',
-                       '--seed', '7'], timeout=RUN_TIMEOUT)
-    assert proc.returncode == 65 and 'temperature' in proc.stderr, proc.stderr
-    assert sorted(p.name for p in (tmp_path / 'o.h5.chunks').iterdir()) == chunks
-
-
-def stream_lengths(stream, n):
-    """Prompt lengths of the first n sequences of an InputStream."""
-    _, batch = next(stream.batches(None))
-    return batch.lengths[:n]

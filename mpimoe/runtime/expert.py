@@ -11,7 +11,6 @@ import numpy as np
 
 from mpimoe.backends.backend import from_words, storage_dtype, to_words
 from mpimoe.moe.experts import run_experts
-from mpimoe.parallel.mpiutil import MPI
 from mpimoe.runtime.role import MORE, Role
 
 __all__ = ['ExpertRank', 'POLL_ROWS']
@@ -28,7 +27,6 @@ class ExpertRank(Role):
 
     def __init__(self, world, cfg, plan, opts, layers, timers, hosted, backend=None, mode=None):
         super().__init__(world, cfg, plan, opts, layers, timers, backend, mode)
-        self.front_comm = world.Split(MPI.UNDEFINED, world.rank)
         self.hosted = hosted
         self.compute = self.faulty('expert', run_experts)
         # rows computed per hosted expert: layer -> int64 [experts of the layer here]

@@ -57,7 +57,6 @@ class FrontEndRank(Role):
                  mode=None):
         super().__init__(world, cfg, plan, opts, layers, timers, backend, mode)
         backend = self.backend
-        self.front_comm = world.Split(0, world.rank)
         self.front = front
         front.attention_block = self.faulty('attention', front.attention_block)
         self.stream, self.writer = io or (None, None)
@@ -109,7 +108,10 @@ class FrontEndRank(Role):
                 with self.timers.span('scatter', 'io'):
                     self.scheduler.add(self.front_comm.scatter(assign, root=0))
                 step = self.scheduler.schedule()
-                logits = self.forward(step)
+                # an overflow ends in NaN/Inf logits, which the front-end refuses in
+                # one message (FrontEnd.logits); NumPy's warnings would only add lines
+                with np.errstate(over='ignore', invalid='ignore'):
+                    logits = self.forward(step)
                 finished = self.scheduler.finish(step, logits)
                 self._record(step)
             if rank0 and stop:

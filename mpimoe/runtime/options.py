@@ -43,16 +43,19 @@ class JobOptions:
                            'ignore_eos (see README)')
     output: str = _required('HDF5 output to write')
     max_new_tokens: int = _opt(0, 'default max_tokens: new tokens per sequence at most '
-                               '(default 0: prefill only)', metavar='N', lo=0)
+                               '(default 0: prefill only)', metavar='N')
     temperature: float = _opt(0.0, 'default sampling temperature (default 0: greedy)',
-                              metavar='T', lo=0.0, hi=100.0)
+                              metavar='T')
     top_k: int = _opt(0, 'default top-k: sample among the K most likely tokens (default 0: '
-                      'all)', metavar='K', lo=0)
+                      'all)', metavar='K')
     top_p: float = _opt(1.0, 'default top-p (nucleus) in (0, 1] (default 1: all)',
-                        metavar='P', above=0.0, hi=1.0)
+                        metavar='P')
     seed: int = _opt(0, 'default seed of the sampling streams; a sequence draws from (seed, '
-                     'its id, its step) only, whatever the layout (default 0)', metavar='S',
-                     lo=0, hi=2 ** 63 - 1)
+                     'its id, its step) only, whatever the layout (default 0)', metavar='S')
+    stop_token_ids: str = _opt('', 'default stop tokens: a sequence also ends at any of these '
+                               'comma-separated ids (kept in the output)', metavar='ID,ID,...')
+    ignore_eos: bool = _opt(False, "by default, do not stop at the model's end-of-sequence "
+                            'token(s)')
     save_logits: bool = _opt(False, 'also store last_logits [n, vocab] at the last prompt '
                              'position')
     max_batch_tokens: int = _opt(4096, 'tokens one step of a front-end computes at most '
@@ -114,9 +117,16 @@ class JobOptions:
                 'batching': self.batching}
 
     def sampling(self):
-        """The run's default SamplingParams (a line's keys override them)."""
+        """The run's default SamplingParams (a line's keys override them; their
+        ranges are checked with the input, mpimoe.io.fields.check_defaults)."""
+        try:
+            stops = tuple(int(t) for t in self.stop_token_ids.split(',') if t.strip())
+        except ValueError:
+            raise ConfigError(f'--stop-token-ids {self.stop_token_ids}: expected token ids '
+                              'separated by commas, e.g. 2,7') from None
         return SamplingParams(max_tokens=self.max_new_tokens, temperature=self.temperature,
-                              top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+                              top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+                              stop_token_ids=stops, ignore_eos=self.ignore_eos)
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,9 @@ class Role:
         self.slots = [Slot(cfg.d_model, self.rowtype, opts.deadline, backend, mode)
                       for _ in range(opts.micro_batches)]
         self.control = world.Dup()
+        # the front-ends' own communicator (collective over the world)
+        self.front_comm = world.Split(0 if plan.is_frontend(world.rank) else MPI.UNDEFINED,
+                                      world.rank)
         self.stop = None            # the StopRequest of run(); rank 0's decides
         self.steps = 0
 
