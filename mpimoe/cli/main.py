@@ -98,16 +98,19 @@ def _cmd_plan(args):
     calib = costmodel.load_calibration(args.calibration) if args.calibration else None
     consts = costmodel.make_constants(calib, args.calibration, link_gbps=args.link_gbps)
     baseline = None if loads is None else dataclasses.replace(plan, owner=plan.block_owner)
-    costmodel.check_memory(costmodel.memory(plan, work), args.gpu_memory_gb)
+    costmodel.check_memory(costmodel.memory(plan, work, args.kv_tokens), args.gpu_memory_gb)
     model = ' '.join([f'--preset {args.preset}'] + [f'--set {o}' for o in args.overrides])
-    tokens = None if work is None else work.seqs_per_frontend(plan) * work.seq_len
+    # the KV pool and running sequences of the planned workload, per front-end
+    seqs = None if work is None else work.seqs_per_frontend(plan)
+    kv = args.kv_tokens or (None if work is None else seqs * work.seq_len)
     stats = os.path.abspath(args.stats) if args.stats else None
-    text = sbatch_script(plan, model, args.micro_batches, tokens, stats) \
+    text = sbatch_script(plan, model, args.micro_batches, kv, seqs, stats) \
         if args.emit_sbatch else None
     if text is not None:
         write_sbatch(args.emit_sbatch, text)
     print(plan.describe(full=args.full))
-    print('\n'.join(costmodel.describe(plan, work, consts, args.gpu_memory_gb, baseline)))
+    print('\n'.join(costmodel.describe(plan, work, consts, args.gpu_memory_gb, baseline,
+                                        args.kv_tokens)))
     if text is not None:
         print(f'wrote {args.emit_sbatch}: {plan.n_nodes} nodes x {plan.gpus_per_node} tasks '
               f'({plan.world_size} in all)')
@@ -286,8 +289,7 @@ def _build_parser():
                    help='sequences in flight over all front-ends (with --seq-len: KV '
                    'cache, buffers, time estimates)')
     p.add_argument('--seq-len', type=int, metavar='S', help='tokens per sequence')
-    p.add_argument('--micro-batches', type=int, default=2, metavar='M',
-                   help='micro-batches per pass, as for `mpimoe run` (default 2)')
+    add_arguments(p, RunOptions, only=('micro_batches', 'kv_tokens'))
     p.add_argument('--link-gbps', type=float, metavar='GBPS',
                    help='inter-node bandwidth per node and direction, Gb/s (default: the '
                    'calibration file, else 200)')

@@ -66,7 +66,8 @@ class JobOptions:
                          'never more than --max-batch-tokens, one token each a step)',
                          metavar='N', lo=1)
     kv_tokens: int = _opt(None, 'KV cache of a front-end, in tokens (default: 4 x '
-                          '--max-batch-tokens); a sequence reserves prompt + max_tokens',
+                          '--max-batch-tokens; for `mpimoe plan`, --batch-seqs x --seq-len '
+                          'per front-end); a sequence reserves prompt + max_tokens',
                           metavar='N', lo=1)
     chunk_tokens: int = _opt(None, 'prompt tokens per committed chunk of the output, per '
                              'front-end (default: 16 x --max-batch-tokens); each chunk runs '
@@ -178,9 +179,12 @@ def _flag(f):
     return f.metadata.get('flag') or '--' + f.name.replace('_', '-')
 
 
-def add_arguments(parser, cls):
-    """Add one argument per field of ``cls`` (JobOptions or RunOptions)."""
+def add_arguments(parser, cls, only=None):
+    """Add one argument per field of ``cls`` (JobOptions or RunOptions), or
+    per field named in ``only`` (the options another command shares)."""
     for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
         m = f.metadata
         names = [_flag(f), *m.get('aliases', ())]
         if m.get('required'):
