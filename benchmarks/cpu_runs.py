@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_runs.py threads        [--ranks 9] [--repeats 3]
     python benchmarks/cpu_runs.py micro-batches  [--ranks 2] [--repeats 3]
+    python benchmarks/cpu_runs.py batching       [--ranks 9] [--repeats 3]
 
 Writes the ``small`` preset cut to 4 MoE layers of 8 experts (d_model 512)
 and a JSONL input into a temporary directory (or ``--out DIR``), then runs
@@ -15,9 +16,15 @@ threads: 32 sequences of 16-32 tokens + 16 new tokens on 9 ranks (per-layer),
 cores, what a BLAS does unless told) against the default sizing.
 micro-batches: 64 sequences of 64 tokens + 8 new tokens on 2 ranks (1
 front-end + 1 expert rank, packed:8), one BLAS thread each, M = 1, 2, 4, 8.
+batching: 96 sequences of 8-24 tokens, each with its own max_tokens drawn
+uniformly from 1..32 (output lengths vary as they do where sequences end at
+their end-of-sequence token), on 9 ranks with at most 8 sequences running
+per front-end: ``--batching static`` (a front-end takes new sequences only
+once all its running ones ended) against continuous batching (the default).
 
-Columns: prefill and decode tokens/s, time per output token (median decode
-step), the job's wall time as mpiexec saw it, start-up (that wall minus the
+Columns: prefill and decode (generated) tokens/s over the front-ends' busy
+time (a step mixes both), time per output token (median step that
+generated tokens), the job's wall time as mpiexec saw it, start-up (that wall minus the
 prefill and decode passes: imports, MPI, weights, report), and the CPU
 seconds of all the job's processes (less sensitive than wall time to other
 work on the machine), and the compute seconds of the front-end and of the
@@ -45,7 +52,8 @@ MODEL = ['--preset', 'small', '--set', 'n_layers=4', '--set', 'n_dense_layers=0'
 
 #: per benchmark: (ranks, sequences, min len, max len, new tokens, run options)
 SETUPS = {'threads': (9, 32, 16, 32, 16, ['--placement', 'per-layer']),
-          'micro-batches': (2, 64, 64, 64, 8, ['--placement', 'packed:8', '--threads', '1'])}
+          'micro-batches': (2, 64, 64, 64, 8, ['--placement', 'packed:8', '--threads', '1']),
+          'batching': (9, 96, 8, 24, 32, ['--placement', 'per-layer', '--max-seqs', '8'])}
 
 
 def variants(bench):
@@ -54,7 +62,20 @@ def variants(bench):
         cores = len(os.sched_getaffinity(0))
         return [(f'--threads {cores} (all cores)', ['--threads', str(cores)]),
                 ('sized (default)', [])]
+    if bench == 'batching':
+        return [('static', ['--batching', 'static']), ('continuous (default)', [])]
     return [(f'M = {m}', ['--micro-batches', str(m)]) for m in (1, 2, 4, 8)]
+
+
+def varied_lengths(path, seqs, lo, hi, new, seed=0):
+    """A JSONL input whose lines set their own max_tokens, uniform in 1..new."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    with open(path, 'w') as f:
+        for i in range(seqs):
+            tokens = rng.integers(0, 4096, int(rng.integers(lo, hi + 1))).tolist()
+            f.write(json.dumps({'id': f's{i}', 'tokens': tokens,
+                                'max_tokens': int(rng.integers(1, new + 1))}) + '\n')
 
 
 def mpiexec():
@@ -90,7 +111,7 @@ def measure(run_json, wall, cpu):
                       if x['role'] == role] for role in ('front-end', 'expert')}
     return {'prefill': s['prefill_tokens_per_s'], 'decode': s['decode_tokens_per_s'],
             'tpot': s['tpot_p50_ms'], 'wall': wall,
-            'startup': wall - s['prefill_s'] - s['decode_s'], 'cpu': cpu,
+            'startup': wall - s['busy_s'], 'cpu': cpu,
             'front': statistics.mean(compute['front-end']),
             'expert': statistics.mean(compute['expert'])}
 
@@ -117,7 +138,7 @@ def print_table(bench, setup, results, repeats):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('bench', choices=sorted(SETUPS))
-    p.add_argument('--ranks', type=int, help='world size (default: 9 threads, 2 micro-batches)')
+    p.add_argument('--ranks', type=int, help='world size (default: 9 threads and batching, 2 micro-batches)')
     p.add_argument('--repeats', type=int, default=3, help='runs of each variant (default 3)')
     p.add_argument('--out', help='keep the files here (default: a temporary directory)')
     args = p.parse_args()
@@ -131,8 +152,11 @@ def main():
         if not os.path.exists(weights):
             mpimoe(['init-weights', *MODEL, '--out', weights], env)
         _, seqs, lo, hi, new, opts = setup
-        mpimoe(['make-input', '--weights', weights, '--num-seqs', str(seqs), '--min-len',
-                str(lo), '--max-len', str(hi), '--out', inputs, '--overwrite'], env)
+        if args.bench == 'batching':
+            varied_lengths(inputs, seqs, lo, hi, new)
+        else:
+            mpimoe(['make-input', '--weights', weights, '--num-seqs', str(seqs), '--min-len',
+                    str(lo), '--max-len', str(hi), '--out', inputs, '--overwrite'], env)
         todo = variants(args.bench)
         results = {label: [] for label, _ in todo}
         for rep in range(args.repeats):

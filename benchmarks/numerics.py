@@ -43,6 +43,7 @@ from mpimoe.checkpoint.writer import write_synthetic  # noqa: E402
 from mpimoe.model.config import model_config  # noqa: E402
 from mpimoe.io.inputs import read_inputs, write_synthetic_inputs
 from mpimoe.io.outputs import read_outputs  # noqa: E402
+from mpimoe.runtime.options import JobOptions
 from mpimoe.model.reference import load_reference, run_reference  # noqa: E402
 from mpirun import mpiexec  # noqa: E402
 
@@ -64,8 +65,9 @@ def engine(args, d):
     weights, inputs = _setup(args, d)
     t0 = time.monotonic()
     if not (d / 'ref.h5').exists():
-        run_reference(weights, inputs, d / 'ref.h5', max_new_tokens=args.new,
-                      save_logits=True, log=lambda *a: None)
+        run_reference(JobOptions(weights=weights, input=inputs, output=str(d / 'ref.h5'),
+                                     max_new_tokens=args.new, save_logits=True),
+                          log=lambda *a: None)
     t1 = time.monotonic()
     proc = mpiexec(args.ranks, ['run', '--weights', weights, '--input', inputs, '--output',
                                 d / 'run.h5', '--max-new-tokens', args.new, '--save-logits',
@@ -123,7 +125,7 @@ def batching(args, d):
         model = load_reference(wf)
     seqs = read_inputs(inputs, model.cfg.vocab_size)
     prompts = [seqs.seq(i) for i in range(len(seqs))]
-    tokens, _ = model.generate(prompts, args.new)
+    tokens = np.stack(model.generate(prompts, args.new)[0])       # [B, new]: no EOS here
     a = _teacher(model, prompts, tokens)
     b = np.concatenate([_teacher(model, prompts[i:i + args.chunk], tokens[i:i + args.chunk])
                         for i in range(0, len(prompts), args.chunk)], axis=1)

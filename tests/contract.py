@@ -174,45 +174,56 @@ def next_logits(model, prompt, tokens):
     return model.generate([np.concatenate([prompt, tokens])], 0)[1][0]
 
 
-def greedy_divergences(got, ref, recompute):
-    """Where the greedy tokens of another evaluation first leave the reference's.
+def greedy_divergences(got, ref, recompute, scores=None):
+    """Where the tokens of another evaluation first leave the reference's.
 
-    got, ref: one int array per sequence, of equal lengths; recompute(i,
-    tokens) -> float [V]: the reference model's logits after prompt i +
-    ``tokens`` (:func:`next_logits`; called only at a divergence).
+    got, ref: one int array per sequence; recompute(i, tokens) -> float [V]:
+    the reference model's logits after prompt i + ``tokens`` (:func:`next_logits`;
+    called only at a divergence); scores(i, j, row) -> float [V]: the scores
+    whose argmax chose token j of sequence i from its logits ``row``
+    (mpimoe.runtime.sampler.choice_scores; default: greedy, the logits) and
+    the factor by which they scale the logits (1/temperature).
     Returns a list of (sequence i, step j, got token, reference token, gap,
     bound): the first step j of each sequence whose tokens differ, the gap of
-    the two tokens' logits recomputed on the prompt and the j common tokens
-    (teacher-forced), and :func:`tie_bound` of that row.
+    the two tokens' scores recomputed on the prompt and the j common tokens
+    (teacher-forced), and :func:`tie_bound` of that row times the scale.  A
+    sequence that ends (end-of-sequence or stop token) where the other goes
+    on differs in that token; one that is a strict prefix of the other
+    without differing is a bug (a wrong stop), reported with gap inf.
     """
     found = []
     for i, (g, r) in enumerate(zip(got, ref, strict=True)):
-        assert len(g) == len(r), f'sequence {i}: {len(g)} tokens, the reference {len(r)}'
-        steps = np.flatnonzero(np.asarray(g) != np.asarray(r))
+        g, r = np.asarray(g), np.asarray(r)
+        n = min(len(g), len(r))
+        steps = np.flatnonzero(g[:n] != r[:n])
         if steps.size:
             j = int(steps[0])
             row = recompute(i, r[:j])
+            s, scale = (row, 1.0) if scores is None else scores(i, j, row)
             a, b = int(g[j]), int(r[j])
-            found.append((i, j, a, b, abs(float(row[a]) - float(row[b])), tie_bound(row)))
+            found.append((i, j, a, b, abs(float(s[a]) - float(s[b])), scale * tie_bound(row)))
+        elif len(g) != len(r):
+            found.append((i, n, -1, -1, float('inf'), 0.0))
     return found
 
 
-def assert_greedy_match(got, ref, recompute, names=None):
-    """Greedy tokens of another evaluation against the reference's
-    (arguments as :func:`greedy_divergences`; names: the sequences' names).
+def assert_greedy_match(got, ref, recompute, names=None, scores=None):
+    """Tokens of another evaluation against the reference's (arguments as
+    :func:`greedy_divergences`; names: the sequences' names).
 
     Tokens must be equal up to a first divergence, which is accepted only
-    where the two tokens' recomputed logits are within :func:`tie_bound`:
-    two evaluations move a gap by at most that bound, so where one picked a
-    over b and the other b over a, a third (the recomputed one) has them
-    within it.  The rest of that sequence is not compared: each evaluation
-    continues from its own token, so from there on they decode different
-    texts.  Returns the accepted divergences: list of (sequence, step, gap,
-    bound).
+    where the two tokens' recomputed scores are within the bound: two
+    evaluations move a gap of two logits by at most :func:`tie_bound`, and a
+    sampled choice's scores (logits / temperature plus the same noise on
+    both) by that over the temperature, so where one picked a over b and the
+    other b over a, a third (the recomputed one) has them within it.  The
+    rest of that sequence is not compared: each evaluation continues from
+    its own token, so from there on they decode different texts.  Returns
+    the accepted divergences: list of (sequence, step, gap, bound).
     """
-    found = greedy_divergences(got, ref, recompute)
+    found = greedy_divergences(got, ref, recompute, scores)
     bad = [f'sequence {i}' + (f' ({names[i]})' if names else '') +
-           f', step {j}: token {a}, the reference {b}; recomputed logits gap {gap:.3g} > '
+           f', step {j}: token {a}, the reference {b}; recomputed score gap {gap:.3g} > '
            f'bound {bound:.3g}; tokens {list(map(int, got[i][:j + 1]))}, reference '
            f'{list(map(int, ref[i][:j + 1]))}' for i, j, a, b, gap, bound in found if gap > bound]
     assert not bad, (f'{len(bad)} of {len(got)} sequences diverge from the reference away '
@@ -232,26 +243,52 @@ def _reference_of(weights, inputs):
     return model, [seqs.seq(i) for i in range(len(seqs))]
 
 
-def assert_matches_reference(got, ref, weights, inputs, max_new=None):
+def assert_matches_reference(got, ref, weights, inputs, max_new=None, defaults=None):
     """An output file of another evaluation (the engine, another layout)
     against the reference's: mpimoe.io.outputs.read_outputs dicts of ``inputs`` with
     ``weights`` (paths).
 
-    The same ids in order; greedy tokens as :func:`assert_greedy_match` (got
-    holds ``max_new`` tokens per sequence, compared with the reference's
-    first ``max_new``; default: all of them); last_logits, where got has
-    them, within LOGIT_RTOL of the reference's.  Returns the accepted
-    divergences.
+    The same ids in order; tokens as :func:`assert_greedy_match` (got holds
+    at most ``max_new`` tokens per sequence, compared with the reference's
+    first ``max_new``; default: all of them), sampled ones scored with each
+    sequence's settings (``defaults``: the run's SamplingParams, each input
+    line's keys over them; default greedy); finish reasons equal where the
+    tokens are; last_logits, where got has them, within LOGIT_RTOL of the
+    reference's.  Returns the accepted divergences.
     """
+    from mpimoe.runtime.sampler import choice_scores
     assert got['ids'] == ref['ids']
-    n = len(ref['generated'][0]) if max_new is None else max_new
+    n = max(map(len, ref['generated']), default=0) if max_new is None else max_new
+    params = _params_of(str(weights), str(inputs), defaults) if defaults else None
 
     def recompute(i, tokens):
         model, prompts = _reference_of(str(weights), str(inputs))
         return next_logits(model, prompts[i], tokens)
 
-    accepted = assert_greedy_match(got['generated'], [r[:n] for r in ref['generated']],
-                                   recompute, ref['ids'])
+    def scores(i, j, row):
+        p = params[i]
+        if p.temperature == 0:
+            return row, 1.0
+        return choice_scores(row, p, ref['ids'][i], j), 1.0 / p.temperature
+
+    expected = [r[:n] for r in ref['generated']]
+    accepted = assert_greedy_match(got['generated'], expected, recompute, ref['ids'],
+                                   scores if params else None)
+    diverged = {i for i, *_ in accepted}
+    if 'finish_reason' in got and max_new is None:
+        wrong = [i for i, (a, b) in enumerate(zip(got['finish_reason'], ref['finish_reason']))
+                 if a != b and i not in diverged]
+        assert not wrong, f'finish_reason differs from the reference in sequences {wrong}'
     if got['last_logits'] is not None:
         assert_logits_close(got['last_logits'], ref['last_logits'], 'last_logits')
     return accepted
+
+
+def _params_of(weights, inputs, defaults):
+    """Each sequence's SamplingParams: the input lines' keys over ``defaults``."""
+    from mpimoe.checkpoint.weights import WeightFile
+    from mpimoe.io.inputs import InputStream
+    with WeightFile(weights) as wf:
+        vocab = wf.config.vocab_size
+    stream = InputStream(inputs, vocab, defaults=defaults)
+    return [p for _, batch in stream.batches(None) for p in batch.params]

@@ -26,7 +26,7 @@ from mpimoe.backends.backend import (DTYPES, Backend, CudaProbe, HostStaging, Ro
 from mpimoe.errors import ConfigError, MpimoeError, UsageError
 from mpimoe.bench.gpu import GpuBenchOptions, run_gpu_bench
 from mpimoe.model.layers import _gelu, _silu, expert_ffn
-from mpimoe.moe.experts import moe_local
+from mpimoe.moe.local import moe_local
 from mpimoe.moe.router import route
 
 NO_CUPY = CudaProbe()

@@ -232,7 +232,7 @@ def test_cli_emit_sbatch_paper_61l(tmp_path):
     for line in ('#SBATCH --nodes=488', '#SBATCH --ntasks=3904', '#SBATCH --ntasks-per-node=8',
                  '#SBATCH --gpus-per-node=8', '#SBATCH --signal=B:USR1@120', '#SBATCH --requeue',
                  'srun -K1 --cpu-bind=cores python -m mpi4py -m mpimoe run',
-                 '--placement dedicated --frontends 192 --micro-batches 2 --batch-tokens 4096',
+                 '--placement dedicated --frontends 192 --micro-batches 2 --kv-tokens 4096 --max-seqs 1',
                  f'plan hash {_paper_61l().plan_hash()}'):
         assert line in text
     assert subprocess.run(['bash', '-n', str(job)], timeout=10).returncode == 0

@@ -31,6 +31,7 @@ from mpirun import mpiexec
 from mpimoe.checkpoint.weights import WeightFile
 from mpimoe.io.inputs import read_inputs
 from mpimoe.io.outputs import read_outputs
+from mpimoe.runtime.options import JobOptions
 from mpimoe.model.reference import run_reference
 
 #: the reference generates this many tokens; a run may ask for fewer
@@ -97,8 +98,9 @@ def files(make_weights, skewed_weights, tiny_inputs, tmp_path_factory):
         if name not in done:
             weights = skewed_weights if name == 'skewed' else make_weights(*WEIGHTS[name])
             out = root / f'{name}.h5'
-            run_reference(weights, tiny_inputs, out, max_new_tokens=REF_NEW_TOKENS,
-                          save_logits=True, log=lambda *a: None)
+            run_reference(JobOptions(weights=weights, input=tiny_inputs, output=str(out),
+                                     max_new_tokens=REF_NEW_TOKENS, save_logits=True),
+                          log=lambda *a: None)
             done[name] = weights, read_outputs(out)
         return done[name]
 

@@ -4,6 +4,7 @@ types and ranges are one line naming the line, the id, the key and the value,
 found at open; each prompt fits the context with its own max_tokens; the
 run's defaults are part of the output's identity."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,6 +15,7 @@ from mpimoe.errors import DataError, UsageError
 from mpimoe.io.fields import SETTINGS
 from mpimoe.io.inputs import InputStream, read_inputs
 from mpimoe.io.job import open_job
+from mpimoe.runtime.options import JobOptions
 from mpimoe.runtime.request import SamplingParams
 from test_inputs import _h5, _jsonl
 
@@ -152,7 +154,7 @@ def test_each_prompt_fits_the_context_with_its_own_max_tokens(tmp_path):
 
 def test_a_small_max_tokens_does_not_lift_the_batch_budget(tmp_path):
     msg = _error(tmp_path, {'id': 'b', 'tokens': [1] * 9, 'max_tokens': 0}, batch_tokens=8)
-    assert "id 'b': 9 prompt tokens exceed --batch-tokens 8" in msg
+    assert "id 'b': 9 prompt tokens exceed --max-batch-tokens 8" in msg
 
 
 # --- identity: the defaults of a run ---------------------------------------
@@ -160,10 +162,11 @@ def test_a_small_max_tokens_does_not_lift_the_batch_budget(tmp_path):
 def test_the_defaults_are_the_outputs_identity(tmp_path, tiny_weights):
     inp = _jsonl(tmp_path / 'in.jsonl', ['{"id": "a", "tokens": [1, 2]}'])
     out = tmp_path / 'out.h5'
-    defaults = SamplingParams(max_tokens=2, temperature=0.5, top_p=0.9, seed=4,
-                              stop_token_ids=(7, 8))
+    opts = JobOptions(weights=tiny_weights, input=str(inp), output=str(out), max_new_tokens=2,
+                      temperature=0.5, top_p=0.9, seed=4, stop_token_ids='7,8',
+                      max_batch_tokens=64)
     with WeightFile(tiny_weights) as wf:
-        _, writer = open_job(inp, out, wf, False, {}, False, batch_tokens=64, defaults=defaults)
+        _, writer = open_job(opts, wf, {})
         assert {k: writer.identity[k] for k in (
             'max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed', 'stop_token_ids',
             'ignore_eos', 'batch_tokens')} == {
@@ -172,12 +175,12 @@ def test_the_defaults_are_the_outputs_identity(tmp_path, tiny_weights):
         with pytest.raises(KeyboardInterrupt), writer:
             raise KeyboardInterrupt                     # a run stopped: its manifest stays
         for change, said in ((dict(temperature=0.7), 'temperature 0.5 then, 0.7 now'),
-                             (dict(stop_token_ids=(7,)), "stop_token_ids '7,8' then, '7' now"),
-                             (dict(ignore_eos=True), 'ignore_eos 0 then, 1 now')):
+                             (dict(stop_token_ids='7'), "stop_token_ids '7,8' then, '7' now"),
+                             (dict(ignore_eos=True), 'ignore_eos 0 then, 1 now'),
+                             (dict(max_seqs=3), 'max_seqs 256 then, 3 now')):
             with pytest.raises(DataError, match=said):
-                open_job(inp, out, wf, False, {}, False, batch_tokens=64,
-                         defaults=SamplingParams(**{**vars(defaults), **change}))
-        _, again = open_job(inp, out, wf, False, {}, False, batch_tokens=64, defaults=defaults)
+                open_job(dataclasses.replace(opts, **change), wf, {})
+        _, again = open_job(opts, wf, {})
         with again:
             assert again.written == 0
             again.write([0], ['a'], [np.array([3, 4])], finish_reasons=['length'],

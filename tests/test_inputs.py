@@ -156,14 +156,15 @@ def test_prompt_plus_new_tokens_beyond_the_context_is_refused(tmp_path, ext, whe
 
 @pytest.mark.parametrize('ext, where', [('.jsonl', ':2: id '), ('.h5', ': sequence 1 (id ')])
 def test_prompt_beyond_the_batch_budget_is_refused(tmp_path, ext, where):
-    """A batch never holds more than --batch-tokens prompt tokens: a longer
-    prompt, which would be a batch of its own beyond the budget, is refused."""
+    """A step never holds more than --max-batch-tokens tokens: a longer
+    prompt, which could never join a step, is refused."""
     path = _lengths_file(tmp_path, [5, 41, 40], ext)
     stream = InputStream(path, VOCAB, batch_tokens=41)
     assert [b.lengths.sum() for _, b in stream.batches(41)] == [5, 41, 40]
     msg = _error(path, batch_tokens=40)
     assert msg.startswith(f'{path}{where}' + "'doc-1'"), msg
-    assert '41 prompt tokens exceed --batch-tokens 40' in msg and 'raise --batch-tokens' in msg
+    assert '41 prompt tokens exceed --max-batch-tokens 40' in msg and \
+        'raise --max-batch-tokens' in msg
 
 
 def test_max_new_tokens_filling_the_context_is_a_usage_error(tmp_path):

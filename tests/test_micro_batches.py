@@ -1,9 +1,9 @@
-"""How a pass is split into micro-batches (mpimoe.runtime.engine._micro_batches)."""
+"""How a pass is split into micro-batches (mpimoe.model.forward.micro_batches)."""
 
 import numpy as np
 import pytest
 
-from mpimoe.runtime.engine import _micro_batches
+from mpimoe.model.forward import micro_batches as _micro_batches
 
 
 def _check_cover(ranges, m, b):

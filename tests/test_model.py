@@ -1,5 +1,5 @@
 """Known-answer tests of the single-process reference model (mpimoe.model.layers,
-mpimoe.model.frontend, mpimoe.moe.router, mpimoe.moe.experts, mpimoe.model.generate,
+mpimoe.model.frontend, mpimoe.moe.router, mpimoe.moe.experts,
 mpimoe.model.reference): hand-computed norms, RoPE and activations, the MoE
 layer against the dense mixture, the KV cache against full recomputation, batch
 independence, and the scale of the synthetic model's activations and routing.
@@ -16,11 +16,10 @@ from mpimoe.checkpoint.weights import WeightFile
 from contract import (LOGIT_RTOL, TIE_RTOL, assert_greedy_match, assert_logits_close,
                       next_logits, tie_bound)
 from mpimoe.model.config import model_config
-from mpimoe.model.generate import generate
 from mpimoe.io.inputs import read_inputs
 from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for
 from mpimoe.model.layers import apply_rope, expert_ffn, ffn, rms_norm, rope_tables
-from mpimoe.moe.experts import moe_local
+from mpimoe.moe.local import moe_local
 from mpimoe.model.reference import load_reference
 from mpimoe.moe.router import expert_counts, route
 
@@ -62,19 +61,21 @@ def _prefill(model, prompts):
 
 
 def _generate_recorded(model, prompts, n):
-    """Greedy generation through mpimoe.model.generate.generate, recording every forward.
+    """Greedy generation in lock-step (prefill, then one token of every
+    sequence per step), recording every forward.
 
     -> (generated int32 [B, n], logits float32 [n, B, V]): ``logits[s]`` are the
     logits ``generated[:, s]`` was picked from.
     """
-    steps = []
-
-    def forward(*args):
-        steps.append(model.forward(*args))
-        return steps[-1]
-
-    generated, last_logits = generate(forward, model.front.new_cache, prompts, n)
-    assert np.array_equal(last_logits, steps[0])
+    lengths = np.array([len(p) for p in prompts])
+    cache, seqs = _fresh_cache(model.front, lengths + n)
+    steps = [model.forward(np.concatenate(prompts), cache, seqs, lengths)]
+    generated = np.empty((len(prompts), n), dtype=np.int32)
+    for s in range(n):
+        generated[:, s] = steps[-1].argmax(axis=1)
+        if s + 1 < n:
+            steps.append(model.forward(generated[:, s].astype(np.int64), cache, seqs,
+                                       np.ones(len(prompts), np.int64)))
     return generated, np.stack(steps)
 
 

@@ -50,7 +50,8 @@ def test_reference_writes_the_output_format(tmp_path, tiny_weights, tiny_inputs)
     assert lines[1].startswith('mpimoe: 12/12 sequences (100.0%)')
     inputs = read_inputs(tiny_inputs, 256)
     with h5py.File(out, 'r') as f:
-        assert set(f) == {'ids', 'generated', 'generated_offsets', 'last_logits'}
+        assert set(f) == {'ids', 'generated', 'generated_offsets', 'last_logits', 'finish_reason',
+                          'prompt_tokens', 'completion_tokens'}
         assert h5py.check_string_dtype(f['ids'].dtype) is not None and f['ids'].shape == (12,)
         assert f['ids'].asstr()[()].tolist() == inputs.ids
         assert f['generated'].dtype == np.int32 and f['generated'].shape == (48,)
@@ -60,11 +61,11 @@ def test_reference_writes_the_output_format(tmp_path, tiny_weights, tiny_inputs)
         assert f.attrs['format'] == 'mpimoe-output' and f.attrs['format_version'] == 1
         assert f.attrs['producer'] == 'mpimoe reference' and f.attrs['max_new_tokens'] == 4
         generated, logits = f['generated'][()], f['last_logits'][()]
-    # the command is the library: one batch, the same arithmetic, the same bits
+    # the command is the library: the same steps, the same arithmetic, the same bits
     with WeightFile(tiny_weights) as wf:
         model = load_reference(wf)
     expected, expected_logits = model.generate([inputs.seq(i) for i in range(12)], 4)
-    np.testing.assert_array_equal(generated, expected.ravel())
+    np.testing.assert_array_equal(generated, np.concatenate(expected))
     np.testing.assert_array_equal(logits, expected_logits)
 
 
@@ -74,7 +75,8 @@ def test_reference_prefill_only_without_logits(tmp_path, tiny_weights, tiny_inpu
                         cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     with h5py.File(out, 'r') as f:
-        assert set(f) == {'ids', 'generated', 'generated_offsets'}
+        assert set(f) == {'ids', 'generated', 'generated_offsets', 'finish_reason',
+                          'prompt_tokens', 'completion_tokens'}
         assert f['generated'].shape == (0,) and f['generated_offsets'][()].tolist() == [0] * 13
 
 

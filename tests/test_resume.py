@@ -16,7 +16,9 @@ from mpirun import mpiexec, mpiexec_start, uninterrupted_run
 from mpimoe.io.outputs import read_outputs
 
 N_SEQS = 120
-ARGS = ['--max-new-tokens', 3, '--batch-tokens', 24, '--save-logits', '--placement', 'packed:2']
+#: sampled, so that a resumed file equal to an uninterrupted one covers the sampler too
+ARGS = ['--max-new-tokens', 3, '--max-batch-tokens', 24, '--chunk-tokens', 24, '--save-logits',
+        '--placement', 'packed:2', '--temperature', 0.8, '--seed', 3]
 
 
 @pytest.fixture(scope='module')
@@ -134,6 +136,8 @@ def test_rerun_with_other_input_weights_or_options_is_refused(workload, tmp_path
         (['--input', other_inputs, '--weights', weights], 'input_sha256'),
         (['--input', inputs, '--weights', make_weights('tiny', (), seed=1)], 'weights_sha256'),
         (['--input', inputs, '--weights', weights, '--max-new-tokens', 4], 'max_new_tokens'),
+        (['--input', inputs, '--weights', weights, '--temperature', 0.5], 'temperature'),
+        (['--input', inputs, '--weights', weights, '--max-seqs', 3], 'max_seqs'),
     ]
     for args, what in cases:
         proc = mpiexec(5, ['run', '--output', out, *ARGS, *args], timeout=120)

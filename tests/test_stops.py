@@ -1,5 +1,5 @@
-"""Stops within a round: SIGTERM (exit 75) and SIGINT (exit 130) are honoured
-at the next step (forward pass), not at the end of a long round; the round in
+"""Stops within a chunk: SIGTERM (exit 75) and SIGINT (exit 130) are honoured
+at the next step (forward pass), not at the end of a long chunk; the chunk in
 flight is abandoned, the committed ones stay, and a rerun completes the output.
 The same for `mpimoe reference`.  Every job has a timeout."""
 
@@ -18,9 +18,10 @@ from mpirun import mpiexec, mpiexec_start, uninterrupted_run
 from mpimoe.io.outputs import read_outputs
 from mpimoe.runtime.signals import StopRequest, stop_error
 
-#: 6 sequences of 2..6 tokens in batches of <= 10 tokens: 3 rounds of 80 steps
+#: 6 sequences of 2..6 tokens in chunks of <= 10 prompt tokens: 3 chunks of 80 steps
 N_SEQS = 6
-ARGS = ['--max-new-tokens', 80, '--batch-tokens', 10, '--placement', 'packed:2']
+ARGS = ['--max-new-tokens', 80, '--max-batch-tokens', 10, '--chunk-tokens', 10,
+        '--kv-tokens', 256, '--placement', 'packed:2']
 RANKS = 5
 #: seconds from the signal to the end of the job (a round takes longer)
 STOP_WITHIN = 15
@@ -115,7 +116,8 @@ def test_reference_stops_at_the_next_step(workload, tmp_path, signum, code):
     weights, inputs, _ = workload
     out = tmp_path / 'ref.h5'
     cmd = [sys.executable, '-m', 'mpimoe', 'reference', '--weights', weights, '--input',
-           inputs, '--output', out, '--max-new-tokens', 400, '--batch-tokens', 10]
+           inputs, '--output', out, '--max-new-tokens', 400, '--max-batch-tokens', 10,
+           '--chunk-tokens', 10, '--kv-tokens', 1024]
     proc = subprocess.Popen(list(map(str, cmd)), stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={'OMP_NUM_THREADS': '1', **os.environ})
     err, seconds = _signal_mid_round(proc, out, signum)

@@ -29,7 +29,7 @@ from mpimoe.backends.backend import (DTYPES, MPI_GPU_MODES, Backend, HostStaging
 from mpimoe.model.config import model_config
 from mpimoe.errors import ConfigError, UsageError
 from mpimoe.model.layers import expert_ffn
-from mpimoe.moe.experts import moe_local
+from mpimoe.moe.local import moe_local
 
 __all__ = ['GpuBenchOptions', 'run_gpu_bench']
 

@@ -1,11 +1,13 @@
 """``mpimoe bench moe-layer``: one MoE layer over P ranks against its expert
 GEMMs alone, timed in the same job.
 
-The layer is the engine's own pipeline (mpimoe.runtime.engine roles and stages route,
-permute, dispatch, expert, combine, unpermute) on weights built in memory: a
-one-layer model whose experts are random BF16-rounded FP32 matrices (as the
-engine holds them on CPU), and random activations [T, d] on rank 0, the one
-front-end.  Each repeat is one *round* of the engine's control protocol:
+The layer is the engine's own: rank 0, the one front-end, runs the
+mpimoe.moe.layer.MoELayer with the MPI dispatcher (stages route, permute,
+dispatch, combine, unpermute), the others mpimoe.runtime.expert.ExpertRank
+(stage expert), on weights built in memory: a one-layer model whose experts
+are random BF16-rounded FP32 matrices (as the engine holds them on CPU), and
+random activations [T, d].  Each repeat is one *step* of the engine's
+control protocol (mpimoe.runtime.role):
 
 1. baselines on rank 0 while the other ranks sleep (:func:`_idle`): the bare
    GEMMs of every expert (``x @ up``, ``@ down``) on the rows the router sends
@@ -14,8 +16,8 @@ front-end.  Each repeat is one *round* of the engine's control protocol:
    the same rows; each with as many BLAS threads as rank 0 has cores, and
    with 1;
 2. the distributed layer, every rank at 1 BLAS thread: rank 0 dispatches
-   every micro-batch, then collects each (the MoE part of
-   ``_FrontEndRank.forward``); the expert ranks run ``_ExpertRank._layer``.
+   every micro-batch, then combines each (as the layer loop,
+   mpimoe.model.forward, does); the expert ranks serve the layer.
 
 The RATIO divides the layer time by the GEMMs with all cores' threads: the P
 ranks share those same cores, so the ratio is the price of routing, packing,
@@ -30,18 +32,21 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from mpimoe.backends.backend import round16
-from mpimoe.checkpoint.layout import nonexpert_tensor_names, tensor_specs
-from mpimoe.model.config import ModelConfig
-from mpimoe.runtime.engine import (DONE, MORE, RunOptions, _collective, _ExpertRank, _FrontEndRank,
-                           _layer_comms)
 from mpimoe.errors import ConfigError, UsageError
 from mpimoe.io.files import write_json
-from mpimoe.runtime.metrics import Timers
-from mpimoe.model.frontend import FrontEnd
-from mpimoe.moe.experts import moe_local, permute, run_experts
+from mpimoe.model.config import ModelConfig
+from mpimoe.moe.experts import permute, run_experts
+from mpimoe.moe.layer import MoELayer
+from mpimoe.moe.local import moe_local
+from mpimoe.moe.router import route
+from mpimoe.parallel.dispatcher import MPIDispatcher
 from mpimoe.parallel.mpiutil import MPI, WaitTimeout, run_guarded, wait_all
 from mpimoe.planning.placement import make_plan
-from mpimoe.moe.router import route
+from mpimoe.runtime.engine import layer_comms
+from mpimoe.runtime.expert import ExpertRank
+from mpimoe.runtime.metrics import Timers
+from mpimoe.runtime.options import RunOptions
+from mpimoe.runtime.role import DONE, MORE, Role, collective
 from mpimoe.runtime.threads import apply_threads
 
 __all__ = ['BenchOptions', 'bench_moe_layer']
@@ -105,8 +110,8 @@ def _bench(opts, world):
             raise ConfigError('mpimoe bench found no BLAS that threadpoolctl can size '
                               '(OpenBLAS, MKL, BLIS) behind NumPy')
     except UsageError as e:
-        raise _collective(e)
-    layers = _layer_comms(world, plan)
+        raise collective(e)
+    layers = layer_comms(world, plan)
     layer = cfg.moe_layers[0]
     t0, cpu0, machine0 = time.perf_counter(), time.process_time(), _machine_cpu_s()
     role = _make_role(world, cfg, plan, run_opts, layers, opts.seed)
@@ -131,13 +136,20 @@ def _bench(opts, world):
 # -------------------------------------------------------------- weights
 
 def _make_role(world, cfg, plan, run_opts, layers, seed):
-    """This rank's engine role (front-end or expert rank) on weights built in memory."""
-    if plan.is_frontend(world.rank):
-        return _FrontEndRank(world, cfg, plan, run_opts, layers, Timers(),
-                             FrontEnd(cfg, _nonexpert_tensors(cfg, seed)))
+    """Rank 0: a Role with the layer's MoELayer (``role.moe``) over the MPI
+    dispatcher; the others: an ExpertRank, on weights built in memory."""
     layer = cfg.moe_layers[0]
+    if plan.is_frontend(world.rank):
+        role = Role(world, cfg, plan, run_opts, layers, Timers())
+        keys = tuple(map(np.asarray, plan.dispatch_keys(0)[:2]))
+        role.dispatcher = MPIDispatcher(cfg, role.slots, layers, {layer: keys}, world.rank,
+                                        role.timers)
+        router = _random((cfg.d_model, cfg.n_experts), seed, 1 << 20)
+        role.moe = MoELayer(layer, router, cfg, role.dispatcher, role.timers)
+        role.is_frontend = True
+        return role
     hosted = [_expert(cfg, layer, e, seed) for _, e in plan.rank_experts(world.rank)]
-    return _ExpertRank(world, cfg, plan, run_opts, layers, Timers(), {layer: hosted})
+    return ExpertRank(world, cfg, plan, run_opts, layers, Timers(), {layer: hosted})
 
 
 def _random(shape, seed, *key):
@@ -155,27 +167,19 @@ def _expert(cfg, layer, e, seed):
             for i, m in enumerate(cfg.expert_matrices)}
 
 
-def _nonexpert_tensors(cfg, seed):
-    """A front-end's tensors (norms all ones): name -> float32 array."""
-    shapes = dict(tensor_specs(cfg))
-    return {n: np.ones(shapes[n], np.float32) if n.endswith('norm') else
-            _random(shapes[n], seed, 1 << 20, i)
-            for i, n in enumerate(nonexpert_tensor_names(cfg))}
-
-
 # -------------------------------------------------------------- rounds
 
 def _frontend_rounds(role, layer, opts, blas):
-    """Rank 0: per round, baselines then the distributed layer (blas: the
+    """Rank 0: per step, baselines then the distributed layer (blas: the
     BLAS libraries, for the table).
 
-    Returns (per-round dicts of seconds, summary dict for the table).
+    Returns (per-step dicts of seconds, summary dict for the table).
     """
     cfg = role.cfg
     experts = [_expert(cfg, layer, e, opts.seed) for e in range(cfg.n_experts)]
     h = np.random.default_rng([opts.seed, 2]).standard_normal(
         (opts.tokens, cfg.d_model), dtype=np.float32)                   # [T, d]
-    chosen, _ = route(h, role.front.router[layer], cfg.top_k)              # [T, k]
+    chosen, _ = route(h, role.moe.router, cfg.top_k)              # [T, k]
     rows, _, counts = permute(round16(h, cfg.dtype), chosen, cfg.n_experts)
     hs = np.array_split(h, opts.micro_batches)
     cores = len(os.sched_getaffinity(0))
@@ -189,31 +193,31 @@ def _frontend_rounds(role, layer, opts, blas):
                 _timed(r, f'stage_{n}', run_experts, rows, counts, experts, cfg.expert_kind,
                        cfg.dtype)
         _idle(role.world, opts.deadline)
-        role.next_round(MORE)
+        role.next_step(MORE)
         _ready(role.world, opts.deadline)
         before = _snapshot(role.timers)
         y = _timed(r, 'layer', _layer_pass, role, layer, hs)
         r.update(_since(role.timers, before))
         rounds.append(r)
     with threadpool_limits(limits=cores, user_api='blas'):
-        error = float(np.abs(y - (h + moe_local(h, role.front.router[layer], experts,
+        error = float(np.abs(y - (h + moe_local(h, role.moe.router, experts,
                                                  cfg)[0])).max())
     _idle(role.world, opts.deadline)
-    role.next_round(DONE)
+    role.next_step(DONE)
     return rounds, {'counts': counts, 'cores': cores, 'error': error,
                     'blas': ', '.join(blas)}
 
 
 def _expert_rounds(role, layer):
-    """An expert rank: its stages of the layer, once per round; per-round dicts."""
+    """An expert rank: its stages of the layer, once per step; per-step dicts."""
     rounds = []
     while True:
         _idle(role.world, role.opts.deadline)
-        if role.next_round() != MORE:
+        if role.next_step() != MORE:
             break
         _ready(role.world, role.opts.deadline)
         before = _snapshot(role.timers)
-        role._layer(layer)
+        role.serve_layer(layer)
         rounds.append(_since(role.timers, before))
     for s in role.slots:
         s.wait()
@@ -240,14 +244,14 @@ def _ready(world, deadline_s):
 
 
 def _layer_pass(role, layer, hs):
-    """The MoE layer on rank 0 as ``_FrontEndRank.forward`` runs it: dispatch
-    every micro-batch, then collect each.  hs: list of float32 [T_m, d] (also the
+    """The MoE layer on rank 0 as the layer loop runs it: dispatch every
+    micro-batch, then combine each.  hs: list of float32 [T_m, d] (also the
     residual) -> float32 [T, d]."""
-    pending = []
+    handles = []
     for m, h in enumerate(hs):
-        pending.append(role._dispatch(layer, m, h))
-        role._poll()
-    return np.concatenate([role._collect(m, h, p) for m, (h, p) in enumerate(zip(hs, pending))])
+        handles.append(role.moe.dispatch(h, m))
+        role.dispatcher.poll()
+    return np.concatenate([role.moe.combine(handle, h) for h, handle in zip(hs, handles)])
 
 
 def _gemms(rows, counts, experts):

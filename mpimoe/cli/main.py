@@ -9,9 +9,9 @@ import argparse
 import sys
 
 from mpimoe import __version__
-from mpimoe.backends.backend import BACKENDS, MPI_GPU_MODES
+from mpimoe.backends.backend import MPI_GPU_MODES
 from mpimoe.errors import EXIT_INTERNAL, ConfigError, IOFailure, MpimoeError, UsageError
-from mpimoe.runtime.progress import EVERY_S
+from mpimoe.runtime.options import JobOptions, RunOptions, add_arguments
 
 __all__ = ['main']
 
@@ -34,25 +34,6 @@ def _positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f'{text!r}: expected an integer >= 1')
     return value
-
-
-def _add_job_args(p):
-    """The options `reference` and `run` share: files, generation, batching."""
-    p.add_argument('--weights', required=True, metavar='FILE',
-                   help='HDF5 weight file (from `mpimoe init-weights` or `mpimoe convert`)')
-    p.add_argument('--input', required=True, metavar='FILE', help='.jsonl or .h5 token sequences')
-    p.add_argument('--output', required=True, metavar='FILE', help='HDF5 output to write')
-    p.add_argument('--max-new-tokens', type=int, default=0, metavar='N',
-                   help='greedy tokens to generate per sequence (default 0: prefill only)')
-    p.add_argument('--save-logits', action='store_true',
-                   help='also store last_logits [n, vocab] at the last prompt position')
-    p.add_argument('--batch-tokens', type=_positive_int, default=4096, metavar='T',
-                   help='prompt-token budget of one batch (default 4096)')
-    p.add_argument('--overwrite', action='store_true',
-                   help='replace OUTPUT if it exists, discarding a partial run to resume')
-    p.add_argument('--threads', type=_positive_int, default=None, metavar='N',
-                   help='BLAS threads per process (default: SLURM_CPUS_PER_TASK under srun, '
-                   'else the cores of its CPU affinity divided among the ranks sharing them)')
 
 
 def _add_model_args(p, required=True):
@@ -117,16 +98,19 @@ def _cmd_plan(args):
     calib = costmodel.load_calibration(args.calibration) if args.calibration else None
     consts = costmodel.make_constants(calib, args.calibration, link_gbps=args.link_gbps)
     baseline = None if loads is None else dataclasses.replace(plan, owner=plan.block_owner)
-    costmodel.check_memory(costmodel.memory(plan, work), args.gpu_memory_gb)
+    costmodel.check_memory(costmodel.memory(plan, work, args.kv_tokens), args.gpu_memory_gb)
     model = ' '.join([f'--preset {args.preset}'] + [f'--set {o}' for o in args.overrides])
-    tokens = None if work is None else work.seqs_per_frontend(plan) * work.seq_len
+    # the KV pool and running sequences of the planned workload, per front-end
+    seqs = None if work is None else work.seqs_per_frontend(plan)
+    kv = args.kv_tokens or (None if work is None else seqs * work.seq_len)
     stats = os.path.abspath(args.stats) if args.stats else None
-    text = sbatch_script(plan, model, args.micro_batches, tokens, stats) \
+    text = sbatch_script(plan, model, args.micro_batches, kv, seqs, stats) \
         if args.emit_sbatch else None
     if text is not None:
         write_sbatch(args.emit_sbatch, text)
     print(plan.describe(full=args.full))
-    print('\n'.join(costmodel.describe(plan, work, consts, args.gpu_memory_gb, baseline)))
+    print('\n'.join(costmodel.describe(plan, work, consts, args.gpu_memory_gb, baseline,
+                                        args.kv_tokens)))
     if text is not None:
         print(f'wrote {args.emit_sbatch}: {plan.n_nodes} nodes x {plan.gpus_per_node} tasks '
               f'({plan.world_size} in all)')
@@ -134,11 +118,10 @@ def _cmd_plan(args):
 
 def _cmd_reference(args):
     from mpimoe.model.reference import run_reference
+    from mpimoe.runtime.options import JobOptions, from_args
     from mpimoe.runtime.threads import apply_threads, process_threads
     apply_threads(process_threads(args.threads)[0])
-    run_reference(args.weights, args.input, args.output, max_new_tokens=args.max_new_tokens,
-                  save_logits=args.save_logits, overwrite=args.overwrite,
-                  batch_tokens=args.batch_tokens, log=print)
+    run_reference(from_args(JobOptions, args), log=print)
 
 
 def _cmd_run(args):
@@ -147,19 +130,9 @@ def _cmd_run(args):
     # likely started without mpiexec/srun, so say how to launch
     if MPI.COMM_WORLD.size == 1:
         raise UsageError(_launch_hint(args))
-    from mpimoe.runtime.engine import RunOptions, run_engine
-    opts = RunOptions(weights=args.weights, input=args.input, output=args.output,
-                      placement=args.placement, frontends=args.frontends,
-                      micro_batches=args.micro_batches, max_new_tokens=args.max_new_tokens,
-                      save_logits=args.save_logits, metrics=args.metrics,
-                      overwrite=args.overwrite, batch_tokens=args.batch_tokens,
-                      deadline=args.deadline, trace=args.trace, log_dir=args.log_dir,
-                      verbose=args.verbose, progress_every=args.progress_every,
-                      stats=args.stats, replicas=args.replicas, balance=args.balance,
-                      balance_every=args.balance_every, balance_step=args.balance_step,
-                      balance_clip=args.balance_clip, backend=args.backend,
-                      mpi_gpu=args.mpi_gpu, threads=args.threads)
-    return run_engine(opts)
+    from mpimoe.runtime.engine import run_engine
+    from mpimoe.runtime.options import RunOptions, from_args
+    return run_engine(from_args(RunOptions, args))
 
 
 def _launch_hint(args):
@@ -316,8 +289,7 @@ def _build_parser():
                    help='sequences in flight over all front-ends (with --seq-len: KV '
                    'cache, buffers, time estimates)')
     p.add_argument('--seq-len', type=int, metavar='S', help='tokens per sequence')
-    p.add_argument('--micro-batches', type=int, default=2, metavar='M',
-                   help='micro-batches per pass, as for `mpimoe run` (default 2)')
+    add_arguments(p, RunOptions, only=('micro_batches', 'kv_tokens'))
     p.add_argument('--link-gbps', type=float, metavar='GBPS',
                    help='inter-node bandwidth per node and direction, Gb/s (default: the '
                    'calibration file, else 200)')
@@ -330,7 +302,7 @@ def _build_parser():
     p = sub.add_parser('reference', help='single-process reference inference (the oracle)',
                        description='Run the single-process NumPy reference model over an '
                        'input file and write the output format the engine also writes.')
-    _add_job_args(p)
+    add_arguments(p, JobOptions)
     p.set_defaults(func=_cmd_reference)
 
     p = sub.add_parser('run', help='distributed expert-parallel inference (under mpiexec/srun)',
@@ -338,45 +310,7 @@ def _build_parser():
                        'the dense parts, expert ranks their experts; tokens travel by '
                        'non-blocking all-to-all. Launch as: mpiexec -n P python -m mpi4py '
                        '-m mpimoe run ... Writes the same output format as `mpimoe reference`.')
-    _add_job_args(p)
-    p.add_argument('--placement', default='per-layer', metavar='MODE',
-                   help='per-layer | dedicated | packed:K (default per-layer)')
-    p.add_argument('--frontends', type=int, default=None, metavar='F',
-                   help='front-end ranks (default: the fewest >= 1 that fit the placement)')
-    p.add_argument('--stats', metavar='RUN_JSON',
-                   help='place experts for the expert loads of a previous run (its run.json): '
-                   'the topology layout of `mpimoe plan --stats` on the MPI node layout')
-    _add_replicas_arg(p)
-    p.add_argument('--balance', choices=('off', 'bias'), default='off',
-                   help='bias: adjust a per-expert gate bias from the loads as the run goes '
-                   '(changes which experts tokens choose, so outputs differ from the '
-                   'reference); off (default)')
-    p.add_argument('--balance-every', type=int, default=1, metavar='K',
-                   help='update the gate bias every K forward passes (default 1)')
-    p.add_argument('--balance-step', type=float, default=0.01, metavar='S',
-                   help='bias step per update, in gate-probability units (default 0.01)')
-    p.add_argument('--balance-clip', type=float, default=0.5, metavar='C',
-                   help='the bias stays within [-C, C] (default 0.5)')
-    p.add_argument('--micro-batches', type=int, default=2, metavar='M',
-                   help='micro-batches per pass, pipelined (default 2: double buffering)')
-    p.add_argument('--metrics', metavar='FILE', help='write the run report (JSON) to FILE')
-    p.add_argument('--deadline', type=float, default=600.0, metavar='SECONDS',
-                   help='abort the job when a wait makes no progress for this long '
-                   '(default 600)')
-    p.add_argument('--trace', metavar='DIR',
-                   help='write DIR/trace.json: a Chrome/Perfetto timeline of every stage '
-                   'of every rank (for short runs on few ranks)')
-    p.add_argument('--log-dir', metavar='DIR', help='also write one log file per rank here')
-    p.add_argument('--verbose', action='store_true',
-                   help='let every rank log to stderr (default: rank 0 only)')
-    p.add_argument('--progress-every', type=float, default=EVERY_S, metavar='SECONDS',
-                   help='when stderr is not a terminal (a batch log), progress is a line at '
-                   'the start and one per committed chunk, at most one per SECONDS (the '
-                   f'first and last chunk always; default {EVERY_S:g})')
-    p.add_argument('--backend', choices=BACKENDS, default='auto',
-                   help='numpy (CPU), cupy (one GPU per rank: node-local rank modulo the '
-                   'visible devices), auto (cupy when CuPy and a GPU are usable; default)')
-    _add_mpi_gpu_arg(p)
+    add_arguments(p, RunOptions)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser('bench', help='benchmarks that print figures (under mpiexec/srun)',

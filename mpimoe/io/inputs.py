@@ -46,6 +46,7 @@ from mpimoe.io.files import hdf5_image, atomic_write, check_writable
 from mpimoe.io.hdf5 import _hdf5_sequences, _hdf5_slabs
 from mpimoe.io.jsonl import _jsonl_lines, _jsonl_sequences, _parse_line
 from mpimoe.io.paths import regular_file
+from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for
 from mpimoe.runtime.request import SamplingParams
 
 _EXTENSIONS = {'.jsonl': 'jsonl', '.json': 'jsonl', '.h5': 'hdf5', '.hdf5': 'hdf5'}
@@ -124,14 +125,15 @@ class InputStream:
     types, ids (:func:`mpimoe.io.fields._check_id`), settings and token ids
     are right, the ids are unique, and every prompt fits: prompt + its
     max_tokens <= ``context`` (the model's max_position_embeddings) and prompt
-    <= ``batch_tokens`` (the budget of a batch, which bounds its memory);
-    None: no limit.  Memory: one line or slab at a time and the hash of every
+    <= ``batch_tokens`` (the tokens of one step, which bound its memory) and
+    prompt + its max_tokens fits ``kv_tokens`` (a front-end's KV cache, in
+    whole blocks); None: no limit.  Memory: one line or slab at a time and the hash of every
     id (8 bytes per sequence; twice that while they are sorted); settings only
     for the batch being read.
     """
 
     def __init__(self, path, vocab_size, max_new_tokens=None, context=None, batch_tokens=None,
-                 *, defaults=None):
+                 *, defaults=None, kv_tokens=None):
         self.path = os.fspath(path)
         self.format = _format_of(self.path)
         _check_vocab(vocab_size)
@@ -143,6 +145,9 @@ class InputStream:
         check_defaults(defaults, vocab_size)
         self.vocab_size, self.defaults = vocab_size, defaults
         self.context, self.batch_tokens = context, batch_tokens
+        # what a sequence may reserve of a front-end's KV cache: whole blocks
+        self.kv_tokens = kv_tokens
+        self.kv_room = None if kv_tokens is None else BLOCK_TOKENS * int(blocks_for(kv_tokens))
         if context is not None and defaults.max_tokens >= context:
             raise UsageError(f'--max-new-tokens {defaults.max_tokens}: leaves no room for a '
                              f'prompt in the context length of the model '
@@ -198,8 +203,11 @@ class InputStream:
     def _validate_hdf5(self):
         """Check every slab: id hashes array('q') [n]."""
         hashes = array('q')
-        limits = [n for n in (self.batch_tokens, None if self.context is None else
-                              self.context - self.defaults.max_tokens) if n is not None]
+        new = self.defaults.max_tokens
+        limits = [n for n in (self.batch_tokens,
+                              None if self.context is None else self.context - new,
+                              None if self.kv_room is None else self.kv_room - new)
+                  if n is not None]
         for a, ids, _, offsets in _hdf5_slabs(self.path, self.vocab_size):
             lengths = np.diff(offsets)
             bad = np.flatnonzero(lengths > min(limits, default=np.inf))
@@ -220,10 +228,14 @@ class InputStream:
             return (f'{n} prompt tokens + {new} new ({key}) = {total} exceed the context '
                     f'length of the model (max_position_embeddings = {self.context}); shorten '
                     f'the prompt or lower {key}')
+        if self.kv_room is not None and total > self.kv_room:
+            key = '--max-new-tokens' if own_max is None else '"max_tokens" of the line'
+            return (f'{n} prompt tokens + {new} new ({key}) = {total} exceed the KV cache of a '
+                    f'front-end (--kv-tokens {self.kv_tokens}); raise --kv-tokens or lower {key}')
         if self.batch_tokens is not None and n > self.batch_tokens:
-            return (f'{n} prompt tokens exceed --batch-tokens {self.batch_tokens}, the budget '
-                    f'of one batch (which bounds its memory); raise --batch-tokens to {n} or '
-                    'shorten the prompt')
+            return (f'{n} prompt tokens exceed --max-batch-tokens {self.batch_tokens}, the '
+                    f'tokens of one step (which bound its memory); raise --max-batch-tokens to '
+                    f'{n} or shorten the prompt')
         return ''
 
     def _check_unique(self, hashes):

@@ -6,32 +6,32 @@ from mpimoe.io.inputs import InputStream
 from mpimoe.io.outputs import OutputWriter
 
 
-def open_job(input_path, output, wf, save_logits, meta, overwrite, *, batch_tokens,
-             max_new_tokens=None, defaults=None, **options):
-    """The input stream (validated for the run's generation settings
-    ``defaults``, a SamplingParams, default ``SamplingParams(max_tokens=
-    max_new_tokens)``, in batches of ``batch_tokens``) and the (maybe resumed)
-    output writer of a run over ``input_path`` with the weights ``wf``
-    (WeightFile): (InputStream, OutputWriter).
+def open_job(opts, wf, meta, n_frontends=1, **options):
+    """The input stream and the (maybe resumed) output writer of a run
+    (opts: mpimoe.runtime.options.JobOptions) with the weights ``wf``
+    (WeightFile) on ``n_frontends`` front-ends: (InputStream, OutputWriter).
 
-    What must not change for a rerun to resume: the input's bytes (and so
-    every line's own settings), the weights (:meth:`WeightFile.identity`,
-    its end-of-sequence ids included), the default settings
-    (:func:`generation_identity`), ``batch_tokens`` and the ``options`` that
-    change results (str/int/float values; batch composition included, so that
-    a resumed output is bit for bit an uninterrupted one).  The writer holds
-    the output's lock: enter it, or :meth:`~OutputWriter.close` it.
+    The stream is validated for the run's generation settings
+    (``opts.sampling()``), its step budget and KV cache.  What must not
+    change for a rerun to resume: the input's bytes (and so every line's own
+    settings), the weights (:meth:`WeightFile.identity`, its end-of-sequence
+    ids included), the default settings (:func:`generation_identity`), the
+    options that shape the steps (``opts.schedule``: batch composition, so
+    that a resumed output is bit for bit an uninterrupted one) and
+    ``options`` (str/int/float values that change results).  The writer
+    holds the output's lock: enter it, or :meth:`~OutputWriter.close` it.
     """
-    check_writable(output, '--output', overwrite=True,
-                   reads=[('--input', input_path), ('--weights', wf.name)])
+    check_writable(opts.output, '--output', overwrite=True,
+                   reads=[('--input', opts.input), ('--weights', wf.name)])
     cfg = wf.config
-    stream = InputStream(input_path, cfg.vocab_size, max_new_tokens,
-                         cfg.max_position_embeddings, batch_tokens, defaults=defaults)
+    stream = InputStream(opts.input, cfg.vocab_size, context=cfg.max_position_embeddings,
+                         batch_tokens=opts.max_batch_tokens, defaults=opts.sampling(),
+                         kv_tokens=opts.kv_cache_tokens)
     identity = {'input_sha256': stream.sha256, 'weights_sha256': wf.identity(),
-                **generation_identity(stream.defaults), 'batch_tokens': batch_tokens,
+                **generation_identity(stream.defaults), **opts.schedule(n_frontends),
                 **options}
-    writer = OutputWriter(output, len(stream), cfg.vocab_size, save_logits, meta,
-                          identity, overwrite=overwrite)
+    writer = OutputWriter(opts.output, len(stream), cfg.vocab_size, opts.save_logits, meta,
+                          identity, overwrite=opts.overwrite)
     return stream, writer
 
 

@@ -2,15 +2,19 @@
 
 NumPy, FP32 arithmetic on weights read from the BF16 file; activations
 entering an expert are rounded to 16 bits exactly as they are on the wire in
-the distributed engine (mpimoe.moe.experts.expert_ffn states the contract).
+the distributed engine (mpimoe.model.layers.expert_ffn states the contract).
+The layer loop (mpimoe.model.forward), the MoE layer (mpimoe.moe.layer), the
+scheduler and the sampler are the engine's own; only the dispatcher differs
+(mpimoe.moe.local: every expert here).
 """
 
 import numpy as np
 
 from mpimoe import __version__
-from mpimoe.model.generate import generate
+from mpimoe.model.forward import forward
 from mpimoe.model.frontend import FrontEnd
-from mpimoe.moe.experts import moe_local
+from mpimoe.moe.layer import MoELayer
+from mpimoe.moe.local import LocalDispatcher
 
 __all__ = ['ReferenceModel', 'load_reference', 'run_reference']
 
@@ -26,25 +30,39 @@ class ReferenceModel:
         self.cfg = cfg
         self.front = FrontEnd(cfg, tensors)
         self.experts = experts
+        dispatcher = LocalDispatcher(cfg, experts)
+        self.moe = {i: MoELayer(i, self.front.router[i], cfg, dispatcher)
+                    for i in cfg.moe_layers}
 
     def forward(self, tokens, cache, seqs, ntok):
         """tokens: int [T]; seqs, ntok: int [B] -> logits float32 [B, vocab]
-        at each sequence's last new token."""
-        fe, cfg = self.front, self.cfg
-        x = fe.embed(tokens)
-        for i in range(cfg.n_layers):
-            x = fe.attention_block(i, x, cache, seqs, ntok)
-            h = fe.ffn_input(i, x)
-            if i < cfg.n_dense_layers:
-                x = x + fe.dense_ffn(i, h)
-            else:
-                x = x + moe_local(h, fe.router[i], self.experts[i], cfg)[0]
-        cache.advance(seqs, ntok)
-        return fe.logits(x[np.cumsum(ntok) - 1])
+        at each sequence's last new token (advances the cache)."""
+        return forward(self.front, self.moe, tokens, cache, seqs, ntok)
 
-    def generate(self, prompts, max_new_tokens):
-        """prompts: list of int arrays -> (generated int32 [B, N], last_logits [B, V])."""
-        return generate(self.forward, self.front.new_cache, prompts, max_new_tokens)
+    def generate(self, prompts, max_new_tokens, **params):
+        """Greedy (or ``params``: SamplingParams fields) generation for a list
+        of int prompts -> (list of int32 token arrays, last_logits float32
+        [B, V]), continuously batched as ``mpimoe reference`` does."""
+        from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for
+        from mpimoe.runtime.request import Request, SamplingParams
+        from mpimoe.runtime.scheduler import Scheduler
+        p = SamplingParams(max_tokens=max_new_tokens, **params)
+        # room for every sequence at once: all prompts in the first step
+        tokens = sum(map(len, prompts))
+        need = blocks_for(np.array([len(q) + max_new_tokens for q in prompts]))
+        cache = self.front.new_cache(BLOCK_TOKENS * int(need.sum()), len(prompts))
+        sched = Scheduler(cache, max(tokens, len(prompts)), len(prompts),
+                          self.cfg.eos_token_id, save_logits=True)
+        sched.add(Request(i, str(i), np.asarray(q, np.int64), p) for i, q in enumerate(prompts))
+        results = {}
+        with np.errstate(over='ignore', invalid='ignore'):
+            while not sched.idle:
+                step = sched.schedule()
+                for r in sched.finish(step, self.forward(step.tokens, cache, step.seqs,
+                                                         step.ntok)):
+                    results[r.index] = r
+        got = [results[i] for i in range(len(prompts))]
+        return [r.tokens for r in got], np.stack([r.last_logits for r in got])
 
 
 def load_reference(wf):
@@ -56,49 +74,50 @@ def load_reference(wf):
     return ReferenceModel(cfg, tensors, experts)
 
 
-def run_reference(weights, input_path, output, max_new_tokens=0, save_logits=False,
-                  overwrite=False, batch_tokens=4096, log=print):
-    """``mpimoe reference``: the reference over a token file, output as in README.
+def run_reference(opts, log=print):
+    """``mpimoe reference`` (opts: mpimoe.runtime.options.JobOptions): the
+    reference over a token file, output as in README, scheduled as one
+    front-end of the engine is.
 
-    Inputs are streamed a batch at a time; every batch is a committed chunk of
-    the output, so a killed run resumes.  SIGTERM/SIGUSR1 (exit 75) or SIGINT
-    (130) stop it at the next step (forward pass): the batch in flight is
+    Inputs are streamed a chunk at a time; every chunk is committed to the
+    output, so a killed run resumes.  SIGTERM/SIGUSR1 (exit 75) or SIGINT
+    (130) stop it at the next step (forward pass): the chunk in flight is
     abandoned, the committed ones stay.
     """
     from mpimoe.checkpoint.weights import WeightFile
-    from mpimoe.errors import UsageError
     from mpimoe.io.job import open_job
+    from mpimoe.runtime.feeder import Feeder
     from mpimoe.runtime.progress import Progress
+    from mpimoe.runtime.scheduler import Scheduler
     from mpimoe.runtime.signals import StopRequest, stop_error
-    if max_new_tokens < 0:
-        raise UsageError(f'--max-new-tokens {max_new_tokens}: must be >= 0')
+    opts.validate()
     meta = {'producer': 'mpimoe reference', 'mpimoe_version': __version__,
-            'weights': str(weights), 'input': str(input_path),
-            'max_new_tokens': max_new_tokens}
+            'weights': str(opts.weights), 'input': str(opts.input),
+            'max_new_tokens': opts.max_new_tokens}
     # check the weights' header, the inputs and the output path before the long part
-    with WeightFile(weights) as wf:
-        stream, writer = open_job(input_path, output, wf, save_logits, meta, overwrite,
-                                  max_new_tokens=max_new_tokens, batch_tokens=batch_tokens)
+    with WeightFile(opts.weights) as wf:
+        stream, writer = open_job(opts, wf, meta, 1)
         try:
             model = load_reference(wf)
         except BaseException:
             writer.close()              # the output's lock
             raise
     if writer.written:
-        log(f'reference: resuming {output} after {writer.written} committed sequences')
+        log(f'reference: resuming {opts.output} after {writer.written} committed sequences')
     progress = Progress(len(stream), writer.written)
-    with StopRequest() as stop, writer as out:
-        def forward(*args):
-            # a step boundary: a stop abandons the batch in flight
-            if stop:
+    cache = model.front.new_cache(opts.kv_cache_tokens, opts.max_seqs)
+    sched = Scheduler(cache, opts.max_batch_tokens, opts.max_seqs, model.cfg.eos_token_id,
+                      opts.save_logits, static=opts.batching == 'static')
+    # an overflow ends in NaN/Inf logits, which the front-end refuses in one
+    # message (FrontEnd.logits); NumPy's warnings would only add lines
+    with StopRequest() as stop, writer as out, np.errstate(over='ignore', invalid='ignore'):
+        feeder = Feeder(stream, out, opts.chunk_budget(), progress)
+        while not feeder.done:
+            sched.add(feeder.hand_out([sched.room()])[0])
+            if stop:            # a step boundary: the chunk in flight is abandoned
                 raise stop_error(stop.signum, f'{out.written} of {len(stream)} sequences '
                                  f'committed to {out.dir}; rerun the same command to resume')
-            return model.forward(*args)
-
-        for first, batch in stream.batches(batch_tokens, start=writer.written):
-            prompts = [batch.seq(i) for i in range(len(batch))]
-            gen, logits = generate(forward, model.front.new_cache, prompts, max_new_tokens)
-            out.write(np.arange(first, first + len(batch)), batch.ids, list(gen),
-                      logits if save_logits else None)
-            progress.update(len(batch), int(batch.lengths.sum()) + gen.size)
-    log(f'reference: {progress.line()} -> {output}')
+            step = sched.schedule()
+            logits = model.forward(step.tokens, cache, step.seqs, step.ntok)
+            feeder.collect(sched.finish(step, logits))
+    log(f'reference: {progress.line()} -> {opts.output}')

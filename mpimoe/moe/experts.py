@@ -1,5 +1,5 @@
 """The MoE layer's stages that do not communicate: **permute**, **expert**,
-**unpermute**; and the whole layer in one process (the reference).
+**unpermute**; used by the MoE layer (mpimoe.moe.layer) on every path.
 
 The distributed engine runs the same functions with **dispatch** and
 **combine** (mpimoe.parallel.slots) between them, so both paths do the same
@@ -13,11 +13,10 @@ to slice the rows of each expert's GEMMs.
 
 import numpy as np
 
-from mpimoe.backends.backend import array_module, round16, to_numpy
+from mpimoe.backends.backend import array_module, to_numpy
 from mpimoe.model.layers import expert_ffn
-from mpimoe.moe.router import route
 
-__all__ = ['permute', 'unpermute', 'run_experts', 'moe_local']
+__all__ = ['permute', 'unpermute', 'run_experts']
 
 
 def permute(x16, key, n_keys, out=None):
@@ -73,15 +72,3 @@ def run_experts(rows, counts, experts, kind, dtype, poll=None, chunk=None):
                 poll()
         start += c
     return out
-
-
-def moe_local(h, w_router, experts, cfg, bias=None):
-    """One MoE layer with all experts in this process.
-
-    h: float32 [T, d] (normed FFN input); w_router: [d, E]; experts: list of E
-    weight dicts.  Returns (out float32 [T, d], counts int64 [E]).
-    """
-    chosen, weights = route(h, w_router, cfg.top_k, bias)
-    rows, order, counts = permute(round16(h, cfg.dtype), chosen, cfg.n_experts)
-    y = run_experts(rows, counts, experts, cfg.expert_kind, cfg.dtype)
-    return unpermute(y, order, weights), counts

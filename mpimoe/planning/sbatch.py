@@ -11,13 +11,15 @@ from mpimoe.planning.placement import positive_int
 __all__ = ['sbatch_script', 'write_sbatch']
 
 
-def sbatch_script(plan, model_args, micro_batches=2, batch_tokens=None, stats=None):
+def sbatch_script(plan, model_args, micro_batches=2, kv_tokens=None, max_seqs=None, stats=None):
     """A Slurm job script that runs ``plan``: one task per GPU, ``plan.gpus_per_node``
     per node, ``srun -K1 python -m mpi4py -m mpimoe run ... --placement MODE
     --frontends F``.  ``model_args`` (e.g. ``'--preset paper-61l'``) completes the
     `mpimoe plan` command recorded in a comment.  A plan made with loads needs
     ``stats``, the run.json they came from: the job passes it (and the replica
-    count) to `mpimoe run`, which computes the same plan."""
+    count) to `mpimoe run`, which computes the same plan.  kv_tokens, max_seqs:
+    a front-end's KV pool and running sequences, as planned (None: the run's
+    defaults)."""
     if (plan.loads is None) != (stats is None):
         raise ConfigError('sbatch_script: give stats exactly when the plan has loads')
     placement = [f'--placement {plan.mode}', f'--frontends {plan.n_frontends}']
@@ -26,8 +28,10 @@ def sbatch_script(plan, model_args, micro_batches=2, batch_tokens=None, stats=No
     if plan.n_replica_ranks:
         placement.append(f'--replicas {plan.n_replica_ranks}')
     run = placement + [f'--micro-batches {positive_int("micro_batches", micro_batches)}']
-    if batch_tokens is not None:
-        run.append(f'--batch-tokens {batch_tokens}')
+    if kv_tokens is not None:
+        run.append(f'--kv-tokens {kv_tokens}')
+    if max_seqs is not None:
+        run.append(f'--max-seqs {max_seqs}')
     return _SBATCH.format(
         command=f'mpimoe plan {model_args} --gpus {plan.world_size} --gpus-per-node '
                 f'{plan.gpus_per_node} {" ".join(placement)} --emit-sbatch FILE',

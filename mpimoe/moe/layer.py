@@ -1,0 +1,98 @@
+"""One MoE layer: **route, permute, dispatch, expert, combine, unpermute**,
+the same object in the reference and on a front-end.
+
+The layer routes on its own (mpimoe.moe.router) and leaves the moving of
+rows to a *dispatcher*: :class:`~mpimoe.moe.local.LocalDispatcher` (all
+experts in this process: the reference) or
+:class:`~mpimoe.parallel.dispatcher.MPIDispatcher` (the expert ranks over
+MPI).  A dispatcher has three methods::
+
+    keys(layer, chosen) -> (key int [T, k], n_keys)   # where each token copy goes
+    dispatch(handle, h, key, n_keys) -> order int [T*k] # permute, start the transfer
+    combine(handle) -> y [T*k, d] float32               # the experts' rows, permuted order
+
+:meth:`MoELayer.dispatch` returns a :class:`MoEHandle`, which the caller
+passes back to :meth:`MoELayer.combine` when it wants the result: a
+front-end does other micro-batches' work in between.
+"""
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpimoe.backends.backend import to_numpy
+from mpimoe.moe.experts import unpermute
+from mpimoe.moe.router import expert_counts, route
+
+__all__ = ['MoEHandle', 'MoELayer', 'NoTimers']
+
+
+class NoTimers:
+    """Stand-in for mpimoe.runtime.metrics.Timers where nothing is timed."""
+
+    def span(self, *args, **kwargs):
+        return nullcontext()
+
+
+@dataclass
+class MoEHandle:
+    """One micro-batch's trip through one MoE layer, from dispatch to combine.
+
+    layer: the layer's index in the model; mb: the micro-batch (its slot);
+    n_rows: token copies sent (T*k; 0 for an empty micro-batch); order: int
+    [T*k], the copy index ``t*k + j`` of each permuted row; weights: float32
+    [T, k] combine weights (None when empty).
+    """
+    layer: int
+    mb: int
+    n_rows: int = 0
+    order: object = None
+    weights: object = None
+
+
+class MoELayer:
+    """The MoE FFN of layer ``layer``.
+
+    router: float32 [d, E] (on the backend); dispatcher: see the module
+    docstring; bias: optional float32 [E] gate bias (balancing; shifts the
+    choice, never the weights).  ``counts`` int64 [E] adds up the token copies
+    routed to each expert, for the caller to read and clear.
+    """
+
+    def __init__(self, layer, router, cfg, dispatcher, timers=None):
+        self.layer, self.router, self.cfg = layer, router, cfg
+        self.dispatcher = dispatcher
+        self.timers = timers or NoTimers()
+        self.bias = None
+        self.counts = np.zeros(cfg.n_experts, dtype=np.int64)
+
+    def dispatch(self, h, mb):
+        """Stages route, permute, dispatch of micro-batch ``mb``: h float32
+        [T, d] (the normed FFN input) -> MoEHandle."""
+        cfg, span = self.cfg, self.timers.span
+        with span('route', 'compute', layer=self.layer, mb=mb):
+            chosen, weights = route(h, self.router, cfg.top_k, self.bias)       # [T, k]
+            self.counts += to_numpy(expert_counts(chosen, cfg.n_experts))
+            key, n_keys = self.dispatcher.keys(self.layer, chosen)
+        handle = MoEHandle(self.layer, mb, int(chosen.size), weights=weights)
+        handle.order = self.dispatcher.dispatch(handle, h, key, n_keys)
+        return handle
+
+    def dispatch_empty(self, mb):
+        """Dispatch for an empty micro-batch: the transfers every rank of the
+        layer expects, with no rows."""
+        handle = MoEHandle(self.layer, mb)
+        self.dispatcher.dispatch(handle, None, None, 0)
+        return handle
+
+    def combine(self, handle, x):
+        """Stages combine and unpermute: x float32 [T, d] + the layer's output
+        for the micro-batch of ``handle``."""
+        y = self.dispatcher.combine(handle)
+        if not handle.n_rows:
+            return x
+        with self.timers.span('unpermute', 'pack', layer=self.layer, mb=handle.mb):
+            out = unpermute(y, handle.order, handle.weights)
+            out += x
+            return out

@@ -1,0 +1,198 @@
+"""A front-end rank: the non-expert layers of the model over its running
+sequences, continuously batched; rank 0 also reads the input and writes the
+output (mpimoe.runtime.feeder).
+
+Each step:
+
+1. every front-end sends rank 0 (gather on ``front_comm``) the results of
+   the sequences that ended in its last step and how many requests it has
+   room for;
+2. rank 0 commits what is complete, and says MORE or DONE (or STOP) to every
+   rank on ``control`` (mpimoe.runtime.role);
+3. rank 0 hands each front-end its new requests (scatter);
+4. each front-end's scheduler (mpimoe.runtime.scheduler) packs one token of
+   every running sequence and the prompts of those joining into one pass,
+   the layer loop (mpimoe.model.forward) runs it, micro-batched, with the
+   experts reached through mpimoe.parallel.dispatcher; a front-end with
+   nothing to run passes over no tokens, posting the empty collectives the
+   expert ranks expect.
+"""
+
+import contextlib
+import logging
+import time
+import zlib
+
+import numpy as np
+
+from mpimoe.model.forward import forward, micro_batches
+from mpimoe.moe.layer import MoELayer
+from mpimoe.parallel.dispatcher import MPIDispatcher
+from mpimoe.parallel.mpiutil import MPI
+from mpimoe.planning.balance import update_bias
+from mpimoe.planning.costmodel import pass_flops
+from mpimoe.runtime.feeder import Feeder
+from mpimoe.runtime.progress import Progress
+from mpimoe.runtime.role import DONE, MORE, Role
+from mpimoe.runtime.scheduler import Scheduler
+
+__all__ = ['FrontEndRank', 'MIN_EXPERT_ROWS']
+
+#: fewest rows per expert (on average) worth a micro-batch of their own: each
+#: micro-batch costs every layer its per-call overheads and every expert GEMM
+#: one more pass over its weights (BLAS packs them per call), which a few rows
+#: do not repay: small decode steps fill fewer micro-batches
+MIN_EXPERT_ROWS = 8
+
+log = logging.getLogger('mpimoe')
+
+
+class FrontEndRank(Role):
+    """front: the mpimoe.model.frontend.FrontEnd (weights on the backend);
+    io (rank 0 only): (InputStream, OutputWriter)."""
+
+    is_frontend = True
+
+    def __init__(self, world, cfg, plan, opts, layers, timers, front, io=None, backend=None,
+                 mode=None):
+        super().__init__(world, cfg, plan, opts, layers, timers, backend, mode)
+        backend = self.backend
+        self.front = front
+        front.attention_block = self.faulty('attention', front.attention_block)
+        self.stream, self.writer = io or (None, None)
+        # layer -> (permute keys int64 [E, copies], copies int64 [E]) (replicas), on the backend
+        copy_keys = {layer: tuple(map(backend.asarray, plan.dispatch_keys(m)[:2]))
+                     for m, layer in enumerate(cfg.moe_layers)}
+        self.dispatcher = MPIDispatcher(cfg, self.slots, layers, copy_keys, world.rank, timers)
+        self.moe = {i: MoELayer(i, front.router[i], cfg, self.dispatcher, timers)
+                    for i in cfg.moe_layers}
+        self.cache = front.new_cache(opts.kv_cache_tokens, opts.max_seqs)
+        self.scheduler = Scheduler(self.cache, opts.max_batch_tokens, opts.max_seqs,
+                                   cfg.eos_token_id, opts.save_logits,
+                                   static=opts.batching == 'static')
+        self.step_counts = []           # rank 0: per step, [n_moe_layers, E]
+        # gate bias [n_moe_layers, E] (--balance bias), the same on every front-end;
+        # updated on the host, routed with on the backend (the same array on NumPy)
+        self.bias = np.zeros((cfg.n_moe_layers, cfg.n_experts), np.float32) \
+            if opts.balance == 'bias' else None
+        self._set_bias()
+        # per step: (seconds, prompt tokens, generated tokens, FLOPs)
+        self.passes = []
+
+    # -- steps -------------------------------------------------------------------
+
+    def run(self, stop):
+        """Steps until rank 0 says DONE; once ``stop`` (a StopRequest) is set on
+        rank 0, Stopped or Interrupted is raised at the next step."""
+        self.stop = stop
+        rank0 = self.world.rank == 0
+        feeder = None
+        if rank0:
+            progress = Progress(len(self.stream), self.writer.written,
+                                every=self.opts.progress_every)
+        finished = []
+        with self.writer or contextlib.nullcontext():
+            if rank0:
+                feeder = Feeder(self.stream, self.writer,
+                                self.opts.chunk_budget(self.plan.n_frontends), progress)
+            while True:
+                with self.timers.span('gather', 'io'):
+                    reports = self.front_comm.gather((finished, self.scheduler.room()), root=0)
+                assign = None
+                if rank0:
+                    with self.timers.span('write', 'io'):
+                        feeder.collect(r for done, _ in reports for r in done)
+                    assign = feeder.hand_out([room for _, room in reports])
+                if self.next_step(DONE if rank0 and feeder.done else MORE) == DONE:
+                    break
+                with self.timers.span('scatter', 'io'):
+                    self.scheduler.add(self.front_comm.scatter(assign, root=0))
+                step = self.scheduler.schedule()
+                # an overflow ends in NaN/Inf logits, which the front-end refuses in
+                # one message (FrontEnd.logits); NumPy's warnings would only add lines
+                with np.errstate(over='ignore', invalid='ignore'):
+                    logits = self.forward(step)
+                finished = self.scheduler.finish(step, logits)
+                self._record(step)
+            if rank0 and stop:
+                log.info(f'{stop.name} arrived at the end of the run: output complete')
+        self.drain()
+
+    def forward(self, step):
+        """One pass over ``step`` (mpimoe.runtime.scheduler.Step), micro-batched:
+        logits float32 [B, V] (host)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        # causal query-key pairs of this pass (for the FLOP count)
+        ntok, before = step.ntok, self.cache.length[step.seqs]
+        pairs = int(np.sum(ntok * before + ntok * (ntok + 1) // 2))
+        # at least MIN_EXPERT_ROWS rows per expert in each micro-batch
+        mbs = micro_batches(ntok, len(self.slots), MIN_EXPERT_ROWS * cfg.n_experts / cfg.top_k)
+        logits = forward(self.front, self.moe, step.tokens, self.cache, step.seqs, ntok, mbs,
+                         self.timers, self.dispatcher.poll)
+        tokens = int(np.sum(ntok))
+        flops = pass_flops(cfg, tokens, pairs, tokens * cfg.top_k * cfg.n_moe_layers, len(ntok))
+        self._pass = (time.perf_counter() - t0, step.prefill_tokens, flops)
+        return logits
+
+    def _record(self, step):
+        """Keep the step's time, tokens and FLOPs; rank 0 sums the expert counts."""
+        seconds, prompt, flops = self._pass
+        generated = sum(1 for r in step.running if r.req.params.max_tokens > 0)
+        self.passes.append((seconds, prompt, generated, flops))
+        counts = np.stack([self.moe[i].counts for i in self.cfg.moe_layers])
+        total = np.zeros_like(counts) if self.world.rank == 0 else None
+        self.front_comm.Reduce(counts, total, op=MPI.SUM, root=0)
+        if self.world.rank == 0:
+            self.step_counts.append(total)
+        for layer in self.moe.values():
+            layer.counts[:] = 0
+        self._update_bias()
+
+    def _update_bias(self):
+        """With --balance bias, every balance_every steps: rank 0 moves the gate
+        bias by the loads of those steps (mpimoe.planning.balance.update_bias)
+        and every front-end receives it, so all route alike from the next step on."""
+        every = self.opts.balance_every
+        if self.bias is None or len(self.passes) % every:
+            return
+        if self.world.rank == 0:
+            window = np.sum(self.step_counts[-every:], axis=0)              # [Lm, E]
+            self.bias[:] = update_bias(self.bias, window, self.opts.balance_step,
+                                       self.opts.balance_clip)
+        with self.timers.span('balance', 'wait'):
+            self.front_comm.Bcast(self.bias, root=0)
+        self._set_bias()
+
+    def _set_bias(self):
+        if self.bias is not None:
+            device = self.backend.asarray(self.bias)
+            for m, i in enumerate(self.cfg.moe_layers):
+                self.moe[i].bias = device[m]
+
+    # -- what rank 0 reports -------------------------------------------------------
+
+    def stop_detail(self):
+        if self.writer is None:
+            return super().stop_detail()
+        return (f'{self.writer.written} of {len(self.stream)} sequences committed to '
+                f'{self.writer.dir}; rerun the same command to resume')
+
+    def segment(self, stopped):
+        out = super().segment(stopped)
+        out.update(committed=self.writer.written, sequences=len(self.stream))
+        return out
+
+    def report(self):
+        out = super().report()
+        out.update(role='front-end', passes=self.passes)
+        if self.bias is not None:           # every front-end's must be rank 0's
+            out['bias_crc32'] = zlib.crc32(self.bias.tobytes())
+        sent = self.dispatcher.bytes_sent
+        bytes_total = np.zeros_like(sent) if self.world.rank == 0 else None
+        self.front_comm.Reduce(sent, bytes_total, op=MPI.SUM, root=0)
+        if self.world.rank == 0:
+            out.update(step_counts=self.step_counts, bytes_per_layer=bytes_total.tolist(),
+                       bias=None if self.bias is None else self.bias.tolist())
+        return out
+
