@@ -296,7 +296,7 @@ def test_numpy_moe_local_is_route_then_experts_then_weighted_sum():
 
 @pytest.mark.parametrize('kind', ['mlp', 'swiglu'])
 def test_16_bit_contract_on_numpy_within_the_argued_bound(kind):
-    """16-bit weights take the GPU contract (mpimoe.model.layers._mm16), here through
+    """16-bit weights take the GPU contract (mpimoe.model.layers.mm16), here through
     ml_dtypes on the CPU: products rounded to bf16 before the activation.
     Against the FP32 contract the outputs differ, within tests/contract.py's
     bound for one rounding of the pre-activations; a wrong expert does not fit

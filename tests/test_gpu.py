@@ -36,7 +36,7 @@ from mpimoe.backends.backend import (DTYPES, Backend, HostStaging, cuda_problem,
 from mpimoe.checkpoint.weights import WeightFile  # noqa: E402
 from mpimoe.model.config import model_config  # noqa: E402
 from mpimoe.io.inputs import read_inputs  # noqa: E402
-from mpimoe.model.layers import _mm16, expert_ffn  # noqa: E402
+from mpimoe.model.layers import mm16, expert_ffn  # noqa: E402
 from mpimoe.moe.local import moe_local  # noqa: E402
 from mpimoe.model.reference import ReferenceModel, load_reference  # noqa: E402
 from mpimoe.moe.router import route  # noqa: E402
@@ -122,8 +122,8 @@ def test_16_bit_gemm_accumulates_in_fp32(gpu, dtype):
     d, h = 1024, 2048
     x = rng.standard_normal((300, d)).astype(DTYPES[dtype])
     w = (rng.standard_normal((d, h)) / math.sqrt(d)).astype(DTYPES[dtype])
-    got = to_numpy(_mm16(cupy.asarray(x), gpu.weights({'w': w})['w']))
-    want = _mm16(x, w)
+    got = to_numpy(mm16(cupy.asarray(x), gpu.weights({'w': w})['w']))
+    want = mm16(x, w)
     exact = x.astype(np.float64) @ w.astype(np.float64)
     bound = 2 * gamma(d) * (np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64))) \
         + 2 * unit_roundoff(dtype) * np.abs(exact)

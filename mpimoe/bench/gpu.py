@@ -85,13 +85,13 @@ def run_gpu_bench(opts, comm=None):
 
 
 def _bench(opts, world):
-    from mpimoe.bench.moe_layer import _idle
-    from mpimoe.runtime.engine import _collective
+    from mpimoe.bench.moe_layer import idle
+    from mpimoe.runtime.role import collective
     from mpimoe.parallel.mpiutil import MPI, local_rank
     try:
         mode = mpi_gpu_mode(opts.mpi_gpu, 'cupy', mpi_cuda_support(MPI))
     except UsageError as e:
-        raise _collective(e)
+        raise collective(e)
     modes = ['host', 'device'] if mode == 'device' else ['host']
     backend = Backend('cupy')
     lines = []
@@ -103,7 +103,7 @@ def _bench(opts, world):
     if world.rank == 0:
         gemm = _gemm_figures(backend.xp, cfg, opts, clock)
         moe = _moe_figures(backend, cfg, opts, clock)
-    _idle(world, opts.deadline)
+    idle(world, opts.deadline)
     transfer = _transfer_figures(world, backend, cfg, opts, modes) if world.size == 2 else None
     if world.rank == 0:
         _print_table(backend, cfg, opts, lines, gemm, moe, transfer, modes)

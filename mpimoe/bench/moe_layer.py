@@ -9,7 +9,7 @@ are random BF16-rounded FP32 matrices (as the engine holds them on CPU), and
 random activations [T, d].  Each repeat is one *step* of the engine's
 control protocol (mpimoe.runtime.role):
 
-1. baselines on rank 0 while the other ranks sleep (:func:`_idle`): the bare
+1. baselines on rank 0 while the other ranks sleep (:func:`idle`): the bare
    GEMMs of every expert (``x @ up``, ``@ down``) on the rows the router sends
    it, one block per expert, and the expert stage
    :func:`mpimoe.moe.experts.run_experts` (GEMMs, activation, 16-bit rounding) on
@@ -49,7 +49,7 @@ from mpimoe.runtime.options import RunOptions
 from mpimoe.runtime.role import DONE, MORE, Role, collective
 from mpimoe.runtime.threads import apply_threads
 
-__all__ = ['BenchOptions', 'bench_moe_layer']
+__all__ = ['BenchOptions', 'bench_moe_layer', 'idle']
 
 _CATEGORIES = ('compute', 'wait', 'pack')
 #: seconds an idle rank sleeps between two tests of the round barrier
@@ -192,7 +192,7 @@ def _frontend_rounds(role, layer, opts, blas):
                 _timed(r, f'gemm_{n}', _gemms, rows, counts, experts)
                 _timed(r, f'stage_{n}', run_experts, rows, counts, experts, cfg.expert_kind,
                        cfg.dtype)
-        _idle(role.world, opts.deadline)
+        idle(role.world, opts.deadline)
         role.next_step(MORE)
         _ready(role.world, opts.deadline)
         before = _snapshot(role.timers)
@@ -202,7 +202,7 @@ def _frontend_rounds(role, layer, opts, blas):
     with threadpool_limits(limits=cores, user_api='blas'):
         error = float(np.abs(y - (h + moe_local(h, role.moe.router, experts,
                                                  cfg)[0])).max())
-    _idle(role.world, opts.deadline)
+    idle(role.world, opts.deadline)
     role.next_step(DONE)
     return rounds, {'counts': counts, 'cores': cores, 'error': error,
                     'blas': ', '.join(blas)}
@@ -212,7 +212,7 @@ def _expert_rounds(role, layer):
     """An expert rank: its stages of the layer, once per step; per-step dicts."""
     rounds = []
     while True:
-        _idle(role.world, role.opts.deadline)
+        idle(role.world, role.opts.deadline)
         if role.next_step() != MORE:
             break
         _ready(role.world, role.opts.deadline)
@@ -224,7 +224,7 @@ def _expert_rounds(role, layer):
     return rounds
 
 
-def _idle(world, deadline_s):
+def idle(world, deadline_s):
     """Every rank waits here while rank 0 times its baselines: an Ibarrier
     tested every _IDLE_NAP_S seconds, so that idle ranks take almost no CPU
     from rank 0 (wait_all naps at most 1 ms: right for a pipeline, not here)."""

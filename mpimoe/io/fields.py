@@ -10,7 +10,8 @@ import math
 
 from mpimoe.errors import DataError, UsageError
 
-__all__ = ['SETTINGS', 'OPTIONS', 'line_settings', 'check_defaults']
+__all__ = ['SETTINGS', 'OPTIONS', 'line_settings', 'check_defaults', 'check_id', 'id_text',
+           'json_text']
 
 #: longest id, in bytes of UTF-8
 MAX_ID_BYTES = 1024
@@ -75,7 +76,7 @@ def line_settings(prefix, obj, vocab_size):
         if key in ('id', 'tokens'):
             continue
         if key not in SETTINGS:
-            raise DataError(f'{prefix}: unknown key {_json_text(key)}; a line has the keys '
+            raise DataError(f'{prefix}: unknown key {json_text(key)}; a line has the keys '
                             f'id, tokens, {", ".join(SETTINGS)}')
         accepts, allowed = _rule(key, vocab_size)
         if not accepts(value):
@@ -96,31 +97,31 @@ def check_defaults(defaults, vocab_size):
             raise UsageError(f'{OPTIONS[key]} {shown}: must be {allowed}')
 
 
-def _check_id(where, seq_id):
+def check_id(where, seq_id):
     """DataError unless ``seq_id`` is Unicode text (no lone surrogate: it has no
     UTF-8) without NUL (an HDF5 string ends there) of at most MAX_ID_BYTES bytes."""
     try:
         size = len(seq_id.encode('utf-8'))
     except UnicodeEncodeError as e:
-        raise DataError(f'{where}: id {_id_text(seq_id)} has a lone surrogate '
+        raise DataError(f'{where}: id {id_text(seq_id)} has a lone surrogate '
                         f'{seq_id[e.start]!r} at character {e.start} (half of a UTF-16 pair, '
                         'not a character); fix the id') from None
     if '\0' in seq_id:
-        raise DataError(f'{where}: id {_id_text(seq_id)} contains NUL at character '
+        raise DataError(f'{where}: id {id_text(seq_id)} contains NUL at character '
                         f'{seq_id.index(chr(0))}; ids are text without NUL')
     if size > MAX_ID_BYTES:
-        raise DataError(f'{where}: id {_id_text(seq_id)} has {size} bytes of UTF-8; ids have '
+        raise DataError(f'{where}: id {id_text(seq_id)} has {size} bytes of UTF-8; ids have '
                         f'at most {MAX_ID_BYTES}')
 
 
-def _id_text(seq_id, limit=48):
+def id_text(seq_id, limit=48):
     """repr of an id for a message, cut short if long."""
     if len(seq_id) <= limit:
         return repr(seq_id)
     return f'{seq_id[:limit - 8]!r}... ({len(seq_id)} characters)'
 
 
-def _json_text(value, limit=40):
+def json_text(value, limit=40):
     """A JSON value for a message, short: a list or object as [...] or {...}."""
     if isinstance(value, (list, dict)):
         return '[...]' if isinstance(value, list) else '{...}'
@@ -129,9 +130,9 @@ def _json_text(value, limit=40):
 
 
 def _setting_text(value):
-    """A setting's value for a message: as :func:`_json_text`, but a list of
+    """A setting's value for a message: as :func:`json_text`, but a list of
     scalars (stop_token_ids) is shown, cut short."""
     if isinstance(value, list) and not any(isinstance(v, (list, dict)) for v in value):
         text = json.dumps(value)
         return text if len(text) <= 60 else text[:57] + '...'
-    return _json_text(value)
+    return json_text(value)

@@ -4,7 +4,9 @@
 import h5py
 import numpy as np
 from mpimoe.errors import DataError
-from mpimoe.io.fields import _check_id
+from mpimoe.io.fields import check_id
+
+__all__ = ['hdf5_slabs', 'hdf5_sequences']
 
 #: sequences read from an HDF5 input at a time
 _HDF5_SLAB = 4096
@@ -23,7 +25,7 @@ def _open_hdf5(path):
     return f
 
 
-def _hdf5_slabs(path, vocab_size):
+def hdf5_slabs(path, vocab_size):
     """Yield (first, ids list[str] [k], tokens int32 [t], offsets int64 [k+1]
     relative to the slab) for slabs of ``_HDF5_SLAB`` sequences, checked: the
     offsets are read whole (8 bytes per sequence) and checked first, tokens
@@ -41,15 +43,15 @@ def _hdf5_slabs(path, vocab_size):
             b = min(a + _HDF5_SLAB, len(ids_ds))
             ids = _read_ids(path, ids_ds, a, b)
             for j, seq_id in enumerate(ids):
-                _check_id(f'{path}: sequence {a + j}', seq_id)
+                check_id(f'{path}: sequence {a + j}', seq_id)
             base = (offsets[a:b + 1] - offsets[a]).astype(np.int64)
             tokens = tokens_ds[offsets[a]:offsets[b]]
             _check_token_range(path, tokens, base, ids, vocab_size, a)
             yield a, ids, tokens.astype(np.int32, copy=False), base
 
 
-def _hdf5_sequences(path, vocab_size):
-    for a, ids, tokens, offsets in _hdf5_slabs(path, vocab_size):
+def hdf5_sequences(path, vocab_size):
+    for a, ids, tokens, offsets in hdf5_slabs(path, vocab_size):
         for j, seq_id in enumerate(ids):
             yield a + j, seq_id, tokens[offsets[j]:offsets[j + 1]]
 

@@ -41,10 +41,10 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 from mpimoe.errors import DataError, IOFailure, UsageError
-from mpimoe.io.fields import _id_text, check_defaults
+from mpimoe.io.fields import id_text, check_defaults
 from mpimoe.io.files import hdf5_image, atomic_write, check_writable
-from mpimoe.io.hdf5 import _hdf5_sequences, _hdf5_slabs
-from mpimoe.io.jsonl import _jsonl_lines, _jsonl_sequences, _parse_line
+from mpimoe.io.hdf5 import hdf5_sequences, hdf5_slabs
+from mpimoe.io.jsonl import jsonl_lines, jsonl_sequences, parse_line
 from mpimoe.io.paths import regular_file
 from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for
 from mpimoe.runtime.request import SamplingParams
@@ -122,7 +122,7 @@ class InputStream:
     :data:`mpimoe.io.fields.OPTIONS`) and validates the whole file, so that
     every defect is found before any compute (a JSONL file in the one read
     that also takes its digest, ``sha256``): every line or slab parses, keys,
-    types, ids (:func:`mpimoe.io.fields._check_id`), settings and token ids
+    types, ids (:func:`mpimoe.io.fields.check_id`), settings and token ids
     are right, the ids are unique, and every prompt fits: prompt + its
     max_tokens <= ``context`` (the model's max_position_embeddings) and prompt
     <= ``batch_tokens`` (the tokens of one step, which bound its memory) and
@@ -191,12 +191,12 @@ class InputStream:
         """Parse and check every line, hashing the file on the way: (id
         hashes array('q') [n], sha256 hex)."""
         digest, hashes = hashlib.sha256(), array('q')
-        for lineno, raw in _jsonl_lines(self.path, digest):
+        for lineno, raw in jsonl_lines(self.path, digest):
             where = f'{self.path}:{lineno}'
-            seq_id, tokens, settings = _parse_line(where, raw, self.vocab_size)
+            seq_id, tokens, settings = parse_line(where, raw, self.vocab_size)
             problem = self._too_long(len(tokens), settings.get('max_tokens'))
             if problem:
-                raise DataError(f'{where}: id {_id_text(seq_id)}: {problem}')
+                raise DataError(f'{where}: id {id_text(seq_id)}: {problem}')
             hashes.append(hash(seq_id))
         return hashes, digest.hexdigest()
 
@@ -208,12 +208,12 @@ class InputStream:
                               None if self.context is None else self.context - new,
                               None if self.kv_room is None else self.kv_room - new)
                   if n is not None]
-        for a, ids, _, offsets in _hdf5_slabs(self.path, self.vocab_size):
+        for a, ids, _, offsets in hdf5_slabs(self.path, self.vocab_size):
             lengths = np.diff(offsets)
             bad = np.flatnonzero(lengths > min(limits, default=np.inf))
             if bad.size:
                 j = int(bad[0])
-                raise DataError(f'{self.path}: sequence {a + j} (id {_id_text(ids[j])}): '
+                raise DataError(f'{self.path}: sequence {a + j} (id {id_text(ids[j])}): '
                                 f'{self._too_long(int(lengths[j]))}')
             hashes.extend(map(hash, ids))
         return hashes
@@ -260,9 +260,9 @@ class InputStream:
 
     def _duplicate(self, first_pos, pos, seq_id):
         if self.format == 'jsonl':
-            return DataError(f'{self.path}:{pos}: duplicate id {_id_text(seq_id)} (first on '
+            return DataError(f'{self.path}:{pos}: duplicate id {id_text(seq_id)} (first on '
                              f'line {first_pos})')
-        return DataError(f'{self.path}: sequence {pos} has id {_id_text(seq_id)}, already '
+        return DataError(f'{self.path}: sequence {pos} has id {id_text(seq_id)}, already '
                          f'used by sequence {first_pos}')
 
     def _sequences(self):
@@ -270,9 +270,9 @@ class InputStream:
         order; position: line number (JSONL) or sequence index (HDF5)."""
         with _reading(self.path):
             if self.format == 'jsonl':
-                yield from _jsonl_sequences(self.path, self.vocab_size, self.defaults)
+                yield from jsonl_sequences(self.path, self.vocab_size, self.defaults)
             else:
-                for pos, seq_id, tokens in _hdf5_sequences(self.path, self.vocab_size):
+                for pos, seq_id, tokens in hdf5_sequences(self.path, self.vocab_size):
                     yield pos, seq_id, tokens, self.defaults
 
 

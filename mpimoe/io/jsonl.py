@@ -13,13 +13,15 @@ import sys
 
 import numpy as np
 from mpimoe.errors import DataError
-from mpimoe.io.fields import _check_id, _id_text, _json_text, line_settings
+from mpimoe.io.fields import check_id, id_text, json_text, line_settings
+
+__all__ = ['MAX_LINE_BYTES', 'jsonl_lines', 'jsonl_sequences', 'parse_line']
 
 #: longest JSONL line, newline included: a longer one is refused, never read whole
 MAX_LINE_BYTES = 64 << 20
 
 
-def _jsonl_lines(path, digest=None):
+def jsonl_lines(path, digest=None):
     """Yield (line number, bytes) of the non-blank lines of ``path``, each read
     with a cap of MAX_LINE_BYTES; ``digest`` (a hashlib object) gets every byte."""
     with open(path, 'rb') as f:
@@ -36,16 +38,16 @@ def _jsonl_lines(path, digest=None):
                 yield lineno, raw
 
 
-def _jsonl_sequences(path, vocab_size, defaults):
+def jsonl_sequences(path, vocab_size, defaults):
     """Yield (line number, id, tokens int32 [len], SamplingParams) of each line;
     params: ``defaults`` with the line's settings."""
-    for lineno, raw in _jsonl_lines(path):
-        seq_id, tokens, settings = _parse_line(f'{path}:{lineno}', raw, vocab_size)
+    for lineno, raw in jsonl_lines(path):
+        seq_id, tokens, settings = parse_line(f'{path}:{lineno}', raw, vocab_size)
         params = dataclasses.replace(defaults, **settings) if settings else defaults
         yield lineno, seq_id, np.array(tokens, dtype=np.int32), params
 
 
-def _parse_line(where, raw, vocab_size):
+def parse_line(where, raw, vocab_size):
     """One JSONL line -> (id: str, tokens: list of int, settings: dict of its
     generation settings, see :func:`~mpimoe.io.fields.line_settings`), checked;
     ``where`` is 'FILE:LINE'."""
@@ -70,10 +72,10 @@ def _parse_line(where, raw, vocab_size):
     seq_id, tokens = obj['id'], obj['tokens']
     if type(seq_id) not in (str, int):
         raise DataError(f'{where}: "id" must be a string or an integer, got '
-                        f'{_json_text(seq_id)}')
+                        f'{json_text(seq_id)}')
     seq_id = str(seq_id)
-    _check_id(where, seq_id)
-    prefix = f'{where}: id {_id_text(seq_id)}'
+    check_id(where, seq_id)
+    prefix = f'{where}: id {id_text(seq_id)}'
     if not isinstance(tokens, list):
         raise DataError(f'{prefix}: "tokens" must be a list of integers, got '
                         f'{type(tokens).__name__}')
@@ -81,9 +83,9 @@ def _parse_line(where, raw, vocab_size):
         raise DataError(f'{prefix}: empty sequence ("tokens" is [])')
     if set(map(type, tokens)) != {int}:
         j, t = next((j, t) for j, t in enumerate(tokens) if type(t) is not int)
-        raise DataError(f'{prefix}: tokens[{j}] = {_json_text(t)} is not an integer')
+        raise DataError(f'{prefix}: tokens[{j}] = {json_text(t)} is not an integer')
     if min(tokens) < 0 or max(tokens) >= vocab_size:
         j, t = next((j, t) for j, t in enumerate(tokens) if not 0 <= t < vocab_size)
-        raise DataError(f'{prefix}: token {_json_text(t)} at tokens[{j}] is not in '
+        raise DataError(f'{prefix}: token {json_text(t)} at tokens[{j}] is not in '
                         f'[0, vocab_size={vocab_size})')
     return seq_id, tokens, line_settings(prefix, obj, vocab_size)

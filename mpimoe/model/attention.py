@@ -42,7 +42,7 @@ import math
 import numpy as np
 
 from mpimoe.backends.backend import array_module
-from mpimoe.model.layers import _mm, apply_rope, rope_tables
+from mpimoe.model.layers import mm32, apply_rope, rope_tables
 
 __all__ = ['attention']
 
@@ -62,16 +62,16 @@ def attention(x, w, cfg, cache, layer, seqs, ntok):
     seqs, ntok = np.asarray(seqs, np.int64), np.asarray(ntok, np.int64)
     pos, blocks, offsets = cache.locate(seqs, ntok)                         # [T] each
     cos, sin = (xp.asarray(t) for t in rope_tables(pos, hd, cfg.rope_theta))
-    q = apply_rope(_mm(x, w['wq']).reshape(T, H, hd), cos, sin)
-    k = apply_rope(_mm(x, w['wk']).reshape(T, KV, hd), cos, sin)
-    v = _mm(x, w['wv']).reshape(T, KV, hd)
+    q = apply_rope(mm32(x, w['wq']).reshape(T, H, hd), cos, sin)
+    k = apply_rope(mm32(x, w['wk']).reshape(T, KV, hd), cos, sin)
+    v = mm32(x, w['wv']).reshape(T, KV, hd)
     cache.write(layer, blocks, offsets, k, v)
     out = xp.empty((T, H, hd), dtype=np.float32)
     first = np.cumsum(ntok) - ntok                                          # [B]
     for rows in (ntok == 1, ntok > 1):                  # the decode group, the prefill group
         if rows.any():
             _attend(q, out, cache, layer, seqs[rows], first[rows], ntok[rows], KV)
-    return _mm(out.reshape(T, H * hd), w['wo'])
+    return mm32(out.reshape(T, H * hd), w['wo'])
 
 
 def _attend(q, out, cache, layer, seqs, first, ntok, KV):

@@ -8,7 +8,7 @@ from mpimoe.backends.backend import array_module
 from mpimoe.errors import DataError
 from mpimoe.model.attention import attention
 from mpimoe.model.kvcache import BlockKVCache
-from mpimoe.model.layers import _f32, _mm, ffn, rms_norm
+from mpimoe.model.layers import as_f32, mm32, ffn, rms_norm
 
 __all__ = ['FrontEnd']
 
@@ -36,7 +36,7 @@ class FrontEnd:
                       for i in range(cfg.n_layers)]
         self.dense = {i: {m: tensors[f'layers/{i}/mlp/{m}'] for m in cfg.expert_matrices}
                       for i in range(cfg.n_dense_layers)}
-        self.router = {i: _f32(tensors[f'layers/{i}/router']) for i in cfg.moe_layers}
+        self.router = {i: as_f32(tensors[f'layers/{i}/router']) for i in cfg.moe_layers}
         self.xp = array_module(tensors['embed'])
         self._finite = []       # this pass: (stage number, all finite? device bool)
 
@@ -48,7 +48,7 @@ class FrontEnd:
 
     def embed(self, tokens):
         """tokens: int [T] (host) -> x: float32 [T, d]."""
-        return _f32(self.t['embed'][self.xp.asarray(tokens)])
+        return as_f32(self.t['embed'][self.xp.asarray(tokens)])
 
     def _note(self, stage, x):
         """Keep whether ``x``, the output of stage number ``stage`` (see
@@ -95,6 +95,6 @@ class FrontEnd:
         """Final norm and LM head: x [n, d] -> float32 [n, vocab]; DataError
         when they are not finite, naming the stage where that began."""
         self._note(2 * self.cfg.n_layers, x)
-        out = _mm(rms_norm(x, self.t['final_norm'], self.cfg.norm_eps), self.t['lm_head'])
+        out = mm32(rms_norm(x, self.t['final_norm'], self.cfg.norm_eps), self.t['lm_head'])
         self._check_finite(out)
         return out

@@ -12,7 +12,7 @@ positions, token ids) are host NumPy arrays on either backend.
 
 Weights are FP32 on the NumPy backend.  On CuPy they stay 16-bit on the device
 (mpimoe.backends.backend.Backend.weights): the non-expert matrices are widened to FP32
-at each use (:func:`_mm`: same arithmetic as on the CPU), the experts'
+at each use (:func:`mm32`: same arithmetic as on the CPU), the experts'
 matrices go to 16-bit GEMMs (:func:`expert_ffn` states both contracts).
 """
 
@@ -20,20 +20,20 @@ import numpy as np
 
 from mpimoe.backends.backend import round16
 
-__all__ = ['rms_norm', 'rope_tables', 'apply_rope', 'ffn', 'expert_ffn']
+__all__ = ['rms_norm', 'rope_tables', 'apply_rope', 'ffn', 'expert_ffn', 'mm32', 'mm16', 'as_f32']
 
 
-def _f32(w):
+def as_f32(w):
     """A weight as FP32: itself when it is already (always on NumPy)."""
     return w.astype(np.float32, copy=False)
 
 
-def _mm(x, w):
+def mm32(x, w):
     """x: [n, k] float32 @ w: [k, m] (float32, or 16-bit widened here) -> [n, m] float32."""
-    return x @ _f32(w)
+    return x @ as_f32(w)
 
 
-def _mm16(x16, w16):
+def mm16(x16, w16):
     """The 16-bit GEMM of the GPU contract: x16 [n, k] (float32 holding 16-bit
     values, or 16-bit) @ w16 [k, m] (16-bit), FP32 accumulation, the product
     rounded to 16 bits (cuBLAS writes it so) -> [n, m] float32.
@@ -47,7 +47,7 @@ def _mm16(x16, w16):
 
 def rms_norm(x, w, eps):
     """x: [T, d] float32, w: [d] -> [T, d] float32."""
-    return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)) * _f32(w)
+    return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)) * as_f32(w)
 
 
 def rope_tables(positions, head_dim, theta):
@@ -77,13 +77,13 @@ def _silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def ffn(x, w, kind, narrow=None, mm=_mm):
+def ffn(x, w, kind, narrow=None, mm=mm32):
     """Dense MLP or one expert: ``mlp`` = down(gelu(up x)), ``swiglu`` = down(silu(gate x) * up x).
 
     x: [n, d] float32; w: dict of ``up``/``gate`` [d, h] and ``down`` [h, d]
     (float32, or 16-bit on a GPU backend); narrow: optional function applied to
     the hidden activations (rounding to 16 bits for experts); mm: the matrix
-    product (:func:`_mm`: FP32; :func:`_mm16`: 16-bit GEMMs).  Returns [n, d].
+    product (:func:`mm32`: FP32; :func:`mm16`: 16-bit GEMMs).  Returns [n, d].
     """
     if kind == 'swiglu':
         hidden = _silu(mm(x, w['gate'])) * mm(x, w['up'])
@@ -107,7 +107,7 @@ def expert_ffn(x16, w, kind, dtype):
     - FP32 weights (the NumPy backend, the reference): every GEMM product is
       FP32; the activation runs on the FP32 products of the first GEMM(s).
     - 16-bit weights (the CuPy backend): 2-D 16-bit GEMMs, FP32 accumulation
-      (cuBLAS), each product *rounded to 16 bits* (:func:`_mm16`), so the
+      (cuBLAS), each product *rounded to 16 bits* (:func:`mm16`), so the
       activation sees the pre-activations rounded (relative error <= u = 2^-8
       for bfloat16, 2^-11 for float16) before it runs in FP32.
 
@@ -126,7 +126,7 @@ def expert_ffn(x16, w, kind, dtype):
     moved by at most 0.4 u (relative L2) between the two contracts.
     """
     narrow = lambda a: round16(a, dtype)  # noqa: E731
-    mm = _mm16 if w['down'].dtype.itemsize == 2 else _mm
+    mm = mm16 if w['down'].dtype.itemsize == 2 else mm32
     # an overflow here (an expert rank) ends in NaN/Inf logits, which the
     # front-end refuses in one message (FrontEnd.logits); no NumPy warnings
     with np.errstate(over='ignore', invalid='ignore'):
