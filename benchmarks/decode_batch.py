@@ -29,7 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mpimoe.checkpoint.weights import WeightFile, write_synthetic  # noqa: E402
+from mpimoe.checkpoint.weights import WeightFile  # noqa: E402
+from mpimoe.checkpoint.writer import write_synthetic  # noqa: E402
 from mpimoe.model.config import model_config  # noqa: E402
 from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for  # noqa: E402
 from mpimoe.model.layers import rms_norm  # noqa: E402
