@@ -98,9 +98,6 @@ class JobOptions:
                 raise ConfigError(f'{flag} {v}: must be > {m["above"]}')
             if m.get('hi') is not None and v > m['hi']:
                 raise ConfigError(f'{flag} {v}: must be <= {m["hi"]}')
-        if self.kv_tokens is not None and self.kv_tokens < self.max_batch_tokens:
-            raise ConfigError(f'--kv-tokens {self.kv_tokens} < --max-batch-tokens '
-                              f'{self.max_batch_tokens}: the KV cache must hold a whole step')
 
     @property
     def kv_cache_tokens(self):
