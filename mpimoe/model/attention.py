@@ -5,19 +5,19 @@ A batch is packed as in mpimoe.model.layers: ``x [T, d]`` holds the new
 tokens of sequences ``seqs`` (cache handles) back to back, ``ntok[b]`` of them
 for ``seqs[b]``.  The new keys and values go into the cache with one
 fancy-indexed assignment (block, offset per token); then the sequences are
-attended in two groups, without a loop over sequences or tokens:
+attended in groups, without a loop over sequences or tokens.  A group holds
+the sequences whose new tokens ``n`` and whose keys ``L`` (context after this
+step) fall in the same power-of-two bucket, decode rows (``n = 1``) apart:
+its queries are padded to its longest ``n`` (padding rows repeat the last
+query and are dropped), its keys gathered through the block tables into
+``[B, KV, L, hd]``, L its longest context rounded up to whole blocks.
 
-- *decode* rows (``ntok == 1``): one query per sequence against its keys,
-  gathered through its block table into ``[B, KV, L, hd]``, L the group's
-  longest context rounded up to whole blocks;
-- *prefill* rows (``ntok > 1``): the queries padded to the group's longest
-  ``ntok`` (padding rows repeat the last query and are dropped), the keys as
-  above.
-
-So a decode query is never padded to a long prompt.  Peak memory is one
-group's: its gathered keys and values, ``float32 [B, KV, L, hd]`` each (4
-bytes per element where the cache holds 2), and its scores, ``float32 [B, H,
-n, L]``, twice (the masking makes a copy; the softmax then runs in place).
+So a decode query is never padded to a long prompt, nor a short context to
+a long one: padding at most doubles a sequence's ``n`` and ``L``.  Peak
+memory is one group's: its gathered keys and values, ``float32 [B, KV, L,
+hd]`` each (4 bytes per element where the cache holds 2), and its scores,
+``float32 [B, H, n, L]``, twice (the masking makes a copy; the softmax then
+runs in place); at most 4 times what the group's sequences need unpadded.
 
 **Numerics.**  The same FP32 arithmetic as a per-sequence loop (projections,
 RoPE, scores, masked softmax, weighted sum), except that keys and values are
@@ -68,10 +68,20 @@ def attention(x, w, cfg, cache, layer, seqs, ntok):
     cache.write(layer, blocks, offsets, k, v)
     out = xp.empty((T, H, hd), dtype=np.float32)
     first = np.cumsum(ntok) - ntok                                          # [B]
-    for rows in (ntok == 1, ntok > 1):                  # the decode group, the prefill group
-        if rows.any():
-            _attend(q, out, cache, layer, seqs[rows], first[rows], ntok[rows], KV)
+    live = ntok > 0
+    group = _buckets(ntok, cache.length[seqs] + ntok)                       # [B]
+    for g in np.unique(group[live]):
+        rows = live & (group == g)
+        _attend(q, out, cache, layer, seqs[rows], first[rows], ntok[rows], KV)
     return mm32(out.reshape(T, H * hd), w['wo'])
+
+
+def _buckets(ntok, keys):
+    """The group of each sequence: int [B] from the power-of-two buckets of its
+    new tokens ``ntok`` [B] (1: decode, a group of its own) and of its
+    ``keys`` [B] (context after the step)."""
+    log2 = lambda a: np.ceil(np.log2(np.maximum(a, 1))).astype(np.int64)  # noqa: E731
+    return log2(ntok) * 64 + log2(keys)
 
 
 def _attend(q, out, cache, layer, seqs, first, ntok, KV):

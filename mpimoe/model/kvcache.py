@@ -94,7 +94,7 @@ class BlockKVCache:
         if n_tokens < 0 or need > self.table.shape[1]:
             raise ValueError(f'a sequence of {n_tokens} tokens needs {need} KV blocks of '
                              f'{BLOCK_TOKENS} tokens; one sequence may hold at most '
-                             f'{self.table.shape[1]} (the pool has {len(self._free)})')
+                             f'{self.table.shape[1]} (the pool holds {len(self._free)} blocks)')
         if need > self.free_blocks or not self._handles:
             return None
         h = self._handles.pop()

@@ -4,8 +4,8 @@ have room, collect their results, commit the output chunk by chunk.
 The input is cut into chunks of at most ``budget`` prompt tokens
 (mpimoe.io.inputs.InputStream.batches, the same cut whatever the start, so a
 rerun resumes at a chunk boundary).  Requests are handed out from the
-current chunk only, first come first served, to front-end 0, 1, ... up to
-each one's room; once every result of the chunk is in it is written as one
+current chunk only, first come first served, dealt round the front-ends up
+to each one's room; once every result of the chunk is in it is written as one
 chunk of the output (in input order) and the next chunk starts, on
 front-ends that are then all empty.  So each chunk is scheduled from an
 empty batch, and a resumed run schedules (and computes) every chunk exactly
@@ -50,11 +50,16 @@ class Feeder:
                               for i in range(len(batch)))
 
     def hand_out(self, rooms):
-        """rooms: int per front-end -> a list of Requests per front-end."""
-        out = []
-        for room in rooms:
-            n = min(room, len(self.queue))
-            out.append([self.queue.popleft() for _ in range(n)])
+        """rooms: int per front-end -> a list of Requests per front-end, dealt
+        one at a time round the front-ends that have room, so that a chunk
+        smaller than their room is shared out, not given to front-end 0."""
+        out = [[] for _ in rooms]
+        left = list(rooms)
+        while self.queue and any(left):
+            for f, room in enumerate(left):
+                if room and self.queue:
+                    out[f].append(self.queue.popleft())
+                    left[f] -= 1
         return out
 
     def collect(self, results):

@@ -20,14 +20,11 @@ from mpimoe.runtime.request import SamplingParams
 __all__ = ['JobOptions', 'RunOptions', 'add_arguments', 'from_args']
 
 
-def _opt(default, help, *, flag=None, aliases=(), metavar=None, choices=None, lo=None,
-         above=None, hi=None):
+def _opt(default, help, *, aliases=(), metavar=None, choices=None, lo=None, above=None):
     """A field with its command-line metadata: ``lo`` <= value (``above`` <
-    value, ``hi`` >= value) when it is set; the field's type is the
-    argparse type."""
+    value) when it is set; the field's type is the argparse type."""
     return field(default=default, metadata=dict(
-        help=help, flag=flag, aliases=aliases, metavar=metavar, choices=choices, lo=lo,
-        above=above, hi=hi))
+        help=help, aliases=aliases, metavar=metavar, choices=choices, lo=lo, above=above))
 
 
 def _required(help, metavar='FILE'):
@@ -96,8 +93,6 @@ class JobOptions:
                 raise ConfigError(f'{flag} {v}: must be >= {m["lo"]}')
             if m.get('above') is not None and not v > m['above']:
                 raise ConfigError(f'{flag} {v}: must be > {m["above"]}')
-            if m.get('hi') is not None and v > m['hi']:
-                raise ConfigError(f'{flag} {v}: must be <= {m["hi"]}')
 
     @property
     def kv_cache_tokens(self):
@@ -173,7 +168,7 @@ class RunOptions(JobOptions):
 
 
 def _flag(f):
-    return f.metadata.get('flag') or '--' + f.name.replace('_', '-')
+    return '--' + f.name.replace('_', '-')
 
 
 def add_arguments(parser, cls, only=None):

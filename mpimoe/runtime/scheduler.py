@@ -29,7 +29,7 @@ from mpimoe.runtime.sampler import sample
 __all__ = ['Scheduler', 'Step']
 
 
-@dataclass
+@dataclass(eq=False)             # compared by identity: one object per sequence
 class _Running:
     req: object                 # mpimoe.runtime.request.Request
     handle: int                 # its sequence in the KV cache
