@@ -4,12 +4,13 @@ output (mpimoe.runtime.feeder).
 
 Each step:
 
-1. every front-end sends rank 0 (gather on ``front_comm``) the results of
-   the sequences that ended in its last step and how many requests it has
-   room for;
-2. rank 0 commits what is complete, and says MORE or DONE (or STOP) to every
-   rank on ``control`` (mpimoe.runtime.role);
-3. rank 0 hands each front-end its new requests (scatter);
+1. every front-end sends rank 0 (a barrier under the deadline, then a gather
+   on ``front_comm``) the results of the sequences that ended in its last
+   step, how many requests it has room for and its expert loads;
+2. rank 0 commits what is complete, adds up the loads (and, with
+   ``--balance bias``, moves the gate bias), and says MORE or DONE (or STOP)
+   to every rank on ``control`` (mpimoe.runtime.role);
+3. rank 0 hands each front-end its new requests and the new bias (scatter);
 4. each front-end's scheduler (mpimoe.runtime.scheduler) packs one token of
    every running sequence and the prompts of those joining into one pass,
    the layer loop (mpimoe.model.forward) runs it, micro-batched, with the
@@ -28,7 +29,7 @@ import numpy as np
 from mpimoe.model.forward import forward, micro_batches
 from mpimoe.moe.layer import MoELayer
 from mpimoe.parallel.dispatcher import MPIDispatcher
-from mpimoe.parallel.mpiutil import MPI
+from mpimoe.parallel.mpiutil import MPI, wait_all
 from mpimoe.planning.balance import update_bias
 from mpimoe.planning.costmodel import pass_flops
 from mpimoe.runtime.feeder import Feeder
@@ -96,17 +97,23 @@ class FrontEndRank(Role):
                 feeder = Feeder(self.stream, self.writer,
                                 self.opts.chunk_budget(self.plan.n_frontends), progress)
             while True:
-                with self.timers.span('gather', 'io'):
-                    reports = self.front_comm.gather((finished, self.scheduler.room()), root=0)
+                reports = self._gather((finished, self.scheduler.room(), self._counts()))
                 assign = None
                 if rank0:
                     with self.timers.span('write', 'io'):
-                        feeder.collect(r for done, _ in reports for r in done)
-                    assign = feeder.hand_out([room for _, room in reports])
+                        feeder.collect(r for done, _, _ in reports for r in done)
+                    # no step follows the last: its bias would reach no front-end
+                    bias = self._loads([c for _, _, c in reports], not feeder.done)
+                    assign = [(reqs, bias) for reqs in
+                              feeder.hand_out([room for _, room, _ in reports])]
                 if self.next_step(DONE if rank0 and feeder.done else MORE) == DONE:
                     break
                 with self.timers.span('scatter', 'io'):
-                    self.scheduler.add(self.front_comm.scatter(assign, root=0))
+                    requests, bias = self.front_comm.scatter(assign, root=0)
+                self.scheduler.add(requests)
+                if bias is not None:
+                    self.bias[:] = bias
+                    self._set_bias()
                 step = self.scheduler.schedule()
                 # an overflow ends in NaN/Inf logits, which the front-end refuses in
                 # one message (FrontEnd.logits); NumPy's warnings would only add lines
@@ -135,34 +142,48 @@ class FrontEndRank(Role):
         self._pass = (time.perf_counter() - t0, step.prefill_tokens, flops)
         return logits
 
+    def _gather(self, report):
+        """Rank 0 gathers every front-end's report of the last step (a list per
+        front-end, None elsewhere), once all have reached this point: a
+        barrier under the deadline first, so a front-end that never comes
+        ends the job instead of hanging it."""
+        with self.timers.span('gather', 'wait'):
+            wait_all([self.front_comm.Ibarrier()], self.opts.deadline,
+                     lambda: 'the other front-ends at the next step')
+            return self.front_comm.gather(report, root=0)
+
     def _record(self, step):
-        """Keep the step's time, tokens and FLOPs; rank 0 sums the expert counts."""
+        """Keep the step's time, tokens and FLOPs."""
         seconds, prompt, flops = self._pass
         generated = sum(1 for r in step.running if r.req.params.max_tokens > 0)
         self.passes.append((seconds, prompt, generated, flops))
+
+    def _counts(self):
+        """The expert loads of this front-end's last step, int64 [Lm, E] (None
+        before the first), cleared for the next."""
+        if not self.passes:
+            return None
         counts = np.stack([self.moe[i].counts for i in self.cfg.moe_layers])
-        total = np.zeros_like(counts) if self.world.rank == 0 else None
-        self.front_comm.Reduce(counts, total, op=MPI.SUM, root=0)
-        if self.world.rank == 0:
-            self.step_counts.append(total)
         for layer in self.moe.values():
             layer.counts[:] = 0
-        self._update_bias()
+        return counts
 
-    def _update_bias(self):
-        """With --balance bias, every balance_every steps: rank 0 moves the gate
-        bias by the loads of those steps (mpimoe.planning.balance.update_bias)
-        and every front-end receives it, so all route alike from the next step on."""
+    def _loads(self, counts, more):
+        """Rank 0: add up the front-ends' loads of the last step (``counts``:
+        one [Lm, E] or None each) and, when another step follows (``more``),
+        with --balance bias every balance_every steps, move the gate bias by the loads of those steps
+        (mpimoe.planning.balance.update_bias).  Returns the new bias for
+        every front-end to route with from the next step on, else None."""
+        if counts[0] is None:
+            return None
+        self.step_counts.append(np.sum(counts, axis=0))
         every = self.opts.balance_every
-        if self.bias is None or len(self.passes) % every:
-            return
-        if self.world.rank == 0:
-            window = np.sum(self.step_counts[-every:], axis=0)              # [Lm, E]
-            self.bias[:] = update_bias(self.bias, window, self.opts.balance_step,
-                                       self.opts.balance_clip)
-        with self.timers.span('balance', 'wait'):
-            self.front_comm.Bcast(self.bias, root=0)
-        self._set_bias()
+        if self.bias is None or not more or len(self.step_counts) % every:
+            return None
+        window = np.sum(self.step_counts[-every:], axis=0)                  # [Lm, E]
+        self.bias[:] = update_bias(self.bias, window, self.opts.balance_step,
+                                   self.opts.balance_clip)
+        return self.bias
 
     def _set_bias(self):
         if self.bias is not None:

@@ -37,20 +37,27 @@ def noise(seed, seq_id, step, vocab):
 
 
 def _kept(z, top_k, top_p):
-    """How many tokens of the order of decreasing ``z`` (ties: lower id first)
-    top_k and then top_p keep, and that order: (m, order int [V]).
+    """The tokens top_k and then top_p keep, in decreasing ``z`` (ties: lower
+    id first): int [m].
 
-    top_k keeps the k largest (0: all); top_p then keeps the fewest leading
-    tokens whose probabilities softmax(z), renormalised over those top_k
-    kept, sum to at least top_p (1: all), at least one.
+    top_k keeps the k largest (0: all), found by a partition, not a sort of
+    the whole vocabulary; top_p then keeps the fewest leading tokens whose
+    probabilities softmax(z), renormalised over those top_k kept, sum to at
+    least top_p (1: all), at least one.
     """
-    order = np.argsort(-z, kind='stable')
-    m = len(z) if top_k == 0 else min(top_k, len(z))
+    V = len(z)
+    if top_k and top_k < V:
+        t = np.partition(z, V - top_k)[V - top_k]                # the k-th largest
+        above = np.flatnonzero(z > t)
+        kept = np.concatenate([above, np.flatnonzero(z == t)[:top_k - len(above)]])
+    else:
+        kept = np.arange(V)
+    kept = kept[np.lexsort((kept, -z[kept]))]
     if top_p < 1:
-        head = z[order[:m]]
+        head = z[kept]
         cum = np.cumsum(np.exp(head - head[0]))
-        m = min(m, int(np.searchsorted(cum, top_p * cum[-1], side='left')) + 1)
-    return m, order
+        kept = kept[:int(np.searchsorted(cum, top_p * cum[-1], side='left')) + 1]
+    return kept
 
 
 def choice_scores(logits_row, params, seq_id, step):
@@ -66,8 +73,10 @@ def choice_scores(logits_row, params, seq_id, step):
     z = z / params.temperature
     scores = z + noise(params.seed, seq_id, step, len(z))
     if params.top_k or params.top_p < 1:
-        m, order = _kept(z, params.top_k, params.top_p)
-        scores[order[m:]] = -np.inf
+        kept = _kept(z, params.top_k, params.top_p)
+        out = np.full_like(scores, -np.inf)
+        out[kept] = scores[kept]
+        return out
     return scores
 
 
