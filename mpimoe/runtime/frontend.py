@@ -33,6 +33,7 @@ from mpimoe.parallel.mpiutil import MPI, wait_all
 from mpimoe.planning.balance import update_bias
 from mpimoe.planning.costmodel import pass_flops
 from mpimoe.runtime.feeder import Feeder
+from mpimoe.runtime.loads import LoadHistory
 from mpimoe.runtime.progress import Progress
 from mpimoe.runtime.role import DONE, MORE, Role
 from mpimoe.runtime.scheduler import Scheduler
@@ -71,7 +72,8 @@ class FrontEndRank(Role):
         self.scheduler = Scheduler(self.cache, opts.max_batch_tokens, opts.max_seqs,
                                    cfg.eos_token_id, opts.save_logits,
                                    static=opts.batching == 'static')
-        self.step_counts = []           # rank 0: per step, [n_moe_layers, E]
+        self.loads = LoadHistory(opts.balance_every)        # rank 0's
+        self._window = None         # rank 0: loads since the last bias update, [Lm, E]
         # gate bias [n_moe_layers, E] (--balance bias), the same on every front-end;
         # updated on the host, routed with on the backend (the same array on NumPy)
         self.bias = np.zeros((cfg.n_moe_layers, cfg.n_experts), np.float32) \
@@ -176,13 +178,16 @@ class FrontEndRank(Role):
         every front-end to route with from the next step on, else None."""
         if counts[0] is None:
             return None
-        self.step_counts.append(np.sum(counts, axis=0))
-        every = self.opts.balance_every
-        if self.bias is None or not more or len(self.step_counts) % every:
+        step = np.sum(counts, axis=0)                                       # [Lm, E]
+        self.loads.add(step)
+        if self.bias is None:
             return None
-        window = np.sum(self.step_counts[-every:], axis=0)                  # [Lm, E]
-        self.bias[:] = update_bias(self.bias, window, self.opts.balance_step,
+        self._window = step if self._window is None else self._window + step
+        if not more or self.loads.steps % self.opts.balance_every:
+            return None
+        self.bias[:] = update_bias(self.bias, self._window, self.opts.balance_step,
                                    self.opts.balance_clip)
+        self._window = None
         return self.bias
 
     def _set_bias(self):
@@ -213,7 +218,7 @@ class FrontEndRank(Role):
         bytes_total = np.zeros_like(sent) if self.world.rank == 0 else None
         self.front_comm.Reduce(sent, bytes_total, op=MPI.SUM, root=0)
         if self.world.rank == 0:
-            out.update(step_counts=self.step_counts, bytes_per_layer=bytes_total.tolist(),
+            out.update(loads=self.loads, bytes_per_layer=bytes_total.tolist(),
                        bias=None if self.bias is None else self.bias.tolist())
         return out
 

@@ -75,15 +75,16 @@ def pass_summary(fronts):
     return out
 
 
-def balance_report(opts, steps, bias):
+def balance_report(opts, loads, shape, bias):
     """run.json's ``balance``: the policy, the final gate bias (None when off) and,
-    per window of ``balance_every`` steps (the last may be shorter), the max/mean
-    expert load of every MoE layer.  steps: int [passes, Lm, E] copies per pass."""
-    starts = np.arange(0, len(steps), opts.balance_every)
-    windows = np.add.reduceat(steps, starts, axis=0) if len(steps) else steps  # [W, Lm, E]
+    per window of ``history_every`` steps (``balance_every``, doubled each time a
+    long run's windows were merged; the last may be shorter), the max/mean
+    expert load of every MoE layer.  loads: mpimoe.runtime.loads.LoadHistory;
+    shape: [Lm, E]."""
     return {'mode': opts.balance, 'every': opts.balance_every, 'step': opts.balance_step,
             'clip': opts.balance_clip, 'rule': BIAS_RULE, 'bias': bias,
-            'max_over_mean_history': max_over_mean(windows).tolist()}
+            'history_every': loads.width,
+            'max_over_mean_history': max_over_mean(loads.history(shape)).tolist()}
 
 
 def finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops, backend, threads,
@@ -100,9 +101,8 @@ def finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops, backend
                    else 'FP32 GEMM timed on rank 0 (CPU backend)')
     summary['mfu'] = summary['achieved_tflops'] / (peak_tflops * world.size) \
         if busy and peak_tflops else None
-    steps = np.array(r0['step_counts'], dtype=np.int64).reshape(
-        -1, cfg.n_moe_layers, cfg.n_experts)                               # [passes, Lm, E]
-    loads = steps.sum(axis=0)
+    shape = (cfg.n_moe_layers, cfg.n_experts)
+    loads = r0['loads'].total if r0['loads'].steps else np.zeros(shape, np.int64)   # [Lm, E]
     report = {
         'mpimoe_version': __version__,
         'versions': {'mpi': MPI.Get_library_version().splitlines()[0].strip(),
@@ -122,10 +122,10 @@ def finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops, backend
         'summary': summary,
         'expert_loads': {'layers': cfg.moe_layers, 'counts': loads.tolist(),
                          'max_over_mean': max_over_mean(loads).tolist()},
-        'balance': balance_report(opts, steps, r0['bias']),
+        'balance': balance_report(opts, r0['loads'], shape, r0['bias']),
         'bytes_per_layer': r0['bytes_per_layer'],
         'bytes_per_s_per_layer': [b / busy if busy else None for b in r0['bytes_per_layer']],
-        'ranks': [{k: v for k, v in r.items() if k not in ('passes', 'step_counts',
+        'ranks': [{k: v for k, v in r.items() if k not in ('passes', 'loads',
                                                             'bytes_per_layer', 'bias')}
                   for r in reports],
     }
