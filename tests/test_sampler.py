@@ -116,10 +116,11 @@ def test_top_p_samples_the_nucleus_only():
 
 def test_top_p_after_top_k_is_renormalised():
     """top_k 3 leaves 0.5, 0.3, 0.15 (sum 0.95): renormalised 0.526, 0.316, 0.158,
-    so top_p 0.8 needs the first two (0.842), not the first (0.526)."""
+    so top_p 0.52 keeps the first alone (0.526 >= 0.52); without the
+    renormalisation (0.5 < 0.52), or with top_p before top_k, it would keep two."""
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05])).astype(np.float32)
-    counts = _counts(SamplingParams(temperature=1.0, top_k=3, top_p=0.8, seed=6), 2000, logits)
-    assert counts[2:].sum() == 0 and counts[1] > 0
+    counts = _counts(SamplingParams(temperature=1.0, top_k=3, top_p=0.52, seed=6), 2000, logits)
+    assert counts.tolist() == [2000, 0, 0, 0]
 
 
 def test_a_very_small_temperature_is_argmax():
