@@ -275,7 +275,7 @@ def assert_matches_reference(got, ref, weights, inputs, max_new=None, defaults=N
     accepted = assert_greedy_match(got['generated'], expected, recompute, ref['ids'],
                                    scores if params else None)
     diverged = {i for i, *_ in accepted}
-    if 'finish_reason' in got and max_new is None:
+    if got['finish_reason'] is not None and max_new is None:
         wrong = [i for i, (a, b) in enumerate(zip(got['finish_reason'], ref['finish_reason']))
                  if a != b and i not in diverged]
         assert not wrong, f'finish_reason differs from the reference in sequences {wrong}'

@@ -25,17 +25,6 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(allow_abbrev=False, **kwargs)
 
 
-def _positive_int(text):
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'{text!r}: expected an integer >= 1')
-    return value
-
-
 def _add_model_args(p, required=True):
     p.add_argument('--preset', required=required, metavar='NAME',
                    help='named model configuration (tiny, small, paper-4l, paper-16l, paper-61l)')

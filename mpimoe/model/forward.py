@@ -58,10 +58,9 @@ def forward(front, moe, tokens, cache, seqs, ntok, mbs=None, timers=None, poll=N
         if handle is not None:
             xs[m] = moe[handle.layer].combine(handle, xs[m])
     cache.advance(seqs, ntok)
-    xp = front.xp
-    x = xp.concatenate(xs) if xs else xp.zeros((0, front.cfg.d_model), np.float32)
+    x = front.xp.concatenate(xs)                    # mbs holds at least one range
     with span('head', 'compute'):
-        return to_numpy(front.logits(x[xp.asarray(bounds[1:] - 1)]))
+        return to_numpy(front.logits(x[front.xp.asarray(bounds[1:] - 1)]))
 
 
 def micro_batches(ntok, m, min_tokens=1):

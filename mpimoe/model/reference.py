@@ -88,7 +88,7 @@ def run_reference(opts, log=print):
     from mpimoe.io.job import open_job
     from mpimoe.runtime.feeder import Feeder
     from mpimoe.runtime.progress import Progress
-    from mpimoe.runtime.scheduler import Scheduler
+    from mpimoe.runtime.scheduler import job_scheduler
     from mpimoe.runtime.signals import StopRequest, stop_error
     opts.validate()
     meta = {'producer': 'mpimoe reference', 'mpimoe_version': __version__,
@@ -105,9 +105,7 @@ def run_reference(opts, log=print):
     if writer.written:
         log(f'reference: resuming {opts.output} after {writer.written} committed sequences')
     progress = Progress(len(stream), writer.written)
-    cache = model.front.new_cache(opts.kv_cache_tokens, opts.max_seqs)
-    sched = Scheduler(cache, opts.max_batch_tokens, opts.max_seqs, model.cfg.eos_token_id,
-                      opts.save_logits, static=opts.batching == 'static')
+    sched = job_scheduler(model.front, opts)
     # an overflow ends in NaN/Inf logits, which the front-end refuses in one
     # message (FrontEnd.logits); NumPy's warnings would only add lines
     with StopRequest() as stop, writer as out, np.errstate(over='ignore', invalid='ignore'):
@@ -118,6 +116,6 @@ def run_reference(opts, log=print):
                 raise stop_error(stop.signum, f'{out.written} of {len(stream)} sequences '
                                  f'committed to {out.dir}; rerun the same command to resume')
             step = sched.schedule()
-            logits = model.forward(step.tokens, cache, step.seqs, step.ntok)
+            logits = model.forward(step.tokens, sched.cache, step.seqs, step.ntok)
             feeder.collect(sched.finish(step, logits))
     log(f'reference: {progress.line()} -> {opts.output}')

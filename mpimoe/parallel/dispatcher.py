@@ -32,6 +32,9 @@ class MPIDispatcher:
         self.copy_keys, self.rank = copy_keys, rank
         self.timers = timers or NoTimers()
         self.bytes_sent = np.zeros(cfg.n_moe_layers, dtype=np.int64)
+        # per layer: the counts of an empty micro-batch (only read by MPI)
+        self.no_rows = {i: np.zeros((lc.size, lc.k), np.int32) for i, lc in layers.items()
+                        if lc.member}
 
     def keys(self, layer, chosen):
         """Each token copy's (destination, local expert) key: int [T, k], and
@@ -45,7 +48,7 @@ class MPIDispatcher:
         (no rows when ``handle.n_rows`` is 0); returns the order [T*k]."""
         cfg, lc, slot = self.cfg, self.layers[handle.layer], self.slots[handle.mb]
         n, where = handle.n_rows, dict(layer=handle.layer, mb=handle.mb)
-        order, counts = None, np.zeros((lc.size, lc.k), np.int32)
+        order, counts = None, self.no_rows[handle.layer]
         with self.timers.span('permute', 'pack', **where):
             slot.wait()
             if n:

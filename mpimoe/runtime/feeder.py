@@ -29,7 +29,6 @@ class Feeder:
 
     def __init__(self, stream, writer, budget, progress=None):
         self.writer, self.progress = writer, progress
-        self.save_logits = writer.save_logits
         self._chunks = stream.batches(budget, start=writer.written)
         self.chunk = None           # (first index, Inputs) being generated
         self.queue = deque()        # its requests not handed out yet
@@ -76,7 +75,7 @@ class Feeder:
         got = [self.results[first + i] for i in range(len(batch))]
         self.writer.write(np.arange(first, first + len(batch)), batch.ids,
                           [r.tokens for r in got],
-                          np.stack([r.last_logits for r in got]) if self.save_logits else None,
+                          np.stack([r.last_logits for r in got]) if self.writer.save_logits else None,
                           finish_reasons=[r.finish_reason for r in got],
                           prompt_tokens=batch.lengths)
         if self.progress is not None:

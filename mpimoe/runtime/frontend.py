@@ -36,7 +36,7 @@ from mpimoe.runtime.feeder import Feeder
 from mpimoe.runtime.loads import LoadHistory
 from mpimoe.runtime.progress import Progress
 from mpimoe.runtime.role import DONE, MORE, Role
-from mpimoe.runtime.scheduler import Scheduler
+from mpimoe.runtime.scheduler import job_scheduler
 
 __all__ = ['FrontEndRank', 'MIN_EXPERT_ROWS']
 
@@ -68,10 +68,7 @@ class FrontEndRank(Role):
         self.dispatcher = MPIDispatcher(cfg, self.slots, layers, copy_keys, world.rank, timers)
         self.moe = {i: MoELayer(i, front.router[i], cfg, self.dispatcher, timers)
                     for i in cfg.moe_layers}
-        self.cache = front.new_cache(opts.kv_cache_tokens, opts.max_seqs)
-        self.scheduler = Scheduler(self.cache, opts.max_batch_tokens, opts.max_seqs,
-                                   cfg.eos_token_id, opts.save_logits,
-                                   static=opts.batching == 'static')
+        self.scheduler = job_scheduler(front, opts)
         self.loads = LoadHistory(opts.balance_every)        # rank 0's
         self._window = None         # rank 0: loads since the last bias update, [Lm, E]
         # gate bias [n_moe_layers, E] (--balance bias), the same on every front-end;
@@ -122,26 +119,26 @@ class FrontEndRank(Role):
                 with np.errstate(over='ignore', invalid='ignore'):
                     logits = self.forward(step)
                 finished = self.scheduler.finish(step, logits)
-                self._record(step)
             if rank0 and stop:
                 log.info(f'{stop.name} arrived at the end of the run: output complete')
         self.drain()
 
     def forward(self, step):
-        """One pass over ``step`` (mpimoe.runtime.scheduler.Step), micro-batched:
-        logits float32 [B, V] (host)."""
-        cfg = self.cfg
+        """One pass over ``step`` (mpimoe.runtime.scheduler.Step), micro-batched,
+        kept in ``passes``: logits float32 [B, V] (host)."""
+        cfg, cache = self.cfg, self.scheduler.cache
         t0 = time.perf_counter()
         # causal query-key pairs of this pass (for the FLOP count)
-        ntok, before = step.ntok, self.cache.length[step.seqs]
+        ntok, before = step.ntok, cache.length[step.seqs]
         pairs = int(np.sum(ntok * before + ntok * (ntok + 1) // 2))
         # at least MIN_EXPERT_ROWS rows per expert in each micro-batch
         mbs = micro_batches(ntok, len(self.slots), MIN_EXPERT_ROWS * cfg.n_experts / cfg.top_k)
-        logits = forward(self.front, self.moe, step.tokens, self.cache, step.seqs, ntok, mbs,
+        logits = forward(self.front, self.moe, step.tokens, cache, step.seqs, ntok, mbs,
                          self.timers, self.dispatcher.poll)
         tokens = int(np.sum(ntok))
         flops = pass_flops(cfg, tokens, pairs, tokens * cfg.top_k * cfg.n_moe_layers, len(ntok))
-        self._pass = (time.perf_counter() - t0, step.prefill_tokens, flops)
+        sampled = sum(1 for r in step.running if r.req.params.max_tokens > 0)
+        self.passes.append((time.perf_counter() - t0, step.prefill_tokens, sampled, flops))
         return logits
 
     def _gather(self, report):
@@ -153,12 +150,6 @@ class FrontEndRank(Role):
             wait_all([self.front_comm.Ibarrier()], self.opts.deadline,
                      lambda: 'the other front-ends at the next step')
             return self.front_comm.gather(report, root=0)
-
-    def _record(self, step):
-        """Keep the step's time, tokens and FLOPs."""
-        seconds, prompt, flops = self._pass
-        generated = sum(1 for r in step.running if r.req.params.max_tokens > 0)
-        self.passes.append((seconds, prompt, generated, flops))
 
     def _counts(self):
         """The expert loads of this front-end's last step, int64 [Lm, E] (None

@@ -26,7 +26,7 @@ import numpy as np
 from mpimoe.runtime.request import Result
 from mpimoe.runtime.sampler import sample
 
-__all__ = ['Scheduler', 'Step']
+__all__ = ['Scheduler', 'Step', 'job_scheduler']
 
 
 @dataclass(eq=False)             # compared by identity: one object per sequence
@@ -108,11 +108,11 @@ class Scheduler:
         decode = list(self.running)
         self.running.extend(joined)
         batch = decode + joined
-        tokens = [np.array([r.tokens[-1]], np.int64) for r in decode] + \
-                 [np.asarray(r.req.prompt, np.int64) for r in joined]
-        ntok = np.array([len(t) for t in tokens], dtype=np.int64)
-        return Step(np.concatenate(tokens) if tokens else np.zeros(0, np.int64),
-                    np.array([r.handle for r in batch], dtype=np.int64), ntok, batch,
+        # the decodes' last tokens, then the joining prompts
+        tokens = np.concatenate([np.array([r.tokens[-1] for r in decode], np.int64)] +
+                                [np.asarray(r.req.prompt, np.int64) for r in joined])
+        ntok = np.array([1] * len(decode) + [len(r.req.prompt) for r in joined], np.int64)
+        return Step(tokens, np.array([r.handle for r in batch], dtype=np.int64), ntok, batch,
                     len(decode))
 
     def finish(self, step, logits):
@@ -142,3 +142,11 @@ class Scheduler:
             self.running.remove(r)
         return [Result(r.req.index, np.array(r.tokens, np.int32), why, r.last_logits)
                 for r, why in done]
+
+
+def job_scheduler(front, opts):
+    """The Scheduler, over a new KV cache, of one front-end (front:
+    mpimoe.model.frontend.FrontEnd) for a job's options (JobOptions)."""
+    cache = front.new_cache(opts.kv_cache_tokens, opts.max_seqs)
+    return Scheduler(cache, opts.max_batch_tokens, opts.max_seqs, front.cfg.eos_token_id,
+                     opts.save_logits, static=opts.batching == 'static')
