@@ -28,7 +28,7 @@ from contract import EPS32, gamma, unit_roundoff
 from mpimoe.backends.backend import round16
 from mpimoe.model.attention import attention
 from mpimoe.model.config import model_config
-from mpimoe.model.kvcache import BlockKVCache
+from mpimoe.model.kvcache import BlockKVCache, blocks_for
 from mpimoe.model.layers import apply_rope, rope_tables
 
 TINY = model_config('tiny')
@@ -180,7 +180,7 @@ def test_blocks_are_reused_after_release():
             prompt, running[h] = waiting.pop(0)
             todo.append((h, prompt))
             admitted += 1
-            for blk in cache.table[h, :cache.n_owned[h]].tolist():
+            for blk in cache.table[h, :blocks_for(cache.capacity[h])].tolist():
                 owners.setdefault(blk, []).append(admitted)
         assert todo, 'a waiting sequence never fits'
         s.step(todo)

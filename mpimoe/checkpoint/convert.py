@@ -49,7 +49,8 @@ _IGNORED = '.rotary_emb.inv_freq'
 #: generation defaults); any other key not mapped or checked below is refused
 _HARMLESS_KEYS = {
     '_name_or_path', 'architectures', 'model_type', 'transformers_version',
-    'torch_dtype', 'dtype', 'use_cache', 'bos_token_id', 'pad_token_id', 'initializer_range', 'attention_dropout', 'output_router_logits',
+    'torch_dtype', 'dtype', 'use_cache', 'bos_token_id', 'pad_token_id',
+    'initializer_range', 'attention_dropout', 'output_router_logits',
     'router_aux_loss_coef', 'router_jitter_noise', 'output_attentions',
     'output_hidden_states', 'return_dict', 'tokenizer_class'}
 #: config.json key -> ModelConfig field, each required

@@ -223,13 +223,12 @@ class InputStream:
         it can; own_max: the max_tokens its line sets (None: the default's)."""
         new = self.defaults.max_tokens if own_max is None else own_max
         total = n + new
+        key = '--max-new-tokens' if own_max is None else '"max_tokens" of the line'
         if self.context is not None and total > self.context:
-            key = '--max-new-tokens' if own_max is None else '"max_tokens" of the line'
             return (f'{n} prompt tokens + {new} new ({key}) = {total} exceed the context '
                     f'length of the model (max_position_embeddings = {self.context}); shorten '
                     f'the prompt or lower {key}')
         if self.kv_room is not None and total > self.kv_room:
-            key = '--max-new-tokens' if own_max is None else '"max_tokens" of the line'
             return (f'{n} prompt tokens + {new} new ({key}) = {total} exceed the KV cache of a '
                     f'front-end (--kv-tokens {self.kv_tokens}); raise --kv-tokens or lower {key}')
         if self.batch_tokens is not None and n > self.batch_tokens:

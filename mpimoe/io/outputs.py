@@ -17,9 +17,9 @@ written before they existed (:func:`read_outputs` returns None for them).
 Root attributes: `format = "mpimoe-output"`, `format_version = 1`, and the run's
 metadata (str, int or float values; e.g. `weights`, `max_new_tokens`,
 `mpimoe_version`).  The file appears under its final name only once all `n`
-sequences are written; until then the committed batches are in `OUTPUT.chunks/`
+sequences are written; until then the committed chunks are in `OUTPUT.chunks/`
 with `manifest.json` (the run's identity; each chunk's range, size and sha256),
-
+and `OUTPUT.lock` names the job writing them (:class:`~mpimoe.io.lock.OutputLock`).
 """
 
 import json
@@ -36,12 +36,8 @@ from mpimoe.io.inputs import file_digest
 from mpimoe.io.lock import OutputLock
 from mpimoe.runtime.request import FINISH_REASONS
 
-
-
 OUTPUT_FORMAT = 'mpimoe-output'
 OUTPUT_VERSION = 1
-
-# --- outputs -------------------------------------------------------------
 
 #: a chunk file: sequences START to STOP of the input
 _CHUNK_NAME = re.compile(r'(\d{12})-(\d{12})\.h5')

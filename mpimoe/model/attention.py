@@ -16,8 +16,7 @@ So a decode query is never padded to a long prompt, nor a short context to
 a long one: padding at most doubles a sequence's ``n`` and ``L``.  Peak
 memory is one group's: its gathered keys and values, ``float32 [B, KV, L,
 hd]`` each (4 bytes per element where the cache holds 2), and its scores,
-``float32 [B, H, n, L]``, twice (the masking makes a copy; the softmax then
-runs in place); at most 4 times what the group's sequences need unpadded.
+``float32 [B, H, n, L]``, once (masking and softmax run in place); at most 4 times what the group's sequences need unpadded.
 
 **Numerics.**  The same FP32 arithmetic as a per-sequence loop (projections,
 RoPE, scores, masked softmax, weighted sum), except that keys and values are
@@ -102,7 +101,7 @@ def _attend(q, out, cache, layer, seqs, first, ntok, KV):
     scores *= np.float32(1.0 / math.sqrt(hd))
     # query j of sequence b sits at position qpos[b, j] and sees keys 0 .. qpos[b, j]
     visible = xp.arange(L)[None, None, :] <= xp.asarray(qpos)[:, :, None]   # [B, n, L]
-    scores = xp.where(visible[:, None, None], scores, np.float32(-np.inf))
+    xp.copyto(scores, np.float32(-np.inf), where=~visible[:, None, None])      # in place
     scores -= scores.max(axis=-1, keepdims=True)
     xp.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)

@@ -61,7 +61,6 @@ class BlockKVCache:
         self.k = [xp.zeros(shape, self.dtype) for _ in range(n_layers)]
         self.v = [xp.zeros(shape, self.dtype) for _ in range(n_layers)]
         self.table = np.zeros((max_seqs, width), np.int32)
-        self.n_owned = np.zeros(max_seqs, np.int64)        # blocks of each handle
         self.capacity = np.zeros(max_seqs, np.int64)
         self.length = np.zeros(max_seqs, np.int64)
         self.live = np.zeros(max_seqs, bool)
@@ -82,7 +81,6 @@ class BlockKVCache:
         """Bytes the pools take (the host bookkeeping not counted)."""
         return sum(a.nbytes for a in self.k + self.v)
 
-    blocks_for = staticmethod(blocks_for)
 
     # -- sequences ---------------------------------------------------------------
 
@@ -103,7 +101,7 @@ class BlockKVCache:
         self.free_blocks -= need
         self.table[h, :need] = blocks
         self.table[h, need:] = blocks[0] if need else 0
-        self.n_owned[h], self.capacity[h], self.length[h], self.live[h] = need, n_tokens, 0, True
+        self.capacity[h], self.length[h], self.live[h] = n_tokens, 0, True
         where = self.xp.asarray(blocks)
         for pool in self.k + self.v:
             pool[where] = 0
@@ -113,11 +111,11 @@ class BlockKVCache:
         """Give the blocks and the handle of a sequence back."""
         if not (0 <= handle < len(self.live) and self.live[handle]):
             raise ValueError(f'KV cache handle {handle} is not allocated')
-        need = self.n_owned[handle]
+        need = int(blocks_for(self.capacity[handle]))
         self._free[self.free_blocks:self.free_blocks + need] = self.table[handle, :need][::-1]
         self.free_blocks += need
         self.live[handle] = False
-        self.n_owned[handle] = self.capacity[handle] = self.length[handle] = 0
+        self.capacity[handle] = self.length[handle] = 0
         self._handles.append(handle)
 
     # -- positions -----------------------------------------------------------------
