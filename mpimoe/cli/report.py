@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from mpimoe.errors import DataError, UsageError
-from mpimoe.io.inputs import read_json
+from mpimoe.io.files import read_json
 
 __all__ = ['load_report', 'summarize', 'plot']
 

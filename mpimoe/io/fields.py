@@ -5,10 +5,12 @@ its generation settings (an input line's keys, or the run's defaults).
     params = dataclasses.replace(defaults, **settings)      # SamplingParams
 """
 
+import dataclasses
 import json
 import math
 
 from mpimoe.errors import DataError, UsageError
+from mpimoe.runtime.request import SamplingParams
 
 __all__ = ['SETTINGS', 'OPTIONS', 'line_settings', 'check_defaults', 'check_id', 'id_text',
            'json_text']
@@ -21,8 +23,7 @@ MAX_TEMPERATURE = 100
 MAX_STOP_IDS = 64
 
 #: an input line's generation settings (SamplingParams fields), in order
-SETTINGS = ('max_tokens', 'temperature', 'top_k', 'top_p', 'seed', 'stop_token_ids',
-            'ignore_eos')
+SETTINGS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 #: the run option that gives each setting's default
 OPTIONS = {'max_tokens': '--max-new-tokens', 'temperature': '--temperature',
            'top_k': '--top-k', 'top_p': '--top-p', 'seed': '--seed',

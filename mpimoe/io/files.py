@@ -3,6 +3,7 @@ OS errors as one-line IOFailures, a free-space check, HDF5 files built in
 memory and written by plain file I/O, and JSON."""
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -12,9 +13,10 @@ import sys
 import h5py
 
 from mpimoe.errors import DataError, IOFailure, UsageError
+from mpimoe.io.paths import regular_file
 
 __all__ = ['check_writable', 'os_errors', 'atomic_write', 'hdf5_image', 'check_space',
-           'remove_if_present', 'write_json']
+           'remove_if_present', 'write_json', 'read_json', 'file_digest']
 
 
 def check_writable(path, what, overwrite, reads=()):
@@ -158,3 +160,25 @@ def write_json(path, obj, indent=1):
     """Write ``obj`` as JSON to ``path`` atomically (:func:`atomic_write`)."""
     with atomic_write(path) as tmp, open(tmp, 'w') as f:
         json.dump(obj, f, indent=indent, sort_keys=True)
+
+
+def read_json(path, what):
+    """A JSON document from ``path``; DataError naming ``what`` (e.g. '--stats')
+    when the file cannot be read or parsed."""
+    regular_file(path, what)
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except OSError as e:
+        raise DataError(f'{what} {path}: cannot read: {e.strerror}') from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f'{what} {path}: not valid JSON: {e}') from None
+
+
+def file_digest(path, block=1 << 22):
+    """sha256 hex digest of a file, read in blocks (the input's identity)."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()

@@ -42,10 +42,9 @@ import h5py
 import numpy as np
 from mpimoe.errors import DataError, IOFailure, UsageError
 from mpimoe.io.fields import id_text, check_defaults
-from mpimoe.io.files import hdf5_image, atomic_write, check_writable
+from mpimoe.io.files import atomic_write, check_writable, file_digest, hdf5_image
 from mpimoe.io.hdf5 import hdf5_sequences, hdf5_slabs
 from mpimoe.io.jsonl import jsonl_lines, jsonl_sequences, parse_line
-from mpimoe.io.paths import regular_file
 from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for
 from mpimoe.runtime.request import SamplingParams
 
@@ -289,28 +288,6 @@ def _pack(ids, chunks, params):
     offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
     np.cumsum([len(c) for c in chunks], out=offsets[1:])
     return Inputs(ids, np.concatenate(chunks), offsets, tuple(params))
-
-
-def read_json(path, what):
-    """A JSON document from ``path``; DataError naming ``what`` (e.g. '--stats')
-    when the file cannot be read or parsed."""
-    regular_file(path, what)
-    try:
-        with open(path, encoding='utf-8') as f:
-            return json.load(f)
-    except OSError as e:
-        raise DataError(f'{what} {path}: cannot read: {e.strerror}') from None
-    except (ValueError, RecursionError) as e:
-        raise DataError(f'{what} {path}: not valid JSON: {e}') from None
-
-
-def file_digest(path, block=1 << 22):
-    """sha256 hex digest of a file, read in blocks (the input's identity)."""
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --- synthetic inputs ----------------------------------------------------

@@ -30,9 +30,8 @@ import shutil
 import h5py
 import numpy as np
 from mpimoe.errors import DataError
-from mpimoe.io.files import (atomic_write, check_space, check_writable, hdf5_image, os_errors,
-                             write_json)
-from mpimoe.io.inputs import file_digest
+from mpimoe.io.files import (atomic_write, check_space, check_writable, file_digest, hdf5_image,
+                             os_errors, write_json)
 from mpimoe.io.lock import OutputLock
 from mpimoe.runtime.request import FINISH_REASONS
 

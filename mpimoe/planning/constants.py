@@ -70,7 +70,7 @@ NAMES = [f.name for f in fields(Constants)][:-1]
 
 def load_calibration(path):
     """Measured constants from a JSON file: dict name -> float (keys above)."""
-    from mpimoe.io.inputs import read_json
+    from mpimoe.io.files import read_json
     doc = read_json(path, '--calibration')
     if not isinstance(doc, dict):
         raise DataError(f'--calibration {path}: expected a JSON object')

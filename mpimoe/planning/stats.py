@@ -11,7 +11,7 @@ __all__ = ['load_stats', 'check_loads']
 def load_stats(path, cfg):
     """Expert loads from a run.json: ``expert_loads.counts`` as float64 [n_moe_layers,
     n_experts]; its ``layers`` must be ``cfg.moe_layers``.  Raises DataError."""
-    from mpimoe.io.inputs import read_json
+    from mpimoe.io.files import read_json
     doc = read_json(path, '--stats')
     el = doc.get('expert_loads') if isinstance(doc, dict) else None
     if not isinstance(el, dict) or 'counts' not in el:
