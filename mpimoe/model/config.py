@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 from mpimoe.errors import ConfigError, clip
 
-__all__ = ['ModelConfig', 'PRESETS', 'model_config', 'parse_overrides', 'parse_json']
+__all__ = ['ModelConfig', 'PRESETS', 'model_config', 'parse_overrides', 'parse_json', 'int_list']
 
 EXPERT_KINDS = ('mlp', 'swiglu')
 #: fields added after files were first written: a stored config may lack them
@@ -222,14 +222,14 @@ def _field_type(f):
     return (int, float) if f.type is float else f.type
 
 
-def _int_list(text):
+def int_list(text):
     """``'2,7'`` -> ``(2, 7)``; ``''`` -> ``()``."""
     return tuple(int(t) for t in text.split(',')) if text.strip() else ()
 
 
 #: field type -> (--set value converter, its name in messages)
 _CONVERTERS = {int: (int, 'int'), float: (float, 'float'), str: (str, 'str'),
-               tuple: (_int_list, 'list of ints (comma-separated: 2,7)')}
+               tuple: (int_list, 'list of ints (comma-separated: 2,7)')}
 
 
 #: Named configurations.  ``paper-*`` follow the reference deployment

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from mpimoe.backends.backend import BACKENDS, MPI_GPU_MODES
 from mpimoe.errors import ConfigError
+from mpimoe.model.config import int_list
 from mpimoe.runtime.progress import EVERY_S
 from mpimoe.runtime.request import SamplingParams
 
@@ -113,7 +114,7 @@ class JobOptions:
         """The run's default SamplingParams (a line's keys override them; their
         ranges are checked with the input, mpimoe.io.fields.check_defaults)."""
         try:
-            stops = tuple(int(t) for t in self.stop_token_ids.split(',') if t.strip())
+            stops = int_list(self.stop_token_ids)
         except ValueError:
             raise ConfigError(f'--stop-token-ids {self.stop_token_ids}: expected token ids '
                               'separated by commas, e.g. 2,7') from None
