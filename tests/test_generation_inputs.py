@@ -68,13 +68,6 @@ def test_hdf5_sequences_have_the_defaults(tmp_path):
     assert read_inputs(path, VOCAB).params == (SamplingParams(),) * 2
 
 
-def test_max_new_tokens_alone_gives_the_defaults(tmp_path):
-    stream = _stream(tmp_path, [{'id': 'a', 'tokens': [1]}], max_new_tokens=3)
-    assert stream.defaults == SamplingParams(max_tokens=3)
-    with pytest.raises(ValueError, match='max_new_tokens=3 differs from defaults.max_tokens=4'):
-        _stream(tmp_path, [{'id': 'a', 'tokens': [1]}], max_new_tokens=3, defaults=DEFAULTS)
-
-
 def test_an_unknown_key_lists_the_allowed_ones(tmp_path):
     msg = _error(tmp_path, {'id': 'b', 'tokens': [1], 'temprature': 0.5})
     assert msg.endswith("id 'b': unknown key \"temprature\"; a line has the keys id, tokens, "

@@ -13,6 +13,7 @@ import mpimoe.io.hdf5
 import mpimoe.io.jsonl
 from mpirun import mpiexec
 from mpimoe.errors import DataError, UsageError
+from mpimoe.runtime.request import SamplingParams
 from mpimoe.io.inputs import InputStream, read_inputs
 from mpimoe.io.jsonl import MAX_LINE_BYTES
 from test_reference_cli import _assert_one_line_error, _reference
@@ -146,8 +147,8 @@ def _lengths_file(tmp_path, lengths, ext):
 @pytest.mark.parametrize('ext, where', [('.jsonl', ':3: id '), ('.h5', ': sequence 2 (id ')])
 def test_prompt_plus_new_tokens_beyond_the_context_is_refused(tmp_path, ext, where):
     path = _lengths_file(tmp_path, [5, 28, 30, 2], ext)
-    assert len(InputStream(path, VOCAB, max_new_tokens=2, context=32)) == 4   # 30 + 2 fits
-    msg = _error(path, max_new_tokens=3, context=32)
+    assert len(InputStream(path, VOCAB, context=32, defaults=SamplingParams(max_tokens=2))) == 4   # 30 + 2 fits
+    msg = _error(path, context=32, defaults=SamplingParams(max_tokens=3))
     assert msg.startswith(f'{path}{where}' + "'doc-2'"), msg
     assert ('30 prompt tokens + 3 new (--max-new-tokens) = 33 exceed the context length of '
             'the model (max_position_embeddings = 32); shorten the prompt or lower '
@@ -170,7 +171,7 @@ def test_prompt_beyond_the_batch_budget_is_refused(tmp_path, ext, where):
 def test_max_new_tokens_filling_the_context_is_a_usage_error(tmp_path):
     path = _lengths_file(tmp_path, [1], '.jsonl')
     with pytest.raises(UsageError, match='--max-new-tokens 32: leaves no room for a prompt'):
-        InputStream(path, VOCAB, max_new_tokens=32, context=32)
+        InputStream(path, VOCAB, context=32, defaults=SamplingParams(max_tokens=32))
 
 
 # --- HDF5 ------------------------------------------------------------------

@@ -114,8 +114,8 @@ class InputStream:
         for first, batch in stream.batches(budget=4096):
             ...                                       # batch: Inputs; first: its index
 
-    ``defaults`` (SamplingParams; default ``SamplingParams(max_tokens=
-    max_new_tokens)``) are the run's generation settings; a sequence's are
+    ``defaults`` (SamplingParams; default ``SamplingParams()``) are the run's
+    generation settings; a sequence's are
     them with its line's settings replaced (HDF5: the defaults).  Opening
     checks the defaults (UsageError naming the option,
     :data:`mpimoe.io.fields.OPTIONS`) and validates the whole file, so that
@@ -131,16 +131,11 @@ class InputStream:
     for the batch being read.
     """
 
-    def __init__(self, path, vocab_size, max_new_tokens=None, context=None, batch_tokens=None,
-                 *, defaults=None, kv_tokens=None):
+    def __init__(self, path, vocab_size, context=None, batch_tokens=None, *,
+                 defaults=SamplingParams(), kv_tokens=None):
         self.path = os.fspath(path)
         self.format = _format_of(self.path)
         _check_vocab(vocab_size)
-        if defaults is None:
-            defaults = SamplingParams(max_tokens=max_new_tokens or 0)
-        elif max_new_tokens not in (None, defaults.max_tokens):
-            raise ValueError(f'max_new_tokens={max_new_tokens} differs from '
-                             f'defaults.max_tokens={defaults.max_tokens}; give one of them')
         check_defaults(defaults, vocab_size)
         self.vocab_size, self.defaults = vocab_size, defaults
         self.context, self.batch_tokens = context, batch_tokens
