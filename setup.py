@@ -20,5 +20,5 @@ setup(
         'hf': ['torch==2.13.0', 'transformers', 'safetensors'],
         'report': ['matplotlib'],
     },
-    entry_points={'console_scripts': ['mpimoe = mpimoe.cli.main.main:main']},
+    entry_points={'console_scripts': ['mpimoe = mpimoe.cli.main:main']},
 )

@@ -148,3 +148,15 @@ def test_progress_on_a_terminal_is_a_bar_redrawn_at_every_chunk():
     assert draws[2].startswith('[' + '#' * 15 + '.' * 15 + '] 2/4 sequences')
     assert draws[-1].startswith('[' + '#' * 30 + '] 4/4 sequences') and draws[-1].endswith('\n')
     assert term.getvalue().count('\n') == 1
+
+
+def test_installed_console_script_runs():
+    """The README's commands start with ``mpimoe``: the entry point setup.py
+    installs must import (it once named a module that a reorganisation moved)."""
+    script = Path(sys.executable).parent / 'mpimoe'
+    if not script.exists():
+        pytest.skip('mpimoe is not installed as a console script beside this Python')
+    done = subprocess.run([str(script), '--version'], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith('mpimoe ')
