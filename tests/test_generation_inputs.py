@@ -40,7 +40,7 @@ def _error(tmp_path, line, **kwargs):
 
 def test_a_line_replaces_the_defaults_key_by_key(tmp_path):
     every = {'max_tokens': 7, 'temperature': 1, 'top_k': 256, 'top_p': 0.9, 'seed': 2 ** 63 - 1,
-             'stop_token_ids': [3, 0, 255], 'ignore_eos': True}
+             'stop_token_ids': [3, 0, 255], 'ignore_eos': True, 'stop': ['END', '\n\n']}
     stream = _stream(tmp_path, [{'id': 'a', 'tokens': [1, 2]},
                                 {'id': 'b', 'tokens': [3], 'seed': 0, 'top_p': 1},
                                 {'id': 'c', 'tokens': [4], **every}], defaults=DEFAULTS)
@@ -49,7 +49,8 @@ def test_a_line_replaces_the_defaults_key_by_key(tmp_path):
     assert a is DEFAULTS                                # nothing set: the defaults themselves
     assert b == SamplingParams(max_tokens=4, temperature=0.5, top_k=10, top_p=1.0, seed=0)
     assert c == SamplingParams(max_tokens=7, temperature=1.0, top_k=256, top_p=0.9,
-                               seed=2 ** 63 - 1, stop_token_ids=(3, 0, 255), ignore_eos=True)
+                               seed=2 ** 63 - 1, stop_token_ids=(3, 0, 255), ignore_eos=True,
+                               stop=('END', '\n\n'))
     assert type(c.temperature) is float and type(b.top_p) is float
     assert set(every) == set(SETTINGS)
 
@@ -72,7 +73,7 @@ def test_an_unknown_key_lists_the_allowed_ones(tmp_path):
     msg = _error(tmp_path, {'id': 'b', 'tokens': [1], 'temprature': 0.5})
     assert msg.endswith("id 'b': unknown key \"temprature\"; a line has the keys id, tokens, "
                         'max_tokens, temperature, top_k, top_p, seed, stop_token_ids, '
-                        'ignore_eos'), msg
+                        'ignore_eos, stop'), msg
 
 
 @pytest.mark.parametrize('key, value, allowed', [
@@ -97,6 +98,10 @@ def test_an_unknown_key_lists_the_allowed_ones(tmp_path):
     ('stop_token_ids', [True], 'a list of at most 64 token ids'),
     ('stop_token_ids', 5, 'a list of at most 64 token ids'),
     ('stop_token_ids', [1] * 65, 'a list of at most 64 token ids'),
+    ('stop', '', 'a string or a list of at most 16 strings, each of 1 to 256 characters'),
+    ('stop', ['a'] * 17, 'a string or a list of at most 16 strings'),
+    ('stop', [1], 'a string or a list of at most 16 strings'),
+    ('stop', ['x' * 257], 'a string or a list of at most 16 strings'),
     ('ignore_eos', 1, 'true or false'),
     ('ignore_eos', 'true', 'true or false'),
 ])

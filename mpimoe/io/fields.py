@@ -21,13 +21,16 @@ MAX_ID_BYTES = 1024
 MAX_TEMPERATURE = 100
 #: most stop tokens of a sequence
 MAX_STOP_IDS = 64
+#: most stop strings of a sequence, and the longest one (characters)
+MAX_STOPS, MAX_STOP_CHARS = 16, 256
 
 #: an input line's generation settings (SamplingParams fields), in order
 SETTINGS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 #: the run option that gives each setting's default
 OPTIONS = {'max_tokens': '--max-new-tokens', 'temperature': '--temperature',
            'top_k': '--top-k', 'top_p': '--top-p', 'seed': '--seed',
-           'stop_token_ids': '--stop-token-ids', 'ignore_eos': '--ignore-eos'}
+           'stop_token_ids': '--stop-token-ids', 'ignore_eos': '--ignore-eos',
+           'stop': '--stop'}
 
 
 def _is_int(v):
@@ -54,14 +57,24 @@ def _rule(key, vocab_size):
                            f'a list of at most {MAX_STOP_IDS} token ids in '
                            f'[0, vocab_size={vocab_size})'),
         'ignore_eos': (lambda v: type(v) is bool, 'true or false'),
+        'stop': (lambda v: _is_stops(v), f'a string or a list of at most {MAX_STOPS} strings, '
+                 f'each of 1 to {MAX_STOP_CHARS} characters'),
     }[key]
+
+
+def _is_stops(v):
+    items = [v] if isinstance(v, str) else v
+    return isinstance(items, (list, tuple)) and len(items) <= MAX_STOPS and all(
+        isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in items)
 
 
 def _converted(key, value):
     """A checked setting as SamplingParams holds it: floats, a tuple."""
     if key in ('temperature', 'top_p'):
         return float(value)
-    return tuple(value) if key == 'stop_token_ids' else value
+    if key == 'stop' and isinstance(value, str):
+        return (value,)
+    return tuple(value) if key in ('stop_token_ids', 'stop') else value
 
 
 def line_settings(prefix, obj, vocab_size):
@@ -95,6 +108,9 @@ def check_defaults(defaults, vocab_size):
         if not accepts(value):
             shown = ','.join(map(str, value)) if key == 'stop_token_ids' and \
                 isinstance(value, (list, tuple)) else value
+            if key == 'stop':
+                raise UsageError(f'--stop: {MAX_STOPS} at most, each of 1 to {MAX_STOP_CHARS} '
+                                 f'characters; got {_setting_text(list(value))}')
             raise UsageError(f'{OPTIONS[key]} {shown}: must be {allowed}')
 
 

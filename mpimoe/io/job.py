@@ -1,6 +1,8 @@
 """What a run opens before any compute: its input stream and its (maybe
 resumed) output writer."""
 
+import json
+
 from mpimoe.io.files import check_writable
 from mpimoe.io.inputs import InputStream
 from mpimoe.io.outputs import OutputWriter
@@ -39,8 +41,9 @@ def generation_identity(defaults):
     """The run's default generation settings (SamplingParams) as identity or
     metadata values (str/int/float): {'max_new_tokens', 'temperature',
     'top_k', 'top_p', 'seed', 'stop_token_ids' ('2,7'; '' for none),
-    'ignore_eos' (0 or 1)}."""
+    'ignore_eos' (0 or 1), 'stop' (a JSON list)}."""
     return {'max_new_tokens': defaults.max_tokens, 'temperature': float(defaults.temperature),
             'top_k': defaults.top_k, 'top_p': float(defaults.top_p), 'seed': defaults.seed,
             'stop_token_ids': ','.join(map(str, defaults.stop_token_ids)),
-            'ignore_eos': int(defaults.ignore_eos)}
+            'ignore_eos': int(defaults.ignore_eos),
+            'stop': json.dumps(list(defaults.stop), ensure_ascii=False)}

@@ -21,11 +21,14 @@ from mpimoe.runtime.request import SamplingParams
 __all__ = ['JobOptions', 'RunOptions', 'add_arguments', 'from_args']
 
 
-def _opt(default, help, *, aliases=(), metavar=None, choices=None, lo=None, above=None):
+def _opt(default, help, *, aliases=(), metavar=None, choices=None, lo=None, above=None,
+         repeat=False):
     """A field with its command-line metadata: ``lo`` <= value (``above`` <
-    value) when it is set; the field's type is the argparse type."""
+    value) when it is set; the field's type is the argparse type; ``repeat``:
+    the option may be given several times, the field is the tuple of them."""
     return field(default=default, metadata=dict(
-        help=help, aliases=aliases, metavar=metavar, choices=choices, lo=lo, above=above))
+        help=help, aliases=aliases, metavar=metavar, choices=choices, lo=lo, above=above,
+        repeat=repeat))
 
 
 def _required(help, metavar='FILE'):
@@ -36,10 +39,15 @@ def _required(help, metavar='FILE'):
 class JobOptions:
     """Options of ``mpimoe reference`` (and, through RunOptions, ``run``)."""
     weights: str = _required('HDF5 weight file (from `mpimoe init-weights` or `mpimoe convert`)')
-    input: str = _required('.jsonl or .h5 token sequences; a JSONL line may set its own '
-                           'max_tokens, temperature, top_k, top_p, seed, stop_token_ids, '
-                           'ignore_eos (see README)')
-    output: str = _required('HDF5 output to write')
+    input: str = _required('.jsonl requests (token ids, a text prompt, chat messages or '
+                           'OpenAI batch lines; a line may set its own max_tokens, '
+                           'temperature, top_k, top_p, seed, stop, stop_token_ids, '
+                           'ignore_eos) or .h5 token sequences (see README)')
+    output: str = _required('output to write: .h5 (HDF5), or .jsonl (one result per line; '
+                            'the OpenAI batch output shape for an OpenAI batch input)')
+    tokenizer: str = _opt(None, 'tokenizer.json, or a directory holding it (and '
+                          'tokenizer_config.json: chat template, BOS); default: the one in '
+                          'the weight file (`mpimoe convert` copies it)', metavar='PATH')
     max_new_tokens: int = _opt(0, 'default max_tokens: new tokens per sequence at most '
                                '(default 0: prefill only)', metavar='N')
     temperature: float = _opt(0.0, 'default sampling temperature (default 0: greedy)',
@@ -54,6 +62,9 @@ class JobOptions:
                                'comma-separated ids (kept in the output)', metavar='ID,ID,...')
     ignore_eos: bool = _opt(False, "by default, do not stop at the model's end-of-sequence "
                             'token(s)')
+    stop: tuple = _opt((), 'default stop string (repeat for several): a sequence ends once '
+                       'its generated text contains one, the text returned ending before it '
+                       '(needs a tokenizer)', metavar='TEXT', repeat=True)
     save_logits: bool = _opt(False, 'also store last_logits [n, vocab] at the last prompt '
                              'position')
     max_batch_tokens: int = _opt(4096, 'tokens one step of a front-end computes at most '
@@ -120,7 +131,8 @@ class JobOptions:
                               'separated by commas, e.g. 2,7') from None
         return SamplingParams(max_tokens=self.max_new_tokens, temperature=self.temperature,
                               top_k=self.top_k, top_p=self.top_p, seed=self.seed,
-                              stop_token_ids=stops, ignore_eos=self.ignore_eos)
+                              stop_token_ids=stops, ignore_eos=self.ignore_eos,
+                              stop=tuple(self.stop))
 
 
 @dataclass(frozen=True)
@@ -185,6 +197,9 @@ def add_arguments(parser, cls, only=None):
                                 help=m['help'])
         elif isinstance(f.default, bool):
             parser.add_argument(*names, dest=f.name, action='store_true', help=m['help'])
+        elif m.get('repeat'):
+            parser.add_argument(*names, dest=f.name, action='append', default=None,
+                                metavar=m.get('metavar'), help=m['help'])
         else:
             kind = f.type
             parser.add_argument(*names, dest=f.name, type=_typed(kind),
@@ -194,8 +209,10 @@ def add_arguments(parser, cls, only=None):
 
 def from_args(cls, args):
     """The ``cls`` of a parsed namespace (fields missing there keep their default)."""
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-                  if hasattr(args, f.name)})
+    def value(f):
+        v = getattr(args, f.name)
+        return tuple(v or ()) if f.metadata.get('repeat') else v
+    return cls(**{f.name: value(f) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
 
 def _typed(kind):

@@ -12,7 +12,7 @@ import numpy as np
 __all__ = ['SamplingParams', 'Request', 'Result', 'FINISH_REASONS']
 
 #: why a sequence ended: at an end-of-sequence or stop token (kept in the
-#: output), or at its ``max_tokens``
+#: output) or a stop string, or at its ``max_tokens``
 FINISH_REASONS = ('stop', 'length')
 
 
@@ -28,7 +28,9 @@ class SamplingParams:
     with the sequence's id and step, the whole random stream
     (mpimoe.runtime.sampler); stop_token_ids: tokens that end the sequence
     like an end-of-sequence token; ignore_eos: do not stop at the model's
-    end-of-sequence token(s).
+    end-of-sequence token(s); stop: strings that end the sequence once its
+    generated text (detokenized) contains one, the text returned ending
+    before it (OpenAI semantics; needs a tokenizer).
     """
     max_tokens: int = 0
     temperature: float = 0.0
@@ -37,6 +39,7 @@ class SamplingParams:
     seed: int = 0
     stop_token_ids: tuple = ()
     ignore_eos: bool = False
+    stop: tuple = ()
 
 
 @dataclass
@@ -50,10 +53,13 @@ class Request:
 
 @dataclass
 class Result:
-    """tokens: int32 [n] generated (an ending stop token included);
-    finish_reason: one of FINISH_REASONS; last_logits: float32 [V] at the
-    last prompt position, or None when the run does not save them."""
+    """tokens: int32 [n] generated (an ending stop token included, and the
+    token that completed a stop string); finish_reason: one of
+    FINISH_REASONS; last_logits: float32 [V] at the last prompt position, or
+    None when the run does not save them; text: the tokens detokenized, cut
+    before a stop string (None without a tokenizer)."""
     index: int
     tokens: np.ndarray
     finish_reason: str
     last_logits: np.ndarray = None
+    text: str = None
