@@ -11,8 +11,10 @@ first waiting request that does not fit waits for the next step (first come,
 first served, no overtaking).  After the step the sampler
 (mpimoe.runtime.sampler) picks each sequence's next token; a sequence ends
 at the first end-of-sequence token (unless ``ignore_eos``) or stop token,
-both kept in its output (finish reason ``stop``), or at ``max_tokens``
-(``length``), and leaves at once, giving back its blocks.
+both kept in its output, or once its text contains a stop string
+(mpimoe.text.stops; finish reason ``stop`` for all three), or at
+``max_tokens`` (``length``), and leaves at once, giving back its blocks.
+With a tokenizer, its Result carries its text (cut before a stop string).
 
 Everything here is a function of the requests and the sampled tokens only,
 so a front-end started on the same requests schedules the same steps.
@@ -25,6 +27,7 @@ import numpy as np
 
 from mpimoe.runtime.request import Result
 from mpimoe.runtime.sampler import sample
+from mpimoe.text.stops import StopMatcher, cut_text
 
 __all__ = ['Scheduler', 'Step', 'job_scheduler']
 
@@ -34,6 +37,7 @@ class _Running:
     req: object                 # mpimoe.runtime.request.Request
     handle: int                 # its sequence in the KV cache
     stops: frozenset            # token ids that end it
+    matcher: object             # its StopMatcher (stop strings), or None
     tokens: list = field(default_factory=list)
     last_logits: object = None
 
@@ -62,11 +66,13 @@ class Scheduler:
     """cache: mpimoe.model.kvcache.BlockKVCache of this front-end; eos: the
     model's end-of-sequence token ids; save_logits: keep each sequence's
     logits at its last prompt position for its Result; static: admit new
-    sequences only when none runs (the baseline continuous batching beats)."""
+    sequences only when none runs (the baseline continuous batching beats);
+    tokenizer: mpimoe.text.tokenizer.TextTokenizer (text and stop strings),
+    or None (then no request may have stop strings)."""
 
     def __init__(self, cache, max_batch_tokens, max_seqs, eos=(), save_logits=False,
-                 static=False):
-        self.cache = cache
+                 static=False, tokenizer=None):
+        self.cache, self.tokenizer = cache, tokenizer
         # a step decodes one token of each running sequence: at most the budget
         self.max_batch_tokens, self.max_seqs = max_batch_tokens, min(max_seqs, max_batch_tokens)
         self.eos = frozenset(eos)
@@ -103,7 +109,8 @@ class Scheduler:
             self.waiting.popleft()
             p = req.params
             stops = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos)
-            joined.append(_Running(req, handle, stops))
+            matcher = StopMatcher(self.tokenizer, p.stop) if p.stop else None
+            joined.append(_Running(req, handle, stops, matcher))
             budget -= n
         decode = list(self.running)
         self.running.extend(joined)
@@ -131,7 +138,7 @@ class Scheduler:
             for j, t in zip(live, chosen.tolist()):
                 r = step.running[j]
                 r.tokens.append(t)
-                if t in r.stops:
+                if t in r.stops or (r.matcher is not None and r.matcher.push(t)):
                     done.append((r, 'stop'))
                 elif len(r.tokens) >= r.req.params.max_tokens:
                     done.append((r, 'length'))
@@ -140,13 +147,16 @@ class Scheduler:
         for r, _ in done:
             self.cache.release(r.handle)
             self.running.remove(r)
-        return [Result(r.req.index, np.array(r.tokens, np.int32), why, r.last_logits)
+        tok = self.tokenizer
+        return [Result(r.req.index, np.array(r.tokens, np.int32), why, r.last_logits,
+                       None if tok is None else cut_text(tok, r.tokens, r.req.params.stop))
                 for r, why in done]
 
 
-def job_scheduler(front, opts):
+def job_scheduler(front, opts, tokenizer=None):
     """The Scheduler, over a new KV cache, of one front-end (front:
-    mpimoe.model.frontend.FrontEnd) for a job's options (JobOptions)."""
+    mpimoe.model.frontend.FrontEnd) for a job's options (JobOptions) and
+    tokenizer (TextTokenizer or None)."""
     cache = front.new_cache(opts.kv_cache_tokens, opts.max_seqs)
     return Scheduler(cache, opts.max_batch_tokens, opts.max_seqs, front.cfg.eos_token_id,
-                     opts.save_logits, static=opts.batching == 'static')
+                     opts.save_logits, static=opts.batching == 'static', tokenizer=tokenizer)
