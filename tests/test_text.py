@@ -1,0 +1,179 @@
+"""The checkpoint's tokenizer (mpimoe/text): chat templates render as
+transformers renders them, the BOS rule of tokenizer_config.json, the
+template sandbox, and stop strings found at the first token whose text
+completes one, checked against decoding every prefix."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mpimoe.errors import DataError
+from mpimoe.text.stops import StopMatcher, cut_text
+from mpimoe.text.tokenizer import TextTokenizer, read_tokenizer_files
+from bpe import write_bpe
+
+MESSAGES = [
+    [{'role': 'user', 'content': 'Hello world!'}],
+    [{'role': 'system', 'content': 'You route tokens.'},
+     {'role': 'user', 'content': 'How are you today? é ü 日本'},
+     {'role': 'assistant', 'content': 'The quick brown fox.'},
+     {'role': 'user', 'content': 'STOP here.'}],
+]
+
+
+@pytest.fixture(scope='module')
+def bpe_dir(tmp_path_factory):
+    return write_bpe(tmp_path_factory.mktemp('bpe'))
+
+
+def _tok(folder, **config):
+    """The tokenizer of ``folder`` with tokenizer_config.json keys replaced."""
+    files = read_tokenizer_files(folder)
+    if config:
+        cfg = {**json.loads(files['tokenizer_config.json']), **config}
+        files['tokenizer_config.json'] = json.dumps(cfg).encode()
+    return TextTokenizer(files, str(folder))
+
+
+@pytest.mark.parametrize('messages', MESSAGES)
+def test_chat_renders_and_encodes_as_transformers_does(bpe_dir, messages):
+    transformers = pytest.importorskip('transformers')
+    hf = transformers.AutoTokenizer.from_pretrained(str(bpe_dir))
+    tok = _tok(bpe_dir)
+    assert tok.render_chat(messages) == hf.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False)
+    ids = hf.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+    assert tok.encode_chat(messages) == list(ids['input_ids'])
+
+
+def test_tojson_and_loop_controls_render_as_transformers_does(bpe_dir):
+    transformers = pytest.importorskip('transformers')
+    template = ("{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+                "{{ m | tojson }}\n{% endfor %}{{ eos_token }}")
+    tok = _tok(bpe_dir, chat_template=template)
+    hf = transformers.AutoTokenizer.from_pretrained(str(bpe_dir), chat_template=template)
+    assert tok.render_chat(MESSAGES[1]) == hf.apply_chat_template(
+        MESSAGES[1], add_generation_prompt=True, tokenize=False)
+    assert '日本' in tok.render_chat(MESSAGES[1])           # not escaped to \\u65e5
+
+
+def test_the_bos_rule_of_tokenizer_config(bpe_dir):
+    plain = _tok(bpe_dir)                           # the post-processor adds <s>
+    bos = plain.bos_id
+    ids = plain.encode_prompt('Hello world')
+    assert ids[0] == bos and ids == plain.backend.encode('Hello world').ids
+    assert _tok(bpe_dir, add_bos_token=False).encode_prompt('Hello world') == ids[1:]
+    assert _tok(bpe_dir, add_bos_token=True).encode_prompt('Hello world') == ids
+    # a tokenizer.json without the post-processor: the config's add_bos_token adds it
+    files = read_tokenizer_files(bpe_dir)
+    spec = json.loads(files['tokenizer.json'])
+    spec['post_processor'] = None
+    files['tokenizer.json'] = json.dumps(spec).encode()
+    bare = TextTokenizer(files, 'bare')
+    assert bare.encode_prompt('Hello world') == ids[1:]
+    files['tokenizer_config.json'] = json.dumps(
+        {**json.loads(files['tokenizer_config.json']), 'add_bos_token': True}).encode()
+    assert TextTokenizer(files, 'bare').encode_prompt('Hello world') == ids
+
+
+def test_chat_template_file_wins_over_the_config(bpe_dir, tmp_path):
+    for name, data in read_tokenizer_files(bpe_dir).items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / 'chat_template.jinja').write_text('{{ messages[0].content }}!')
+    assert TextTokenizer(read_tokenizer_files(tmp_path), 'x').render_chat(MESSAGES[0]) == \
+        'Hello world!!'
+    assert _tok(bpe_dir).render_chat(MESSAGES[0]).startswith('<s><|im_start|>user\n')
+
+
+@pytest.mark.parametrize('template, said', [
+    ("{{ raise_exception('only user messages') }}", 'chat template failed: only user messages'),
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", 'chat template failed'),
+    ("{{ messages.append(1) }}", 'chat template failed'),
+])
+def test_a_template_that_fails_or_escapes_the_sandbox_is_a_value_error(bpe_dir, template, said):
+    with pytest.raises(ValueError, match=said):
+        _tok(bpe_dir, chat_template=template).render_chat(MESSAGES[0])
+
+
+@pytest.mark.parametrize('messages, said', [
+    ([], 'non-empty list'),
+    ('hi', 'non-empty list'),
+    ([{'content': 'x'}], 'messages\\[0\\] has no string "role"'),
+    ([{'role': 'user', 'content': 3}], 'messages\\[0\\].content must be a string'),
+    ([['user', 'x']], 'messages\\[0\\] is not an object'),
+])
+def test_malformed_messages_are_named(bpe_dir, messages, said):
+    with pytest.raises(ValueError, match=said):
+        _tok(bpe_dir).render_chat(messages)
+
+
+def test_no_template_says_what_to_do(bpe_dir):
+    files = read_tokenizer_files(bpe_dir)
+    del files['tokenizer_config.json']
+    tok = TextTokenizer(files, 'plain')
+    assert not tok.has_chat_template
+    with pytest.raises(ValueError, match='has no chat template; send "prompt" text'):
+        tok.render_chat(MESSAGES[0])
+
+
+@pytest.mark.parametrize('change, said', [
+    ({'tokenizer.json': b'{"version": "1.0"}'}, 'tokenizer.json is not a tokenizer'),
+    ({'tokenizer.json': b'\xff\xfe'}, 'tokenizer.json is not a tokenizer'),
+    ({'tokenizer_config.json': b'[1]'}, 'tokenizer_config.json is a JSON list'),
+    ({'tokenizer_config.json': b'{'}, 'tokenizer_config.json is not valid JSON'),
+    ({'tokenizer_config.json': b'{"chat_template": "{% for %}"}'},
+     'chat template does not compile'),
+])
+def test_broken_files_are_one_data_error(bpe_dir, change, said):
+    files = {**read_tokenizer_files(bpe_dir), **change}
+    with pytest.raises(DataError, match=said):
+        TextTokenizer(files, 'src')
+
+
+def test_read_tokenizer_files_takes_a_file_or_its_directory(bpe_dir, tmp_path):
+    assert read_tokenizer_files(bpe_dir / 'tokenizer.json') == read_tokenizer_files(bpe_dir)
+    assert set(read_tokenizer_files(bpe_dir)) == {'tokenizer.json', 'tokenizer_config.json'}
+    with pytest.raises(DataError, match='no tokenizer.json there'):
+        read_tokenizer_files(tmp_path)
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(bpe_dir):
+    tok = _tok(bpe_dir)
+    tok.check_vocab(tok.vocab_size)
+    with pytest.raises(DataError, match=f'ids up to {tok.vocab_size - 1}, beyond the '
+                                        f'vocabulary of the model \\(vocab_size = 100\\)'):
+        tok.check_vocab(100)
+
+
+def _first_stop(tok, tokens, stops):
+    """Oracle: the first k whose prefix tokens[:k] decodes to a text holding a stop."""
+    for k in range(1, len(tokens) + 1):
+        if any(s in tok.decode(tokens[:k]) for s in stops):
+            return k
+    return None
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_stop_strings_fire_at_the_token_that_completes_them(bpe_dir, seed):
+    tok = _tok(bpe_dir)
+    rng = np.random.default_rng(seed)
+    text = 'The quick brown fox. STOP here. The end.\n\nNew paragraph: é ü ß 日本 Hello world!'
+    ids = tok.backend.encode(text, add_special_tokens=False).ids
+    # stops cut from the text (some across token and UTF-8 byte boundaries) and random ids
+    tokens = ids + rng.integers(0, tok.vocab_size, 20).tolist()
+    a = int(rng.integers(0, len(text) - 4))
+    stops = (text[a:a + int(rng.integers(1, 5))], '日本', 'zzz-never')
+    m = StopMatcher(tok, stops)
+    fired = next((k + 1 for k, t in enumerate(tokens) if m.push(t)), None)
+    assert fired == _first_stop(tok, tokens, stops)
+    cut = cut_text(tok, tokens[:fired], stops)
+    full = tok.decode(tokens[:fired])
+    assert full.startswith(cut) and any(full[len(cut):].startswith(s) for s in stops)
+    assert not any(s in cut for s in stops)
+
+
+def test_cut_text_without_a_stop_is_the_decode(bpe_dir):
+    tok = _tok(bpe_dir)
+    ids = tok.encode_prompt('Hello world! é')
+    assert cut_text(tok, ids, ('zzz',)) == tok.decode(ids) == 'Hello world! é'
