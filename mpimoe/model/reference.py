@@ -43,6 +43,13 @@ class ReferenceModel:
         """Greedy (or ``params``: SamplingParams fields) generation for a list
         of int prompts -> (list of int32 token arrays, last_logits float32
         [B, V]), continuously batched as ``mpimoe reference`` does."""
+        got = self.results(prompts, max_new_tokens, **params)
+        return [r.tokens for r in got], np.stack([r.last_logits for r in got])
+
+    def results(self, prompts, max_new_tokens, tokenizer=None, **params):
+        """As :meth:`generate`, -> the Results (mpimoe.runtime.request) in
+        prompt order; ``tokenizer`` (TextTokenizer) gives them text and
+        stop strings (``stop=``)."""
         from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for
         from mpimoe.runtime.request import Request, SamplingParams
         from mpimoe.runtime.scheduler import Scheduler
@@ -52,7 +59,7 @@ class ReferenceModel:
         need = blocks_for(np.array([len(q) + max_new_tokens for q in prompts]))
         cache = self.front.new_cache(BLOCK_TOKENS * int(need.sum()), len(prompts))
         sched = Scheduler(cache, max(tokens, len(prompts)), len(prompts),
-                          self.cfg.eos_token_id, save_logits=True)
+                          self.cfg.eos_token_id, save_logits=True, tokenizer=tokenizer)
         sched.add(Request(i, str(i), np.asarray(q, np.int64), p) for i, q in enumerate(prompts))
         results = {}
         with np.errstate(over='ignore', invalid='ignore'):
@@ -61,8 +68,7 @@ class ReferenceModel:
                 for r in sched.finish(step, self.forward(step.tokens, cache, step.seqs,
                                                          step.ntok)):
                     results[r.index] = r
-        got = [results[i] for i in range(len(prompts))]
-        return [r.tokens for r in got], np.stack([r.last_logits for r in got])
+        return [results[i] for i in range(len(prompts))]
 
 
 def load_reference(wf):
