@@ -32,3 +32,9 @@ def write_bpe(folder, vocab_size=200):
         {'bos_token': '<s>', 'eos_token': '</s>', 'unk_token': '<unk>',
          'chat_template': CHAT_TEMPLATE, 'tokenizer_class': 'PreTrainedTokenizerFast'}))
     return folder
+
+
+if __name__ == '__main__':          # the README's weights/tiny-tokenizer: python tests/bpe.py DIR
+    import pathlib
+    import sys
+    write_bpe(pathlib.Path(sys.argv[1]))

@@ -4,6 +4,7 @@ template sandbox, and stop strings found at the first token whose text
 completes one, checked against decoding every prefix."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +178,9 @@ def test_cut_text_without_a_stop_is_the_decode(bpe_dir):
     tok = _tok(bpe_dir)
     ids = tok.encode_prompt('Hello world! é')
     assert cut_text(tok, ids, ('zzz',)) == tok.decode(ids) == 'Hello world! é'
+
+
+def test_the_readme_tokenizer_is_this_training(bpe_dir):
+    """weights/tiny-tokenizer (the README's walk-through) is tests/bpe.py's output."""
+    shipped = Path(__file__).resolve().parents[1] / 'weights' / 'tiny-tokenizer'
+    assert read_tokenizer_files(shipped) == read_tokenizer_files(bpe_dir)
