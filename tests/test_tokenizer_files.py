@@ -136,12 +136,14 @@ BAD_GROUPS = {
     'unknown name': (lambda f: f['tokenizer'].create_dataset('vocab.txt', data=np.zeros(3, 'u1')),
                      'tokenizer/vocab.txt: not a tokenizer file (only tokenizer.json, '),
     'words': (_replace('tokenizer_config.json', data=np.zeros(4, np.uint16)),
-              'tokenizer/tokenizer_config.json: stored as uint16 [4], expected the bytes as '
-              'uint8 [n]'),
+              'tokenizer/tokenizer_config.json: stored as uint16 of shape (4,), expected the '
+              'bytes as uint8 (n,)'),
     '2-d': (_replace('generation_config.json', data=np.zeros((2, 2), np.uint8)),
-            'tokenizer/generation_config.json: stored as uint8 [2, 2]'),
+            'tokenizer/generation_config.json: stored as uint8 of shape (2, 2)'),
+    'no dataspace': (_replace('generation_config.json', data=h5py.Empty('u1')),
+                     'tokenizer/generation_config.json: stored as uint8 of shape None'),
     'a string': (_replace('tokenizer_config.json', data='{}'),
-                 'tokenizer/tokenizer_config.json: stored as object []'),
+                 'tokenizer/tokenizer_config.json: stored as object of shape ()'),
     'no crc32': (lambda f: f['tokenizer/tokenizer.json'].attrs.__delitem__('crc32'),
                  'tokenizer/tokenizer.json: crc32 attribute missing or not an integer'),
     'chunked': (_replace('generation_config.json', data=np.zeros(64, np.uint8), chunks=(16,),

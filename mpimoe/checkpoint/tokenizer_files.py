@@ -45,8 +45,8 @@ def dataset_problem(name, ds):
     before its bytes are read (name, type, shape, size, crc32), or None."""
     if name not in TOKENIZER_FILES:
         return f'not a tokenizer file (only {", ".join(TOKENIZER_FILES)})'
-    if ds.dtype != np.uint8 or ds.ndim != 1:
-        return f'stored as {ds.dtype} {list(ds.shape)}, expected the bytes as uint8 [n]'
+    if ds.dtype != np.uint8 or ds.shape is None or len(ds.shape) != 1:
+        return f'stored as {ds.dtype} of shape {ds.shape}, expected the bytes as uint8 (n,)'
     if ds.size > MAX_BYTES:
         return f'{ds.size:,} bytes, more than a tokenizer file has ({MAX_BYTES >> 20} MiB)'
     if not isinstance(ds.attrs.get('crc32'), (int, np.integer)):

@@ -2,8 +2,8 @@
 reads one tensor, one expert or the non-expert part and checks shape, dtype,
 checksum and finiteness of what it reads, reads the tokenizer files it
 carries (:mod:`mpimoe.checkpoint.tokenizer_files`), or validates the whole
-file; :func:`inspect_report` is ``mpimoe inspect``.  The layout it checks against is
-:func:`mpimoe.checkpoint.layout.tensor_specs`.
+file; :func:`inspect_report` is ``mpimoe inspect``.  The layout it checks
+against is :func:`mpimoe.checkpoint.layout.tensor_specs`.
 
     with WeightFile('weights.h5') as wf:
         experts = wf.read_expert(layer=1, e=5)    # {'gate': [d, d_expert], ...}
