@@ -9,12 +9,14 @@ import json
 import os
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from tokenizers import Tokenizer
 
 from mpimoe.errors import DataError, UsageError
 from mpimoe.io.inputs import InputStream, read_inputs
 from mpimoe.runtime.request import SamplingParams
 from mpimoe.text.tokenizer import TextTokenizer, read_tokenizer_files
+from bpe import write_bpe
 from test_inputs import _h5
 
 VOCAB = 256
@@ -32,29 +34,8 @@ CHATS = [[{'role': 'user', 'content': 'Hello world!'}],
 
 
 def write_tokenizer(folder, chat_template=CHAT, **config):
-    """A byte-level BPE of fewer than 200 ids trained on a few sentences, its
-    post-processor prepending <s>, written as ``folder``/tokenizer.json and a
-    tokenizer_config.json (special tokens, ``chat_template`` unless None,
-    ``config``); returns folder (str)."""
-    corpus = TEXTS[:2] + ['Mixture of experts models route tokens to experts.',
-                          'STOP here. The end.\n\nNew paragraph: é ü ß 日本']
-    tok = Tokenizer(models.BPE(unk_token='<unk>'))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus * 10, trainers.BpeTrainer(
-        vocab_size=180, show_progress=False,
-        special_tokens=['<s>', '</s>', '<unk>', '<|im_start|>', '<|im_end|>']))
-    tok.post_processor = processors.TemplateProcessing(
-        single='<s> $A', special_tokens=[('<s>', tok.token_to_id('<s>'))])
-    os.makedirs(folder, exist_ok=True)
-    tok.save(os.path.join(folder, 'tokenizer.json'))
-    config = {'bos_token': '<s>', 'eos_token': '</s>', 'unk_token': '<unk>',
-              'tokenizer_class': 'PreTrainedTokenizerFast', **config}
-    if chat_template is not None:
-        config['chat_template'] = chat_template
-    with open(os.path.join(folder, 'tokenizer_config.json'), 'w', encoding='utf-8') as f:
-        json.dump(config, f)
-    return str(folder)
+    """tests/bpe.py's tokenizer in ``folder``; -> folder (str)."""
+    return str(write_bpe(folder, chat_template=chat_template, **config))
 
 
 def text_tokenizer(folder):
