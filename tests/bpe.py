@@ -5,6 +5,7 @@
 ChatML-like chat template)."""
 
 import json
+import pathlib
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -17,8 +18,11 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role']
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def write_bpe(folder, vocab_size=200):
-    """Train and save the tokenizer in ``folder`` (a pathlib.Path); -> folder."""
+def write_bpe(folder, vocab_size=200, chat_template=CHAT_TEMPLATE, **config):
+    """Train and save the tokenizer in ``folder`` (a pathlib.Path or str);
+    tokenizer_config.json has ``chat_template`` (unless None) and the keys
+    ``config`` adds or replaces; -> folder (a pathlib.Path)."""
+    folder = pathlib.Path(folder)
     tok = Tokenizer(models.BPE(unk_token='<unk>'))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -28,13 +32,13 @@ def write_bpe(folder, vocab_size=200):
         single='<s> $A', special_tokens=[('<s>', tok.token_to_id('<s>'))])
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / 'tokenizer.json'))
-    (folder / 'tokenizer_config.json').write_text(json.dumps(
-        {'bos_token': '<s>', 'eos_token': '</s>', 'unk_token': '<unk>',
-         'chat_template': CHAT_TEMPLATE, 'tokenizer_class': 'PreTrainedTokenizerFast'}))
+    config = {'bos_token': '<s>', 'eos_token': '</s>', 'unk_token': '<unk>',
+              **({} if chat_template is None else {'chat_template': chat_template}),
+              'tokenizer_class': 'PreTrainedTokenizerFast', **config}
+    (folder / 'tokenizer_config.json').write_text(json.dumps(config))
     return folder
 
 
 if __name__ == '__main__':          # the README's weights/tiny-tokenizer: python tests/bpe.py DIR
-    import pathlib
     import sys
-    write_bpe(pathlib.Path(sys.argv[1]))
+    write_bpe(sys.argv[1])

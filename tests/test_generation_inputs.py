@@ -18,6 +18,7 @@ from mpimoe.io.job import open_job
 from mpimoe.runtime.options import JobOptions
 from mpimoe.runtime.request import SamplingParams
 from test_inputs import _h5, _jsonl
+from test_text_inputs import text_tokenizer, write_tokenizer
 
 VOCAB = 256
 DEFAULTS = SamplingParams(max_tokens=4, temperature=0.5, top_k=10, seed=9)
@@ -39,11 +40,13 @@ def _error(tmp_path, line, **kwargs):
 
 
 def test_a_line_replaces_the_defaults_key_by_key(tmp_path):
+    """Every key (stop strings need a tokenizer, which reads the text)."""
     every = {'max_tokens': 7, 'temperature': 1, 'top_k': 256, 'top_p': 0.9, 'seed': 2 ** 63 - 1,
              'stop_token_ids': [3, 0, 255], 'ignore_eos': True, 'stop': ['END', '\n\n']}
     stream = _stream(tmp_path, [{'id': 'a', 'tokens': [1, 2]},
                                 {'id': 'b', 'tokens': [3], 'seed': 0, 'top_p': 1},
-                                {'id': 'c', 'tokens': [4], **every}], defaults=DEFAULTS)
+                                {'id': 'c', 'tokens': [4], **every}], defaults=DEFAULTS,
+                     tokenizer=text_tokenizer(write_tokenizer(tmp_path / 'tok')))
     (_, batch), = stream.batches(budget=None)
     a, b, c = batch.params
     assert a is DEFAULTS                                # nothing set: the defaults themselves
@@ -71,9 +74,9 @@ def test_hdf5_sequences_have_the_defaults(tmp_path):
 
 def test_an_unknown_key_lists_the_allowed_ones(tmp_path):
     msg = _error(tmp_path, {'id': 'b', 'tokens': [1], 'temprature': 0.5})
-    assert msg.endswith("id 'b': unknown key \"temprature\"; a line has the keys id, tokens, "
-                        'max_tokens, temperature, top_k, top_p, seed, stop_token_ids, '
-                        'ignore_eos, stop'), msg
+    assert msg.endswith("id 'b': unknown key \"temprature\"; a line has the keys id, one of "
+                        'tokens/prompt/messages, and max_tokens, temperature, top_k, top_p, '
+                        'seed, stop_token_ids, ignore_eos, stop'), msg
 
 
 @pytest.mark.parametrize('key, value, allowed', [

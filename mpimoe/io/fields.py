@@ -12,8 +12,8 @@ import math
 from mpimoe.errors import DataError, UsageError
 from mpimoe.runtime.request import SamplingParams
 
-__all__ = ['SETTINGS', 'OPTIONS', 'line_settings', 'check_defaults', 'check_id', 'id_text',
-           'json_text']
+__all__ = ['SETTINGS', 'OPTIONS', 'PROMPT_KEYS', 'NEEDS_TOKENIZER', 'line_settings',
+           'check_setting', 'check_defaults', 'check_id', 'id_text', 'json_text']
 
 #: longest id, in bytes of UTF-8
 MAX_ID_BYTES = 1024
@@ -31,6 +31,10 @@ OPTIONS = {'max_tokens': '--max-new-tokens', 'temperature': '--temperature',
            'top_k': '--top-k', 'top_p': '--top-p', 'seed': '--seed',
            'stop_token_ids': '--stop-token-ids', 'ignore_eos': '--ignore-eos',
            'stop': '--stop'}
+#: the keys of an input line's prompt, exactly one per line: token ids, text, a chat
+PROMPT_KEYS = ('tokens', 'prompt', 'messages')
+#: what a request without a tokenizer is told to do (after 'X needs a tokenizer')
+NEEDS_TOKENIZER = 'the weight file has none; pass --tokenizer PATH'
 
 
 def _is_int(v):
@@ -79,24 +83,31 @@ def _converted(key, value):
 
 def line_settings(prefix, obj, vocab_size):
     """The generation settings of input line ``obj`` (a dict) besides "id" and
-    "tokens", checked and converted: {key: value}.
+    its prompt (PROMPT_KEYS), checked and converted: {key: value}.
 
     DataError starting with ``prefix`` ('FILE:LINE: id ...') for a key not in
     SETTINGS (listing the allowed ones) or a value of the wrong type or range
-    (naming the key, the value and the range).
+    (:func:`check_setting`).
     """
     settings = {}
     for key, value in obj.items():
-        if key in ('id', 'tokens'):
+        if key == 'id' or key in PROMPT_KEYS:
             continue
         if key not in SETTINGS:
-            raise DataError(f'{prefix}: unknown key {json_text(key)}; a line has the keys '
-                            f'id, tokens, {", ".join(SETTINGS)}')
-        accepts, allowed = _rule(key, vocab_size)
-        if not accepts(value):
-            raise DataError(f'{prefix}: "{key}" = {_setting_text(value)}: must be {allowed}')
-        settings[key] = _converted(key, value)
+            raise DataError(f'{prefix}: unknown key {json_text(key)}; a line has the keys id, '
+                            f'one of {"/".join(PROMPT_KEYS)}, and {", ".join(SETTINGS)}')
+        settings[key] = check_setting(prefix, key, value, vocab_size)
     return settings
+
+
+def check_setting(prefix, key, value, vocab_size, name=None):
+    """Setting ``key`` (of SETTINGS) checked and converted as SamplingParams
+    holds it; DataError starting with ``prefix`` naming the key as the line
+    spells it (``name``, default ``key``), the value and its range."""
+    accepts, allowed = _rule(key, vocab_size)
+    if not accepts(value):
+        raise DataError(f'{prefix}: "{name or key}" = {_setting_text(value)}: must be {allowed}')
+    return _converted(key, value)
 
 
 def check_defaults(defaults, vocab_size):

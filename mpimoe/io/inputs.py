@@ -1,4 +1,4 @@
-"""Token-sequence inputs.
+"""Inputs: requests of token ids, text or chats, streamed as token sequences.
 
 Inputs are streamed a batch at a time by :class:`InputStream` (or read whole
 by :func:`read_inputs`) into :class:`Inputs` (flat tokens plus offsets, and
@@ -10,14 +10,17 @@ parsed by :mod:`mpimoe.io.jsonl`, the slabs by :mod:`mpimoe.io.hdf5`.
 
 The format is chosen by the extension: `.jsonl`/`.json` or `.h5`/`.hdf5`.
 
-- **JSONL**: one sequence per line, `{"id": "doc-1", "tokens": [5, 17, 3]}`;
+- **JSONL**: one request per line, `{"id": "doc-1", "tokens": [5, 17, 3]}`,
+  `{"id": "q", "prompt": "text"}` or `{"id": "c", "messages": [{"role":
+  "user", "content": "Hi"}]}` (text and chats encoded by the tokenizer);
   blank lines are skipped; an integer id is read as its decimal string.  A
   line may also carry generation settings that replace the run's defaults
   for its sequence (:mod:`mpimoe.io.jsonl`): `max_tokens` (integer >= 0),
   `temperature` (number in [0, 100], 0: greedy), `top_k` (integer in
   [0, vocab_size], 0: off), `top_p` (number in (0, 1]), `seed` (integer in
   [0, 2^63)), `stop_token_ids` (at most 64 token ids), `ignore_eos` (true or
-  false); any other key is refused.
+  false), `stop` (stop strings); any other key is refused.  Or, the whole
+  file, OpenAI batch request lines (:mod:`mpimoe.io.openai_batch`).
 - **HDF5**: `tokens` (int32 or int64 `[total]`, all sequences concatenated),
   `offsets` (int64 `[n+1]`, `offsets[0] = 0`, increasing, `offsets[n] = total`;
   sequence `i` is `tokens[offsets[i]:offsets[i+1]]`), `ids` (`[n]`
@@ -41,7 +44,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 from mpimoe.errors import DataError, IOFailure, UsageError
-from mpimoe.io.fields import id_text, check_defaults
+from mpimoe.io.fields import NEEDS_TOKENIZER, id_text, check_defaults
 from mpimoe.io.files import atomic_write, check_writable, file_digest, hdf5_image
 from mpimoe.io.hdf5 import hdf5_sequences, hdf5_slabs
 from mpimoe.io.jsonl import jsonl_lines, jsonl_sequences, parse_line
@@ -56,13 +59,16 @@ class Inputs:
     """``n`` token sequences stored flat, with their generation settings.
 
     ids: list[str] [n]; tokens: int32 [total]; offsets: int64 [n+1];
-    params: tuple of n SamplingParams
+    params: tuple of n SamplingParams; openai: None, or for OpenAI batch
+    lines a tuple of n (endpoint 'completions' | 'chat', model str, '' when
+    the body has none), for the output to echo
     """
 
     ids: list
     tokens: np.ndarray
     offsets: np.ndarray
     params: tuple
+    openai: tuple = None
 
     def __len__(self):
         return len(self.ids)
@@ -94,14 +100,15 @@ def _check_vocab(vocab_size):
         raise UsageError(f'vocab_size={vocab_size!r}: must be an integer >= 1')
 
 
-def read_inputs(path, vocab_size):
+def read_inputs(path, vocab_size, tokenizer=None):
     """Read and validate all token sequences of ``path`` (.jsonl/.json or .h5/.hdf5),
-    with the default generation settings (SamplingParams()) where a line sets none.
+    with the default generation settings (SamplingParams()) where a line sets none;
+    tokenizer: a TextTokenizer for text and chat lines (None: refused).
 
     Any defect raises DataError naming the file and the line (JSONL) or the
     sequence index and id (HDF5).
     """
-    return next(InputStream(path, vocab_size).batches(budget=None))[1]
+    return next(InputStream(path, vocab_size, tokenizer=tokenizer).batches(budget=None))[1]
 
 
 class InputStream:
@@ -129,15 +136,28 @@ class InputStream:
     whole blocks); None: no limit.  Memory: one line or slab at a time and the hash of every
     id (8 bytes per sequence; twice that while they are sorted); settings only
     for the batch being read.
+
+    ``tokenizer`` (a TextTokenizer, its ids checked against ``vocab_size``)
+    encodes the text and chat lines, once when the file is validated (their
+    lengths are checked as token ids), again as their batch is read; None:
+    such lines, and stop strings, are refused.  A file is either all mpimoe
+    lines or all OpenAI batch lines (``openai``: True), whose batches carry
+    each request's (endpoint, model).
     """
 
     def __init__(self, path, vocab_size, context=None, batch_tokens=None, *,
-                 defaults=SamplingParams(), kv_tokens=None):
+                 defaults=SamplingParams(), kv_tokens=None, tokenizer=None):
         self.path = os.fspath(path)
         self.format = _format_of(self.path)
         _check_vocab(vocab_size)
         check_defaults(defaults, vocab_size)
-        self.vocab_size, self.defaults = vocab_size, defaults
+        if defaults.stop and tokenizer is None:
+            raise UsageError(f'--stop needs a tokenizer (stop strings are looked for in the '
+                             f'generated text): {NEEDS_TOKENIZER}')
+        if tokenizer is not None:
+            tokenizer.check_vocab(vocab_size)
+        self.vocab_size, self.defaults, self.tokenizer = vocab_size, defaults, tokenizer
+        self.openai = False
         self.context, self.batch_tokens = context, batch_tokens
         # what a sequence may reserve of a front-end's KV cache: whole blocks
         self.kv_tokens = kv_tokens
@@ -168,26 +188,39 @@ class InputStream:
         batch of everything), formed from the first sequence on, so the
         batches are the same whatever ``start``; those ending at or before
         sequence ``start`` are skipped (they were done before a restart)."""
-        first, ids, chunks, params, used = 0, [], [], [], 0
-        for i, (_, seq_id, tokens, p) in enumerate(self._sequences()):
+        first, ids, chunks, params, openai, used = 0, [], [], [], [], 0
+        for i, (_, seq_id, tokens, p, o) in enumerate(self._sequences()):
             if ids and budget is not None and used + len(tokens) > budget:
                 if first + len(ids) > start:
-                    yield first, _pack(ids, chunks, params)
-                first, ids, chunks, params, used = i, [], [], [], 0
+                    yield first, _pack(ids, chunks, params, openai)
+                first, ids, chunks, params, openai, used = i, [], [], [], [], 0
             ids.append(seq_id)
             chunks.append(tokens)
             params.append(p)
+            openai.append(o)
             used += len(tokens)
         if ids and first + len(ids) > start:
-            yield first, _pack(ids, chunks, params)
+            yield first, _pack(ids, chunks, params, openai)
 
     def _validate_jsonl(self):
-        """Parse and check every line, hashing the file on the way: (id
-        hashes array('q') [n], sha256 hex)."""
-        digest, hashes = hashlib.sha256(), array('q')
+        """Parse, encode and check every line, hashing the file on the way:
+        (id hashes array('q') [n], sha256 hex); sets ``openai`` from the first
+        line, and refuses a later line of the other kind."""
+        digest, hashes, first = hashlib.sha256(), array('q'), None
         for lineno, raw in jsonl_lines(self.path, digest):
             where = f'{self.path}:{lineno}'
-            seq_id, tokens, settings = parse_line(where, raw, self.vocab_size)
+            seq_id, tokens, settings, openai = parse_line(where, raw, self.vocab_size,
+                                                          self.tokenizer)
+            if first is None:
+                self.openai, first = openai is not None, lineno
+            elif (openai is not None) != self.openai:
+                if openai is not None:
+                    mixed = f'an OpenAI batch line in a file of mpimoe lines ({{"id": ...}}, ' \
+                            f'as line {first})'
+                else:
+                    mixed = f'an mpimoe line ({{"id": ...}}) in a file of OpenAI batch lines ' \
+                            f'(as line {first})'
+                raise DataError(f'{where}: {mixed}; a file holds one kind of line')
             problem = self._too_long(len(tokens), settings.get('max_tokens'))
             if problem:
                 raise DataError(f'{where}: id {id_text(seq_id)}: {problem}')
@@ -244,7 +277,7 @@ class InputStream:
             return
         suspects = set(np.flatnonzero(np.isin(hashes, shared)).tolist())
         first = {}
-        for k, (pos, seq_id, _, _) in enumerate(self._sequences()):
+        for k, (pos, seq_id, *_) in enumerate(self._sequences()):
             if k not in suspects:
                 continue
             if seq_id in first:
@@ -259,14 +292,16 @@ class InputStream:
                          f'used by sequence {first_pos}')
 
     def _sequences(self):
-        """Yield (position, id, tokens int32 [len], SamplingParams) in file
-        order; position: line number (JSONL) or sequence index (HDF5)."""
+        """Yield (position, id, tokens int32 [len], SamplingParams, openai: None
+        or (endpoint, model)) in file order; position: line number (JSONL) or
+        sequence index (HDF5)."""
         with _reading(self.path):
             if self.format == 'jsonl':
-                yield from jsonl_sequences(self.path, self.vocab_size, self.defaults)
+                yield from jsonl_sequences(self.path, self.vocab_size, self.defaults,
+                                           self.tokenizer)
             else:
                 for pos, seq_id, tokens in hdf5_sequences(self.path, self.vocab_size):
-                    yield pos, seq_id, tokens, self.defaults
+                    yield pos, seq_id, tokens, self.defaults, None
 
 
 @contextlib.contextmanager
@@ -279,10 +314,11 @@ def _reading(path):
         raise IOFailure(f'{path}: cannot read the input: {e.strerror or e}') from None
 
 
-def _pack(ids, chunks, params):
+def _pack(ids, chunks, params, openai):
     offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
     np.cumsum([len(c) for c in chunks], out=offsets[1:])
-    return Inputs(ids, np.concatenate(chunks), offsets, tuple(params))
+    return Inputs(ids, np.concatenate(chunks), offsets, tuple(params),
+                  None if openai[0] is None else tuple(openai))
 
 
 # --- synthetic inputs ----------------------------------------------------

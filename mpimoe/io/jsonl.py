@@ -1,9 +1,16 @@
-"""JSONL input lines: read with a length cap, parsed and checked.
+"""JSONL input lines: read with a length cap, parsed, checked and encoded.
 
-A line is ``{"id": "doc-1", "tokens": [5, 17, 3]}``, optionally with
-generation settings (:data:`mpimoe.io.fields.SETTINGS`) that replace the
-run's defaults for that sequence: ``{"id": "q", "tokens": [5], "max_tokens":
-64, "temperature": 0.7, "seed": 3}``.
+A line is one request: an id and a prompt, exactly one of token ids, text or
+a chat (the text and the chat encoded by the checkpoint's tokenizer,
+:class:`mpimoe.text.tokenizer.TextTokenizer`), optionally with generation
+settings (:data:`mpimoe.io.fields.SETTINGS`) that replace the run's defaults
+for that request:
+
+    {"id": "doc-1", "tokens": [5, 17, 3]}
+    {"id": "q", "prompt": "Once upon a time", "max_tokens": 64, "stop": "\\n\\n"}
+    {"id": "c", "messages": [{"role": "user", "content": "Hi"}], "temperature": 0.7}
+
+or an OpenAI batch request line (:mod:`mpimoe.io.openai_batch`).
 """
 
 import dataclasses
@@ -13,7 +20,9 @@ import sys
 
 import numpy as np
 from mpimoe.errors import DataError
-from mpimoe.io.fields import check_id, id_text, json_text, line_settings
+from mpimoe.io.fields import (NEEDS_TOKENIZER, PROMPT_KEYS, check_id, id_text, json_text,
+                              line_settings)
+from mpimoe.io.openai_batch import is_openai_line, openai_request
 
 __all__ = ['MAX_LINE_BYTES', 'jsonl_lines', 'jsonl_sequences', 'parse_line']
 
@@ -38,19 +47,41 @@ def jsonl_lines(path, digest=None):
                 yield lineno, raw
 
 
-def jsonl_sequences(path, vocab_size, defaults):
-    """Yield (line number, id, tokens int32 [len], SamplingParams) of each line;
-    params: ``defaults`` with the line's settings."""
+def jsonl_sequences(path, vocab_size, defaults, tokenizer=None):
+    """Yield (line number, id, tokens int32 [len], SamplingParams, openai) of
+    each line (see :func:`parse_line`); params: ``defaults`` with the line's
+    settings."""
     for lineno, raw in jsonl_lines(path):
-        seq_id, tokens, settings = parse_line(f'{path}:{lineno}', raw, vocab_size)
+        seq_id, tokens, settings, openai = parse_line(f'{path}:{lineno}', raw, vocab_size,
+                                                      tokenizer)
         params = dataclasses.replace(defaults, **settings) if settings else defaults
-        yield lineno, seq_id, np.array(tokens, dtype=np.int32), params
+        yield lineno, seq_id, np.array(tokens, dtype=np.int32), params, openai
 
 
-def parse_line(where, raw, vocab_size):
+def parse_line(where, raw, vocab_size, tokenizer=None):
     """One JSONL line -> (id: str, tokens: list of int, settings: dict of its
-    generation settings, see :func:`~mpimoe.io.fields.line_settings`), checked;
-    ``where`` is 'FILE:LINE'."""
+    generation settings (:func:`~mpimoe.io.fields.line_settings`), openai:
+    None for an mpimoe line, (endpoint, model) for an OpenAI batch line),
+    checked, its text or chat encoded by ``tokenizer`` (a TextTokenizer, or
+    None: such a line is refused); ``where`` is 'FILE:LINE'."""
+    obj = _json_object(where, raw)
+    if is_openai_line(obj):
+        seq_id, key, prompt, settings, openai = openai_request(where, obj, vocab_size)
+        name = 'prompt' if key == 'tokens' else key          # as the body spells it
+    else:
+        seq_id, key, prompt = _mpimoe_request(where, obj)
+        settings, openai, name = None, None, key
+    prefix = f'{where}: id {id_text(seq_id)}'
+    tokens = _encode(prefix, key, name, prompt, vocab_size, tokenizer)
+    if settings is None:
+        settings = line_settings(prefix, obj, vocab_size)
+    if settings.get('stop') and tokenizer is None:
+        raise DataError(f'{prefix}: "stop" strings need a tokenizer (they are looked for in '
+                        f'the generated text): {NEEDS_TOKENIZER}')
+    return seq_id, tokens, settings, openai
+
+
+def _json_object(where, raw):
     try:
         obj = json.loads(raw.decode('utf-8'))
     except UnicodeDecodeError as e:
@@ -66,26 +97,60 @@ def parse_line(where, raw, vocab_size):
     if not isinstance(obj, dict):
         raise DataError(f'{where}: expected an object {{"id": ..., "tokens": [...]}}, '
                         f'got {type(obj).__name__}')
-    for key in ('id', 'tokens'):
-        if key not in obj:
-            raise DataError(f'{where}: missing key "{key}"')
-    seq_id, tokens = obj['id'], obj['tokens']
+    return obj
+
+
+def _mpimoe_request(where, obj):
+    """(id, prompt key of PROMPT_KEYS, its value unchecked) of an mpimoe line."""
+    if 'id' not in obj:
+        raise DataError(f'{where}: missing key "id"')
+    seq_id = obj['id']
     if type(seq_id) not in (str, int):
         raise DataError(f'{where}: "id" must be a string or an integer, got '
                         f'{json_text(seq_id)}')
     seq_id = str(seq_id)
     check_id(where, seq_id)
-    prefix = f'{where}: id {id_text(seq_id)}'
+    keys = [k for k in PROMPT_KEYS if k in obj]
+    if len(keys) != 1:
+        said = 'missing key "tokens" (token ids), or "prompt" (text) or "messages" (a chat)' \
+            if not keys else f'both "{keys[0]}" and "{keys[1]}"; give one prompt'
+        raise DataError(f'{where}: id {id_text(seq_id)}: {said}')
+    return seq_id, keys[0], obj[keys[0]]
+
+
+def _encode(prefix, key, name, prompt, vocab_size, tokenizer):
+    """The token ids (list of int, checked) of prompt ``prompt`` of kind
+    ``key`` ('tokens', 'prompt' text, 'messages'); name: its key in the line."""
+    if key == 'tokens':
+        return _token_ids(prefix, name, prompt, vocab_size)
+    if key == 'prompt' and not isinstance(prompt, str):
+        raise DataError(f'{prefix}: "prompt" must be a string (text), got {json_text(prompt)}; '
+                        'token ids go in "tokens"')
+    if tokenizer is None:
+        what = 'a text prompt' if key == 'prompt' else 'a chat'
+        raise DataError(f'{prefix}: {what} ("{key}") needs a tokenizer: {NEEDS_TOKENIZER}')
+    try:
+        ids = tokenizer.encode_prompt(prompt) if key == 'prompt' else \
+            tokenizer.encode_chat(prompt)
+    except ValueError as e:
+        raise DataError(f'{prefix}: {e}') from None
+    if not ids:
+        raise DataError(f'{prefix}: "{name}" encodes to no tokens (and the tokenizer adds no '
+                        'BOS); give some text')
+    return ids
+
+
+def _token_ids(prefix, name, tokens, vocab_size):
     if not isinstance(tokens, list):
-        raise DataError(f'{prefix}: "tokens" must be a list of integers, got '
+        raise DataError(f'{prefix}: "{name}" must be a list of integers, got '
                         f'{type(tokens).__name__}')
     if not tokens:
-        raise DataError(f'{prefix}: empty sequence ("tokens" is [])')
+        raise DataError(f'{prefix}: empty sequence ("{name}" is [])')
     if set(map(type, tokens)) != {int}:
         j, t = next((j, t) for j, t in enumerate(tokens) if type(t) is not int)
-        raise DataError(f'{prefix}: tokens[{j}] = {json_text(t)} is not an integer')
+        raise DataError(f'{prefix}: {name}[{j}] = {json_text(t)} is not an integer')
     if min(tokens) < 0 or max(tokens) >= vocab_size:
         j, t = next((j, t) for j, t in enumerate(tokens) if not 0 <= t < vocab_size)
-        raise DataError(f'{prefix}: token {json_text(t)} at tokens[{j}] is not in '
+        raise DataError(f'{prefix}: token {json_text(t)} at {name}[{j}] is not in '
                         f'[0, vocab_size={vocab_size})')
-    return seq_id, tokens, line_settings(prefix, obj, vocab_size)
+    return tokens
