@@ -5,11 +5,16 @@
 
 Files are written with the package's own writers (mpimoe.checkpoint.writer.write_synthetic,
 mpimoe.io.inputs.write_synthetic_inputs) into a session temporary directory; tests must
-treat them as read-only (copy a file before corrupting it).
+treat them as read-only (copy a file before corrupting it).  ``bpe_tokenizer_dir`` is a
+real tokenizer for ``tiny`` (tests/bpe.py's BPE with a generation_config.json).
 """
 
-import pytest
+import json
 
+import pytest
+from tokenizers import Tokenizer
+
+from bpe import write_bpe
 from mpimoe.checkpoint.writer import write_synthetic
 from mpimoe.model.config import model_config
 from mpimoe.io.inputs import write_synthetic_inputs
@@ -50,3 +55,19 @@ def tiny_inputs(tmp_path_factory):
     write_synthetic_inputs(path, model_config('tiny').vocab_size, num_seqs=12,
                            min_len=3, max_len=20, seed=0)
     return path
+
+
+@pytest.fixture(scope='session')
+def bpe_tokenizer_dir(tmp_path_factory):
+    """Directory (pathlib.Path) of a real tokenizer for ``tiny`` (vocab_size
+    256): the byte-level BPE of tests/bpe.py (164 tokens; <s> 0, </s> 1,
+    <unk> 2, <|im_start|> 3, <|im_end|> 4; a ChatML-like chat template with
+    bos_token and add_generation_prompt) as tokenizer.json and
+    tokenizer_config.json, plus a generation_config.json whose eos_token_id
+    lists </s> and <|im_end|>.  Read-only: copy it before editing a file."""
+    folder = write_bpe(tmp_path_factory.mktemp('bpe-tokenizer'))
+    tok = Tokenizer.from_file(str(folder / 'tokenizer.json'))
+    (folder / 'generation_config.json').write_text(json.dumps(
+        {'bos_token_id': tok.token_to_id('<s>'),
+         'eos_token_id': [tok.token_to_id('</s>'), tok.token_to_id('<|im_end|>')]}))
+    return folder

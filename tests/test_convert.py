@@ -25,6 +25,7 @@ RoPE layout, theta, norm) moves logits by O(1) relative, far above it.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -170,7 +171,12 @@ def test_convert_maps_config_and_tensors(checkpoint, tmp_path, capsys):
         (3, 3, 16, 40, 40)
     assert (cfg.vocab_size, cfg.expert_kind, cfg.dtype, cfg.rope_theta, cfg.norm_eps) == \
         (100, 'swiglu', 'bfloat16', 1e6, 1e-5)
-    assert 'note' not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'rounding' not in out
+    assert f'note: {src} has no tokenizer.json, so the weight file carries no tokenizer; text ' \
+        'inputs then need --tokenizer at run time' in out
+    with WeightFile(tmp_path / 'w.h5') as wf:
+        assert wf.tokenizer_files() is None
 
 
 def test_sharded_gqa_and_transformers5_config(tmp_path):
@@ -198,6 +204,120 @@ def test_end_of_sequence_ids_are_carried(tmp_path, value, expected):
     _write_checkpoint(tmp_path / 'hf', hf, tensors)
     assert _convert(tmp_path / 'hf', tmp_path / 'w.h5') == 0
     assert _assert_matches(tmp_path / 'w.h5', tensors).eos_token_id == expected
+
+
+# ---------------------------------------------------------------- tokenizer
+
+#: tokens of the tests' BPE (tests/bpe.py, conftest's bpe_tokenizer_dir)
+BPE_TOKENS = 164
+#: a chat_template.jinja beside the others: it wins over tokenizer_config's template
+JINJA = b"{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+
+
+def _with_tokenizer(directory, bpe_tokenizer_dir):
+    """Copy the BPE's files and a chat_template.jinja into ``directory``; -> {name: bytes}."""
+    for file in bpe_tokenizer_dir.iterdir():
+        shutil.copy(file, directory)
+    with open(os.path.join(directory, 'chat_template.jinja'), 'wb') as f:
+        f.write(JINJA)
+    names = ('tokenizer.json', 'tokenizer_config.json', 'generation_config.json',
+             'chat_template.jinja')
+    return {n: open(os.path.join(directory, n), 'rb').read() for n in names}
+
+
+def test_tokenizer_files_are_copied(bpe_tokenizer_dir, tmp_path, capsys):
+    """The four files travel byte for byte; generation_config.json's eos ids
+    (</s> and <|im_end|>) win over config.json's."""
+    hf = _hf_config(vocab_size=256, eos_token_id=2)
+    tensors = _hf_tensors(hf)
+    _write_checkpoint(tmp_path / 'hf', hf, tensors)
+    files = _with_tokenizer(tmp_path / 'hf', bpe_tokenizer_dir)
+    out = tmp_path / 'w.h5'
+    assert _convert(tmp_path / 'hf', out) == 0
+    assert f'tokenizer: copying {", ".join(files)} ({BPE_TOKENS} tokens, chat template: yes)' \
+        in capsys.readouterr().out
+    cfg = _assert_matches(out, tensors)
+    assert cfg.eos_token_id == (1, 4)
+    with WeightFile(out) as wf:
+        assert wf.tokenizer_files() == files
+        tok = wf.tokenizer()
+        assert tok.render_chat([{'role': 'user', 'content': 'Hi'}]) == '[user] Hi\n'
+    assert main(['inspect', str(out)]) == 0
+    assert f'tokenizer: {BPE_TOKENS} tokens, chat template: yes, files: {", ".join(files)}\n' \
+        in capsys.readouterr().out
+
+
+def test_files_transformers_saves_are_copied(bpe_tokenizer_dir, tmp_path):
+    """A tokenizer and generation config as transformers' save_pretrained
+    writes them (transformers 5 puts the chat template in chat_template.jinja)."""
+    transformers = pytest.importorskip('transformers')
+    hf = _hf_config(vocab_size=256, eos_token_id=1)
+    _write_checkpoint(tmp_path / 'hf', hf, _hf_tensors(hf))
+    tok = transformers.AutoTokenizer.from_pretrained(str(bpe_tokenizer_dir))
+    tok.save_pretrained(tmp_path / 'hf')
+    transformers.GenerationConfig(eos_token_id=[1, 4]).save_pretrained(tmp_path / 'hf')
+    saved = sorted(n for n in os.listdir(tmp_path / 'hf') if n.endswith(('.json', '.jinja')))
+    assert _convert(tmp_path / 'hf', tmp_path / 'w.h5') == 0
+    with WeightFile(tmp_path / 'w.h5') as wf:
+        files = wf.tokenizer_files()
+        assert wf.config.eos_token_id == (1, 4)
+        assert wf.tokenizer().has_chat_template
+    assert sorted(files) == sorted(set(saved) - {'config.json', 'special_tokens_map.json'})
+    assert all(files[n] == (tmp_path / 'hf' / n).read_bytes() for n in files)
+
+
+@pytest.mark.parametrize('generation, config, expected', [
+    ({'eos_token_id': 7}, 2, (7,)), ({'eos_token_id': [9, 4]}, 2, (9, 4)),
+    ({'eos_token_id': None}, 2, (2,)), ({'bos_token_id': 1}, [2, 3], (2, 3)),
+    ({'eos_token_id': 7}, None, (7,))])
+def test_generation_config_gives_the_end_of_sequence_ids(generation, config, expected,
+                                                          tmp_path):
+    """generation_config.json's eos_token_id (an int or a list; null or absent:
+    config.json's) is the model's, with or without a tokenizer.json."""
+    hf = _hf_config(eos_token_id=config)
+    _write_checkpoint(tmp_path / 'hf', hf, _hf_tensors(hf))
+    (tmp_path / 'hf' / 'generation_config.json').write_text(json.dumps(generation))
+    assert _convert(tmp_path / 'hf', tmp_path / 'w.h5') == 0
+    with WeightFile(tmp_path / 'w.h5') as wf:
+        assert wf.config.eos_token_id == expected
+        assert wf.tokenizer_files() is None
+
+
+TOKENIZER_REFUSALS = {
+    # the tiny test vocabulary (100) is smaller than the BPE's
+    'more tokens than the model': (
+        {}, None, f'the tokenizer has ids up to {BPE_TOKENS - 1}, beyond the vocabulary of the '
+                  'model (vocab_size = 100)'),
+    'tokenizer.json not a tokenizer': (
+        {'vocab_size': 256}, ('tokenizer.json', b'{"version": "1.0"}'),
+        'tokenizer.json is not a tokenizer the `tokenizers` library reads'),
+    'generation_config.json not JSON': (
+        {'vocab_size': 256}, ('generation_config.json', b'{"eos_token_id": [1,'),
+        'generation_config.json is not valid JSON'),
+    'generation_config.json not an object': (
+        {'vocab_size': 256}, ('generation_config.json', b'[1]'),
+        'generation_config.json: not a JSON object'),
+    'end-of-sequence id of generation_config.json outside the vocabulary': (
+        {'vocab_size': 256}, ('generation_config.json', b'{"eos_token_id": [1, 256]}'),
+        'config.json and generation_config.json do not give a valid model: '
+        'eos_token_id=[1, 256]: 256 is not a token id in [0, vocab_size=256)'),
+}
+
+
+@pytest.mark.parametrize('case', TOKENIZER_REFUSALS)
+def test_tokenizer_refusals(case, bpe_tokenizer_dir, tmp_path, capsys):
+    """Listed with the other problems (here a sliding window) in one line;
+    nothing written."""
+    config, replaced, message = TOKENIZER_REFUSALS[case]
+    hf = _hf_config(sliding_window=128, **config)
+    _write_checkpoint(tmp_path / 'hf', hf, _hf_tensors(hf))
+    _with_tokenizer(tmp_path / 'hf', bpe_tokenizer_dir)
+    if replaced:
+        (tmp_path / 'hf' / replaced[0]).write_bytes(replaced[1])
+    assert _convert(tmp_path / 'hf', tmp_path / 'w.h5') == 65
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and message in err and 'sliding_window 128' in err, err
+    assert sorted(os.listdir(tmp_path)) == ['hf']
 
 
 @pytest.mark.parametrize('dtype,name', [(np.float32, 'F32'), (np.float16, 'F16')])

@@ -9,9 +9,18 @@ with rotate-half RoPE; RMSNorm; untied LM head): the same model as
 
     summary = convert_hf('Mixtral-8x7B/', 'mixtral.h5')   # {'path', 'tensors', ...}
 
+The tokenizer files of the directory (``tokenizer.json`` and the others of
+``TOKENIZER_FILES`` beside it) are copied into the weight file when
+``tokenizer.json`` is there (:mod:`mpimoe.checkpoint.tokenizer_files`).  The
+end-of-sequence ids are ``generation_config.json``'s ``eos_token_id`` when it
+gives one (transformers' ``generate`` stops there; chat models list their
+end-of-turn token), else ``config.json``'s.
+
 Everything is checked before anything is written: config features mpimoe does
-not implement, missing or unexpected tensors, shapes against config.json and
-dtypes; the problems are listed in one :class:`~mpimoe.errors.DataError`.
+not implement, missing or unexpected tensors, shapes against config.json,
+dtypes, and a tokenizer that does not parse or has more tokens than the
+model's vocabulary; the problems are listed in one
+:class:`~mpimoe.errors.DataError`.
 Safetensors files are parsed here (8-byte little-endian header length, JSON
 header, raw data) and memory-mapped, so the conversion needs no PyTorch and
 holds one tensor at a time in memory.  Torch ``Linear`` weights are
@@ -26,6 +35,7 @@ import ml_dtypes
 import numpy as np
 
 from mpimoe.checkpoint.layout import WORD, tensor_specs
+from mpimoe.checkpoint.tokenizer_files import load_tokenizer, write_tokenizer_files
 from mpimoe.checkpoint.writer import LOG_EVERY_S, open_for_writing, write_tensor
 from mpimoe.model.config import ModelConfig, parse_json
 from mpimoe.errors import ConfigError, DataError, clip
@@ -115,16 +125,22 @@ def _rope_theta(hf):
     return hf.get('rope_theta', rope.get('rope_theta') if isinstance(rope, dict) else None)
 
 
-def _eos_ids(value):
-    """config.json's ``eos_token_id``: an int, a list of ints, or null/absent
-    (none) -> tuple (ModelConfig checks the ids)."""
+def _eos_ids(hf, generation):
+    """The end-of-sequence ids: ``eos_token_id`` of generation_config.json
+    (dict ``generation``) unless absent or null, else of config.json (``hf``);
+    an int, a list of ints, or null/absent (none) -> (tuple, whether it came
+    from generation_config.json).  ModelConfig checks the ids."""
+    given = generation.get('eos_token_id') is not None
+    value = generation['eos_token_id'] if given else hf.get('eos_token_id')
     if value is None:
-        return ()
-    return tuple(value) if isinstance(value, list) else (value,)
+        return (), given
+    return (tuple(value) if isinstance(value, list) else (value,)), given
 
 
-def mixtral_config(hf):
-    """config.json of a Mixtral model (dict) -> (ModelConfig or None, problems [str]).
+def mixtral_config(hf, generation=None):
+    """config.json of a Mixtral model (dict) and its generation_config.json
+    (dict, for the end-of-sequence ids; None: none) -> (ModelConfig or None,
+    problems [str]).
 
     The config is None when a required key is missing or invalid; problems
     lists every feature mpimoe cannot run as well.
@@ -141,12 +157,15 @@ def mixtral_config(hf):
     # as transformers: head_dim, else hidden_size // num_attention_heads
     head_dim = hf.get('head_dim') or (d // heads if isinstance(d, int) and isinstance(heads, int)
                                       and heads > 0 else None)
+    eos, from_generation = _eos_ids(hf, generation or {})
     try:
         cfg = ModelConfig(**fields, n_dense_layers=0, head_dim=head_dim, d_dense=fields['d_expert'],
                           expert_kind='swiglu', rope_theta=theta, dtype='bfloat16',
-                          eos_token_id=_eos_ids(hf.get('eos_token_id')))
+                          eos_token_id=eos)
     except ConfigError as e:
-        return None, problems + [f'config.json does not give a valid model: {e}']
+        given = 'config.json and generation_config.json do' if from_generation \
+            else 'config.json does'
+        return None, problems + [f'{given} not give a valid model: {e}']
     return cfg, problems
 
 
@@ -324,9 +343,31 @@ def _read_config(directory):
     return hf
 
 
+def _read_generation_config(directory):
+    """generation_config.json of ``directory`` as a dict, {} when absent;
+    one-line DataError when it is not a JSON object."""
+    path = os.path.join(directory, 'generation_config.json')
+    try:
+        doc = _read_json(path)
+    except FileNotFoundError:
+        return {}
+    if not isinstance(doc, dict):
+        raise DataError(f'{path}: not a JSON object')
+    return doc
+
+
 def _check(directory):
-    """-> (cfg, source, expected) when convertible; else DataError listing every problem."""
-    cfg, problems = mixtral_config(_read_config(directory))
+    """-> (cfg, source, expected, tokenizer) when convertible, tokenizer the
+    ``(files, TextTokenizer)`` of the directory or None when it has no
+    tokenizer.json; else DataError listing every problem."""
+    hf, problems = _read_config(directory), []
+    try:
+        generation = _read_generation_config(directory)
+    except DataError as e:
+        generation = {}
+        problems.append(str(e))
+    cfg, config_problems = mixtral_config(hf, generation)
+    problems += config_problems
     try:
         source = _Source(directory)
     except DataError as e:
@@ -335,9 +376,25 @@ def _check(directory):
     expected = _expected(cfg) if cfg is not None else []
     if cfg is not None and source is not None:
         problems += _tensor_problems(source, expected)
+    tokenizer = None
+    if cfg is not None and os.path.isfile(os.path.join(directory, 'tokenizer.json')):
+        try:
+            tokenizer = load_tokenizer(directory, cfg.vocab_size)
+        except DataError as e:
+            problems.append(str(e))
     if problems:
         raise DataError(f'{directory}: cannot convert: ' + '; '.join(problems))
-    return cfg, source, expected
+    return cfg, source, expected, tokenizer
+
+
+def _tokenizer_note(directory, tokenizer):
+    """convert's line about the tokenizer it copies (or finds none)."""
+    if tokenizer is None:
+        return (f'note: {directory} has no tokenizer.json, so the weight file carries no '
+                f'tokenizer; text inputs then need --tokenizer at run time')
+    files, tok = tokenizer
+    return (f'tokenizer: copying {", ".join(files)} ({tok.vocab_size} tokens, chat template: '
+            f'{"yes" if tok.has_chat_template else "no"})')
 
 
 # ---------------------------------------------------------------- writing
@@ -359,7 +416,7 @@ def convert_hf(directory, out, overwrite=False, log=None):
     'seconds', 'config'}``.
     """
     log = log or (lambda line: None)
-    cfg, source, expected = _check(directory)
+    cfg, source, expected, tokenizer = _check(directory)
     rounded = sorted({source.dtype(hf) for _, _, hf, _, _ in expected} - {'BF16'})
     t0 = last = time.monotonic()
     total = 0
@@ -369,6 +426,9 @@ def convert_hf(directory, out, overwrite=False, log=None):
                 f'bfloat16 (nearest-even)')
         log(f'converting {directory} -> {out}: {len(expected)} tensors, {cfg.n_layers} '
             f'layers x {cfg.n_experts} experts (top-{cfg.top_k}), d_model {cfg.d_model}')
+        log(_tokenizer_note(directory, tokenizer))
+        if tokenizer is not None:
+            write_tokenizer_files(f, tokenizer[0])
         for name, shape, hf, _, transposed in expected:
             words = _to_bf16_words(source.read(hf))
             words = np.ascontiguousarray(words.T if transposed else words)

@@ -1,8 +1,9 @@
 """Reading weight files (weights/FORMAT.md, version 1): :class:`WeightFile`
 reads one tensor, one expert or the non-expert part and checks shape, dtype,
-checksum and finiteness of what it reads, or validates the whole file;
-:func:`inspect_report` is ``mpimoe inspect``.  The layout it checks against is
-:func:`mpimoe.checkpoint.layout.tensor_specs`.
+checksum and finiteness of what it reads, reads the tokenizer files it
+carries (:mod:`mpimoe.checkpoint.tokenizer_files`), or validates the whole
+file; :func:`inspect_report` is ``mpimoe inspect``.  The layout it checks
+against is :func:`mpimoe.checkpoint.layout.tensor_specs`.
 
     with WeightFile('weights.h5') as wf:
         experts = wf.read_expert(layer=1, e=5)    # {'gate': [d, d_expert], ...}
@@ -20,8 +21,10 @@ from mpimoe.backends.backend import from_words
 from mpimoe.checkpoint.layout import (FORMAT, FORMAT_VERSION, SLAB_ELEMS, WORD,
                                       expert_tensor_names, is_expert, nonexpert_tensor_names,
                                       row_slabs, tensor_specs)
+from mpimoe.checkpoint.tokenizer_files import GROUP, dataset_problem, text_tokenizer
 from mpimoe.errors import ConfigError, DataError, clip
 from mpimoe.model.config import ModelConfig
+from mpimoe.text.tokenizer import TOKENIZER_FILES
 from mpimoe.io.paths import regular_file
 
 __all__ = ['WeightFile', 'inspect_report']
@@ -136,13 +139,18 @@ class WeightFile:
         dtype = _text_attr(ds.attrs, 'dtype')
         if dtype != self.config.dtype:
             return f'dtype attribute {clip(repr(dtype))}, expected {self.config.dtype!r}'
+        problem = self._storage_problem(ds)
+        if problem is None and not isinstance(ds.attrs.get('crc32'), (int, np.integer)):
+            return 'crc32 attribute missing or not an integer'
+        return problem
+
+    def _storage_problem(self, ds):
+        """Whether ``ds`` is one byte range of this file, as a problem string, or None."""
         layout = ds.id.get_create_plist().get_layout()
         if layout != h5py.h5d.CONTIGUOUS:
             return f'not contiguous in this file ({_LAYOUTS.get(layout, layout)})'
         if ds.external:
             return 'not contiguous in this file (external storage: its data lies in other files)'
-        if not isinstance(ds.attrs.get('crc32'), (int, np.integer)):
-            return 'crc32 attribute missing or not an integer'
         return None
 
     def _locate(self, name):
@@ -212,9 +220,71 @@ class WeightFile:
         """Every tensor outside the experts groups: ``{name: array}``."""
         return {n: self.read(n, verify) for n in nonexpert_tensor_names(self.config)}
 
+    def _tokenizer_group(self):
+        """The group GROUP read and checked: ``(files, problems)``; files is
+        None when the file has no such group, else {name: bytes} in the order
+        of TOKENIZER_FILES of the datasets that passed; problems are strings
+        ``'tokenizer/NAME: problem'``."""
+        link = self._file.get(GROUP, getlink=True)
+        if link is None:
+            return None, []
+        if not isinstance(link, h5py.HardLink):
+            return None, [f'{GROUP}: {type(link).__name__} not allowed (plain groups and '
+                          f'datasets only)']
+        group = self._file[GROUP]
+        if not isinstance(group, h5py.Group):
+            return None, [f'{GROUP}: is a dataset, not a group']
+        files, problems = {}, []
+        for name in group:
+            ds = self._dataset(f'{GROUP}/{name}')
+            problem = ds if isinstance(ds, str) else \
+                dataset_problem(name, ds) or self._storage_problem(ds)
+            if problem is None:
+                data = self._read_bytes(ds)
+                if int(ds.attrs['crc32']) == zlib.crc32(data):
+                    files[name] = data
+                else:
+                    problem = 'checksum mismatch (file corrupted?)'
+            if problem:
+                problems.append(f'{GROUP}/{name}: {problem}')
+        if group.get(TOKENIZER_FILES[0], getlink=True) is None:
+            problems.append(f'{GROUP}: no {TOKENIZER_FILES[0]} dataset')
+        return {n: files[n] for n in TOKENIZER_FILES if n in files}, problems
+
+    def _read_bytes(self, ds):
+        """The bytes of uint8 dataset ``ds`` [n]; DataError when the read fails."""
+        out = np.empty(ds.shape, np.uint8)
+        try:
+            if ds.size:
+                ds.read_direct(out)
+        except OSError as e:
+            raise DataError(f'{self.name}: {ds.name[1:]}: read failed: '
+                            f'{" ".join(str(e).split())}') from None
+        return out.tobytes()
+
+    def tokenizer_files(self):
+        """The tokenizer files the weight file carries, ``{name: bytes}`` in the
+        order of TOKENIZER_FILES (tokenizer.json first), or None when it carries
+        none; DataError naming the file and the dataset when one is not stored
+        as weights/FORMAT.md says or fails its crc32."""
+        files, problems = self._tokenizer_group()
+        if problems:
+            raise DataError(f'{self.name}: {problems[0]}; rewrite the file (`mpimoe convert`, '
+                            f'or `mpimoe init-weights --tokenizer`)')
+        return files
+
+    def tokenizer(self):
+        """TextTokenizer of :meth:`tokenizer_files`, or None when the file
+        carries none; DataError when they do not parse or the tokenizer has ids
+        beyond the model's vocab_size."""
+        files = self.tokenizer_files()
+        return None if files is None else \
+            text_tokenizer(files, f'{self.name} ({GROUP})', self.config.vocab_size)
+
     def identity(self):
         """sha256 hex of the config and every tensor's crc32 attribute: equal for
-        files with the same weights, wherever they lie (reads attributes only)."""
+        files with the same weights, wherever they lie (reads attributes only;
+        the tokenizer files are not part of it)."""
         h = hashlib.sha256(self.config.to_json().encode())
         for name, _ in tensor_specs(self.config):
             ds = self._dataset(name)
@@ -249,33 +319,63 @@ class WeightFile:
 
         Missing and extra tensors, links, shapes, dtypes, layouts and (when
         ``checksums``) the crc32 and the finiteness (no NaN or Inf) of every
-        tensor, read in bounded slabs.
+        tensor, read in bounded slabs; then the tokenizer group, when there is
+        one, always in full (storage, crc32, that it parses and fits the
+        vocabulary): its problems start with ``tokenizer``.
         """
         found = set()
         self._walk(self._file, '', found)
         problems = [f'{n}: extra object (not in the layout)'
-                    for n in sorted(found - set(self._specs))]
+                    for n in sorted(found - set(self._specs))
+                    if n != GROUP and not n.startswith(f'{GROUP}/')]
         for name in self._specs:
             ds, problem = self._locate(name)
             if problem is None and checksums:
                 problem = self._value_problem(name, ds)
             if problem:
                 problems.append(f'{name}: {problem}')
-        return problems
+        return problems + self._tokenizer_problems()
+
+    def _tokenizer_problems(self):
+        """Problems of the tokenizer group (none when absent): [str]."""
+        files, problems = self._tokenizer_group()
+        if files is None or problems:
+            return problems
+        try:
+            text_tokenizer(files, GROUP, self.config.vocab_size)
+        except DataError as e:
+            return [str(e)]
+        return []
 
 
 def _size(nbytes):
     return f'{nbytes:,} bytes ({nbytes / 1e6:,.2f} MB)'
 
 
+def _tokenizer_line(wf):
+    """inspect's line about the tokenizer ``wf`` carries (its problems are
+    validate's)."""
+    try:
+        files = wf.tokenizer_files()
+        if files is None:
+            return 'tokenizer: none'
+        tokenizer = text_tokenizer(files, GROUP, wf.config.vocab_size)
+    except DataError:
+        return 'tokenizer: not usable (see validation)'
+    return (f'tokenizer: {tokenizer.vocab_size} tokens, chat template: '
+            f'{"yes" if tokenizer.has_chat_template else "no"}, files: {", ".join(files)}')
+
+
 def inspect_report(path, checksums=True):
     """``mpimoe inspect``: -> (text, ok).  The text lists the config, tensor count,
-    sizes (total, non-expert, per expert, per MoE layer of experts) and the
-    validation result; ``ok`` is False when validation found problems."""
+    sizes (total, non-expert, per expert, per MoE layer of experts), the
+    tokenizer carried and the validation result; ``ok`` is False when
+    validation found problems."""
     with WeightFile(path) as wf:
         cfg = wf.config
         writer = wf.written_by
         problems = wf.validate(checksums)
+        tokenizer = _tokenizer_line(wf)
     specs = tensor_specs(cfg)
     nbytes = {n: int(np.prod(s)) * cfg.itemsize for n, s in specs}
     expert = sum(nbytes[n] for n in expert_tensor_names(cfg.moe_layers[0], 0, cfg))
@@ -290,7 +390,7 @@ def inspect_report(path, checksums=True):
               f'experts per MoE layer: {_size(expert * cfg.n_experts)} '
               f'({cfg.n_experts} experts x {cfg.n_moe_layers} MoE layers)',
               'checksums: ' + ('checked (crc32, no NaN or Inf)' if checksums
-                                else 'not checked (--no-checksums)')]
+                                else 'not checked (--no-checksums)'), tokenizer]
     if problems:
         lines += [f'validation: {len(problems)} problem(s)']
         lines += [f'  {p}' for p in problems[:_SHOW_PROBLEMS]]

@@ -1,7 +1,8 @@
 """Writing weight files (weights/FORMAT.md): a new file written atomically with
 its root attributes, one tensor at a time in slabs with its checksum, and the
 seeded synthetic weights of ``mpimoe init-weights`` (memory bounded whatever the
-model size)."""
+model size), with the tokenizer files when given
+(:mod:`mpimoe.checkpoint.tokenizer_files`)."""
 
 import contextlib
 import os
@@ -14,6 +15,7 @@ import numpy as np
 from mpimoe import __version__
 from mpimoe.backends.backend import storage_dtype, to_words
 from mpimoe.checkpoint.layout import FORMAT, FORMAT_VERSION, WORD, row_slabs, tensor_specs
+from mpimoe.checkpoint.tokenizer_files import write_tokenizer_files
 from mpimoe.errors import ConfigError, DataError
 from mpimoe.io.files import atomic_write
 
@@ -92,8 +94,10 @@ def open_for_writing(path, cfg, overwrite=False):
         yield f
 
 
-def write_synthetic(cfg, path, seed=0, overwrite=False, log=None):
-    """Write seeded synthetic weights of ``cfg`` to ``path`` (HDF5, FORMAT.md).
+def write_synthetic(cfg, path, seed=0, overwrite=False, log=None, tokenizer_files=None):
+    """Write seeded synthetic weights of ``cfg`` to ``path`` (HDF5, FORMAT.md),
+    with the tokenizer files ``tokenizer_files`` ({name: bytes}) when given
+    (the caller checks that they fit ``cfg``: tokenizer_files.load_tokenizer).
 
     Each tensor depends only on (seed, name).  Written to ``path + '.partial'``
     and renamed at the end, so ``path`` is never left half-written.  Memory
@@ -109,6 +113,8 @@ def write_synthetic(cfg, path, seed=0, overwrite=False, log=None):
     done = 0
     with open_for_writing(path, cfg, overwrite) as f:
         log(f'writing {path}: {len(specs)} tensors, {total / 1e9:.3f} GB, seed {seed}')
+        if tokenizer_files is not None:
+            write_tokenizer_files(f, tokenizer_files)
         for name, shape in specs:
             done += write_tensor(f, name, shape, cfg.dtype,
                                  _synthetic_slabs(name, shape, cfg, seed))

@@ -36,7 +36,16 @@ def _cmd_init_weights(args):
     from mpimoe.checkpoint.writer import write_synthetic
     from mpimoe.model.config import model_config
     cfg = model_config(args.preset, args.overrides)
-    write_synthetic(cfg, args.out, seed=args.seed, overwrite=args.overwrite, log=print)
+    files = None
+    if args.tokenizer:
+        from mpimoe.checkpoint.tokenizer_files import load_tokenizer
+        files, tokenizer = load_tokenizer(args.tokenizer, cfg.vocab_size)
+    write_synthetic(cfg, args.out, seed=args.seed, overwrite=args.overwrite, log=print,
+                    tokenizer_files=files)
+    if files:
+        print(f'tokenizer: {", ".join(files)} of {args.tokenizer} embedded '
+              f'({tokenizer.vocab_size} tokens, chat template: '
+              f'{"yes" if tokenizer.has_chat_template else "no"})')
 
 
 def _cmd_convert(args):
@@ -214,26 +223,35 @@ def _build_parser():
     _add_model_args(p)
     p.add_argument('--out', required=True, metavar='FILE', help='HDF5 weight file to write')
     p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
+    p.add_argument('--tokenizer', metavar='PATH',
+                   help='embed this tokenizer: tokenizer.json, or a directory holding it (and '
+                   'tokenizer_config.json, generation_config.json, chat_template.jinja); '
+                   'its vocabulary must fit the model\'s vocab_size')
     p.add_argument('--overwrite', action='store_true', help='replace FILE if it exists')
     p.set_defaults(func=_cmd_init_weights)
 
     p = sub.add_parser('convert', help='convert a Hugging Face Mixtral checkpoint',
                        description='Convert a Hugging Face MixtralForCausalLM checkpoint '
                        '(config.json + *.safetensors) to the mpimoe weight format, tensor by '
-                       'tensor. Everything mpimoe cannot run is refused first, in one error.')
+                       'tensor, with its tokenizer files (tokenizer.json, tokenizer_config.json, '
+                       'generation_config.json, chat_template.jinja) when tokenizer.json is '
+                       'there. Everything mpimoe cannot run is refused first, in one error.')
     p.add_argument('--from-hf', required=True, metavar='DIR',
                    help='directory with config.json and model.safetensors (or shards '
-                   'with model.safetensors.index.json)')
+                   'with model.safetensors.index.json); its tokenizer.json, when there, '
+                   'is copied')
     p.add_argument('--out', required=True, metavar='FILE', help='HDF5 weight file to write')
     p.add_argument('--overwrite', action='store_true', help='replace FILE if it exists')
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser('inspect', help='print and validate a weight file',
-                       description='Print the config, tensor count and sizes of a weight '
-                       'file and validate it (format version, shapes, dtypes, checksums).')
+                       description='Print the config, tensor count, sizes and tokenizer of a '
+                       'weight file and validate it (format version, shapes, dtypes, checksums, '
+                       'the tokenizer files).')
     p.add_argument('file', metavar='FILE', help='HDF5 weight file')
     p.add_argument('--no-checksums', action='store_true',
-                   help='check structure only, do not read the tensors')
+                   help='check structure only, do not read the tensors (the small tokenizer '
+                   'files are checked in full)')
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser('make-input', help='write synthetic token sequences',
