@@ -8,8 +8,10 @@ setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
     packages=find_packages(include=['mpimoe', 'mpimoe.*']),
+    # tokenizers >= 0.21: DecodeStream (stop strings); jinja2 >= 3.1.6: the sandbox
+    # fixes of 3.1.5/3.1.6 (chat templates are untrusted code)
     install_requires=['mpi4py>=3.1', 'numpy>=1.24', 'h5py>=3.8', 'ml_dtypes>=0.3',
-                      'threadpoolctl>=3.1'],
+                      'threadpoolctl>=3.1', 'tokenizers>=0.21', 'jinja2>=3.1.6'],
     extras_require={
         # an MPI library for machines that have none (clusters bring their own)
         'mpich': ['mpich'],

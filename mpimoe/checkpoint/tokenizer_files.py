@@ -14,15 +14,14 @@ import zlib
 
 import numpy as np
 
-from mpimoe.text.tokenizer import TOKENIZER_FILES, TextTokenizer, read_tokenizer_files
+from mpimoe.text.tokenizer import (MAX_FILE_BYTES, TOKENIZER_FILES, TextTokenizer,
+                                   read_tokenizer_files)
 
-__all__ = ['GROUP', 'MAX_BYTES', 'write_tokenizer_files', 'dataset_problem',
+__all__ = ['GROUP', 'write_tokenizer_files', 'dataset_problem',
            'text_tokenizer', 'load_tokenizer']
 
 #: the group of the weight file that holds the tokenizer files
 GROUP = 'tokenizer'
-#: the largest tokenizer dataset read (mpimoe.text.tokenizer reads no larger file)
-MAX_BYTES = 256 << 20
 
 
 def write_tokenizer_files(f, files):
@@ -47,8 +46,8 @@ def dataset_problem(name, ds):
         return f'not a tokenizer file (only {", ".join(TOKENIZER_FILES)})'
     if ds.dtype != np.uint8 or ds.shape is None or len(ds.shape) != 1:
         return f'stored as {ds.dtype} of shape {ds.shape}, expected the bytes as uint8 (n,)'
-    if ds.size > MAX_BYTES:
-        return f'{ds.size:,} bytes, more than a tokenizer file has ({MAX_BYTES >> 20} MiB)'
+    if ds.size > MAX_FILE_BYTES:
+        return f'{ds.size:,} bytes, more than a tokenizer file has ({MAX_FILE_BYTES >> 20} MiB)'
     if not isinstance(ds.attrs.get('crc32'), (int, np.integer)):
         return 'crc32 attribute missing or not an integer'
     return None

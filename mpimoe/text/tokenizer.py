@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 from mpimoe.errors import DataError
 from mpimoe.text.chat import ChatTemplate, check_messages
 
-__all__ = ['TOKENIZER_FILES', 'read_tokenizer_files', 'TextTokenizer']
+__all__ = ['TOKENIZER_FILES', 'MAX_FILE_BYTES', 'read_tokenizer_files', 'TextTokenizer']
 
 #: the files of a tokenizer, tokenizer.json first (the only one required)
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'generation_config.json',
@@ -29,8 +29,8 @@ TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'generation_config
 #: the special tokens a chat template sees, by their tokenizer_config.json keys
 _SPECIAL = ('bos_token', 'eos_token', 'unk_token', 'sep_token', 'pad_token', 'cls_token',
             'mask_token')
-#: the largest tokenizer file read
-_MAX_BYTES = 256 << 20
+#: the largest tokenizer file read or stored
+MAX_FILE_BYTES = 256 << 20
 
 
 def read_tokenizer_files(path):
@@ -49,8 +49,8 @@ def read_tokenizer_files(path):
         if not os.path.isfile(file):
             continue
         try:
-            if os.path.getsize(file) > _MAX_BYTES:
-                raise DataError(f'{file}: larger than {_MAX_BYTES >> 20} MiB; not a tokenizer '
+            if os.path.getsize(file) > MAX_FILE_BYTES:
+                raise DataError(f'{file}: larger than {MAX_FILE_BYTES >> 20} MiB; not a tokenizer '
                                 'file')
             with open(file, 'rb') as f:
                 files[name] = f.read()
