@@ -1,5 +1,5 @@
-"""What a run opens before any compute: its input stream and its (maybe
-resumed) output writer."""
+"""What a run opens before any compute: its tokenizer, its input stream and
+its (maybe resumed) output writer."""
 
 import json
 
@@ -8,15 +8,32 @@ from mpimoe.io.inputs import InputStream
 from mpimoe.io.outputs import OutputWriter
 
 
-def open_job(opts, wf, meta, n_frontends=1, **options):
+def job_tokenizer(opts, wf):
+    """The run's TextTokenizer (opts: JobOptions, wf: WeightFile): the one of
+    ``--tokenizer``, else the weight file's, else None; one whose ids exceed
+    the model's vocabulary is refused (DataError)."""
+    from mpimoe.text.tokenizer import TextTokenizer, read_tokenizer_files
+    if opts.tokenizer:
+        tok = TextTokenizer(read_tokenizer_files(opts.tokenizer), opts.tokenizer)
+    else:
+        files = wf.tokenizer_files()
+        if not files:
+            return None
+        tok = TextTokenizer(files, f'{wf.name} (its tokenizer)')
+    tok.check_vocab(wf.config.vocab_size)
+    return tok
+
+
+def open_job(opts, wf, meta, n_frontends=1, *, tokenizer=None, **options):
     """The input stream and the (maybe resumed) output writer of a run
     (opts: mpimoe.runtime.options.JobOptions) with the weights ``wf``
-    (WeightFile) on ``n_frontends`` front-ends: (InputStream, OutputWriter).
+    (WeightFile) and ``tokenizer`` (:func:`job_tokenizer`) on
+    ``n_frontends`` front-ends: (InputStream, OutputWriter).
 
     The stream is validated for the run's generation settings
     (``opts.sampling()``), its step budget and KV cache.  What must not
     change for a rerun to resume: the input's bytes (and so every line's own
-    settings), the weights (:meth:`WeightFile.identity`, its end-of-sequence
+    settings), the tokenizer's files, the weights (:meth:`WeightFile.identity`, its end-of-sequence
     ids included), the default settings (:func:`generation_identity`), the
     options that shape the steps (``opts.schedule``: batch composition, so
     that a resumed output is bit for bit an uninterrupted one) and
@@ -28,12 +45,16 @@ def open_job(opts, wf, meta, n_frontends=1, **options):
     cfg = wf.config
     stream = InputStream(opts.input, cfg.vocab_size, context=cfg.max_position_embeddings,
                          batch_tokens=opts.max_batch_tokens, defaults=opts.sampling(),
-                         kv_tokens=opts.kv_cache_tokens)
+                         kv_tokens=opts.kv_cache_tokens, tokenizer=tokenizer)
     identity = {'input_sha256': stream.sha256, 'weights_sha256': wf.identity(),
+                'tokenizer_sha256': tokenizer.sha256 if tokenizer else '',
                 **generation_identity(stream.defaults), **opts.schedule(n_frontends),
                 **options}
+    if tokenizer:
+        meta = {**meta, 'tokenizer': tokenizer.source}
     writer = OutputWriter(opts.output, len(stream), cfg.vocab_size, opts.save_logits, meta,
-                          identity, overwrite=opts.overwrite)
+                          identity, overwrite=opts.overwrite, text=tokenizer is not None,
+                          openai=stream.openai)
     return stream, writer
 
 

@@ -91,7 +91,7 @@ def run_reference(opts, log=print):
     abandoned, the committed ones stay.
     """
     from mpimoe.checkpoint.weights import WeightFile
-    from mpimoe.io.job import open_job
+    from mpimoe.io.job import job_tokenizer, open_job
     from mpimoe.runtime.feeder import Feeder
     from mpimoe.runtime.progress import Progress
     from mpimoe.runtime.scheduler import job_scheduler
@@ -102,7 +102,8 @@ def run_reference(opts, log=print):
             'max_new_tokens': opts.max_new_tokens}
     # check the weights' header, the inputs and the output path before the long part
     with WeightFile(opts.weights) as wf:
-        stream, writer = open_job(opts, wf, meta, 1)
+        tokenizer = job_tokenizer(opts, wf)
+        stream, writer = open_job(opts, wf, meta, 1, tokenizer=tokenizer)
         try:
             model = load_reference(wf)
         except BaseException:
@@ -111,7 +112,7 @@ def run_reference(opts, log=print):
     if writer.written:
         log(f'reference: resuming {opts.output} after {writer.written} committed sequences')
     progress = Progress(len(stream), writer.written)
-    sched = job_scheduler(model.front, opts)
+    sched = job_scheduler(model.front, opts, tokenizer)
     # an overflow ends in NaN/Inf logits, which the front-end refuses in one
     # message (FrontEnd.logits); NumPy's warnings would only add lines
     with StopRequest() as stop, writer as out, np.errstate(over='ignore', invalid='ignore'):

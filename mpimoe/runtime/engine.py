@@ -70,6 +70,7 @@ def _setup_logging(opts, rank):
 
 def _run(opts, world, stop, held):
     from mpimoe.checkpoint.weights import WeightFile
+    from mpimoe.io.job import job_tokenizer
     from mpimoe.planning.placement import make_plan
     from mpimoe.planning.stats import load_stats
     _setup_logging(opts, world.rank)
@@ -88,10 +89,13 @@ def _run(opts, world, stop, held):
             raise collective(e)
         # rank 0 checks input and output before anyone spends time loading
         with timers.span('open', 'io'):
-            io = _open_io(opts, plan, wf, held) if world.rank == 0 else None
+            # every front-end detokenizes its sequences (text, stop strings)
+            tokenizer = job_tokenizer(opts, wf) if plan.is_frontend(world.rank) else None
+            io = _open_io(opts, plan, wf, held, tokenizer) if world.rank == 0 else None
         layers = layer_comms(world, plan)
         with timers.span('load', 'load'):
-            role = _load_role(world, cfg, plan, opts, layers, wf, timers, backend, mode, io)
+            role = _load_role(world, cfg, plan, opts, layers, wf, timers, backend, mode, io,
+                              tokenizer)
     log.debug('rank %d on %s (node-local rank %d): %s', world.rank, platform.node(),
               local_rank(world), 'front-end' if plan.is_frontend(world.rank) else
               f'experts {plan.rank_experts(world.rank)}')
@@ -198,7 +202,7 @@ def _backend_report(backend, mode):
     return out
 
 
-def _open_io(opts, plan, wf, held):
+def _open_io(opts, plan, wf, held, tokenizer):
     """Rank 0: check the files the run writes, then open the input stream and
     the (maybe resumed) output writer, whose lock ``held`` (an ExitStack) releases."""
     from mpimoe.io.job import open_job
@@ -210,7 +214,8 @@ def _open_io(opts, plan, wf, held):
     # the options that change results (bias balancing changes the routing)
     balance = 'off' if opts.balance == 'off' else \
         f'bias every {opts.balance_every} step {opts.balance_step} clip {opts.balance_clip}'
-    stream, writer = open_job(opts, wf, meta, plan.n_frontends, balance=balance)
+    stream, writer = open_job(opts, wf, meta, plan.n_frontends, tokenizer=tokenizer,
+                              balance=balance)
     held.callback(writer.close)
     if writer.written:
         log.info(f'resuming {opts.output}: {writer.written} of {len(stream)} sequences '
@@ -256,14 +261,16 @@ def layer_comms(world, plan):
     return out
 
 
-def _load_role(world, cfg, plan, opts, layers, wf, timers, backend, mode, io=None):
+def _load_role(world, cfg, plan, opts, layers, wf, timers, backend, mode, io=None,
+               tokenizer=None):
     """This rank's role, its weights read from ``wf`` (WeightFile) onto
     ``backend`` (mpimoe.backends.backend.Backend.weights), its MPI buffers for ``mode``
-    (--mpi-gpu); ``io`` (rank 0): the input stream and output writer."""
+    (--mpi-gpu); ``io`` (rank 0): the input stream and output writer;
+    ``tokenizer``: a front-end's TextTokenizer or None."""
     args = (world, cfg, plan, opts, layers, timers)
     if plan.is_frontend(world.rank):
         front = FrontEnd(cfg, backend.weights(wf.read_nonexpert()))
-        return FrontEndRank(*args, front, io, backend=backend, mode=mode)
+        return FrontEndRank(*args, front, io, backend=backend, mode=mode, tokenizer=tokenizer)
     hosted = {}   # layer index in the model -> expert weight dicts in slot order
     for layer, e in sorted(plan.rank_experts(world.rank)):
         hosted.setdefault(layer, []).append(backend.weights(wf.read_expert(layer, e)))

@@ -73,11 +73,12 @@ class Feeder:
     def _commit(self):
         first, batch = self.chunk
         got = [self.results[first + i] for i in range(len(batch))]
-        self.writer.write(np.arange(first, first + len(batch)), batch.ids,
-                          [r.tokens for r in got],
-                          np.stack([r.last_logits for r in got]) if self.writer.save_logits else None,
-                          finish_reasons=[r.finish_reason for r in got],
-                          prompt_tokens=batch.lengths)
+        w = self.writer
+        w.write(np.arange(first, first + len(batch)), batch.ids, [r.tokens for r in got],
+                np.stack([r.last_logits for r in got]) if w.save_logits else None,
+                finish_reasons=[r.finish_reason for r in got], prompt_tokens=batch.lengths,
+                texts=[r.text for r in got] if w.text else None,
+                openai=batch.openai if w.openai else None)
         if self.progress is not None:
             self.progress.update(len(batch), int(batch.lengths.sum()) +
                                  sum(len(r.tokens) for r in got))

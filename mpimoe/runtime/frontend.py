@@ -51,12 +51,13 @@ log = logging.getLogger('mpimoe')
 
 class FrontEndRank(Role):
     """front: the mpimoe.model.frontend.FrontEnd (weights on the backend);
-    io (rank 0 only): (InputStream, OutputWriter)."""
+    io (rank 0 only): (InputStream, OutputWriter); tokenizer: the run's
+    TextTokenizer or None (mpimoe.io.job.job_tokenizer)."""
 
     is_frontend = True
 
     def __init__(self, world, cfg, plan, opts, layers, timers, front, io=None, backend=None,
-                 mode=None):
+                 mode=None, tokenizer=None):
         super().__init__(world, cfg, plan, opts, layers, timers, backend, mode)
         backend = self.backend
         self.front = front
@@ -68,7 +69,7 @@ class FrontEndRank(Role):
         self.dispatcher = MPIDispatcher(cfg, self.slots, layers, copy_keys, world.rank, timers)
         self.moe = {i: MoELayer(i, front.router[i], cfg, self.dispatcher, timers)
                     for i in cfg.moe_layers}
-        self.scheduler = job_scheduler(front, opts)
+        self.scheduler = job_scheduler(front, opts, tokenizer)
         self.loads = LoadHistory(opts.balance_every)        # rank 0's
         self._window = None         # rank 0: loads since the last bias update, [Lm, E]
         # gate bias [n_moe_layers, E] (--balance bias), the same on every front-end;
