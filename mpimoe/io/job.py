@@ -12,16 +12,10 @@ def job_tokenizer(opts, wf):
     """The run's TextTokenizer (opts: JobOptions, wf: WeightFile): the one of
     ``--tokenizer``, else the weight file's, else None; one whose ids exceed
     the model's vocabulary is refused (DataError)."""
-    from mpimoe.text.tokenizer import TextTokenizer, read_tokenizer_files
+    from mpimoe.checkpoint.tokenizer_files import load_tokenizer
     if opts.tokenizer:
-        tok = TextTokenizer(read_tokenizer_files(opts.tokenizer), opts.tokenizer)
-    else:
-        files = wf.tokenizer_files()
-        if not files:
-            return None
-        tok = TextTokenizer(files, f'{wf.name} (its tokenizer)')
-    tok.check_vocab(wf.config.vocab_size)
-    return tok
+        return load_tokenizer(opts.tokenizer, wf.config.vocab_size)[1]
+    return wf.tokenizer()
 
 
 def open_job(opts, wf, meta, n_frontends=1, *, tokenizer=None, **options):
