@@ -1,4 +1,10 @@
-"""The HDF5 output format, committed in verified chunks.
+"""The output formats, committed in verified chunks.
+
+The format follows the output's extension: `.h5`/`.hdf5` is the HDF5 file
+below; `.jsonl` is one JSON line per sequence, in input order
+(:mod:`mpimoe.io.result_lines`: mpimoe's line, or the OpenAI batch output
+line for an OpenAI batch input).  Either way the run commits HDF5 chunk
+files and assembles the output from them at the end.
 
 One HDF5 file:
 
@@ -11,6 +17,7 @@ One HDF5 file:
 | `finish_reason` | UTF-8 string | `[n]` | why sequence `i` ended: `stop` (at an end-of-sequence or stop token, kept in `generated`) or `length` (at its `max_tokens`) |
 | `prompt_tokens` | int32 | `[n]` | tokens of sequence `i`'s prompt |
 | `completion_tokens` | int32 | `[n]` | tokens sequence `i` generated (`generated_offsets[i+1] - generated_offsets[i]`) |
+| `text` | UTF-8 string | `[n]` | when the run has a tokenizer: sequence `i`'s generated text, cut before a stop string |
 
 `finish_reason`, `prompt_tokens` and `completion_tokens` are absent from files
 written before they existed (:func:`read_outputs` returns None for them).
@@ -26,18 +33,22 @@ import json
 import os
 import re
 import shutil
+import time
 
 import h5py
 import numpy as np
-from mpimoe.errors import DataError
+from mpimoe.errors import DataError, UsageError
 from mpimoe.io.files import (atomic_write, check_space, check_writable, file_digest, hdf5_image,
                              os_errors, write_json)
 from mpimoe.io.lock import OutputLock
+from mpimoe.io.result_lines import openai_line, read_result_lines, result_line
 from mpimoe.runtime.request import FINISH_REASONS
 
 OUTPUT_FORMAT = 'mpimoe-output'
 OUTPUT_VERSION = 1
 
+#: output format by extension
+_FORMATS = {'.h5': 'hdf5', '.hdf5': 'hdf5', '.jsonl': 'jsonl'}
 #: a chunk file: sequences START to STOP of the input
 _CHUNK_NAME = re.compile(r'(\d{12})-(\d{12})\.h5')
 #: the fields of a manifest's chunk entries, and of its "final" entry
@@ -49,10 +60,14 @@ class OutputWriter:
     """Write the output file (format in the module docstring) in input order,
     in committed chunks, so that a killed job resumes where it stopped.
 
-        with OutputWriter(out, n, vocab, save_logits, meta, identity) as w:
+        with OutputWriter(out, n, vocab, save_logits, meta, identity, text=True) as w:
             for batch in ...:                 # starting at sequence w.written
                 w.write(index, ids, generated, logits, finish_reasons=reasons,
-                        prompt_tokens=lengths)
+                        prompt_tokens=lengths, texts=texts)
+
+    ``text``: each sequence has its generated text; ``openai``: the input is
+    OpenAI batch lines, each sequence has its (endpoint, model), and a
+    `.jsonl` output has the OpenAI batch output shape.
 
     The writer holds :class:`OutputLock` on ``OUT`` from its creation to the end
     of the ``with`` block, whatever way it ends (:meth:`close` releases it for a
@@ -72,15 +87,23 @@ class OutputWriter:
     """
 
     def __init__(self, path, n_seqs, vocab_size, save_logits, meta, identity=None,
-                 overwrite=False):
+                 overwrite=False, *, text=False, openai=False):
         self.path = os.fspath(path)
         if n_seqs < 1:
             raise ValueError(f'n_seqs={n_seqs}: must be >= 1')
+        self.format = output_format(self.path)
+        if self.format == 'jsonl' and save_logits:
+            raise UsageError(f'{self.path}: --save-logits needs an .h5 output (a .jsonl output '
+                             'holds no logits)')
         check_writable(self.path, '', overwrite=True)     # existence: below, under the lock
         self.n_seqs, self.vocab_size, self.save_logits = n_seqs, vocab_size, save_logits
+        self.text, self.openai = bool(text), bool(openai)
         self.meta = _checked_meta(meta)
         self.identity = {'n_seqs': n_seqs, 'vocab_size': vocab_size,
-                         'save_logits': int(save_logits), **_checked_meta(identity)}
+                         'save_logits': int(save_logits), 'text': int(self.text),
+                         'openai': int(self.openai), **_checked_meta(identity)}
+        # when the run first started: the OpenAI lines' "created"
+        self.created = int(time.time())
         self.dir = self.path + '.chunks'
         self.manifest = os.path.join(self.dir, 'manifest.json')
         self._lock = OutputLock(self.path)
@@ -91,6 +114,8 @@ class OutputWriter:
             before = None if overwrite or self._assembled else self._read_manifest()
             self._fresh = before is None and not self._assembled
             self.chunks = [] if before is None else self._committed_chunks(before)
+            if before is not None and isinstance(before.get('created'), int):
+                self.created = before['created']
         except BaseException:
             self._lock.release()
             raise
@@ -190,19 +215,25 @@ class OutputWriter:
         return self
 
     def _write_manifest(self, final=None):
-        write_json(self.manifest, {'identity': self.identity, 'chunks': self.chunks,
-                                   'final': final})
+        write_json(self.manifest, {'identity': self.identity, 'created': self.created,
+                                   'chunks': self.chunks, 'final': final})
 
-    def write(self, index, ids, generated, logits=None, *, finish_reasons, prompt_tokens):
+    def write(self, index, ids, generated, logits=None, *, finish_reasons, prompt_tokens,
+              texts=None, openai=None):
         """Commit the next ``b`` sequences as one chunk.
 
         index: int [b], must be ``written, written+1, ...``; ids: list[str] [b];
         generated: list of b int arrays [new_i]; logits: float32 [b, vocab]
         (required exactly when ``save_logits``); finish_reasons: list of b
-        FINISH_REASONS; prompt_tokens: int [b], each prompt's length (>= 1).
+        FINISH_REASONS; prompt_tokens: int [b], each prompt's length (>= 1);
+        texts: list[str] [b] (exactly when ``text``); openai: list of b
+        (endpoint 'completions' | 'chat', model str) (exactly when ``openai``).
         """
         start, b = self.written, len(index)
         self._check_batch(index, ids, generated, logits)
+        _check_given('texts', texts, self.text, b, lambda t: isinstance(t, str))
+        _check_given('openai', openai, self.openai, b, lambda r: len(r) == 2 and r[0] in (
+            'completions', 'chat') and isinstance(r[1], str))
         reasons, prompts = _checked_ends(b, finish_reasons, prompt_tokens)
         new = np.concatenate([np.asarray(g, dtype=np.int64).ravel() for g in generated])
         if new.size and (new.min() < 0 or new.max() >= self.vocab_size):
@@ -221,6 +252,12 @@ class OutputWriter:
             f.create_dataset('completion_tokens', data=completion.astype(np.int32))
             if self.save_logits:
                 f.create_dataset('last_logits', data=np.asarray(logits, dtype=np.float32))
+            if self.text:
+                f.create_dataset('text', data=list(texts), dtype=h5py.string_dtype())
+            if self.openai:
+                f.create_dataset('endpoint', data=[r[0] for r in openai],
+                                 dtype=h5py.string_dtype())
+                f.create_dataset('model', data=[r[1] for r in openai], dtype=h5py.string_dtype())
         self.chunks.append({'start': start, 'stop': start + b, 'file': name,
                             'bytes': os.path.getsize(path), 'sha256': file_digest(path)})
         self._write_manifest()
@@ -260,12 +297,44 @@ class OutputWriter:
             # the chunks' bytes, plus room for the file's own metadata
             check_space(self.path, sum(c['bytes'] for c in self.chunks) + (1 << 20))
             with atomic_write(self.path) as tmp:
-                self._assemble(tmp)
+                if self.format == 'hdf5':
+                    self._assemble(tmp)
+                else:
+                    self._assemble_lines(tmp)
                 # before the rename: a rerun killed after it knows OUT is complete
                 self._write_manifest({'bytes': os.path.getsize(tmp),
                                       'sha256': file_digest(tmp)})
         with os_errors(self.dir):
             shutil.rmtree(self.dir)
+
+    def _chunk_rows(self):
+        """Yield, chunk by chunk (verified), in input order, per sequence:
+        (id, tokens int32 [n], finish reason, prompt tokens, text or None,
+        (endpoint, model) or None)."""
+        for c in self.chunks:
+            self._check_chunk(c)
+            with h5py.File(os.path.join(self.dir, c['file']), 'r') as f:
+                ids = f['ids'].asstr()[()].tolist()
+                gen = np.split(f['generated'][()], f['generated_offsets'][1:-1])
+                reasons = f['finish_reason'].asstr()[()].tolist()
+                prompts = f['prompt_tokens'][()].tolist()
+                texts = f['text'].asstr()[()].tolist() if self.text else [None] * len(ids)
+                requests = list(zip(f['endpoint'].asstr()[()].tolist(),
+                                    f['model'].asstr()[()].tolist())) if self.openai \
+                    else [None] * len(ids)
+            yield from zip(ids, gen, reasons, prompts, texts, requests)
+
+    def _assemble_lines(self, tmp):
+        """Write the JSONL output ``tmp`` from the chunks, streamed."""
+        key = json.dumps(self.identity, sort_keys=True)
+        with open(tmp, 'w', encoding='utf-8') as out:
+            for i, (seq_id, tokens, why, prompt, text, request) in enumerate(self._chunk_rows()):
+                if self.openai:
+                    line = openai_line(seq_id, text, why, prompt, tokens.size, request,
+                                       self.created, f'{key}/{i}')
+                else:
+                    line = result_line(seq_id, text, tokens, why, prompt)
+                out.write(line + '\n')
 
     def _assemble(self, tmp):
         """Copy the chunks, verified, in order, into one output file ``tmp``."""
@@ -283,6 +352,9 @@ class OutputWriter:
                                                            dtype=np.int32),
                        'completion_tokens': out.create_dataset('completion_tokens', shape=(n,),
                                                                dtype=np.int32)}
+            if self.text:
+                per_seq['text'] = out.create_dataset('text', shape=(n,),
+                                                     dtype=h5py.string_dtype())
             logits = out.create_dataset('last_logits', shape=(n, self.vocab_size),
                                         dtype=np.float32) if self.save_logits else None
             for c in self.chunks:
@@ -296,9 +368,31 @@ class OutputWriter:
                     gen[end:] = new
                     offs[start + 1:stop + 1] = end + f['generated_offsets'][1:]
                     for key, ds in per_seq.items():
-                        ds[start:stop] = f[key][()]
+                        ds[start:stop] = f[key].asstr()[()] if key in ('text',
+                                                                       'finish_reason') \
+                            else f[key][()]
                     if logits is not None:
                         logits[start:stop] = f['last_logits'][()]
+
+
+def output_format(path):
+    """'hdf5' or 'jsonl' from the extension of the output ``path``; UsageError
+    otherwise."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _FORMATS:
+        raise UsageError(f'{path}: unknown output extension {ext or "(none)"!r}; use .h5 '
+                         '(HDF5) or .jsonl (one JSON line per sequence)')
+    return _FORMATS[ext]
+
+
+def _check_given(name, values, wanted, b, valid):
+    """ValueError unless ``values`` is given exactly when ``wanted``, as b
+    items each ``valid``."""
+    if (values is not None) != wanted:
+        raise ValueError(f'{name} must be given exactly when the writer has {name} '
+                         f'({wanted})')
+    if values is not None and (len(values) != b or not all(map(valid, values))):
+        raise ValueError(f'{name}: expected {b} valid items, got {list(values)[:4]}...')
 
 
 def _checked_ends(b, finish_reasons, prompt_tokens):
@@ -362,10 +456,15 @@ def read_outputs(path):
     """Read an output file -> dict: ids list[str] [n], generated list of int32
     [new_i], last_logits float32 [n, vocab] or None, finish_reason list[str]
     [n], prompt_tokens int32 [n], completion_tokens int32 [n] (each None in a
-    file written before it existed), meta dict of the caller's attributes."""
+    file written before it existed), text list[str] [n] or None (no
+    tokenizer), meta dict of the caller's attributes.  A .jsonl output
+    (:func:`mpimoe.io.result_lines.read_result_lines`): meta {}, no logits,
+    generated None for the OpenAI shape."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f'{path}: output file not found')
+    if output_format(path) == 'jsonl':
+        return read_result_lines(path)
     try:
         f = h5py.File(path, 'r')
     except OSError as e:
@@ -387,8 +486,8 @@ def read_outputs(path):
             'ids': f['ids'].asstr()[()].tolist(),
             'generated': np.split(generated, offsets[1:-1]),
             'last_logits': f['last_logits'][()] if 'last_logits' in f else None,
-            'finish_reason': f['finish_reason'].asstr()[()].tolist()
-            if 'finish_reason' in f else None,
+            **{k: f[k].asstr()[()].tolist() if k in f else None
+               for k in ('finish_reason', 'text')},
             **{k: f[k][()] if k in f else None for k in ('prompt_tokens', 'completion_tokens')},
             'meta': {k: _python_scalar(v) for k, v in f.attrs.items()
                      if k not in ('format', 'format_version')},
