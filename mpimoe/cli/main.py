@@ -155,6 +155,15 @@ def _launch_hint(args):
     return text + '; `mpimoe plan --preset NAME --gpus P` prints the placement on P ranks'
 
 
+def _cmd_show(args):
+    from mpimoe.cli.show import show
+    from mpimoe.io.paths import regular_file
+    regular_file(args.file, 'output')
+    if args.input:
+        regular_file(args.input, 'input')
+    show(args.file, args.id, args.limit, args.input)
+
+
 def _cmd_report(args):
     from mpimoe.cli.report import load_report, plot, summarize
     report = load_report(args.file)
@@ -193,6 +202,17 @@ def _number_list(kind):
             raise argparse.ArgumentTypeError(
                 f'{text!r}: expected comma-separated {kind.__name__} values') from None
     return parse
+
+
+def _positive_int(text):
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{text!r}: expected an integer >= 1')
+    return value
 
 
 def _add_mpi_gpu_arg(p):
@@ -387,6 +407,20 @@ def _build_parser():
     p.add_argument('file', metavar='RUN_JSON', help='run report of `mpimoe run --metrics`')
     p.add_argument('--png', metavar='DIR', help='write expert_loads.png and rank_times.png here')
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser('show', help='print results readably (text, or token ids)',
+                       description='Print the results of an output (.h5 or .jsonl of `mpimoe '
+                       'run`/`reference`) readably: id, finish reason, token counts and the '
+                       'generated text (token ids when the run had no tokenizer); with '
+                       '--input, also each prompt as the input gave it. Reads only what '
+                       'it prints.')
+    p.add_argument('file', metavar='OUT', help='output file (.h5 or .jsonl)')
+    p.add_argument('--id', metavar='ID', help='show only the result with this id (custom_id '
+                   'for OpenAI batch output)')
+    p.add_argument('--limit', type=_positive_int, default=10, metavar='N',
+                   help='show the first N results (default 10)')
+    p.add_argument('--input', metavar='IN', help='the run\'s JSONL input, to show the prompts')
+    p.set_defaults(func=_cmd_show)
     return parser
 
 

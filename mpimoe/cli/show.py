@@ -1,0 +1,108 @@
+"""``mpimoe show OUT``: results printed readably, read lazily (the first
+``--limit`` of an output of any size, or the one ``--id``).
+
+    == doc-1   stop, 12 prompt + 5 generated tokens
+    prompt:  (with --input IN: the line's prompt, its messages or token ids)
+      Hello world
+    text:    (or tokens: [...] when the run had no tokenizer)
+      ...
+"""
+
+import json
+import textwrap
+
+import h5py
+from mpimoe.errors import DataError
+from mpimoe.io.outputs import OUTPUT_FORMAT, output_format
+from mpimoe.io.result_lines import iter_result_lines
+
+__all__ = ['results', 'show']
+
+#: HDF5 output sequences read at a time
+_SLAB = 1024
+
+
+def _h5_results(path):
+    try:
+        f = h5py.File(path, 'r')
+    except OSError as e:
+        raise DataError(f'{path}: not a readable HDF5 file ({e})') from None
+    with f:
+        if f.attrs.get('format') != OUTPUT_FORMAT:
+            raise DataError(f'{path}: not an mpimoe output file')
+        n, offsets = len(f['ids']), f['generated_offsets']
+        for a in range(0, n, _SLAB):
+            b = min(a + _SLAB, n)
+            ids = f['ids'].asstr()[a:b].tolist()
+            off = offsets[a:b + 1]
+            gen = f['generated'][off[0]:off[-1]]
+            cols = {k: f[k].asstr()[a:b].tolist() if k in f else [None] * (b - a)
+                    for k in ('text', 'finish_reason')}
+            prompts = f['prompt_tokens'][a:b].tolist() if 'prompt_tokens' in f else \
+                [None] * (b - a)
+            for j, seq_id in enumerate(ids):
+                tokens = gen[off[j] - off[0]:off[j + 1] - off[0]]
+                yield (seq_id, cols['text'][j], tokens, cols['finish_reason'][j], prompts[j],
+                       tokens.size)
+
+
+def results(path):
+    """Yield (id, text or None, tokens int32 [n] or None, finish reason,
+    prompt tokens, completion tokens) of the output ``path`` in order."""
+    if output_format(path) == 'jsonl':
+        return (fields for _, fields in iter_result_lines(path))
+    return _h5_results(path)
+
+
+def _prompts(path, wanted):
+    """{id: printable prompt} of the input lines whose id (or custom_id) is in
+    ``wanted``, read line by line."""
+    found = {}
+    with open(path, 'rb') as f:
+        for raw in f:
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            seq_id = str(obj.get('custom_id', obj.get('id')))
+            if seq_id not in wanted:
+                continue
+            body = obj.get('body') if isinstance(obj.get('body'), dict) else obj
+            if 'messages' in body and isinstance(body['messages'], list):
+                found[seq_id] = '\n'.join(f'{m.get("role")}: {m.get("content")}'
+                                          for m in body['messages'] if isinstance(m, dict))
+            elif isinstance(body.get('prompt'), str):
+                found[seq_id] = body['prompt']
+            else:
+                found[seq_id] = f'tokens: {body.get("tokens", body.get("prompt"))}'
+            if len(found) == len(wanted):
+                break
+    return found
+
+
+def _indent(text):
+    return textwrap.indent(text, '  ', lambda line: True) if text else '  (empty)'
+
+
+def show(path, seq_id=None, limit=10, input_path=None, out=print):
+    """Print the first ``limit`` results of ``path`` (or the one ``seq_id``),
+    with their prompts from ``input_path`` when given."""
+    picked = []
+    for row in results(path):
+        if seq_id is None or row[0] == seq_id:
+            picked.append(row)
+        if (seq_id is not None and picked) or len(picked) >= limit:
+            break
+    if seq_id is not None and not picked:
+        raise DataError(f'{path}: no result with id {seq_id!r}')
+    prompts = _prompts(input_path, {r[0] for r in picked}) if input_path else {}
+    for sid, text, tokens, why, n_prompt, n_new in picked:
+        out(f'== {sid}   {why}, {n_prompt} prompt + {n_new} generated tokens')
+        if sid in prompts:
+            out('prompt:\n' + _indent(prompts[sid]))
+        if text is not None:
+            out('text:\n' + _indent(text))
+        else:
+            out(f'tokens: {tokens.tolist() if tokens is not None else "(none stored)"}')
