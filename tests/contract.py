@@ -239,7 +239,8 @@ def _reference_of(weights, inputs):
     from mpimoe.model.reference import load_reference
     with WeightFile(weights) as wf:
         model = load_reference(wf)
-    seqs = read_inputs(inputs, model.cfg.vocab_size)
+        tokenizer = wf.tokenizer()
+    seqs = read_inputs(inputs, model.cfg.vocab_size, tokenizer)
     return model, [seqs.seq(i) for i in range(len(seqs))]
 
 
@@ -252,9 +253,10 @@ def assert_matches_reference(got, ref, weights, inputs, max_new=None, defaults=N
     at most ``max_new`` tokens per sequence, compared with the reference's
     first ``max_new``; default: all of them), sampled ones scored with each
     sequence's settings (``defaults``: the run's SamplingParams, each input
-    line's keys over them; default greedy); finish reasons equal where the
-    tokens are; last_logits, where got has them, within LOGIT_RTOL of the
-    reference's.  Returns the accepted divergences.
+    line's keys over them; default greedy); finish reasons and texts (where
+    got has them) equal where the tokens are; last_logits, where got has them,
+    within LOGIT_RTOL of the reference's.  Returns the accepted divergences.
+    The weights' own tokenizer (if any) encodes text inputs.
     """
     from mpimoe.runtime.sampler import choice_scores
     assert got['ids'] == ref['ids']
@@ -279,6 +281,10 @@ def assert_matches_reference(got, ref, weights, inputs, max_new=None, defaults=N
         wrong = [i for i, (a, b) in enumerate(zip(got['finish_reason'], ref['finish_reason']))
                  if a != b and i not in diverged]
         assert not wrong, f'finish_reason differs from the reference in sequences {wrong}'
+    if got.get('text') is not None and max_new is None:
+        wrong = [i for i, (a, b) in enumerate(zip(got['text'], ref['text']))
+                 if a != b and i not in diverged]
+        assert not wrong, f'text differs from the reference in sequences {wrong}'
     if got['last_logits'] is not None:
         assert_logits_close(got['last_logits'], ref['last_logits'], 'last_logits')
     return accepted
@@ -289,6 +295,6 @@ def _params_of(weights, inputs, defaults):
     from mpimoe.checkpoint.weights import WeightFile
     from mpimoe.io.inputs import InputStream
     with WeightFile(weights) as wf:
-        vocab = wf.config.vocab_size
-    stream = InputStream(inputs, vocab, defaults=defaults)
+        vocab, tokenizer = wf.config.vocab_size, wf.tokenizer()
+    stream = InputStream(inputs, vocab, defaults=defaults, tokenizer=tokenizer)
     return [p for _, batch in stream.batches(None) for p in batch.params]
