@@ -6,11 +6,13 @@ and becomes one line on stderr and a non-zero exit code, never a traceback.
 """
 
 import argparse
+import os
 import sys
 
 from mpimoe import __version__
 from mpimoe.backends.backend import MPI_GPU_MODES
-from mpimoe.errors import EXIT_INTERNAL, ConfigError, IOFailure, MpimoeError, UsageError
+from mpimoe.errors import (EXIT_INTERNAL, ConfigError, DataError, IOFailure, MpimoeError,
+                           UsageError)
 from mpimoe.runtime.options import JobOptions, RunOptions, add_arguments
 
 __all__ = ['main']
@@ -158,9 +160,11 @@ def _launch_hint(args):
 def _cmd_show(args):
     from mpimoe.cli.show import show
     from mpimoe.io.paths import regular_file
-    regular_file(args.file, 'output')
-    if args.input:
-        regular_file(args.input, 'input')
+    for path, what in ((args.file, 'output'), (args.input, 'input')):
+        if path is not None:
+            regular_file(path, what)
+            if not os.path.exists(path):
+                raise DataError(f'{path}: {what} file not found')
     show(args.file, args.id, args.limit, args.input)
 
 

@@ -1,0 +1,70 @@
+"""`mpimoe show`: results of .h5 and .jsonl outputs printed readably, the
+first --limit or the one --id, prompts from --input; errors in one line."""
+
+import contextlib
+
+import numpy as np
+import pytest
+
+from mpimoe.cli.main import main
+from mpimoe.io.outputs import OutputWriter
+
+
+def _output(path, n=30, text=True):
+    with OutputWriter(path, n, 16, False, {}, text=text) as w:
+        for a in range(0, n, 7):
+            b = min(a + 7, n)
+            w.write(np.arange(a, b), [f's{i}' for i in range(a, b)],
+                    [np.array([i % 16, 3]) for i in range(a, b)],
+                    finish_reasons=['length'] * (b - a), prompt_tokens=[2] * (b - a),
+                    texts=[f'text of {i}\nline 2' for i in range(a, b)] if text else None)
+    return path
+
+
+@pytest.mark.parametrize('ext', ['h5', 'jsonl'])
+def test_the_first_limit_results(tmp_path, capsys, ext):
+    out = _output(tmp_path / f'o.{ext}')
+    assert main(['show', str(out), '--limit', '2']) == 0
+    assert capsys.readouterr().out == (
+        '== s0   length, 2 prompt + 2 generated tokens\ntext:\n  text of 0\n  line 2\n'
+        '== s1   length, 2 prompt + 2 generated tokens\ntext:\n  text of 1\n  line 2\n')
+
+
+@pytest.mark.parametrize('ext', ['h5', 'jsonl'])
+def test_one_id_and_token_ids_without_text(tmp_path, capsys, ext):
+    out = _output(tmp_path / f'o.{ext}', text=False)
+    assert main(['show', str(out), '--id', 's27']) == 0
+    assert capsys.readouterr().out == \
+        '== s27   length, 2 prompt + 2 generated tokens\ntokens: [11, 3]\n'
+
+
+def test_prompts_from_the_input(tmp_path, capsys):
+    out = _output(tmp_path / 'o.jsonl', n=2)
+    inp = tmp_path / 'in.jsonl'
+    inp.write_text('{"id": "s0", "prompt": "Hi there"}\n{"id": "s1", "tokens": [4, 5]}\n')
+    assert main(['show', str(out), '--input', str(inp)]) == 0
+    shown = capsys.readouterr().out
+    assert 'prompt:\n  Hi there\ntext:' in shown and 'prompt:\n  tokens: [4, 5]\n' in shown
+
+
+@pytest.mark.parametrize('argv, said', [
+    (['--id', 'nope'], "no result with id 'nope'"),
+    (['--limit', '0'], "argument --limit: '0': expected an integer >= 1"),
+])
+def test_errors_are_one_line(tmp_path, capsys, argv, said):
+    out = _output(tmp_path / 'o.jsonl', n=2)
+    with pytest.raises(SystemExit) if "--limit" in argv else contextlib.nullcontext():
+        code = main(['show', str(out), *argv])
+        assert code == 65
+    err = capsys.readouterr().err
+    assert said in err and err.count('\n') <= 3
+
+
+def test_a_file_that_is_no_output(tmp_path, capsys):
+    bad = tmp_path / 'x.h5'
+    bad.write_bytes(b'not hdf5')
+    assert main(['show', str(bad)]) == 65
+    assert 'not a readable HDF5 file' in capsys.readouterr().err
+    assert main(['show', str(tmp_path / 'missing.jsonl')]) == 65
+    assert 'missing.jsonl: output file not found' in capsys.readouterr().err
+
