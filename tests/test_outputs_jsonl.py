@@ -135,3 +135,19 @@ def test_a_malformed_output_line_is_named(tmp_path):
         f.write('{"id": "e"}\n')
     with pytest.raises(DataError, match=r'o.jsonl:5: not an mpimoe result line'):
         read_outputs(out)
+
+
+@pytest.mark.parametrize('ext', ['h5', 'jsonl'])
+def test_any_generated_text_is_kept_a_nul_included(tmp_path, ext):
+    """A model may generate NUL or control characters; an HDF5 string ends at
+    a NUL, so the chunks keep text as UTF-8 bytes (the .h5 output shows a NUL
+    as U+FFFD, JSON escapes it)."""
+    texts = ['a\0b', '\x1b[2J', '', '\ud7ff\U0010ffff']
+    out = tmp_path / f'o.{ext}'
+    with OutputWriter(out, 4, 16, False, {}, text=True, openai=True) as w:
+        w.write(np.arange(4), IDS, GEN, finish_reasons=REASONS, prompt_tokens=PROMPTS,
+                texts=texts, openai=[('chat', 'm\0x')] * 4)
+    want = [t.replace('\0', '\ufffd') for t in texts] if ext == 'h5' else texts
+    assert read_outputs(out)['text'] == want
+    if ext == 'jsonl':
+        assert json.loads(out.read_text().splitlines()[0])['response']['body']['model'] == 'm\0x'

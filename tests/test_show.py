@@ -68,3 +68,14 @@ def test_a_file_that_is_no_output(tmp_path, capsys):
     assert main(['show', str(tmp_path / 'missing.jsonl')]) == 65
     assert 'missing.jsonl: output file not found' in capsys.readouterr().err
 
+
+
+def test_control_characters_are_shown_escaped(tmp_path, capsys):
+    """Generated text may hold an ESC sequence: printed escaped, it cannot
+    drive the terminal."""
+    out = tmp_path / 'o.jsonl'
+    with OutputWriter(out, 1, 16, False, {}, text=True) as w:
+        w.write([0], ['a'], [np.array([1])], finish_reasons=['stop'], prompt_tokens=[1],
+                texts=['x\x1b[2J\x00y\n\tz'])
+    assert main(['show', str(out)]) == 0
+    assert capsys.readouterr().out.endswith('text:\n  x\\x1b[2J\\x00y\n  \tz\n')

@@ -82,7 +82,13 @@ def _prompts(path, wanted):
     return found
 
 
+#: control characters but newline and tab, shown escaped: a generated ESC
+#: sequence must not drive the terminal
+_CONTROL = {c: f'\\x{c:02x}' for c in [*range(0x20), 0x7f] if chr(c) not in '\n\t'}
+
+
 def _indent(text):
+    text = text.translate(_CONTROL)
     return textwrap.indent(text, '  ', lambda line: True) if text else '  (empty)'
 
 
@@ -99,7 +105,7 @@ def show(path, seq_id=None, limit=10, input_path=None, out=print):
         raise DataError(f'{path}: no result with id {seq_id!r}')
     prompts = _prompts(input_path, {r[0] for r in picked}) if input_path else {}
     for sid, text, tokens, why, n_prompt, n_new in picked:
-        out(f'== {sid}   {why}, {n_prompt} prompt + {n_new} generated tokens')
+        out(f'== {sid.translate(_CONTROL)}   {why}, {n_prompt} prompt + {n_new} generated tokens')
         if sid in prompts:
             out('prompt:\n' + _indent(prompts[sid]))
         if text is not None:

@@ -253,11 +253,11 @@ class OutputWriter:
             if self.save_logits:
                 f.create_dataset('last_logits', data=np.asarray(logits, dtype=np.float32))
             if self.text:
-                f.create_dataset('text', data=list(texts), dtype=h5py.string_dtype())
+                _put_texts(f, 'text', texts)
             if self.openai:
                 f.create_dataset('endpoint', data=[r[0] for r in openai],
                                  dtype=h5py.string_dtype())
-                f.create_dataset('model', data=[r[1] for r in openai], dtype=h5py.string_dtype())
+                _put_texts(f, 'model', [r[1] for r in openai])
         self.chunks.append({'start': start, 'stop': start + b, 'file': name,
                             'bytes': os.path.getsize(path), 'sha256': file_digest(path)})
         self._write_manifest()
@@ -318,9 +318,9 @@ class OutputWriter:
                 gen = np.split(f['generated'][()], f['generated_offsets'][1:-1])
                 reasons = f['finish_reason'].asstr()[()].tolist()
                 prompts = f['prompt_tokens'][()].tolist()
-                texts = f['text'].asstr()[()].tolist() if self.text else [None] * len(ids)
+                texts = _get_texts(f, 'text') if self.text else [None] * len(ids)
                 requests = list(zip(f['endpoint'].asstr()[()].tolist(),
-                                    f['model'].asstr()[()].tolist())) if self.openai \
+                                    _get_texts(f, 'model'))) if self.openai \
                     else [None] * len(ids)
             yield from zip(ids, gen, reasons, prompts, texts, requests)
 
@@ -352,9 +352,8 @@ class OutputWriter:
                                                            dtype=np.int32),
                        'completion_tokens': out.create_dataset('completion_tokens', shape=(n,),
                                                                dtype=np.int32)}
-            if self.text:
-                per_seq['text'] = out.create_dataset('text', shape=(n,),
-                                                     dtype=h5py.string_dtype())
+            text = out.create_dataset('text', shape=(n,), dtype=h5py.string_dtype()) \
+                if self.text else None
             logits = out.create_dataset('last_logits', shape=(n, self.vocab_size),
                                         dtype=np.float32) if self.save_logits else None
             for c in self.chunks:
@@ -368,11 +367,29 @@ class OutputWriter:
                     gen[end:] = new
                     offs[start + 1:stop + 1] = end + f['generated_offsets'][1:]
                     for key, ds in per_seq.items():
-                        ds[start:stop] = f[key].asstr()[()] if key in ('text',
-                                                                       'finish_reason') \
-                            else f[key][()]
+                        ds[start:stop] = f[key][()]
+                    if text is not None:    # an HDF5 string ends at a NUL: U+FFFD for it
+                        text[start:stop] = [t.replace('\0', '\ufffd')
+                                            for t in _get_texts(f, 'text')]
                     if logits is not None:
                         logits[start:stop] = f['last_logits'][()]
+
+
+def _put_texts(f, name, texts):
+    """Strings ``texts`` [b] into chunk ``f`` as UTF-8 bytes ``NAME_bytes``
+    uint8 [total] and ``NAME_offsets`` int64 [b+1]: any text, a NUL included
+    (an HDF5 string ends at one)."""
+    data = [t.encode('utf-8') for t in texts]
+    offsets = np.zeros(len(data) + 1, np.int64)
+    np.cumsum([len(d) for d in data], out=offsets[1:])
+    f.create_dataset(f'{name}_bytes', data=np.frombuffer(b''.join(data), np.uint8))
+    f.create_dataset(f'{name}_offsets', data=offsets)
+
+
+def _get_texts(f, name):
+    """The strings :func:`_put_texts` wrote: list[str] [b]."""
+    data, offsets = f[f'{name}_bytes'][()].tobytes(), f[f'{name}_offsets'][()]
+    return [data[a:b].decode('utf-8') for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def output_format(path):
