@@ -164,7 +164,10 @@ def _cmd_show(args):
         if path is not None:
             regular_file(path, what)
             if not os.path.exists(path):
-                raise DataError(f'{path}: {what} file not found')
+                unfinished = what == 'output' and os.path.isdir(path + '.chunks')
+                raise DataError(f'{path}: {what} file not found' + (
+                    f'; its run has not finished ({path}.chunks holds what it committed): '
+                    'rerun it to complete the output' if unfinished else ''))
     show(args.file, args.id, args.limit, args.input)
 
 

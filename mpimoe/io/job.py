@@ -5,7 +5,7 @@ import json
 
 from mpimoe.io.files import check_writable
 from mpimoe.io.inputs import InputStream
-from mpimoe.io.outputs import OutputWriter
+from mpimoe.io.outputs import OutputWriter, output_format
 
 
 def job_tokenizer(opts, wf):
@@ -36,6 +36,7 @@ def open_job(opts, wf, meta, n_frontends=1, *, tokenizer=None, **options):
     """
     check_writable(opts.output, '--output', overwrite=True,
                    reads=[('--input', opts.input), ('--weights', wf.name)])
+    output_format(opts.output, opts.save_logits)        # before the input's long check
     cfg = wf.config
     stream = InputStream(opts.input, cfg.vocab_size, context=cfg.max_position_embeddings,
                          batch_tokens=opts.max_batch_tokens, defaults=opts.sampling(),

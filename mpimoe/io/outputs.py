@@ -91,10 +91,7 @@ class OutputWriter:
         self.path = os.fspath(path)
         if n_seqs < 1:
             raise ValueError(f'n_seqs={n_seqs}: must be >= 1')
-        self.format = output_format(self.path)
-        if self.format == 'jsonl' and save_logits:
-            raise UsageError(f'{self.path}: --save-logits needs an .h5 output (a .jsonl output '
-                             'holds no logits)')
+        self.format = output_format(self.path, save_logits)
         check_writable(self.path, '', overwrite=True)     # existence: below, under the lock
         self.n_seqs, self.vocab_size, self.save_logits = n_seqs, vocab_size, save_logits
         self.text, self.openai = bool(text), bool(openai)
@@ -392,13 +389,16 @@ def _get_texts(f, name):
     return [data[a:b].decode('utf-8') for a, b in zip(offsets[:-1], offsets[1:])]
 
 
-def output_format(path):
+def output_format(path, save_logits=False):
     """'hdf5' or 'jsonl' from the extension of the output ``path``; UsageError
-    otherwise."""
+    for another, or for a .jsonl output with ``save_logits``."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in _FORMATS:
         raise UsageError(f'{path}: unknown output extension {ext or "(none)"!r}; use .h5 '
                          '(HDF5) or .jsonl (one JSON line per sequence)')
+    if _FORMATS[ext] == 'jsonl' and save_logits:
+        raise UsageError(f'{path}: --save-logits needs an .h5 output (a .jsonl output holds '
+                         'no logits)')
     return _FORMATS[ext]
 
 
