@@ -10,7 +10,8 @@ semantics), the tokens keep the one that completed it.
 
 Detection decodes incrementally (``tokenizers``' DecodeStream: each token's
 text once), so a step costs each sequence a few microseconds whatever its
-length; only the window where a stop string could end is searched.
+length; only the window where a stop string could end is searched (a
+step's new text and the characters before it that a stop could span).
 """
 
 from tokenizers.decoders import DecodeStream
@@ -26,16 +27,15 @@ class StopMatcher:
         self._stream = DecodeStream(skip_special_tokens=True)
         self.stops = tuple(stops)
         self._longest = max(map(len, self.stops))
-        self.text = ''
+        self._tail = ''        # the text's last (longest stop - 1) characters
 
     def push(self, token):
         """Add the next generated token; True once a stop string is in the text."""
         new = self._stream.step(self._tok, int(token))
         if not new:
             return False
-        start = max(0, len(self.text) - self._longest + 1)
-        self.text += new
-        window = self.text[start:]
+        window = self._tail + new
+        self._tail = window[max(0, len(window) - self._longest + 1):] if self._longest > 1 else ''
         return any(s in window for s in self.stops)
 
 
