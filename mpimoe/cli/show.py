@@ -11,9 +11,8 @@
 import json
 import textwrap
 
-import h5py
 from mpimoe.errors import DataError
-from mpimoe.io.outputs import OUTPUT_FORMAT, output_format
+from mpimoe.io.outputs import open_output, output_format
 from mpimoe.io.result_lines import iter_result_lines
 
 __all__ = ['results', 'show']
@@ -23,13 +22,7 @@ _SLAB = 1024
 
 
 def _h5_results(path):
-    try:
-        f = h5py.File(path, 'r')
-    except OSError as e:
-        raise DataError(f'{path}: not a readable HDF5 file ({e})') from None
-    with f:
-        if f.attrs.get('format') != OUTPUT_FORMAT:
-            raise DataError(f'{path}: not an mpimoe output file')
+    with open_output(path) as f:
         n, offsets = len(f['ids']), f['generated_offsets']
         for a in range(0, n, _SLAB):
             b = min(a + _SLAB, n)

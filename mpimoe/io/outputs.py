@@ -469,6 +469,29 @@ def _checked_meta(meta):
     return meta
 
 
+def open_output(path):
+    """The HDF5 output ``path`` open for reading (h5py.File), its format,
+    version and datasets checked; DataError saying what is wrong."""
+    try:
+        f = h5py.File(path, 'r')
+    except OSError as e:
+        raise DataError(f'{path}: not a readable HDF5 file ({e})') from None
+    problem = None
+    if f.attrs.get('format') != OUTPUT_FORMAT:
+        problem = f'not an mpimoe output file (no format="{OUTPUT_FORMAT}" attribute)'
+    elif f.attrs.get('format_version') != OUTPUT_VERSION:
+        problem = (f'output format_version {f.attrs.get("format_version")}; this mpimoe reads '
+                   f'version {OUTPUT_VERSION}')
+    else:
+        missing = [k for k in ('ids', 'generated', 'generated_offsets')
+                   if not isinstance(f.get(k), h5py.Dataset)]
+        problem = missing and f'missing dataset(s) {", ".join(missing)}'
+    if problem:
+        f.close()
+        raise DataError(f'{path}: {problem}')
+    return f
+
+
 def read_outputs(path):
     """Read an output file -> dict: ids list[str] [n], generated list of int32
     [new_i], last_logits float32 [n, vocab] or None, finish_reason list[str]
@@ -482,21 +505,7 @@ def read_outputs(path):
         raise DataError(f'{path}: output file not found')
     if output_format(path) == 'jsonl':
         return read_result_lines(path)
-    try:
-        f = h5py.File(path, 'r')
-    except OSError as e:
-        raise DataError(f'{path}: not a readable HDF5 file ({e})') from None
-    with f:
-        if f.attrs.get('format') != OUTPUT_FORMAT:
-            raise DataError(f'{path}: not an mpimoe output file (no format="{OUTPUT_FORMAT}" '
-                            'attribute)')
-        if f.attrs.get('format_version') != OUTPUT_VERSION:
-            raise DataError(f'{path}: output format_version {f.attrs.get("format_version")}; '
-                            f'this mpimoe reads version {OUTPUT_VERSION}')
-        missing = [k for k in ('ids', 'generated', 'generated_offsets')
-                   if not isinstance(f.get(k), h5py.Dataset)]
-        if missing:
-            raise DataError(f'{path}: missing dataset(s) {", ".join(missing)}')
+    with open_output(path) as f:
         offsets = f['generated_offsets'][()]
         generated = f['generated'][()]
         return {
