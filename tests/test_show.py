@@ -79,3 +79,20 @@ def test_control_characters_are_shown_escaped(tmp_path, capsys):
                 texts=['x\x1b[2J\x00y\n\tz'])
     assert main(['show', str(out)]) == 0
     assert capsys.readouterr().out.endswith('text:\n  x\\x1b[2J\\x00y\n  \tz\n')
+
+
+def test_a_surrogate_is_shown_escaped(tmp_path, capsys):
+    out = tmp_path / 'o.jsonl'
+    out.write_text('{"id": "a\\ud800", "text": "b\\udfff", "tokens": [1], "finish_reason": '
+                   '"stop", "usage": {"prompt_tokens": 1, "completion_tokens": 1}}\n')
+    assert main(['show', str(out)]) == 0
+    assert capsys.readouterr().out == \
+        '== a\\ud800   stop, 1 prompt + 1 generated tokens\ntext:\n  b\\udfff\n'
+
+
+def test_an_input_that_does_not_match_is_noted(tmp_path, capsys):
+    out = _output(tmp_path / 'o.jsonl', n=2)
+    other = tmp_path / 'other.jsonl'
+    other.write_text('{"id": "x", "prompt": "Hi"}\n')
+    assert main(['show', str(out), '--input', str(other)]) == 0
+    assert capsys.readouterr().out.startswith(f'note: no id of these results is in {other}')

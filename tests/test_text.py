@@ -4,6 +4,7 @@ template sandbox, and stop strings found at the first token whose text
 completes one, checked against decoding every prefix."""
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +185,31 @@ def test_the_readme_tokenizer_is_this_training(bpe_dir):
     """weights/tiny-tokenizer (the README's walk-through) is tests/bpe.py's output."""
     shipped = Path(__file__).resolve().parents[1] / 'weights' / 'tiny-tokenizer'
     assert read_tokenizer_files(shipped) == read_tokenizer_files(bpe_dir)
+
+
+@pytest.mark.parametrize('template, said', [
+    ('{% for i in range(100000000) %}{% endfor %}', 'chat template failed: OverflowError'),
+    ('{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}',
+     'chat template failed: RecursionError'),
+    ('{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}',
+     'still rendering one chat after 2 s'),
+    ('{% for i in range(20000) %}{{ "x" * 1000 }}{% endfor %}',
+     'it rendered 20,000,000 characters for one chat'),
+])
+def test_a_runaway_template_is_stopped_and_said(bpe_dir, template, said):
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=said):
+        _tok(bpe_dir, chat_template=template).render_chat(MESSAGES[0])
+    assert time.monotonic() - t0 < 30
+
+
+def test_text_parts_are_joined_and_other_parts_refused(bpe_dir):
+    tok = _tok(bpe_dir)
+    parts = [{'role': 'user', 'content': [{'type': 'text', 'text': 'Hello'},
+                                          {'type': 'text', 'text': 'world!'}]}]
+    assert tok.render_chat(parts) == tok.render_chat(
+        [{'role': 'user', 'content': 'Hello\nworld!'}])
+    image = [{'role': 'user', 'content': [{'type': 'image_url', 'image_url': {'url': 'x'}}]}]
+    with pytest.raises(ValueError, match="has a part of type 'image_url'; this model reads "
+                                         'text parts'):
+        tok.render_chat(image)

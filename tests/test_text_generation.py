@@ -175,3 +175,14 @@ def test_a_stopped_jsonl_output_resumes_byte_for_byte(text_weights, tmp_path):
     assert not out.exists()
     _reference(text_weights, inputs, out, *extra)
     assert out.read_bytes() == whole.read_bytes()
+
+
+def test_show_notes_an_edited_input(outputs, tmp_path):
+    inputs, _, _, _, d = outputs
+    edited = tmp_path / 'edited.jsonl'
+    edited.write_text(inputs.read_text().replace('Hello world!', 'Goodbye'))
+    done = subprocess.run([sys.executable, '-m', 'mpimoe', 'show', d / 'ref.h5', '--input',
+                           edited, '--limit', '1'], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f'note: {edited} is not the input {d / "ref.h5"} was made '
+                                  'from (its sha256 differs)'), done.stdout

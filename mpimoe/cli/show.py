@@ -12,6 +12,7 @@ import json
 import textwrap
 
 from mpimoe.errors import DataError
+from mpimoe.io.files import file_digest
 from mpimoe.io.outputs import open_output, output_format
 from mpimoe.io.result_lines import iter_result_lines
 
@@ -80,8 +81,27 @@ def _prompts(path, wanted):
 _CONTROL = {c: f'\\x{c:02x}' for c in [*range(0x20), 0x7f] if chr(c) not in '\n\t'}
 
 
+def _safe(text):
+    """``text`` printable: control characters and lone surrogates escaped."""
+    return text.translate(_CONTROL).encode('utf-8', 'backslashreplace').decode('utf-8')
+
+
+def _input_note(path, input_path, matched):
+    """Why the prompts of ``input_path`` may not be those of the output
+    ``path``, or ''."""
+    if not matched:
+        return f'no id of these results is in {input_path}: no prompts shown'
+    if output_format(path) == 'hdf5':
+        with open_output(path) as f:
+            made_from = f.attrs.get('input_sha256')
+        if made_from is not None and made_from != file_digest(input_path):
+            return (f'{input_path} is not the input {path} was made from (its sha256 differs): '
+                    'the prompts shown may not be the ones its results answer')
+    return ''
+
+
 def _indent(text):
-    text = text.translate(_CONTROL)
+    text = _safe(text)
     return textwrap.indent(text, '  ', lambda line: True) if text else '  (empty)'
 
 
@@ -97,8 +117,12 @@ def show(path, seq_id=None, limit=10, input_path=None, out=print):
     if seq_id is not None and not picked:
         raise DataError(f'{path}: no result with id {seq_id!r}')
     prompts = _prompts(input_path, {r[0] for r in picked}) if input_path else {}
+    if input_path:
+        note = _input_note(path, input_path, bool(prompts))
+        if note:
+            out(f'note: {note}')
     for sid, text, tokens, why, n_prompt, n_new in picked:
-        out(f'== {sid.translate(_CONTROL)}   {why}, {n_prompt} prompt + {n_new} generated tokens')
+        out(f'== {_safe(sid)}   {why}, {n_prompt} prompt + {n_new} generated tokens')
         if sid in prompts:
             out('prompt:\n' + _indent(prompts[sid]))
         if text is not None:

@@ -69,7 +69,17 @@ def _rule(key, vocab_size):
 def _is_stops(v):
     items = [v] if isinstance(v, str) else v
     return isinstance(items, (list, tuple)) and len(items) <= MAX_STOPS and all(
-        isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in items)
+        isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS and _is_text(s) for s in items)
+
+
+def _is_text(s):
+    """Unicode text that has UTF-8 (no lone surrogate, e.g. from a command
+    line argument that is not UTF-8)."""
+    try:
+        s.encode('utf-8')
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _converted(key, value):

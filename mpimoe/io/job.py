@@ -45,8 +45,9 @@ def open_job(opts, wf, meta, n_frontends=1, *, tokenizer=None, **options):
                 'tokenizer_sha256': tokenizer.sha256 if tokenizer else '',
                 **generation_identity(stream.defaults), **opts.schedule(n_frontends),
                 **options}
+    meta = {**meta, 'input_sha256': stream.sha256}
     if tokenizer:
-        meta = {**meta, 'tokenizer': tokenizer.source}
+        meta['tokenizer'] = tokenizer.source
     writer = OutputWriter(opts.output, len(stream), cfg.vocab_size, opts.save_logits, meta,
                           identity, overwrite=opts.overwrite, text=tokenizer is not None,
                           openai=stream.openai)

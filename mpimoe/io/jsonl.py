@@ -16,6 +16,7 @@ or an OpenAI batch request line (:mod:`mpimoe.io.openai_batch`).
 import dataclasses
 import itertools
 import json
+import re
 import sys
 
 import numpy as np
@@ -65,6 +66,8 @@ def parse_line(where, raw, vocab_size, tokenizer=None):
     checked, its text or chat encoded by ``tokenizer`` (a TextTokenizer, or
     None: such a line is refused); ``where`` is 'FILE:LINE'."""
     obj = _json_object(where, raw)
+    if _SURROGATE_ESCAPE.search(raw):       # ids: check_id says it, naming the id
+        _check_no_surrogate(where, {k: v for k, v in obj.items() if k not in ('id', 'custom_id')})
     if is_openai_line(obj):
         seq_id, key, prompt, settings, openai = openai_request(where, obj, vocab_size)
         name = 'prompt' if key == 'tokens' else key          # as the body spells it
@@ -79,6 +82,29 @@ def parse_line(where, raw, vocab_size, tokenizer=None):
         raise DataError(f'{prefix}: "stop" strings need a tokenizer (they are looked for in '
                         f'the generated text): {NEEDS_TOKENIZER}')
     return seq_id, tokens, settings, openai
+
+
+#: a JSON escape of a UTF-16 surrogate: half of a pair, or a lone one
+_SURROGATE_ESCAPE = re.compile(rb'\\u[dD][89a-fA-F]')
+
+
+def _check_no_surrogate(where, obj, path=''):
+    """DataError naming the key path of the first string (or key) in ``obj``
+    that holds a lone surrogate (JSON ``"\\ud800"``: half of a UTF-16 pair, no
+    character, no UTF-8), which the tokenizer and the output could not take."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) \
+        if isinstance(obj, list) else ()
+    for key, value in items:
+        at = f'{path}.{key}' if isinstance(key, str) else f'{path}[{key}]'
+        for text in (key, value):
+            if isinstance(text, str):
+                try:
+                    text.encode('utf-8')
+                except UnicodeEncodeError as e:
+                    raise DataError(f'{where}: {at.lstrip(".")} has a lone surrogate '
+                                    f'{text[e.start]!r} at character {e.start} (half of a '
+                                    'UTF-16 pair, not a character); fix the line') from None
+        _check_no_surrogate(where, value, at)
 
 
 def _json_object(where, raw):

@@ -6,14 +6,46 @@ from a checkpoint is untrusted code).
     text = template.render(messages, {'bos_token': '<s>', 'eos_token': '</s>'})
 """
 
+import contextlib
 import json
+import signal
+import threading
 from datetime import datetime
 
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
 
-__all__ = ['ChatTemplate', 'check_messages']
+__all__ = ['ChatTemplate', 'check_messages', 'text_messages', 'RENDER_SECONDS', 'MAX_RENDER_CHARS']
+
+#: longest a template may take to render one chat (they take well under a
+#: millisecond): a template that loops or grows without end is stopped
+RENDER_SECONDS = 2.0
+#: longest rendered chat, in characters
+MAX_RENDER_CHARS = 16 << 20
+
+
+class _Expired(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds):
+    """Raise _Expired in the block after ``seconds`` of wall time (SIGALRM;
+    only in the main thread, where rank 0 and the reference read inputs)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _Expired
+    before = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
 
 
 def _raise(message):
@@ -49,16 +81,48 @@ class ChatTemplate:
         """The prompt text of ``messages`` (checked by :func:`check_messages`)
         with the assistant's generation prompt added; special_tokens: the
         tokenizer config's bos_token, eos_token, ... (str), as the template
-        sees them.  A template error (its raise_exception, an undefined
-        operation, a sandbox violation) -> ValueError(problem)."""
+        sees them.  Any failure of the template (its raise_exception, an
+        undefined operation, a sandbox violation, a range too big, endless
+        recursion, more than RENDER_SECONDS or MAX_RENDER_CHARS) ->
+        ValueError(problem): a checkpoint's template is data, not our code."""
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         try:
-            return self._template.render(messages=messages, add_generation_prompt=True,
-                                         tools=None, documents=None, **special_tokens)
+            with _time_limit(RENDER_SECONDS):
+                text = self._template.render(messages=messages, add_generation_prompt=True,
+                                             tools=None, documents=None, **special_tokens)
+        except _Expired:
+            raise ValueError(f'chat template failed: still rendering one chat after '
+                             f'{RENDER_SECONDS:g} s (a template that loops or grows without '
+                             'end?)') from None
         except jinja2.TemplateError as e:
             raise ValueError(f'chat template failed: {e}') from None
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        except Exception as e:      # untrusted template code: any failure is the checkpoint's
             raise ValueError(f'chat template failed: {type(e).__name__}: {e}') from None
+        if len(text) > MAX_RENDER_CHARS:
+            raise ValueError(f'chat template failed: it rendered {len(text):,} characters for '
+                             f'one chat, more than {MAX_RENDER_CHARS:,}')
+        return text
+
+
+def text_messages(messages):
+    """``messages`` checked, each content a string (or null): ValueError(problem)
+    unless it is a non-empty list of objects each with a string "role" and a
+    "content" that is a string, null, or a list of text parts ({"type":
+    "text", "text": str}), which are joined with newlines (a text model sees
+    text; other parts, such as images, are refused)."""
+    check_messages(messages)
+    out = []
+    for j, m in enumerate(messages):
+        content = m.get('content')
+        if isinstance(content, list):
+            bad = [p.get('type') for p in content if p.get('type') != 'text' or
+                   not isinstance(p.get('text'), str)]
+            if bad:
+                raise ValueError(f'messages[{j}].content has a part of type {bad[0]!r}; this '
+                                 'model reads text parts ({"type": "text", "text": ...}) only')
+            m = {**m, 'content': '\n'.join(p['text'] for p in content)}
+        out.append(m)
+    return out
 
 
 def check_messages(messages):

@@ -19,7 +19,7 @@ import os
 from tokenizers import Tokenizer
 
 from mpimoe.errors import DataError
-from mpimoe.text.chat import ChatTemplate, check_messages
+from mpimoe.text.chat import ChatTemplate, text_messages
 
 __all__ = ['TOKENIZER_FILES', 'MAX_FILE_BYTES', 'read_tokenizer_files', 'TextTokenizer']
 
@@ -157,8 +157,7 @@ class TextTokenizer:
             raise ValueError(f'the tokenizer ({self.source}) has no chat template; send '
                              '"prompt" text, or give a tokenizer whose tokenizer_config.json '
                              'has one (--tokenizer)')
-        check_messages(messages)
-        return self._chat.render(messages, self.special_tokens)
+        return self._chat.render(text_messages(messages), self.special_tokens)
 
     def encode_chat(self, messages):
         """Token ids of the rendered chat: the template writes every special
