@@ -376,3 +376,18 @@ def test_default_stop_strings_need_a_tokenizer(tmp_path, tok):
     with pytest.raises(UsageError, match='^--stop needs a tokenizer .*pass --tokenizer PATH$'):
         InputStream(path, VOCAB, defaults=SamplingParams(stop=('END',)))
     assert len(InputStream(path, VOCAB, defaults=SamplingParams(stop=('END',)), tokenizer=tok)) == 1
+
+
+@pytest.mark.parametrize('line, key', [
+    ({'id': 'b', 'prompt': 'ab\ud800cd'}, 'prompt'),
+    ({'id': 'b', 'messages': [{'role': 'user', 'content': 'x\udfff'}]}, 'messages[0].content'),
+    ({'id': 'b', 'messages': [{'role': 'u\ud800', 'content': 'x'}]}, 'messages[0].role'),
+    ({'id': 'b', 'prompt': 'x', 'stop': ['ok', '\ud800']}, 'stop[1]'),
+    (_openai('b', {'prompt': 'x', 'model': 'm\ud800'}), 'body.model'),
+])
+def test_a_lone_surrogate_is_refused_at_open_naming_its_key(tmp_path, tok, line, key):
+    """Half of a UTF-16 pair has no UTF-8: the tokenizer and the output cannot
+    take it, so it is refused with the file, not at commit after the compute."""
+    path = _file(tmp_path, [GOOD if 'id' in line else GOOD_OPENAI, line])
+    msg = _refusal(path, tok)
+    assert msg.startswith(f'{path}:2: {key} has a lone surrogate'), msg
