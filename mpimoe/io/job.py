@@ -13,7 +13,7 @@ def job_tokenizer(opts, wf):
     ``--tokenizer``, else the weight file's, else None; one whose ids exceed
     the model's vocabulary is refused (DataError)."""
     from mpimoe.checkpoint.tokenizer_files import load_tokenizer
-    if opts.tokenizer:
+    if opts.tokenizer is not None:          # '' too: a path, refused as one
         return load_tokenizer(opts.tokenizer, wf.config.vocab_size)[1]
     return wf.tokenizer()
 

@@ -46,8 +46,11 @@ def read_tokenizer_files(path):
     files = {}
     for name in TOKENIZER_FILES:
         file = main if name == TOKENIZER_FILES[0] else os.path.join(folder, name)
-        if not os.path.isfile(file):
+        if not os.path.exists(file):
             continue
+        if not os.path.isfile(file):
+            raise DataError(f'{file}: not a regular file (a FIFO, device or directory); a '
+                            'tokenizer file is read whole')
         try:
             if os.path.getsize(file) > MAX_FILE_BYTES:
                 raise DataError(f'{file}: larger than {MAX_FILE_BYTES >> 20} MiB; not a tokenizer '
@@ -105,9 +108,11 @@ class TextTokenizer:
         self.sha256 = digest.hexdigest()
         try:
             self._tok = Tokenizer.from_str(files[TOKENIZER_FILES[0]].decode('utf-8'))
-        except (UnicodeDecodeError, Exception) as e:     # tokenizers raises a bare Exception
+        except Exception as e:          # tokenizers raises a bare Exception
+            hint = ' (it is an HDF5 file: give tokenizer.json or its directory, not a weight ' \
+                'file)' if files[TOKENIZER_FILES[0]].startswith(b'\x89HDF') else ''
             raise DataError(f'{source}: tokenizer.json is not a tokenizer the `tokenizers` '
-                            f'library reads ({" ".join(str(e).split())[:200]})') from None
+                            f'library reads ({" ".join(str(e).split())[:200]}){hint}') from None
         config = _json(source, 'tokenizer_config.json', files['tokenizer_config.json']) \
             if 'tokenizer_config.json' in files else {}
         self.special_tokens = {k: t for k in _SPECIAL if (t := _token_text(config.get(k)))}
