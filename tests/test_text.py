@@ -213,3 +213,35 @@ def test_text_parts_are_joined_and_other_parts_refused(bpe_dir):
     with pytest.raises(ValueError, match="has a part of type 'image_url'; this model reads "
                                          'text parts'):
         tok.render_chat(image)
+
+
+def _byte_fallback_tokenizer():
+    """A Llama/Mixtral-style tokenizer: byte-fallback tokens <0x00>..<0xFF>
+    and a decoder (Replace, ByteFallback, Fuse, Strip) that rewrites earlier
+    text when a byte group turns out not to be UTF-8."""
+    from tokenizers import Tokenizer, decoders, models
+    vocab = {'<unk>': 0, **{f'<0x{b:02X}>': 1 + b for b in range(256)}, '▁the': 257,
+             'the': 258, '▁': 259}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token='<unk>', byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.Replace('▁', ' '), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(' ', 1, 0)])
+    return TextTokenizer({'tokenizer.json': tok.to_str().encode()}, 'byte-fallback')
+
+
+def test_stop_strings_with_byte_fallback_fire_where_the_full_decode_has_them():
+    tok = _byte_fallback_tokenizer()
+    # an ASCII byte, then a byte that is no UTF-8 continuation: both become U+FFFD
+    m = StopMatcher(tok, ('zz',))
+    assert [m.push(t) for t in (1 + 0x72, 1 + 0x9F, 257)] == [False] * 3
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(3000):
+        tokens = rng.integers(0, 260, 6).tolist()
+        stop = tok.decode(tokens)[1:3]
+        if len(stop) < 2 or '\ufffd' in stop:
+            continue
+        m = StopMatcher(tok, (stop,))
+        fired = next((k + 1 for k, t in enumerate(tokens) if m.push(t)), None)
+        assert fired == _first_stop(tok, tokens, (stop,)), (tokens, stop)
+        checked += 1
+    assert checked > 100

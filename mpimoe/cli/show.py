@@ -56,7 +56,7 @@ def _prompts(path, wanted):
         for raw in f:
             try:
                 obj = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if not isinstance(obj, dict):
                 continue

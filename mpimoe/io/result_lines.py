@@ -87,7 +87,8 @@ def iter_result_lines(path):
                 continue
             try:
                 yield lineno, _fields(json.loads(raw))
-            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError,
+                    RecursionError):
                 raise DataError(f'{path}:{lineno}: not an mpimoe result line (id, text, tokens, '
                                 'finish_reason, usage) nor an OpenAI batch output line') from None
 

@@ -8,35 +8,55 @@ semantics), the tokens keep the one that completed it.
             break
     text = cut_text(tokenizer, tokens, stops)
 
-Detection decodes incrementally (``tokenizers``' DecodeStream: each token's
-text once), so a step costs each sequence a few microseconds whatever its
-length; only the window where a stop string could end is searched (a
-step's new text and the characters before it that a stop could span).
+Detection decodes incrementally: each step decodes only the tokens since
+the last clean cut of the text (a few: a token that ends inside a UTF-8
+character, or that decodes to nothing, waits for the next), and searches only
+the window where a stop string could end.  A decoder may rewrite text it gave
+for earlier tokens (byte fallback turning a byte group into U+FFFD), so a
+stop seen in the stream is confirmed on the decode of all the tokens, the
+text :func:`cut_text` cuts, before the sequence ends.
 """
 
-from tokenizers.decoders import DecodeStream
-
 __all__ = ['StopMatcher', 'cut_text']
+
+#: tokens decoded together at most before their text is taken as it is (a
+#: run of tokens that decode to nothing would otherwise grow each step's work)
+_MAX_PENDING = 16
 
 
 class StopMatcher:
     """Watches one sequence's generated tokens for ``stops`` (str, non-empty)."""
 
     def __init__(self, tokenizer, stops):
-        self._tok = tokenizer.backend
-        self._stream = DecodeStream(skip_special_tokens=True)
+        self._tok = tokenizer
         self.stops = tuple(stops)
         self._longest = max(map(len, self.stops))
-        self._tail = ''        # the text's last (longest stop - 1) characters
+        # a text ending in U+FFFD may be mid-character: wait for the next token,
+        # unless a stop string holds U+FFFD itself
+        self._wait_fffd = not any('\ufffd' in x for x in self.stops)
+        self._tokens = []
+        # tokens[_prefix:_read] gave out text already; each step decodes from
+        # _prefix (a boundary where text was cut cleanly) to the end
+        self._prefix = self._read = 0
+        self._tail = ''         # the text's last (longest stop - 1) characters
 
     def push(self, token):
         """Add the next generated token; True once a stop string is in the text."""
-        new = self._stream.step(self._tok, int(token))
-        if not new:
-            return False
+        self._tokens.append(int(token))
+        before = self._tok.decode(self._tokens[self._prefix:self._read])
+        text = self._tok.decode(self._tokens[self._prefix:])
+        if ((self._wait_fffd and text.endswith('\ufffd')) or len(text) <= len(before)) \
+                and len(self._tokens) - self._read < _MAX_PENDING:
+            return False        # wait: mid-character, or nothing new yet
+        new = text[len(before):] if text.startswith(before) else text
+        self._prefix, self._read = self._read, len(self._tokens)
         window = self._tail + new
-        self._tail = window[max(0, len(window) - self._longest + 1):] if self._longest > 1 else ''
-        return any(s in window for s in self.stops)
+        self._tail = window[max(0, len(window) - self._longest + 1):] if self._longest > 1 \
+            else ''
+        if not any(x in window for x in self.stops):
+            return False
+        full = self._tok.decode(self._tokens)
+        return any(x in full for x in self.stops)
 
 
 def cut_text(tokenizer, tokens, stops=()):
