@@ -13,7 +13,8 @@ from mpimoe.errors import DataError, UsageError
 from mpimoe.runtime.request import SamplingParams
 
 __all__ = ['SETTINGS', 'OPTIONS', 'PROMPT_KEYS', 'NEEDS_TOKENIZER', 'line_settings',
-           'check_setting', 'check_defaults', 'check_id', 'id_text', 'json_text']
+           'check_setting', 'check_defaults', 'check_id', 'surrogate_at', 'surrogate_problem',
+           'id_text', 'json_text']
 
 #: longest id, in bytes of UTF-8
 MAX_ID_BYTES = 1024
@@ -69,17 +70,24 @@ def _rule(key, vocab_size):
 def _is_stops(v):
     items = [v] if isinstance(v, str) else v
     return isinstance(items, (list, tuple)) and len(items) <= MAX_STOPS and all(
-        isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS and _is_text(s) for s in items)
+        isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS and surrogate_at(s) is None for s in items)
 
 
-def _is_text(s):
-    """Unicode text that has UTF-8 (no lone surrogate, e.g. from a command
-    line argument that is not UTF-8)."""
+def surrogate_at(text):
+    """Where the first lone surrogate of ``text`` is (half of a UTF-16 pair,
+    no character, no UTF-8: JSON "\\ud800", or a command line argument that
+    is not UTF-8), or None."""
     try:
-        s.encode('utf-8')
-    except UnicodeEncodeError:
-        return False
-    return True
+        text.encode('utf-8')
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def surrogate_problem(what, text, at):
+    """The message of a lone surrogate at ``at`` in ``text`` (of ``what``)."""
+    return (f'{what} has a lone surrogate {text[at]!r} at character {at} (half of a UTF-16 '
+            'pair, not a character)')
 
 
 def _converted(key, value):
@@ -138,12 +146,11 @@ def check_defaults(defaults, vocab_size):
 def check_id(where, seq_id):
     """DataError unless ``seq_id`` is Unicode text (no lone surrogate: it has no
     UTF-8) without NUL (an HDF5 string ends there) of at most MAX_ID_BYTES bytes."""
-    try:
-        size = len(seq_id.encode('utf-8'))
-    except UnicodeEncodeError as e:
-        raise DataError(f'{where}: id {id_text(seq_id)} has a lone surrogate '
-                        f'{seq_id[e.start]!r} at character {e.start} (half of a UTF-16 pair, '
-                        'not a character); fix the id') from None
+    at = surrogate_at(seq_id)
+    if at is not None:
+        raise DataError(f'{where}: {surrogate_problem(f"id {id_text(seq_id)}", seq_id, at)}; '
+                        'fix the id')
+    size = len(seq_id.encode('utf-8'))
     if '\0' in seq_id:
         raise DataError(f'{where}: id {id_text(seq_id)} contains NUL at character '
                         f'{seq_id.index(chr(0))}; ids are text without NUL')

@@ -22,7 +22,7 @@ import sys
 import numpy as np
 from mpimoe.errors import DataError
 from mpimoe.io.fields import (NEEDS_TOKENIZER, PROMPT_KEYS, check_id, id_text, json_text,
-                              line_settings)
+                              line_settings, surrogate_at, surrogate_problem)
 from mpimoe.io.openai_batch import is_openai_line, openai_request
 
 __all__ = ['MAX_LINE_BYTES', 'jsonl_lines', 'jsonl_sequences', 'parse_line']
@@ -97,13 +97,10 @@ def _check_no_surrogate(where, obj, path=''):
     for key, value in items:
         at = f'{path}.{key}' if isinstance(key, str) else f'{path}[{key}]'
         for text in (key, value):
-            if isinstance(text, str):
-                try:
-                    text.encode('utf-8')
-                except UnicodeEncodeError as e:
-                    raise DataError(f'{where}: {at.lstrip(".")} has a lone surrogate '
-                                    f'{text[e.start]!r} at character {e.start} (half of a '
-                                    'UTF-16 pair, not a character); fix the line') from None
+            bad = surrogate_at(text) if isinstance(text, str) else None
+            if bad is not None:
+                raise DataError(f'{where}: {surrogate_problem(at.lstrip("."), text, bad)}; fix '
+                                'the line')
         _check_no_surrogate(where, value, at)
 
 

@@ -38,18 +38,20 @@ class StopMatcher:
         # tokens[_prefix:_read] gave out text already; each step decodes from
         # _prefix (a boundary where text was cut cleanly) to the end
         self._prefix = self._read = 0
+        self._before = ''       # the text of tokens[_prefix:_read]
         self._tail = ''         # the text's last (longest stop - 1) characters
 
     def push(self, token):
         """Add the next generated token; True once a stop string is in the text."""
         self._tokens.append(int(token))
-        before = self._tok.decode(self._tokens[self._prefix:self._read])
-        text = self._tok.decode(self._tokens[self._prefix:])
+        before, text = self._before, self._tok.decode(self._tokens[self._prefix:])
         if ((self._wait_fffd and text.endswith('\ufffd')) or len(text) <= len(before)) \
                 and len(self._tokens) - self._read < _MAX_PENDING:
             return False        # wait: mid-character, or nothing new yet
         new = text[len(before):] if text.startswith(before) else text
         self._prefix, self._read = self._read, len(self._tokens)
+        # decoded again, not cut from text: a decoder strips or joins at a window's start
+        self._before = self._tok.decode(self._tokens[self._prefix:])
         window = self._tail + new
         self._tail = window[max(0, len(window) - self._longest + 1):] if self._longest > 1 \
             else ''
