@@ -27,8 +27,8 @@ def open_job(opts, wf, meta, n_frontends=1, *, tokenizer=None, **options):
     The stream is validated for the run's generation settings
     (``opts.sampling()``), its step budget and KV cache.  What must not
     change for a rerun to resume: the input's bytes (and so every line's own
-    settings), the tokenizer's files, the weights (:meth:`WeightFile.identity`, its end-of-sequence
-    ids included), the default settings (:func:`generation_identity`), the
+    settings), the tokenizer's files, the weights (:meth:`WeightFile.identity`,
+    its end-of-sequence ids included), the default settings (:func:`generation_identity`), the
     options that shape the steps (``opts.schedule``: batch composition, so
     that a resumed output is bit for bit an uninterrupted one) and
     ``options`` (str/int/float values that change results).  The writer
