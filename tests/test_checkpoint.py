@@ -1,6 +1,7 @@
 """Weight format (mpimoe/checkpoint/layout.py, writer.py, weights.py): layout, round
 trip, partial reads, corruption and every user error as a one-line DataError."""
 
+import json
 import io
 import os
 import re
@@ -227,7 +228,7 @@ def _set_attr(key, value):
 
 
 @pytest.mark.parametrize('edit,message', [
-    (_set_attr('format_version', 2), 'format_version 2 is not supported'),
+    (_set_attr('format_version', 3), 'format_version 3 is not supported'),
     (_set_attr('format', 'other'), 'not an mpimoe weight file'),
     (_set_attr('config', '{"n_layers": '), 'bad config attribute: config is not valid JSON'),
     (_set_attr('config', '{"n_layers": 4}'), 'bad config attribute: config keys'),
@@ -310,3 +311,21 @@ def test_cli(tmp_path):
         assert r.returncode == 65
         assert r.stderr.startswith('mpimoe: error:') and r.stderr.count('\n') == 1
         assert 'Traceback' not in r.stderr
+
+
+def test_version_1_file_loads(tiny_file):
+    """A version-1 file (no router/attention/shared groups in its config)
+    reads with the groups' defaults, the same tensors and the same values."""
+    with WeightFile(tiny_file) as wf:
+        cfg, before = wf.config, wf.read_nonexpert()
+    old = json.loads(cfg.to_json())
+    for group in ('router', 'attention', 'shared'):
+        del old[group]
+    with h5py.File(tiny_file, 'r+') as f:
+        f.attrs['format_version'] = 1
+        f.attrs['config'] = json.dumps(old)
+    with WeightFile(tiny_file) as wf:
+        assert wf.format_version == 1 and wf.config == cfg and wf.validate() == []
+        after = wf.read_nonexpert()
+    assert all(np.array_equal(before[n].view(np.uint16), after[n].view(np.uint16))
+               for n in before)

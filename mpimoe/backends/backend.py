@@ -193,11 +193,13 @@ class Backend:
 
         NumPy: FP32 copies (the CPU contract, mpimoe.model.layers.expert_ffn).  CuPy:
         the 16-bit words copied to the device and viewed as the 16-bit dtype,
-        no FP32 copy on the device.
+        no FP32 copy on the device (the few FP32 tensors, a router's score
+        bias, as they are).
         """
         if not self.is_gpu:
             return {k: v.astype(np.float32) for k, v in tensors.items()}
-        return {k: self.xp.asarray(to_words(v)).view(v.dtype) for k, v in tensors.items()}
+        return {k: self.xp.asarray(v) if v.dtype == np.float32 else
+                self.xp.asarray(to_words(v)).view(v.dtype) for k, v in tensors.items()}
 
     def bind(self, rank, local_rank, log):
         """Make GPU ``bind_device(local_rank, n)`` current for this process and

@@ -18,12 +18,12 @@ import numpy as np
 
 from mpimoe import __version__
 from mpimoe.backends.backend import from_words
-from mpimoe.checkpoint.layout import (FORMAT, FORMAT_VERSION, SLAB_ELEMS, WORD,
+from mpimoe.checkpoint.layout import (FORMAT, READ_VERSIONS, SLAB_ELEMS,
                                       expert_tensor_names, is_expert, nonexpert_tensor_names,
-                                      row_slabs, tensor_specs)
+                                      row_slabs, storage_of, tensor_dtype, tensor_specs)
 from mpimoe.checkpoint.tokenizer_files import GROUP, dataset_problem, text_tokenizer
 from mpimoe.errors import ConfigError, DataError, clip
-from mpimoe.model.config import ModelConfig
+from mpimoe.model.config import GROUPS, ModelConfig
 from mpimoe.text.tokenizer import TOKENIZER_FILES
 from mpimoe.io.paths import regular_file
 
@@ -89,11 +89,13 @@ class WeightFile:
                             f'{clip(repr(fmt))}, expected {FORMAT!r}); write one with '
                             f'`mpimoe init-weights` or `mpimoe convert`')
         version = attrs.get('format_version')
-        if not isinstance(version, (int, np.integer)) or version != FORMAT_VERSION:
+        if not isinstance(version, (int, np.integer)) or version not in READ_VERSIONS:
             shown = version.tolist() if isinstance(version, np.generic) else version
             raise DataError(f'{self.name}: format_version {clip(repr(shown))} is not supported '
-                            f'(this mpimoe {__version__} reads version {FORMAT_VERSION}); '
-                            f'rewrite the file with this version')
+                            f'(this mpimoe {__version__} reads versions '
+                            f'{", ".join(map(str, READ_VERSIONS))}); rewrite the file with '
+                            f'this version')
+        self.format_version = int(version)
         self.written_by = _text_attr(attrs, 'mpimoe_version')
         try:
             return ModelConfig.from_json(_text_attr(attrs, 'config'))
@@ -134,11 +136,13 @@ class WeightFile:
         shape = self._specs[name]
         if ds.shape != shape:
             return f'shape {ds.shape}, expected {shape}'
-        if ds.dtype != WORD:
-            return f'stored as {ds.dtype}, expected little-endian uint16 words'
+        want = tensor_dtype(name, self.config)
+        if ds.dtype != storage_of(want):
+            return f'stored as {ds.dtype}, expected ' + \
+                ('little-endian float32' if want == 'float32' else 'little-endian uint16 words')
         dtype = _text_attr(ds.attrs, 'dtype')
-        if dtype != self.config.dtype:
-            return f'dtype attribute {clip(repr(dtype))}, expected {self.config.dtype!r}'
+        if dtype != want:
+            return f'dtype attribute {clip(repr(dtype))}, expected {want!r}'
         problem = self._storage_problem(ds)
         if problem is None and not isinstance(ds.attrs.get('crc32'), (int, np.integer)):
             return 'crc32 attribute missing or not an integer'
@@ -171,9 +175,10 @@ class WeightFile:
         return ds
 
     def _read_words(self, name, ds, sel=None):
-        """Raw little-endian words of ``ds`` (rows ``sel`` when given)."""
+        """Raw little-endian words of ``ds`` (rows ``sel`` when given): uint16,
+        or float32 for an FP32 tensor."""
         shape = ds.shape if sel is None else (sel.stop - sel.start,) + ds.shape[1:]
-        out = np.empty(shape, WORD)
+        out = np.empty(shape, ds.dtype)
         try:
             ds.read_direct(out, source_sel=sel)
         except OSError as e:
@@ -185,18 +190,21 @@ class WeightFile:
 
     def _nonfinite(self, words, shape, r0=0):
         """Where the first NaN or Inf of ``words`` (uint16 [r1 - r0, *shape[1:]],
-        rows ``r0..`` of a tensor of ``shape``) is, as a problem string, or None."""
-        mask = WORD.type(_EXPONENT[self.config.dtype])
+        rows ``r0..`` of a tensor of ``shape``; or float32 values) is, as a
+        problem string, or None."""
         flat = words.reshape(-1)
+        mask = None if words.dtype.kind == 'f' else words.dtype.type(_EXPONENT[self.config.dtype])
         for a in range(0, flat.size, SLAB_ELEMS):
-            bad = np.flatnonzero((flat[a:a + SLAB_ELEMS] & mask) == mask)
+            part = flat[a:a + SLAB_ELEMS]
+            bad = np.flatnonzero(~np.isfinite(part) if mask is None else (part & mask) == mask)
             if bad.size:
                 at = np.unravel_index(r0 * int(np.prod(shape[1:])) + a + int(bad[0]), shape)
                 return f'value at {list(map(int, at))} is NaN or Inf (not a usable model)'
         return None
 
     def read(self, name, verify=True):
-        """Tensor ``name`` as an array of the 16-bit dtype, shape from tensor_specs.
+        """Tensor ``name`` as an array of the 16-bit dtype (float32 for an FP32
+        tensor: layout.tensor_dtype), shape from tensor_specs.
 
         With ``verify`` the crc32 of the bytes read is checked; NaN and Inf
         values are refused either way.
@@ -208,7 +216,7 @@ class WeightFile:
         problem = self._nonfinite(words, ds.shape)
         if problem:
             raise self._error(name, f'{problem}; rewrite or reconvert the file')
-        return from_words(words, self.config.dtype)
+        return words if words.dtype.kind == 'f' else from_words(words, self.config.dtype)
 
     def read_expert(self, layer, e, verify=True):
         """Expert ``e`` of MoE layer ``layer``: ``{'gate': [d, d_expert],
@@ -373,16 +381,17 @@ def inspect_report(path, checksums=True):
     validation found problems."""
     with WeightFile(path) as wf:
         cfg = wf.config
-        writer = wf.written_by
+        writer, version = wf.written_by, wf.format_version
         problems = wf.validate(checksums)
         tokenizer = _tokenizer_line(wf)
     specs = tensor_specs(cfg)
-    nbytes = {n: int(np.prod(s)) * cfg.itemsize for n, s in specs}
+    nbytes = {n: int(np.prod(s)) * storage_of(tensor_dtype(n, cfg)).itemsize for n, s in specs}
     expert = sum(nbytes[n] for n in expert_tensor_names(cfg.moe_layers[0], 0, cfg))
     lines = [f'file: {path} ({_size(os.path.getsize(path))} on disk)',
-             f'format: {FORMAT} version {FORMAT_VERSION}, written by mpimoe {clip(writer)}',
+             f'format: {FORMAT} version {version}, written by mpimoe {clip(writer)}',
              'config:']
-    lines += [f'  {k} = {v}' for k, v in sorted(vars(cfg).items())]
+    lines += [f'  {k} = {v}' for k, v in sorted(vars(cfg).items()) if k not in GROUPS]
+    lines += [f'  {g}.{k} = {v}' for g in GROUPS for k, v in vars(getattr(cfg, g)).items()]
     lines += [f'tensors: {len(specs)}',
               f'total: {_size(sum(nbytes.values()))}',
               f'non-expert: {_size(sum(b for n, b in nbytes.items() if not is_expert(n)))}',

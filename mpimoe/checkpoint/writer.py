@@ -14,7 +14,8 @@ import numpy as np
 
 from mpimoe import __version__
 from mpimoe.backends.backend import storage_dtype, to_words
-from mpimoe.checkpoint.layout import FORMAT, FORMAT_VERSION, WORD, row_slabs, tensor_specs
+from mpimoe.checkpoint.layout import (FORMAT, FORMAT_VERSION, WORD, row_slabs, storage_of,
+                                      tensor_dtype, tensor_specs)
 from mpimoe.checkpoint.tokenizer_files import write_tokenizer_files
 from mpimoe.errors import ConfigError, DataError
 from mpimoe.io.files import atomic_write
@@ -23,20 +24,23 @@ __all__ = ['LOG_EVERY_S', 'open_for_writing', 'write_tensor', 'write_synthetic']
 
 #: seconds between progress lines while writing
 LOG_EVERY_S = 5.0
-_NORMS = ('attn_norm', 'ffn_norm', 'final_norm')
+_BIASES = ('bq', 'bk', 'bv', 'router_bias')
 
 
 def _init_std(name, shape, cfg):
     """Standard deviation of tensor ``name``; None means all ones (norms).
 
     N(0, 1/d_in) keeps activations O(1); output projections (wo, down) are
-    further scaled by 1/sqrt(2 n_layers) so the residual stream stays O(1).
+    further scaled by 1/sqrt(2 n_layers) so the residual stream stays O(1);
+    biases are N(0, 0.1^2).
     """
     leaf = name.rsplit('/', 1)[-1]
-    if leaf in _NORMS:
+    if leaf.endswith('norm'):
         return None
     if leaf == 'embed':
         return 1.0
+    if leaf in _BIASES:
+        return 0.1
     std = shape[0] ** -0.5
     return std / np.sqrt(2 * cfg.n_layers) if leaf in ('wo', 'down') else std
 
@@ -45,7 +49,8 @@ def _synthetic_slabs(name, shape, cfg, seed):
     """Tensor ``name`` generated from (seed, name): yields ``(r0, r1, words)``."""
     std = _init_std(name, shape, cfg)
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    dt = storage_dtype(cfg.dtype)
+    fp32 = tensor_dtype(name, cfg) == 'float32'
+    dt = None if fp32 else storage_dtype(cfg.dtype)
     for r0, r1 in row_slabs(shape):
         n = (r1 - r0,) + tuple(shape[1:])
         if std is None:
@@ -53,7 +58,8 @@ def _synthetic_slabs(name, shape, cfg, seed):
         else:
             x = rng.standard_normal(n, dtype=np.float32)
             x *= np.float32(std)
-        yield r0, r1, to_words(x.astype(dt)).astype(WORD, copy=False)
+        yield r0, r1, x.astype(storage_of('float32')) if fp32 else \
+            to_words(x.astype(dt)).astype(WORD, copy=False)
 
 
 def write_tensor(f, name, shape, dtype, slabs):
@@ -61,16 +67,17 @@ def write_tensor(f, name, shape, dtype, slabs):
     attributes ``dtype`` and ``crc32``; -> bytes written.
 
     slabs: iterable of ``(r0, r1, words)``, words uint16 [r1 - r0, *shape[1:]]
-    (C order), covering the rows in increasing order.
+    (C order; float32 values for a ``float32`` tensor), covering the rows in
+    increasing order.
     """
-    ds = f.create_dataset(name, shape=shape, dtype=WORD)
+    ds = f.create_dataset(name, shape=shape, dtype=storage_of(dtype))
     crc = 0
     for r0, r1, words in slabs:
         ds[r0:r1] = words
         crc = zlib.crc32(words, crc)
     ds.attrs['dtype'] = dtype
     ds.attrs['crc32'] = crc
-    return ds.size * WORD.itemsize
+    return ds.size * ds.dtype.itemsize
 
 
 def _check_output(path, overwrite):
@@ -108,7 +115,7 @@ def write_synthetic(cfg, path, seed=0, overwrite=False, log=None, tokenizer_file
         raise ConfigError(f'seed={seed}: must be >= 0')
     log = log or (lambda line: None)
     specs = tensor_specs(cfg)
-    total = sum(int(np.prod(s)) for _, s in specs) * WORD.itemsize
+    total = sum(int(np.prod(s)) * storage_of(tensor_dtype(n, cfg)).itemsize for n, s in specs)
     t0 = last = time.monotonic()
     done = 0
     with open_for_writing(path, cfg, overwrite) as f:
@@ -116,7 +123,7 @@ def write_synthetic(cfg, path, seed=0, overwrite=False, log=None, tokenizer_file
         if tokenizer_files is not None:
             write_tokenizer_files(f, tokenizer_files)
         for name, shape in specs:
-            done += write_tensor(f, name, shape, cfg.dtype,
+            done += write_tensor(f, name, shape, tensor_dtype(name, cfg),
                                  _synthetic_slabs(name, shape, cfg, seed))
             if time.monotonic() - last >= LOG_EVERY_S:
                 last = time.monotonic()

@@ -11,13 +11,19 @@ from dataclasses import dataclass, fields
 
 from mpimoe.errors import ConfigError, clip
 
-__all__ = ['ModelConfig', 'PRESETS', 'model_config', 'parse_overrides', 'parse_json', 'int_list']
+__all__ = ['ModelConfig', 'RouterConfig', 'AttentionConfig', 'SharedExpertConfig', 'PRESETS',
+           'model_config', 'build_config', 'parse_overrides', 'parse_json', 'int_list']
 
 EXPERT_KINDS = ('mlp', 'swiglu')
 #: fields added after files were first written: a stored config may lack them
-#: (their default applies)
-LATER_FIELDS = frozenset({'max_position_embeddings', 'eos_token_id'})
+#: (their default applies; version-1 files lack the three groups)
+LATER_FIELDS = frozenset({'max_position_embeddings', 'eos_token_id', 'router', 'attention',
+                          'shared'})
 DTYPES = ('bfloat16', 'float16')
+SCORINGS = ('softmax', 'sigmoid')
+ATTENTION_KINDS = ('gqa', 'mla')
+QK_NORMS = ('none', 'head', 'full')
+ROPE_SCALINGS = ('none', 'yarn')
 
 # Upper bounds: a file or a --set can claim any number, and the layout, the
 # plan and the buffers grow with them, so each field is bounded by what a
@@ -50,6 +56,175 @@ MAX_ROPE_THETA = 1e12
 MAX_EXPERTS_TOTAL = 1 << 17
 #: largest parameter count: 12x Switch-C (4e13 bytes of bf16 weights)
 MAX_PARAMS = 2e13
+
+
+def _check_types(obj, prefix=''):
+    """ConfigError naming the first field of dataclass ``obj`` whose value is
+    not of its type (a float field accepts an int; only a bool field a bool)."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        accepted = (int, float) if f.type is float else f.type
+        if not isinstance(v, accepted) or (isinstance(v, bool) and f.type is not bool):
+            expected = _CONVERTERS[f.type][1] if f.type in _CONVERTERS else 'a JSON object'
+            raise ConfigError(f'{prefix}{f.name}={clip(repr(v))}: expected {expected}')
+
+
+def int_list(text):
+    """``'2,7'`` -> ``(2, 7)``; ``''`` -> ``()``."""
+    return tuple(int(t) for t in text.split(',')) if text.strip() else ()
+
+
+def _bool(text):
+    """``true``/``1`` -> True, ``false``/``0`` -> False (ValueError otherwise)."""
+    value = {'true': True, '1': True, 'false': False, '0': False}.get(text.lower())
+    if value is None:
+        raise ValueError(text)
+    return value
+
+
+#: field type -> (--set value converter, its name in messages)
+_CONVERTERS = {int: (int, 'int'), float: (float, 'float'), str: (str, 'str'),
+               bool: (_bool, 'bool (true or false)'),
+               tuple: (int_list, 'list of ints (comma-separated: 2,7)')}
+
+
+class _Group:
+    """A frozen group of config fields: type-checked, bounded, JSON-able."""
+
+    #: field -> (lowest, highest) accepted, for the numeric fields
+    BOUNDS = {}
+
+    def __post_init__(self):
+        _check_types(self, f'{self.KEY}.')
+        for name, (lo, hi) in self.BOUNDS.items():
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise ConfigError(f'{self.KEY}.{name}={clip(v)}: must be in [{lo}, {hi}]')
+        for name, choices in self.CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f'{self.KEY}.{name}={clip(repr(getattr(self, name)))}: '
+                                  f'must be one of {choices}')
+
+    @classmethod
+    def from_dict(cls, d):
+        if not isinstance(d, dict):
+            raise ConfigError(f'config {cls.KEY}: expected a JSON object')
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f'config {cls.KEY} keys: unknown {clip(unknown)}')
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class RouterConfig(_Group):
+    """How an MoE layer scores and picks its experts (mpimoe.moe.router)."""
+
+    KEY = 'router'
+    CHOICES = {'scoring': SCORINGS}
+    BOUNDS = {'n_group': (1, 4096), 'topk_group': (1, 4096),
+              'routed_scaling_factor': (1e-6, 1e6)}
+
+    scoring: str = 'softmax'
+    """``softmax`` over all experts (Mixtral, Qwen, OLMoE) or an independent
+    ``sigmoid`` per expert (DeepSeek-V3)."""
+    norm_topk_prob: bool = True
+    """Renormalise the chosen experts' scores to sum to 1 (Mixtral, Qwen3-MoE,
+    DeepSeek-V3) or use them as they are (Qwen2-MoE, OLMoE)."""
+    n_group: int = 1
+    """Group-limited top-k: the experts fall in ``n_group`` equal groups, a
+    group scores the sum of its two best experts, and a token picks its
+    experts from its ``topk_group`` best groups only (DeepSeek-V3: 8 and 4)."""
+    topk_group: int = 1
+    """Groups a token may pick experts from (``<= n_group``)."""
+    routed_scaling_factor: float = 1.0
+    """Scale of the combine weights (DeepSeek-V3: 2.5)."""
+    score_bias: bool = False
+    """Whether each MoE layer has ``router_bias`` [E] (FP32; DeepSeek-V3's
+    ``e_score_correction_bias``): added to the scores for choosing the
+    experts only, never to the combine weights (like ``--balance bias``,
+    which adds to it)."""
+
+
+@dataclass(frozen=True)
+class AttentionConfig(_Group):
+    """Which attention the layers run (mpimoe.model.attention), and RoPE scaling."""
+
+    KEY = 'attention'
+    CHOICES = {'kind': ATTENTION_KINDS, 'qk_norm': QK_NORMS, 'rope_scaling': ROPE_SCALINGS}
+    BOUNDS = {'q_lora_rank': (0, 65536), 'kv_lora_rank': (0, 65536),
+              'qk_nope_head_dim': (0, 1024), 'qk_rope_head_dim': (0, 1024),
+              'v_head_dim': (0, 1024), 'rope_factor': (1.0, 1e4),
+              'rope_original_max_position': (0, 1 << 24), 'yarn_beta_fast': (0.0, 1e4),
+              'yarn_beta_slow': (0.0, 1e4), 'yarn_mscale': (0.0, 1e4),
+              'yarn_mscale_all_dim': (0.0, 1e4)}
+
+    kind: str = 'gqa'
+    """``gqa``: grouped-query attention (wq, wk, wv, wo; MHA and MQA included),
+    or ``mla``: DeepSeek's multi-head latent attention, whose KV cache holds
+    the compressed latent and the RoPE key per token (one 'head' of
+    ``kv_lora_rank + qk_rope_head_dim``)."""
+    qk_norm: str = 'none'
+    """RMSNorm of queries and keys before RoPE: ``head`` (over each head's
+    ``head_dim``, one gain per layer shared by the heads: Qwen3-MoE) or
+    ``full`` (over all heads of q and of k: OLMoE)."""
+    qkv_bias: bool = False
+    """Biases on the q, k, v projections (Qwen2-MoE)."""
+    q_lora_rank: int = 0
+    """MLA: rank of the query compression (0: queries projected directly)."""
+    kv_lora_rank: int = 0
+    """MLA: width of the compressed key/value latent (the cache holds it)."""
+    qk_nope_head_dim: int = 0
+    """MLA: per-head query/key width without RoPE."""
+    qk_rope_head_dim: int = 0
+    """MLA: per-head query/key width with RoPE (the key part is shared by all heads)."""
+    v_head_dim: int = 0
+    """MLA: per-head value width."""
+    rope_scaling: str = 'none'
+    """``none`` or ``yarn`` (the context extension DeepSeek-V3 ships)."""
+    rope_factor: float = 1.0
+    """yarn: context extension factor (DeepSeek-V3: 40)."""
+    rope_original_max_position: int = 0
+    """yarn: the context the model was trained with before extension (4096)."""
+    yarn_beta_fast: float = 32.0
+    """yarn: rotations above which a frequency is kept (extrapolated)."""
+    yarn_beta_slow: float = 1.0
+    """yarn: rotations below which a frequency is interpolated."""
+    yarn_mscale: float = 1.0
+    """yarn: magnitude scale of cos/sin (``mscale`` of the checkpoint)."""
+    yarn_mscale_all_dim: float = 0.0
+    """yarn: scale of the softmax (``mscale_all_dim``; 0: none)."""
+
+    @property
+    def mla(self):
+        return self.kind == 'mla'
+
+
+@dataclass(frozen=True)
+class SharedExpertConfig(_Group):
+    """Experts every token goes through, next to its routed ones (run on the
+    front-end while the routed rows travel: docs/DESIGN.md)."""
+
+    KEY = 'shared'
+    CHOICES = {}
+    BOUNDS = {'n_experts': (0, 64), 'd_expert': (0, 262144)}
+
+    n_experts: int = 0
+    """Shared experts per MoE layer (DeepSeek-V3: 1, Qwen2-MoE: 1; 0: none);
+    stored as one MLP of hidden width ``n_experts * d_expert``."""
+    d_expert: int = 0
+    """Hidden width of one shared expert."""
+    gate: bool = False
+    """Scale the shared output by ``sigmoid(h @ shared_gate)`` (Qwen2-MoE)."""
+
+    @property
+    def d_hidden(self):
+        """Hidden width of the stored shared MLP (0: none)."""
+        return self.n_experts * self.d_expert
+
+
+#: group field name -> its dataclass
+GROUPS = {'router': RouterConfig, 'attention': AttentionConfig, 'shared': SharedExpertConfig}
 
 
 @dataclass(frozen=True)
@@ -96,13 +271,15 @@ class ModelConfig:
     ``eos_token_id`` of the checkpoint's config.json (an int or a list);
     ``--set eos_token_id=2,7``; weight files written before the field existed
     read as ()."""
+    router: RouterConfig = RouterConfig()
+    """Expert scoring and choice (version-1 files: the defaults, Mixtral's)."""
+    attention: AttentionConfig = AttentionConfig()
+    """Attention variant and RoPE scaling (version-1 files: plain GQA)."""
+    shared: SharedExpertConfig = SharedExpertConfig()
+    """Shared experts of the MoE layers (version-1 files: none)."""
 
     def __post_init__(self):
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, _field_type(f)) or isinstance(v, bool):
-                raise ConfigError(f'{f.name}={clip(repr(v))}: expected '
-                                  f'{_CONVERTERS[f.type][1]}')
+        _check_types(self)
         for name, top in MAX.items():
             v = getattr(self, name)
             if not 1 <= v <= top:
@@ -127,7 +304,48 @@ class ModelConfig:
                               f'(0, {MAX_ROPE_THETA:g}]')
         if not 0 < self.norm_eps < 1:
             raise ConfigError(f'norm_eps={clip(self.norm_eps)}: must be in (0, 1)')
+        self._check_router()
+        self._check_attention()
+        s = self.shared
+        if (s.n_experts == 0) != (s.d_expert == 0) or (s.gate and not s.n_experts):
+            raise ConfigError(f'shared.n_experts={s.n_experts}, shared.d_expert={s.d_expert}, '
+                              f'shared.gate={s.gate}: both sizes 0 (no shared expert) or both '
+                              f'>= 1; a gate needs a shared expert')
         self._check_totals()
+
+    def _check_router(self):
+        r, E = self.router, self.n_experts
+        if r.n_group == 1 and r.topk_group == 1:
+            return
+        size = E // r.n_group
+        if E % r.n_group or (size < 2) or r.topk_group > r.n_group \
+                or self.top_k > r.topk_group * size:
+            raise ConfigError(f'router.n_group={r.n_group}, router.topk_group={r.topk_group}: '
+                              f'n_group must divide n_experts={E} into groups of >= 2 experts, '
+                              f'topk_group <= n_group, and top_k={self.top_k} <= topk_group x '
+                              f'group size')
+
+    def _check_attention(self):
+        a = self.attention
+        mla = (a.q_lora_rank, a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim,
+               a.v_head_dim)
+        if a.mla:
+            if (a.kv_lora_rank < 1 or a.v_head_dim < 1 or a.qk_rope_head_dim < 2
+                    or a.qk_rope_head_dim % 2
+                    or self.head_dim != a.qk_nope_head_dim + a.qk_rope_head_dim
+                    or self.n_kv_heads != self.n_heads or a.qk_norm != 'none' or a.qkv_bias):
+                raise ConfigError(
+                    f'attention.kind=mla needs kv_lora_rank >= 1, v_head_dim >= 1, an even '
+                    f'qk_rope_head_dim >= 2, head_dim = qk_nope_head_dim + qk_rope_head_dim '
+                    f'(got {self.head_dim} vs {a.qk_nope_head_dim} + {a.qk_rope_head_dim}), '
+                    f'n_kv_heads = n_heads, no qk_norm and no qkv_bias')
+        elif any(mla):
+            raise ConfigError(f'attention.kind=gqa: the MLA sizes (q_lora_rank, kv_lora_rank, '
+                              f'qk_nope_head_dim, qk_rope_head_dim, v_head_dim) must be 0, got '
+                              f'{list(mla)}')
+        if a.rope_scaling == 'yarn' and a.rope_original_max_position < 1:
+            raise ConfigError('attention.rope_scaling=yarn needs rope_original_max_position '
+                              '>= 1 (the context before extension)')
 
     def _check_eos(self):
         ids = self.eos_token_id
@@ -169,14 +387,50 @@ class ModelConfig:
         return len(self.expert_matrices) * self.d_model * self.d_expert
 
     @property
+    def rope_dim(self):
+        """Width RoPE rotates per head: head_dim (GQA) or qk_rope_head_dim (MLA)."""
+        return self.attention.qk_rope_head_dim if self.attention.mla else self.head_dim
+
+    @property
+    def kv_token_elems(self):
+        """KV cache elements per token per layer: keys and values of the KV
+        heads (GQA), or the latent and the RoPE key (MLA)."""
+        a = self.attention
+        if a.mla:
+            return a.kv_lora_rank + a.qk_rope_head_dim
+        return 2 * self.n_kv_heads * self.head_dim
+
+    @property
+    def attention_params(self):
+        """Parameters of one layer's attention, its two norms included."""
+        a, d, H = self.attention, self.d_model, self.n_heads
+        if a.mla:
+            qk = H * self.head_dim
+            q = d * qk if not a.q_lora_rank else d * a.q_lora_rank + a.q_lora_rank \
+                + a.q_lora_rank * qk
+            kv = d * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank \
+                + a.kv_lora_rank * H * (a.qk_nope_head_dim + a.v_head_dim)
+            return q + kv + H * a.v_head_dim * d + 2 * d
+        q, kv = H * self.head_dim, self.n_kv_heads * self.head_dim
+        norms = {'none': 0, 'head': 2 * self.head_dim, 'full': q + kv}[a.qk_norm]
+        return d * q + 2 * d * kv + q * d + 2 * d + (q + 2 * kv) * a.qkv_bias + norms
+
+    @property
+    def shared_params(self):
+        """Parameters of one MoE layer's shared experts (and their gate)."""
+        s = self.shared
+        return len(self.expert_matrices) * self.d_model * s.d_hidden + self.d_model * s.gate
+
+    @property
     def nonexpert_params(self):
-        """Parameters outside the experts: embedding, attention, norms, dense
-        MLPs, routers, LM head (what a front-end holds)."""
-        d, q, kv = self.d_model, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        attention = d * q + 2 * d * kv + q * d + 2 * d          # wq wk wv wo + 2 norms
+        """Parameters outside the routed experts: embedding, attention, norms,
+        dense MLPs, routers, shared experts, LM head (what a front-end holds)."""
+        d = self.d_model
         dense_mlp = len(self.expert_matrices) * d * self.d_dense
-        return (2 * self.vocab_size * d + d + self.n_layers * attention
-                + self.n_dense_layers * dense_mlp + self.n_moe_layers * d * self.n_experts)
+        router = d * self.n_experts + self.n_experts * self.router.score_bias
+        return (2 * self.vocab_size * d + d + self.n_layers * self.attention_params
+                + self.n_dense_layers * dense_mlp
+                + self.n_moe_layers * (router + self.shared_params))
 
     @property
     def itemsize(self):
@@ -188,6 +442,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_json(self):
+        """The config as JSON (keys sorted; the groups as nested objects)."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
@@ -201,8 +456,9 @@ class ModelConfig:
         missing = sorted(names - set(d) - LATER_FIELDS)
         if unknown or missing:
             raise ConfigError(f'config keys: unknown {clip(unknown)}, missing {missing}')
-        # JSON has lists, the config tuples
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        # JSON has lists and objects, the config tuples and groups
+        return cls(**{k: GROUPS[k].from_dict(v) if k in GROUPS else
+                      tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def parse_json(text, what, error=ConfigError):
@@ -215,21 +471,6 @@ def parse_json(text, what, error=ConfigError):
         raise error(f'{what} is not usable JSON: nested too deeply') from None
     except (TypeError, ValueError) as e:
         raise error(f'{what} is not valid JSON: {clip(e)}') from None
-
-
-def _field_type(f):
-    """The accepted Python type(s) of a field: a float field accepts an int."""
-    return (int, float) if f.type is float else f.type
-
-
-def int_list(text):
-    """``'2,7'`` -> ``(2, 7)``; ``''`` -> ``()``."""
-    return tuple(int(t) for t in text.split(',')) if text.strip() else ()
-
-
-#: field type -> (--set value converter, its name in messages)
-_CONVERTERS = {int: (int, 'int'), float: (float, 'float'), str: (str, 'str'),
-               tuple: (int_list, 'list of ints (comma-separated: 2,7)')}
 
 
 #: Named configurations.  ``paper-*`` follow the reference deployment
@@ -261,14 +502,17 @@ PRESETS = {
 
 
 def parse_overrides(pairs):
-    """``['top_k=3', 'expert_kind=mlp', 'eos_token_id=2,7']`` -> ``{'top_k': 3,
-    'expert_kind': 'mlp', 'eos_token_id': (2, 7)}``.
+    """``['top_k=3', 'eos_token_id=2,7', 'router.scoring=sigmoid']`` ->
+    ``{'top_k': 3, 'eos_token_id': (2, 7), 'router': {'scoring': 'sigmoid'}}``.
 
     Values are converted to the field's type (a tuple: comma-separated ints,
-    empty for none); an unknown key or a value that does not convert raises
+    empty for none; a bool: true or false); a group's field is
+    ``GROUP.FIELD``.  An unknown key or a value that does not convert raises
     ConfigError naming the key.
     """
-    types = {f.name: f.type for f in fields(ModelConfig)}
+    types = {f.name: f.type for f in fields(ModelConfig) if f.name not in GROUPS}
+    for group, cls in GROUPS.items():
+        types.update({f'{group}.{f.name}': f.type for f in fields(cls)})
     out = {}
     for pair in pairs or ():
         key, sep, value = pair.partition('=')
@@ -279,14 +523,27 @@ def parse_overrides(pairs):
             raise ConfigError(f'--set {key}: unknown key; valid keys: {", ".join(types)}')
         conv, expected = _CONVERTERS[types[key]]
         try:
-            out[key] = conv(value.strip())
+            v = conv(value.strip())
         except ValueError:
             raise ConfigError(f'--set {key}={value}: not a valid {expected}') from None
+        group, dot, name = key.partition('.')
+        if dot:
+            out.setdefault(group, {})[name] = v
+        else:
+            out[key] = v
     return out
+
+
+def build_config(values):
+    """ModelConfig of a dict like PRESETS' (groups as dicts of their fields)."""
+    return ModelConfig(**{k: GROUPS[k](**v) if k in GROUPS else v for k, v in values.items()})
 
 
 def model_config(preset, overrides=()):
     """The validated config of ``preset`` with ``--set`` style ``overrides``."""
     if preset not in PRESETS:
         raise ConfigError(f'unknown preset {preset!r}; choose one of: {", ".join(PRESETS)}')
-    return ModelConfig(**{**PRESETS[preset], **parse_overrides(overrides)})
+    values = {k: dict(v) if k in GROUPS else v for k, v in PRESETS[preset].items()}
+    for k, v in parse_overrides(overrides).items():
+        values[k] = {**values.get(k, {}), **v} if k in GROUPS else v
+    return build_config(values)

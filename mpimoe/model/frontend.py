@@ -31,9 +31,12 @@ class FrontEnd:
     def __init__(self, cfg, tensors):
         self.cfg = cfg
         self.t = tensors
-        self.layer = [{name: tensors[f'layers/{i}/{name}'] for name in
-                       ('attn_norm', 'wq', 'wk', 'wv', 'wo', 'ffn_norm')}
-                      for i in range(cfg.n_layers)]
+        # per layer: its own tensors (norms, attention), not those of its groups
+        self.layer = [{} for _ in range(cfg.n_layers)]
+        for name, t in tensors.items():
+            parts = name.split('/')
+            if len(parts) == 3 and parts[0] == 'layers':
+                self.layer[int(parts[1])][parts[2]] = t
         self.dense = {i: {m: tensors[f'layers/{i}/mlp/{m}'] for m in cfg.expert_matrices}
                       for i in range(cfg.n_dense_layers)}
         self.router = {i: as_f32(tensors[f'layers/{i}/router']) for i in cfg.moe_layers}
