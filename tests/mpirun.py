@@ -2,8 +2,11 @@
 
     proc = mpiexec(9, ['run', '--weights', w, ...], timeout=60)
 
-The job runs in a session of its own so that a timeout kills every rank
-(mpiexec, its proxies and the Python processes), never leaving one behind.
+A timeout kills every process of the job (mpiexec, its proxies and the
+Python ranks), never leaving one behind: :func:`signal_job`.  MPICH's Hydra
+starts each proxy and rank in a session of its own, so a signal to mpiexec's
+process group reaches mpiexec alone (which forwards SIGTERM, SIGINT and SIGUSR1
+to the ranks, as srun does).
 """
 
 import os
@@ -14,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ['mpiexec', 'mpiexec_start', 'mpiexec_path', 'error_lines', 'uninterrupted_run']
+__all__ = ['mpiexec', 'mpiexec_start', 'signal_job', 'mpiexec_path', 'error_lines', 'uninterrupted_run']
 
 
 def mpiexec_path():
@@ -27,9 +30,8 @@ def mpiexec_path():
 
 
 def mpiexec_start(n, args, env=None):
-    """Start ``mpiexec -n n python -m mpi4py -m mpimoe *args`` in a process
-    group of its own (``os.killpg(proc.pid, ...)`` reaches every rank); Popen
-    with text stdout/stderr pipes.
+    """Start ``mpiexec -n n python -m mpi4py -m mpimoe *args`` in a session of
+    its own; Popen with text stdout/stderr pipes.
 
     ``env`` adds to (or overrides) this process's environment; BLAS threads
     default to 1 because the ranks oversubscribe the cores.
@@ -42,6 +44,23 @@ def mpiexec_start(n, args, env=None):
                             env=full_env, start_new_session=True)
 
 
+def signal_job(proc, signum):
+    """Send ``signum`` to every process of the job ``proc`` (a Popen of
+    :func:`mpiexec_start`): its ranks and proxies first, then mpiexec, so that
+    SIGSTOP freezes the ranks before mpiexec and SIGKILL leaves none running."""
+    import psutil
+    try:
+        job = psutil.Process(proc.pid)
+        processes = [*job.children(recursive=True), job]
+    except psutil.NoSuchProcess:
+        return
+    for p in processes:
+        try:
+            p.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def mpiexec(n, args, timeout, env=None):
     """Run :func:`mpiexec_start` to its end; CompletedProcess with text
     stdout/stderr.  On ``timeout`` (seconds) every process of the job is
@@ -51,7 +70,7 @@ def mpiexec(n, args, timeout, env=None):
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            signal_job(proc, signal.SIGKILL)
             out, err = proc.communicate()
             raise subprocess.TimeoutExpired(proc.args, timeout, out, err) from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpirun import mpiexec, mpiexec_start, uninterrupted_run
+from mpirun import mpiexec, mpiexec_start, signal_job, uninterrupted_run
+from mpimoe.io.lock import _read_lock
 from mpimoe.io.outputs import read_outputs
 
 N_SEQS = 120
@@ -101,7 +102,7 @@ def test_sigterm_stops_cleanly_with_75_and_a_rerun_finishes(workload, tmp_path):
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            signal_job(proc, signal.SIGKILL)
     assert proc.returncode == 75, err
     assert 'stopped cleanly on SIGTERM' in err and 'rerun the same command' in err
     done = _committed(out)
@@ -116,7 +117,7 @@ def _partial_run(weights, inputs, out, chunks=1):
     try:
         _wait_for_chunks(out, chunks, proc)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        signal_job(proc, signal.SIGKILL)
         proc.communicate(timeout=30)
 
 
@@ -186,23 +187,24 @@ def test_rerun_refuses_a_damaged_chunk_and_a_second_job_on_the_same_output(workl
     chunk.write_bytes(good)
     first = _start(weights, inputs, out)
     try:
-        # paused as soon as it holds the lock (taken before the weights load),
-        # so that it is alive, not finished, while the second job starts
+        # every process paused as soon as the lock names its holder (taken before
+        # the weights load), so that it is alive, not finished, while the second
+        # job starts
         lock = Path(str(out) + '.lock')
         t0 = time.monotonic()
-        while not lock.exists():
+        while _read_lock(lock)[0] is None:
             assert first.poll() is None and time.monotonic() - t0 < 120, 'no lock taken'
             time.sleep(0.005)
-        os.killpg(first.pid, signal.SIGSTOP)
+        signal_job(first, signal.SIGSTOP)
         assert not out.exists()
         second = mpiexec(5, [*_job(weights, inputs, out), '--overwrite'], timeout=120)
-        os.killpg(first.pid, signal.SIGCONT)
+        signal_job(first, signal.SIGCONT)
         assert second.returncode == 65, second.stderr
         assert f'{out} is being written by another job (pid ' in second.stderr
         _, err = first.communicate(timeout=240)
     finally:
         if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
+            signal_job(first, signal.SIGKILL)
     assert first.returncode == 0, err
     assert 'sequences already committed' in err                       # it resumed
     _assert_same(whole, out)

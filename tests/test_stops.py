@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpirun import mpiexec, mpiexec_start, uninterrupted_run
+from mpirun import mpiexec, mpiexec_start, signal_job, uninterrupted_run
 from mpimoe.io.outputs import read_outputs
 from mpimoe.runtime.signals import StopRequest, stop_error
 
@@ -59,7 +59,7 @@ def _signal_mid_round(proc, out, signum, kill=os.killpg):
         return err, time.monotonic() - t1
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            signal_job(proc, signal.SIGKILL)
             proc.communicate()
 
 
