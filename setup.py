@@ -19,7 +19,8 @@ setup(
         # CuPy >= 14 (BF16 arrays) for CUDA 12, or for CUDA 13
         'gpu': ['cupy-cuda12x>=14'],
         'gpu-cuda13': ['cupy-cuda13x>=14'],
-        'hf': ['torch==2.13.0', 'transformers', 'safetensors'],
+        # transformers pinned: the parity tests (tests/test_hf_parity.py) state the version
+        'hf': ['torch==2.13.0', 'transformers==5.24.0', 'safetensors'],
         'report': ['matplotlib'],
     },
     entry_points={'console_scripts': ['mpimoe = mpimoe.cli.main:main']},
