@@ -41,38 +41,112 @@ import math
 import numpy as np
 
 from mpimoe.backends.backend import array_module
-from mpimoe.model.layers import mm32, apply_rope, rope_tables
+from mpimoe.model.layers import apply_rope, as_f32, mm32, rms_norm, rope_tables, yarn_mscale
 
 __all__ = ['attention']
 
 
 def attention(x, w, cfg, cache, layer, seqs, ntok):
-    """x: [T, d] float32 (already normed); w: dict with ``wq [d, H*hd]``,
-    ``wk, wv [d, KV*hd]``, ``wo [H*hd, d]``; cache: a
-    :class:`~mpimoe.model.kvcache.BlockKVCache`; seqs, ntok: int [B] (host)
-    with ``sum(ntok) == T``.  Writes the new keys/values into ``cache`` at
-    layer ``layer`` (the caller advances the cache after the last layer);
-    ValueError, before writing, when they overflow a sequence's reservation.
-    Returns [T, d] float32.
+    """x: [T, d] float32 (already normed); w: the layer's tensors
+    (mpimoe.checkpoint.layout: GQA ``wq [d, H*hd]``, ``wk, wv [d, KV*hd]``,
+    ``wo [H*hd, d]``, optional biases and QK-norm gains; MLA: see
+    :func:`_mla_qkv`); cache: a :class:`~mpimoe.model.kvcache.BlockKVCache`
+    of ``cfg``; seqs, ntok: int [B] (host) with ``sum(ntok) == T``.  Writes
+    the new keys/values into ``cache`` at layer ``layer`` (the caller advances
+    the cache after the last layer); ValueError, before writing, when they
+    overflow a sequence's reservation.  Returns [T, d] float32.
     """
     xp = array_module(x)
-    T = x.shape[0]
-    H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     seqs, ntok = np.asarray(seqs, np.int64), np.asarray(ntok, np.int64)
     pos, blocks, offsets = cache.locate(seqs, ntok)                         # [T] each
-    cos, sin = (xp.asarray(t) for t in rope_tables(pos, hd, cfg.rope_theta))
-    q = apply_rope(mm32(x, w['wq']).reshape(T, H, hd), cos, sin)
-    k = apply_rope(mm32(x, w['wk']).reshape(T, KV, hd), cos, sin)
-    v = mm32(x, w['wv']).reshape(T, KV, hd)
-    cache.write(layer, blocks, offsets, k, v)
-    out = xp.empty((T, H, hd), dtype=np.float32)
+    cos, sin = (xp.asarray(t) for t in rope_tables(pos, cfg.rope_dim, cfg.rope_theta,
+                                                   cfg.attention))
+    if cfg.attention.mla:
+        q, latent = _mla_qkv(x, w, cfg, cos, sin)
+        cache.write(layer, blocks, offsets, latent)
+        n_kv, v_width = 1, cfg.attention.kv_lora_rank
+    else:
+        q, k, v = _gqa_qkv(x, w, cfg, cos, sin)
+        cache.write(layer, blocks, offsets, k, v)
+        n_kv, v_width = cfg.n_kv_heads, cfg.head_dim
+    out = xp.empty((x.shape[0], cfg.n_heads, v_width), dtype=np.float32)
     first = np.cumsum(ntok) - ntok                                          # [B]
     live = ntok > 0
     group = _buckets(ntok, cache.length[seqs] + ntok)                       # [B]
     for g in np.unique(group[live]):
         rows = live & (group == g)
-        _attend(q, out, cache, layer, seqs[rows], first[rows], ntok[rows], KV)
-    return mm32(out.reshape(T, H * hd), w['wo'])
+        _attend(q, out, cache, layer, seqs[rows], first[rows], ntok[rows], n_kv,
+                softmax_scale(cfg), v_width)
+    if cfg.attention.mla:
+        out = _mla_values(out, w, cfg)
+    return mm32(out.reshape(x.shape[0], -1), w['wo'])
+
+
+def softmax_scale(cfg):
+    """The scale of the attention scores: 1/sqrt(query-key width), times
+    YaRN's ``mscale(factor, yarn_mscale_all_dim)**2`` where set (DeepSeek-V3)."""
+    a = cfg.attention
+    scale = 1.0 / math.sqrt(cfg.head_dim)
+    if a.rope_scaling == 'yarn' and a.yarn_mscale_all_dim:
+        scale *= yarn_mscale(a.rope_factor, a.yarn_mscale_all_dim) ** 2
+    return np.float32(scale)
+
+
+def _gqa_qkv(x, w, cfg, cos, sin):
+    """Queries [T, H, hd], keys and values [T, KV, hd] (float32): projections,
+    biases, QK-norm (over each head, or over all heads of q and of k), RoPE."""
+    T, a, eps = x.shape[0], cfg.attention, cfg.norm_eps
+    H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    q, k, v = mm32(x, w['wq']), mm32(x, w['wk']), mm32(x, w['wv'])
+    if a.qkv_bias:
+        q, k, v = q + as_f32(w['bq']), k + as_f32(w['bk']), v + as_f32(w['bv'])
+    if a.qk_norm == 'full':
+        q, k = rms_norm(q, w['q_norm'], eps), rms_norm(k, w['k_norm'], eps)
+    q, k, v = q.reshape(T, H, hd), k.reshape(T, KV, hd), v.reshape(T, KV, hd)
+    if a.qk_norm == 'head':
+        q, k = rms_norm(q, w['q_norm'], eps), rms_norm(k, w['k_norm'], eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _mla_qkv(x, w, cfg, cos, sin):
+    """Multi-head latent attention, absorbed: (queries [T, H, r + rope],
+    latent [T, 1, r + rope]), float32, whose dot products are the scores.
+
+    A query head is ``[nope | rope]``; the key of head h is ``[c @ Wuk_h |
+    k_rope]`` with c = norm(x @ wkv_a[:, :r]) the latent (width r =
+    kv_lora_rank), k_rope = rope(x @ wkv_a[:, r:]) shared by the heads, and
+    Wuk_h [r, nope] the key part of head h's columns of ``wkv_b [r, H*(nope
+    + v)]``.  So ``q . k = (q_nope @ Wuk_h^T) . c + q_rope . k_rope``: the
+    query absorbs Wuk_h and the cache holds only ``[c | k_rope]``.
+    """
+    a, eps, H = cfg.attention, cfg.norm_eps, cfg.n_heads
+    T, r, nope = x.shape[0], a.kv_lora_rank, a.qk_nope_head_dim
+    if a.q_lora_rank:
+        q = mm32(rms_norm(mm32(x, w['wq_a']), w['q_a_norm'], eps), w['wq_b'])
+    else:
+        q = mm32(x, w['wq'])
+    q = q.reshape(T, H, cfg.head_dim)
+    kv = mm32(x, w['wkv_a'])                                                # [T, r + rope]
+    latent = rms_norm(kv[:, :r], w['kv_a_norm'], eps)
+    k_rope = apply_rope(kv[:, None, r:], cos, sin)                          # [T, 1, rope]
+    w_uk = _wkv_b(w, cfg)[:, :, :nope]                                      # [H, r, nope]
+    q_latent = (q[:, :, :nope].transpose(1, 0, 2) @ w_uk.transpose(0, 2, 1)).transpose(1, 0, 2)
+    xp = array_module(x)
+    queries = xp.concatenate([q_latent, apply_rope(q[:, :, nope:], cos, sin)], axis=-1)
+    return queries, xp.concatenate([latent[:, None], k_rope], axis=-1)
+
+
+def _mla_values(o, w, cfg):
+    """The heads' values from their attention over the latents: o [T, H, r]
+    (weights times latents) @ Wuv_h [r, v] -> [T, H, v] float32."""
+    w_uv = _wkv_b(w, cfg)[:, :, cfg.attention.qk_nope_head_dim:]            # [H, r, v]
+    return (o.transpose(1, 0, 2) @ w_uv).transpose(1, 0, 2)
+
+
+def _wkv_b(w, cfg):
+    """wkv_b [r, H*(nope+v)] as float32 [H, r, nope + v]."""
+    a = cfg.attention
+    return as_f32(w['wkv_b']).reshape(a.kv_lora_rank, cfg.n_heads, -1).transpose(1, 0, 2)
 
 
 def _buckets(ntok, keys):
@@ -83,10 +157,11 @@ def _buckets(ntok, keys):
     return log2(ntok) * 64 + log2(keys)
 
 
-def _attend(q, out, cache, layer, seqs, first, ntok, KV):
+def _attend(q, out, cache, layer, seqs, first, ntok, KV, scale, v_width):
     """One group: the queries of ``seqs`` [B] (their ``ntok[b]`` new tokens at
     rows ``first[b]..`` of q [T, H, hd]) against their cached keys and values
-    (the new ones written); writes those rows of out [T, H, hd]."""
+    (the new ones written; without value pools the first ``v_width`` columns
+    of the keys: MLA's latents); writes those rows of out [T, H, v_width]."""
     xp = array_module(q)
     B, n = len(seqs), int(ntok.max())
     _, H, hd = q.shape
@@ -94,18 +169,19 @@ def _attend(q, out, cache, layer, seqs, first, ntok, KV):
     j = np.minimum(np.arange(n)[None, :], ntok[:, None] - 1)   # [B, n] padding repeats the last
     qpos = cache.length[seqs][:, None] + j                                   # [B, n]
     keys, vals = cache.gather(layer, seqs, int(qpos.max()) + 1)             # [B, KV, L, hd]
+    vals = keys[..., :v_width] if vals is None else vals                    # [B, KV, L, dv]
     L = keys.shape[2]
     qs = q[xp.asarray(first[:, None] + j)]                                  # [B, n, H, hd]
     qs = qs.reshape(B, n, KV, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, KV, G * n, hd)
     scores = (qs @ keys.transpose(0, 1, 3, 2)).reshape(B, KV, G, n, L)
-    scores *= np.float32(1.0 / math.sqrt(hd))
+    scores *= scale
     # query j of sequence b sits at position qpos[b, j] and sees keys 0 .. qpos[b, j]
     visible = xp.arange(L)[None, None, :] <= xp.asarray(qpos)[:, :, None]   # [B, n, L]
     xp.copyto(scores, np.float32(-np.inf), where=~visible[:, None, None])      # in place
     scores -= scores.max(axis=-1, keepdims=True)
     xp.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
-    o = scores.reshape(B, KV, G * n, L) @ vals                              # [B, KV, G*n, hd]
-    o = o.reshape(B, KV, G, n, hd).transpose(0, 3, 1, 2, 4).reshape(B * n, H, hd)
+    o = scores.reshape(B, KV, G * n, L) @ vals                              # [B, KV, G*n, dv]
+    o = o.reshape(B, KV, G, n, v_width).transpose(0, 3, 1, 2, 4).reshape(B * n, H, v_width)
     real = np.flatnonzero(np.arange(n)[None, :] < ntok[:, None])            # [T_group]
     out[xp.asarray((first[:, None] + j).ravel()[real])] = o[xp.asarray(real)]

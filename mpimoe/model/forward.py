@@ -6,7 +6,8 @@ each) is cut into micro-batches of consecutive sequences.  The loop walks
 layer by layer and, within a layer, micro-batch by micro-batch: at an MoE
 layer it dispatches micro-batch m and moves on to m+1, so m's rows travel
 (and its experts compute) while m+1 computes; m's result is combined just
-before m's next attention block.  With the local dispatcher and one
+before m's next attention block.  A layer's shared experts (if any) run
+on the front-end right after its routed rows are sent.  With the local dispatcher and one
 micro-batch this is the plain sequential model.
 """
 
@@ -49,6 +50,9 @@ def forward(front, moe, tokens, cache, seqs, ntok, mbs=None, timers=None, poll=N
                 h = front.ffn_input(i, xs[m])
             if i in moe:
                 pending[m] = moe[i].dispatch(h, m)
+                if front.shared:      # they compute while the routed rows travel
+                    with span('shared', 'compute', layer=i, mb=m):
+                        xs[m] = xs[m] + front.shared_ffn(i, h)
             else:
                 with span('dense', 'compute', layer=i, mb=m):
                     xs[m] = xs[m] + front.dense_ffn(i, h)

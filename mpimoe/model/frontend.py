@@ -9,6 +9,7 @@ from mpimoe.errors import DataError
 from mpimoe.model.attention import attention
 from mpimoe.model.kvcache import BlockKVCache
 from mpimoe.model.layers import as_f32, mm32, ffn, rms_norm
+from mpimoe.moe.layer import MoELayer
 
 __all__ = ['FrontEnd']
 
@@ -40,8 +41,16 @@ class FrontEnd:
         self.dense = {i: {m: tensors[f'layers/{i}/mlp/{m}'] for m in cfg.expert_matrices}
                       for i in range(cfg.n_dense_layers)}
         self.router = {i: as_f32(tensors[f'layers/{i}/router']) for i in cfg.moe_layers}
+        self.router_bias = {i: tensors.get(f'layers/{i}/router_bias') for i in cfg.moe_layers}
+        self.shared = {i: {m: tensors[f'layers/{i}/shared/{m}'] for m in cfg.expert_matrices}
+                       for i in cfg.moe_layers} if cfg.shared.n_experts else {}
         self.xp = array_module(tensors['embed'])
         self._finite = []       # this pass: (stage number, all finite? device bool)
+
+    def moe_layers(self, dispatcher, timers=None):
+        """The MoE layers over ``dispatcher``: layer index -> MoELayer."""
+        return {i: MoELayer(i, self.router[i], self.cfg, dispatcher, timers,
+                            self.router_bias[i]) for i in self.cfg.moe_layers}
 
     def new_cache(self, kv_tokens, max_seqs):
         """A :class:`~mpimoe.model.kvcache.BlockKVCache` on this front-end's
@@ -93,6 +102,15 @@ class FrontEnd:
     def dense_ffn(self, i, h):
         """Dense MLP of layer i (i < n_dense_layers): [T, d] -> [T, d]."""
         return ffn(h, self.dense[i], self.cfg.expert_kind)
+
+    def shared_ffn(self, i, h):
+        """The shared experts of MoE layer i (as one MLP, FP32 like the dense
+        ones), gated by ``sigmoid(h @ shared_gate)`` where the model has the
+        gate: h [T, d] -> [T, d] (``self.shared`` is empty without them)."""
+        y = ffn(h, self.shared[i], self.cfg.expert_kind)
+        if self.cfg.shared.gate:
+            y *= 1.0 / (1.0 + self.xp.exp(-mm32(h, self.layer[i]['shared_gate'])))   # [T, 1]
+        return y
 
     def logits(self, x):
         """Final norm and LM head: x [n, d] -> float32 [n, vocab]; DataError

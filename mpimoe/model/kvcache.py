@@ -2,7 +2,10 @@
 
 Each layer ``l`` has two pools ``k[l], v[l]: [n_blocks, BLOCK_TOKENS, n_kv_heads,
 head_dim]`` in the model's 16-bit dtype (``cfg.dtype``; NumPy: the ml_dtypes
-type, CuPy: the same dtype on the device).  A sequence gets a *handle* (a small
+type, CuPy: the same dtype on the device).  Multi-head latent attention
+(MLA) caches one pool per layer, ``k[l]: [n_blocks, BLOCK_TOKENS, 1,
+kv_lora_rank + qk_rope_head_dim]``: each token's compressed latent and its
+RoPE key, from which attention computes keys and values (``v`` is empty).  A sequence gets a *handle* (a small
 int, reused after :meth:`BlockKVCache.release`) and, for its whole life, the
 ``ceil(n_tokens / BLOCK_TOKENS)`` blocks its prompt and new tokens need.  Row
 ``table[h]`` of the block table lists them: the token at position ``p`` of
@@ -48,18 +51,18 @@ class BlockKVCache:
     """
 
     def __init__(self, n_layers, n_blocks, n_kv_heads, head_dim, dtype, xp=np, max_seqs=None,
-                 max_seq_tokens=None):
+                 max_seq_tokens=None, values=True):
         """dtype: 'bfloat16' or 'float16'; xp: array module of the pools;
         max_seqs: handles (default n_blocks); max_seq_tokens: the longest
         reservation of one sequence, which sets the table's width (default:
-        the whole pool)."""
+        the whole pool); values: whether there are value pools (False: MLA)."""
         self.dtype = DTYPES[dtype]
         self.xp = xp
         max_seqs = n_blocks if max_seqs is None else max_seqs
         width = n_blocks if max_seq_tokens is None else min(n_blocks, blocks_for(max_seq_tokens))
         shape = (n_blocks, BLOCK_TOKENS, n_kv_heads, head_dim)
         self.k = [xp.zeros(shape, self.dtype) for _ in range(n_layers)]
-        self.v = [xp.zeros(shape, self.dtype) for _ in range(n_layers)]
+        self.v = [xp.zeros(shape, self.dtype) for _ in range(n_layers * values)]
         self.table = np.zeros((max_seqs, width), np.int32)
         self.capacity = np.zeros(max_seqs, np.int64)
         self.length = np.zeros(max_seqs, np.int64)
@@ -72,9 +75,12 @@ class BlockKVCache:
     def for_tokens(cls, cfg, kv_tokens, max_seqs, xp=np):
         """The cache of a model config holding ``kv_tokens`` tokens (rounded up
         to whole blocks) for at most ``max_seqs`` sequences of at most
-        ``cfg.max_position_embeddings`` tokens each."""
-        return cls(cfg.n_layers, blocks_for(int(kv_tokens)), cfg.n_kv_heads, cfg.head_dim,
-                   cfg.dtype, xp, max_seqs, cfg.max_position_embeddings)
+        ``cfg.max_position_embeddings`` tokens each: ``cfg.kv_token_elems``
+        16-bit elements per token per layer."""
+        heads, width = (1, cfg.kv_token_elems) if cfg.attention.mla else \
+            (cfg.n_kv_heads, cfg.head_dim)
+        return cls(cfg.n_layers, blocks_for(int(kv_tokens)), heads, width, cfg.dtype, xp,
+                   max_seqs, cfg.max_position_embeddings, values=not cfg.attention.mla)
 
     @property
     def nbytes(self):
@@ -155,24 +161,27 @@ class BlockKVCache:
 
     # -- keys and values -------------------------------------------------------------
 
-    def write(self, layer, blocks, offsets, k, v):
+    def write(self, layer, blocks, offsets, k, v=None):
         """Store keys and values of T tokens at (blocks, offsets) from
-        :meth:`locate`, rounded to 16 bits: k, v float32 [T, KV, hd]."""
+        :meth:`locate`, rounded to 16 bits: k, v float32 [T, KV, hd] (v None
+        without value pools)."""
         where = (self.xp.asarray(blocks), self.xp.asarray(offsets))
         self.k[layer][where] = k.astype(self.dtype)
-        self.v[layer][where] = v.astype(self.dtype)
+        if self.v:
+            self.v[layer][where] = v.astype(self.dtype)
 
     def gather(self, layer, seqs, n_keys):
         """The first ``n_keys`` positions (and up to the end of their block) of
         each of ``seqs`` [B]: (keys, values), each float32 [B, KV, L, hd] with
-        L = BLOCK_TOKENS * blocks_for(n_keys).  Positions past a sequence's
-        filled length hold zeros or its own values (module docstring)."""
+        L = BLOCK_TOKENS * blocks_for(n_keys) (values None without value
+        pools).  Positions past a sequence's filled length hold zeros or its
+        own values (module docstring)."""
         nb = blocks_for(n_keys)
         where = self.xp.asarray(self.table[seqs, :nb])                        # [B, nb]
-        out = []
-        for pool in (self.k[layer], self.v[layer]):
+
+        def read(pool):
             blocks = pool[where]                                     # [B, nb, BLOCK, KV, hd]
             B, _, _, KV, hd = blocks.shape
-            out.append(blocks.reshape(B, nb * BLOCK_TOKENS, KV, hd)
-                       .transpose(0, 2, 1, 3).astype(np.float32, order='C'))
-        return tuple(out)
+            return blocks.reshape(B, nb * BLOCK_TOKENS, KV, hd) \
+                .transpose(0, 2, 1, 3).astype(np.float32, order='C')
+        return read(self.k[layer]), read(self.v[layer]) if self.v else None

@@ -16,11 +16,13 @@ at each use (:func:`mm32`: same arithmetic as on the CPU), the experts'
 matrices go to 16-bit GEMMs (:func:`expert_ffn` states both contracts).
 """
 
+import math
+
 import numpy as np
 
 from mpimoe.backends.backend import round16
 
-__all__ = ['rms_norm', 'rope_tables', 'apply_rope', 'ffn', 'expert_ffn', 'mm32', 'mm16', 'as_f32']
+__all__ = ['rms_norm', 'rope_tables', 'yarn_mscale', 'yarn_rope', 'apply_rope', 'ffn', 'expert_ffn', 'mm32', 'mm16', 'as_f32']
 
 
 def as_f32(w):
@@ -50,11 +52,49 @@ def rms_norm(x, w, eps):
     return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)) * as_f32(w)
 
 
-def rope_tables(positions, head_dim, theta):
-    """positions: int [T] -> (cos, sin), each float32 [T, head_dim/2]."""
+def rope_tables(positions, head_dim, theta, scaling=None):
+    """positions: int [T] -> (cos, sin), each float32 [T, head_dim/2].
+
+    scaling: the model's AttentionConfig, or None; with ``rope_scaling ==
+    'yarn'`` the frequencies and the cos/sin magnitude of :func:`yarn_rope`.
+    """
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    magnitude = 1.0
+    if scaling is not None and scaling.rope_scaling == 'yarn':
+        inv_freq, magnitude = yarn_rope(inv_freq, scaling, head_dim, theta)
     angles = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    return ((magnitude * np.cos(angles)).astype(np.float32),
+            (magnitude * np.sin(angles)).astype(np.float32))
+
+
+def yarn_mscale(factor, mscale):
+    """YaRN's magnitude correction for a context extended ``factor`` times."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_rope(inv_freq, a, dim, theta):
+    """YaRN (as transformers' ``_compute_yarn_parameters``, correction range
+    truncated): frequencies that turn fewer than ``yarn_beta_slow`` times over
+    the original context are interpolated (divided by ``rope_factor``), those
+    that turn more than ``yarn_beta_fast`` times kept, a linear ramp between.
+
+    inv_freq: float64 [dim/2] unscaled; a: AttentionConfig -> (float64
+    [dim/2], the cos/sin magnitude)."""
+    factor, original = a.rope_factor, a.rope_original_max_position
+
+    def turns_dim(turns):              # the dimension whose frequency turns `turns` times
+        return dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(turns_dim(a.yarn_beta_fast)), 0)
+    high = min(math.ceil(turns_dim(a.yarn_beta_slow)), dim - 1)
+    ramp = np.clip((np.arange(dim // 2) - low) / max(high - low, 0.001), 0, 1)
+    kept = 1 - ramp
+    inv_freq = inv_freq / factor * (1 - kept) + inv_freq * kept
+    if a.yarn_mscale and a.yarn_mscale_all_dim:
+        magnitude = yarn_mscale(factor, a.yarn_mscale) / yarn_mscale(factor, a.yarn_mscale_all_dim)
+    else:
+        magnitude = yarn_mscale(factor, 1.0)
+    return inv_freq, magnitude
 
 
 def apply_rope(x, cos, sin):

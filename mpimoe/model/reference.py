@@ -13,7 +13,6 @@ import numpy as np
 from mpimoe import __version__
 from mpimoe.model.forward import forward
 from mpimoe.model.frontend import FrontEnd
-from mpimoe.moe.layer import MoELayer
 from mpimoe.moe.local import LocalDispatcher
 
 __all__ = ['ReferenceModel', 'load_reference', 'run_reference']
@@ -31,8 +30,7 @@ class ReferenceModel:
         self.front = FrontEnd(cfg, tensors)
         self.experts = experts
         dispatcher = LocalDispatcher(cfg, experts)
-        self.moe = {i: MoELayer(i, self.front.router[i], cfg, dispatcher)
-                    for i in cfg.moe_layers}
+        self.moe = self.front.moe_layers(dispatcher)
 
     def forward(self, tokens, cache, seqs, ntok):
         """tokens: int [T]; seqs, ntok: int [B] -> logits float32 [B, vocab]

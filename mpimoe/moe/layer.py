@@ -55,15 +55,17 @@ class MoELayer:
     """The MoE FFN of layer ``layer``.
 
     router: float32 [d, E] (on the backend); dispatcher: see the module
-    docstring; bias: optional float32 [E] gate bias (balancing; shifts the
-    choice, never the weights).  ``counts`` int64 [E] adds up the token copies
+    docstring; score_bias: the checkpoint's FP32 [E] ``router_bias`` or None;
+    ``bias``: optional float32 [E] balancing bias, set by the caller.  Both
+    shift the choice, never the weights (mpimoe.moe.router).  ``counts`` int64 [E] adds up the token copies
     routed to each expert, for the caller to read and clear.
     """
 
-    def __init__(self, layer, router, cfg, dispatcher, timers=None):
+    def __init__(self, layer, router, cfg, dispatcher, timers=None, score_bias=None):
         self.layer, self.router, self.cfg = layer, router, cfg
         self.dispatcher = dispatcher
         self.timers = timers or NoTimers()
+        self.score_bias = score_bias
         self.bias = None
         self.counts = np.zeros(cfg.n_experts, dtype=np.int64)
 
@@ -72,12 +74,19 @@ class MoELayer:
         [T, d] (the normed FFN input) -> MoEHandle."""
         cfg, span = self.cfg, self.timers.span
         with span('route', 'compute', layer=self.layer, mb=mb):
-            chosen, weights = route(h, self.router, cfg.top_k, self.bias)       # [T, k]
+            chosen, weights = route(h, self.router, cfg.top_k, self._choice_bias(),
+                                    cfg.router)                                 # [T, k]
             self.counts += to_numpy(expert_counts(chosen, cfg.n_experts))
             key, n_keys = self.dispatcher.keys(self.layer, chosen)
         handle = MoEHandle(self.layer, mb, int(chosen.size), weights=weights)
         handle.order = self.dispatcher.dispatch(handle, h, key, n_keys)
         return handle
+
+    def _choice_bias(self):
+        """The bias added to the scores for the choice: float32 [E] or None."""
+        if self.bias is None or self.score_bias is None:
+            return self.score_bias if self.bias is None else self.bias
+        return self.score_bias + self.bias
 
     def dispatch_empty(self, mb):
         """Dispatch for an empty micro-batch: the transfers every rank of the

@@ -27,7 +27,6 @@ import zlib
 import numpy as np
 
 from mpimoe.model.forward import forward, micro_batches
-from mpimoe.moe.layer import MoELayer
 from mpimoe.parallel.dispatcher import MPIDispatcher
 from mpimoe.parallel.mpiutil import MPI, wait_all
 from mpimoe.planning.balance import update_bias
@@ -67,8 +66,7 @@ class FrontEndRank(Role):
         copy_keys = {layer: tuple(map(backend.asarray, plan.dispatch_keys(m)[:2]))
                      for m, layer in enumerate(cfg.moe_layers)}
         self.dispatcher = MPIDispatcher(cfg, self.slots, layers, copy_keys, world.rank, timers)
-        self.moe = {i: MoELayer(i, front.router[i], cfg, self.dispatcher, timers)
-                    for i in cfg.moe_layers}
+        self.moe = front.moe_layers(self.dispatcher, timers)
         self.scheduler = job_scheduler(front, opts, tokenizer)
         self.loads = LoadHistory(opts.balance_every)        # rank 0's
         self._window = None         # rank 0: loads since the last bias update, [Lm, E]
