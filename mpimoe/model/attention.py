@@ -1,5 +1,8 @@
-"""Causal multi-head attention with GQA and RoPE over a packed batch, through
-the block KV cache (mpimoe.model.kvcache).
+"""Causal multi-head attention over a packed batch, through the block KV cache
+(mpimoe.model.kvcache): grouped-query attention (with the q/k/v biases of
+Qwen2-MoE, the QK-norm of Qwen3-MoE and OLMoE) or DeepSeek's multi-head
+latent attention (MLA, in its absorbed form: :func:`_mla_qkv`), with RoPE,
+optionally YaRN-scaled (mpimoe.model.layers.rope_tables).
 
 A batch is packed as in mpimoe.model.layers: ``x [T, d]`` holds the new
 tokens of sequences ``seqs`` (cache handles) back to back, ``ntok[b]`` of them
@@ -19,8 +22,8 @@ hd]`` each (4 bytes per element where the cache holds 2), and its scores,
 ``float32 [B, H, n, L]``, once (masking and softmax run in place); at most 4 times what the group's sequences need unpadded.
 
 **Numerics.**  The same FP32 arithmetic as a per-sequence loop (projections,
-RoPE, scores, masked softmax, weighted sum), except that keys and values are
-rounded to 16 bits (``cfg.dtype``) in the cache and widened to FP32 when
+RoPE, scores, masked softmax, weighted sum), except that keys and values (MLA:
+latents and RoPE keys) are rounded to 16 bits (``cfg.dtype``) in the cache and widened to FP32 when
 read; prefill queries read them from the cache like decode queries, and the
 reference model uses the same cache, so the reference and the engine round
 alike.  Masked scores are ``-inf`` and add ``exp(-inf) = 0`` exactly to the
@@ -28,7 +31,10 @@ softmax sums; padded keys hold zeros or the sequence's own values, so they
 add exact zeros to the weighted sum.  A sequence's result therefore depends
 on its companions only through the FP32 summation order (the padded length
 changes how NumPy's pairwise sums and the BLAS kernels group the same
-terms): a few FP32 ulps of the sums' magnitudes.
+terms): a few FP32 ulps of the sums' magnitudes.  MLA's absorbed form
+multiplies the same matrices in another association than transformers'
+expanded keys and values (``(q W_uk^T) c`` for ``q (W_uk^T c)``): again FP32
+rounding only.
 
 On CuPy everything stays on the device (the array module is the input's,
 mpimoe.backends.backend.array_module); index arrays are built on the host and
