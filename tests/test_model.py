@@ -15,7 +15,7 @@ from mpimoe.backends.backend import round16
 from mpimoe.checkpoint.weights import WeightFile
 from contract import (LOGIT_RTOL, TIE_RTOL, assert_greedy_match, assert_logits_close,
                       next_logits, tie_bound)
-from mpimoe.model.config import model_config
+from mpimoe.model.config import RouterConfig, model_config
 from mpimoe.io.inputs import read_inputs
 from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for
 from mpimoe.model.layers import apply_rope, expert_ffn, ffn, rms_norm, rope_tables
@@ -230,6 +230,88 @@ def test_route_bias_changes_the_choice_not_the_weights():
     assert experts.tolist() == [[0, 2]]
     np.testing.assert_allclose(weights, [[1 / 5, 4 / 5]], rtol=1e-6)
     assert route(h, w_router, 2)[0].tolist() == [[2, 1]]
+
+
+def _hf_router(kind, **config):
+    """A transformers router with random weights: (module, w_router float32 [d, E])."""
+    torch = pytest.importorskip('torch')
+    transformers = pytest.importorskip('transformers')
+    torch.manual_seed(0)
+    if kind == 'deepseek':
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+        module = DeepseekV3TopkRouter(transformers.DeepseekV3Config(**config))
+        module.e_score_correction_bias.normal_(std=0.1)
+    else:
+        from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
+        module = Qwen2MoeTopKRouter(transformers.Qwen2MoeConfig(**config))
+    with torch.no_grad():
+        module.weight.normal_(std=0.25)
+    return module, module.weight.detach().numpy().T.copy()
+
+
+@pytest.mark.parametrize('kind, config, rcfg', [
+    # sigmoid scores, score bias, 4 groups of 4 of which 2, 3 experts, weights x 2.5
+    ('deepseek', dict(hidden_size=16, n_routed_experts=16, num_experts_per_tok=3, n_group=4,
+                      topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True),
+     RouterConfig(scoring='sigmoid', n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                  score_bias=True)),
+    ('deepseek', dict(hidden_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=1,
+                      topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False),
+     RouterConfig(scoring='sigmoid', norm_topk_prob=False, score_bias=True)),
+    # softmax, top-k weights not renormalised (Qwen2-MoE, OLMoE)
+    ('qwen2', dict(hidden_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
+     RouterConfig(norm_topk_prob=False)),
+], ids=['deepseek-groups', 'sigmoid-plain', 'softmax-unnormalised'])
+def test_route_matches_transformers_routers(kind, config, rcfg):
+    """route() against transformers' own router on 200 tokens: the same set of
+    experts and weights within FP32 rounding (a few ulps: 1e-6 relative).  Both
+    sides compute in FP32 from the same values but in other orders, so a choice
+    whose deciding gap (the k-th against the (k+1)-th choice score, or the
+    topk_group-th group against the next) is under 1e-5 may flip: such tokens
+    are left out, and at least 190 must remain."""
+    import torch
+    module, w_router = _hf_router(kind, **config)
+    h = np.random.default_rng(4).standard_normal((200, 16)).astype(np.float32)
+    with torch.no_grad():
+        _, hf_weights, hf_experts = module(torch.from_numpy(h))
+    bias = module.e_score_correction_bias.numpy() if kind == 'deepseek' else None
+    experts, weights = route(h, w_router, config['num_experts_per_tok'], bias, rcfg)
+    logits = h.astype(np.float64) @ w_router
+    scores = 1 / (1 + np.exp(-logits)) if rcfg.scoring == 'sigmoid' else \
+        np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    choice = scores + (0 if bias is None else bias)
+    gaps = []
+    if rcfg.n_group > 1:
+        groups = np.sort(np.sort(choice.reshape(200, rcfg.n_group, -1), axis=2)[:, :, -2:]
+                         .sum(axis=2), axis=1)[:, ::-1]
+        gaps.append(groups[:, rcfg.topk_group - 1] - groups[:, rcfg.topk_group])
+    k = config['num_experts_per_tok']
+    top = np.sort(choice, axis=1)[:, ::-1]
+    gaps.append(top[:, k - 1] - top[:, k])
+    clear = np.min(gaps, axis=0) > 1e-5
+    assert clear.sum() >= 190
+    hf_experts, hf_weights = hf_experts.numpy(), hf_weights.numpy()
+    for t in np.flatnonzero(clear):
+        order = np.argsort(hf_experts[t])
+        assert sorted(experts[t].tolist()) == hf_experts[t][order].tolist()
+        np.testing.assert_allclose(weights[t][np.argsort(experts[t])], hf_weights[t][order],
+                                   rtol=1e-6)
+    # best choice first
+    assert np.all(np.diff(np.take_along_axis(choice, experts, axis=1)[clear], axis=1) <= 0)
+
+
+def test_group_limited_routing_picks_within_the_best_groups():
+    # 4 experts in 2 groups; sigmoid scores s; group scores (sum of both) favour
+    # group 1 although expert 0 scores highest alone
+    s = np.array([[0.9, 0.1, 0.6, 0.6]], np.float32)
+    h = np.ones((1, 1), np.float32)
+    w_router = np.log(s / (1 - s))                                  # sigmoid^-1
+    rcfg = RouterConfig(scoring='sigmoid', n_group=2, topk_group=1, routed_scaling_factor=2.0)
+    experts, weights = route(h, w_router, 2, rcfg=rcfg)
+    assert experts.tolist() == [[2, 3]]
+    np.testing.assert_allclose(weights, [[1.0, 1.0]], rtol=1e-6)   # 0.5 each, times 2
+    experts, _ = route(h, w_router, 2, rcfg=RouterConfig(scoring='sigmoid'))
+    assert experts.tolist() == [[0, 2]]
 
 
 def test_expert_counts():
