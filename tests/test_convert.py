@@ -36,7 +36,7 @@ import pytest
 from mpimoe.checkpoint.layout import tensor_specs
 from mpimoe.checkpoint.weights import WeightFile
 from mpimoe.cli.main import main
-from mpimoe.checkpoint.convert import hf_source
+from mpimoe.checkpoint.hf_archs import hf_source
 from mpimoe.io.inputs import read_inputs, write_synthetic_inputs
 from mpimoe.io.outputs import read_outputs
 from mpirun import mpiexec
@@ -374,7 +374,9 @@ def _put(name, shape):
 
 REFUSALS = {
     'architecture': (_set('architectures', ['LlamaForCausalLM']),
-                     "architectures ['LlamaForCausalLM']: only ['MixtralForCausalLM']"),
+                     "architectures ['LlamaForCausalLM']: mpimoe converts MixtralForCausalLM, "
+                     "Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM, "
+                     "DeepseekV3ForCausalLM"),
     'missing tensor': (_drop('model.layers.1.block_sparse_moe.experts.3.w3.weight'),
                        'missing tensors (1): model.layers.1.block_sparse_moe.experts.3.w3.weight'),
     'shape': (_put('model.layers.0.self_attn.k_proj.weight', (32, 48)),
@@ -387,8 +389,8 @@ REFUSALS = {
     'activation': (_set('hidden_act', 'gelu'), "hidden_act 'gelu'"),
     'attention bias': (_set('attention_bias', True), 'attention_bias true'),
     'shared experts': (_set('shared_expert_intermediate_size', 64),
-                       'unknown config keys (they may change the results, e.g. shared experts or '
-                       'quantization) (1): shared_expert_intermediate_size'),
+                       'unknown config keys for MixtralForCausalLM (they may change the '
+                       'results) (1): shared_expert_intermediate_size'),
     'bias tensor': (_put('model.layers.0.self_attn.q_proj.bias', (48,)),
                     'unexpected tensors (a feature mpimoe lacks, e.g. biases or shared experts?) '
                     '(1): model.layers.0.self_attn.q_proj.bias'),
@@ -454,14 +456,14 @@ def test_not_a_checkpoint(layout, tmp_path, capsys):
 def test_cli_exit_code_and_one_line(checkpoint, tmp_path):
     """The installed command: exit 65 and one line on stderr, no traceback."""
     src, hf, _ = checkpoint
-    hf['architectures'] = ['Qwen2MoeForCausalLM']
+    hf['architectures'] = ['LlamaForCausalLM']
     with open(os.path.join(src, 'config.json'), 'w') as f:
         json.dump(hf, f)
     proc = subprocess.run([sys.executable, '-m', 'mpimoe', 'convert', '--from-hf', src,
                            '--out', str(tmp_path / 'w.h5')], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 65
-    assert proc.stderr.count('\n') == 1 and 'Qwen2MoeForCausalLM' in proc.stderr, proc.stderr
+    assert proc.stderr.count('\n') == 1 and 'LlamaForCausalLM' in proc.stderr, proc.stderr
 
 
 # ---------------------------------------------------------------- parity with transformers

@@ -1,11 +1,11 @@
-"""``mpimoe convert``: a Hugging Face Mixtral checkpoint -> an mpimoe weight file.
+"""``mpimoe convert``: a Hugging Face MoE checkpoint -> an mpimoe weight file.
 
 The source is a directory as ``save_pretrained`` writes it: ``config.json``
 plus ``model.safetensors``, or shards listed by ``model.safetensors.index.json``.
-Only ``MixtralForCausalLM`` is accepted (SwiGLU experts ``w1`` gate, ``w3`` up,
-``w2`` down; softmax top-k router with renormalised weights; GQA attention
-with rotate-half RoPE; RMSNorm; untied LM head): the same model as
-:mod:`mpimoe.model.layers` with ``expert_kind='swiglu'`` and no dense layers.
+Accepted: the architectures of :mod:`mpimoe.checkpoint.hf_archs` (Mixtral,
+Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3), whose config maps to a
+:class:`~mpimoe.model.config.ModelConfig` and whose tensors map one to one to
+the layout (DeepSeek's RoPE columns reordered).
 
     summary = convert_hf('Mixtral-8x7B/', 'mixtral.h5')   # {'path', 'tensors', ...}
 
@@ -18,111 +18,46 @@ end-of-turn token), else ``config.json``'s.
 
 Everything is checked before anything is written: config features mpimoe does
 not implement, missing or unexpected tensors, shapes against config.json,
-dtypes, and a tokenizer that does not parse or has more tokens than the
-model's vocabulary; the problems are listed in one
+dtypes, FP8 block scales, and a tokenizer that does not parse or has more
+tokens than the model's vocabulary; the problems are listed in one
 :class:`~mpimoe.errors.DataError`.
 Safetensors files are parsed here (8-byte little-endian header length, JSON
 header, raw data) and memory-mapped, so the conversion needs no PyTorch and
 holds one tensor at a time in memory.  Torch ``Linear`` weights are
 ``[out, in]``; mpimoe stores ``[in, out]`` (``y = x @ W``), so matrices are
-transposed.  F32 and F16 sources are rounded to bfloat16 (nearest-even).
+transposed.  F32 and F16 sources are rounded to bfloat16 (nearest-even); FP8
+(``F8_E4M3`` with ``weight_scale_inv`` block scales, as DeepSeek-V3 ships)
+is dequantized block by block in FP32, then rounded to bfloat16.  The
+router's score bias stays FP32.
 """
 
 import os
 import time
+from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
 
-from mpimoe.checkpoint.layout import WORD, tensor_specs
+from mpimoe.checkpoint.hf_archs import hf_model_config, hf_source, listed, rope_order
+from mpimoe.checkpoint.layout import FP32, WORD, tensor_dtype, tensor_specs
 from mpimoe.checkpoint.tokenizer_files import load_tokenizer, write_tokenizer_files
 from mpimoe.checkpoint.writer import LOG_EVERY_S, open_for_writing, write_tensor
-from mpimoe.model.config import ModelConfig, parse_json
-from mpimoe.errors import ConfigError, DataError, clip
+from mpimoe.model.config import parse_json
+from mpimoe.errors import DataError, clip
 from mpimoe.io.paths import regular_file
 
-__all__ = ['convert_hf', 'mixtral_config', 'hf_source']
+__all__ = ['convert_hf']
 
-ARCHITECTURE = 'MixtralForCausalLM'
 #: safetensors dtype -> NumPy dtype of the stored values (little-endian)
 _ST_DTYPES = {'BF16': np.dtype(ml_dtypes.bfloat16), 'F16': np.dtype('<f2'),
-              'F32': np.dtype('<f4')}
+              'F32': np.dtype('<f4'), 'F8_E4M3': np.dtype(ml_dtypes.float8_e4m3fn)}
 #: largest safetensors JSON header accepted (the format's own limit)
 _MAX_HEADER = 100_000_000
-#: problems of one kind listed by name before "and N more"
-_LIST_MAX = 6
 #: tensors some checkpoints carry that transformers ignores on load (RoPE
 #: frequencies, recomputed from rope_theta)
 _IGNORED = '.rotary_emb.inv_freq'
-
-#: config.json keys that do not change inference results (metadata, training,
-#: generation defaults); any other key not mapped or checked below is refused
-_HARMLESS_KEYS = {
-    '_name_or_path', 'architectures', 'model_type', 'transformers_version',
-    'torch_dtype', 'dtype', 'use_cache', 'bos_token_id', 'pad_token_id',
-    'initializer_range', 'attention_dropout', 'output_router_logits',
-    'router_aux_loss_coef', 'router_jitter_noise', 'output_attentions',
-    'output_hidden_states', 'return_dict', 'tokenizer_class'}
-#: config.json key -> ModelConfig field, each required
-_MAPPED_KEYS = {'hidden_size': 'd_model', 'num_hidden_layers': 'n_layers',
-                'num_local_experts': 'n_experts', 'num_experts_per_tok': 'top_k',
-                'num_attention_heads': 'n_heads', 'num_key_value_heads': 'n_kv_heads',
-                'intermediate_size': 'd_expert', 'vocab_size': 'vocab_size',
-                'rms_norm_eps': 'norm_eps',
-                'max_position_embeddings': 'max_position_embeddings'}
-#: keys read by the checks of :func:`_feature_problems` or for RoPE / head_dim
-#: / the end-of-sequence ids (optional)
-_CHECKED_KEYS = {'hidden_act', 'tie_word_embeddings', 'rope_scaling', 'rope_parameters',
-                 'rope_theta', 'sliding_window', 'attention_bias', 'mlp_bias', 'head_dim',
-                 'eos_token_id'}
-
-
-# ---------------------------------------------------------------- config
-
-def _listed(what, items):
-    """``'missing tensors (9): a, b, c, d, e, f (and 3 more)'``."""
-    items = list(items)
-    shown = ', '.join(map(str, items[:_LIST_MAX]))
-    more = f' (and {len(items) - _LIST_MAX} more)' if len(items) > _LIST_MAX else ''
-    return f'{what} ({len(items)}): {shown}{more}'
-
-
-def _feature_problems(hf):
-    """Features of config.json ``hf`` that mpimoe does not implement: [str]."""
-    problems = []
-    if hf.get('architectures') != [ARCHITECTURE]:
-        problems.append(f'architectures {clip(repr(hf.get("architectures")))}: only '
-                        f'[{ARCHITECTURE!r}] can be converted')
-    if hf.get('hidden_act', 'silu') != 'silu':
-        problems.append(f'hidden_act {clip(repr(hf["hidden_act"]))}: only silu (SwiGLU experts)')
-    if hf.get('tie_word_embeddings', False):
-        problems.append('tie_word_embeddings true: mpimoe has an untied lm_head')
-    if hf.get('rope_scaling') is not None:
-        problems.append(f'rope_scaling {clip(repr(hf["rope_scaling"]))}: only plain RoPE')
-    rope = hf.get('rope_parameters') or {}
-    if not isinstance(rope, dict) or rope.get('rope_type', 'default') != 'default' \
-            or set(rope) - {'rope_type', 'rope_theta'}:
-        problems.append(f'rope_parameters {clip(repr(rope))}: only plain RoPE '
-                        f'(rope_type default)')
-    window, max_pos = hf.get('sliding_window'), hf.get('max_position_embeddings')
-    if window is not None and not (isinstance(window, int) and isinstance(max_pos, int)
-                                   and window >= max_pos):
-        problems.append(f'sliding_window {clip(window)} < max_position_embeddings '
-                        f'{clip(max_pos)}: mpimoe attends to the whole sequence')
-    for key in ('attention_bias', 'mlp_bias'):
-        if hf.get(key):
-            problems.append(f'{key} true: mpimoe has no biases')
-    unknown = sorted(set(hf) - _HARMLESS_KEYS - set(_MAPPED_KEYS) - _CHECKED_KEYS)
-    if unknown:
-        problems.append(_listed('unknown config keys (they may change the results, e.g. '
-                                'shared experts or quantization)', map(clip, unknown)))
-    return problems
-
-
-def _rope_theta(hf):
-    """``rope_theta`` (transformers < 5) or ``rope_parameters.rope_theta`` (>= 5), or None."""
-    rope = hf.get('rope_parameters')
-    return hf.get('rope_theta', rope.get('rope_theta') if isinstance(rope, dict) else None)
+#: the block scales of an FP8 tensor ``NAME``: ``NAME + _SCALE``
+_SCALE = '_scale_inv'
 
 
 def _eos_ids(hf, generation):
@@ -137,64 +72,19 @@ def _eos_ids(hf, generation):
     return (tuple(value) if isinstance(value, list) else (value,)), given
 
 
-def mixtral_config(hf, generation=None):
-    """config.json of a Mixtral model (dict) and its generation_config.json
-    (dict, for the end-of-sequence ids; None: none) -> (ModelConfig or None,
-    problems [str]).
-
-    The config is None when a required key is missing or invalid; problems
-    lists every feature mpimoe cannot run as well.
-    """
-    problems = _feature_problems(hf)
-    missing = [k for k in _MAPPED_KEYS if hf.get(k) is None]
-    theta = _rope_theta(hf)
-    if theta is None:
-        missing.append('rope_theta')
-    if missing:
-        return None, problems + [_listed('missing config keys', missing)]
-    fields = {f: hf[k] for k, f in _MAPPED_KEYS.items()}
-    d, heads = hf['hidden_size'], hf['num_attention_heads']
-    # as transformers: head_dim, else hidden_size // num_attention_heads
-    head_dim = hf.get('head_dim') or (d // heads if isinstance(d, int) and isinstance(heads, int)
-                                      and heads > 0 else None)
-    eos, from_generation = _eos_ids(hf, generation or {})
-    try:
-        cfg = ModelConfig(**fields, n_dense_layers=0, head_dim=head_dim, d_dense=fields['d_expert'],
-                          expert_kind='swiglu', rope_theta=theta, dtype='bfloat16',
-                          eos_token_id=eos)
-    except ConfigError as e:
-        given = 'config.json and generation_config.json do' if from_generation \
-            else 'config.json does'
-        return None, problems + [f'{given} not give a valid model: {e}']
-    return cfg, problems
-
-
-# ---------------------------------------------------------------- names
-
-_TOP = {'embed': ('model.embed_tokens.weight', False), 'final_norm': ('model.norm.weight', False),
-        'lm_head': ('lm_head.weight', True)}
-_LAYER = {'attn_norm': ('input_layernorm.weight', False),
-          'wq': ('self_attn.q_proj.weight', True), 'wk': ('self_attn.k_proj.weight', True),
-          'wv': ('self_attn.v_proj.weight', True), 'wo': ('self_attn.o_proj.weight', True),
-          'ffn_norm': ('post_attention_layernorm.weight', False),
-          'router': ('block_sparse_moe.gate.weight', True)}
-_EXPERT = {'gate': 'w1', 'up': 'w3', 'down': 'w2'}
-
-
-def hf_source(name):
-    """mpimoe tensor name -> (Hugging Face tensor name, transposed?).
-
-        >>> hf_source('layers/3/experts/5/up')
-        ('model.layers.3.block_sparse_moe.experts.5.w3.weight', True)
-    """
-    parts = name.split('/')
-    if len(parts) == 1:
-        return _TOP[name]
-    prefix = f'model.layers.{parts[1]}.'
-    if len(parts) == 3:
-        hf, transposed = _LAYER[parts[2]]
-        return prefix + hf, transposed
-    return f'{prefix}block_sparse_moe.experts.{parts[3]}.{_EXPERT[parts[4]]}.weight', True
+def _fp8_block(hf):
+    """(block rows, block cols) of config.json's FP8 ``quantization_config``,
+    None without one, or a problem string when it is not one mpimoe reads."""
+    q = hf.get('quantization_config')
+    if q is None:
+        return None
+    block = q.get('weight_block_size') if isinstance(q, dict) else None
+    if not (isinstance(q, dict) and q.get('quant_method') == 'fp8'
+            and q.get('fmt', 'e4m3') == 'e4m3' and isinstance(block, list) and len(block) == 2
+            and all(isinstance(b, int) and b > 0 for b in block)):
+        return (f'quantization_config {clip(repr(q))}: only FP8 e4m3 with a '
+                f'weight_block_size [rows, cols] (DeepSeek-V3)')
+    return tuple(block)
 
 
 # ---------------------------------------------------------------- safetensors
@@ -258,11 +148,12 @@ class _Source:
                             f'tensor -> shard file): {clip(repr(e))}') from None
         absent = sorted(os.path.basename(s) for s in shards if not os.path.exists(s))
         if absent:
-            raise DataError(_listed(f'{index}: shard files missing', map(clip, absent)))
+            raise DataError(listed(f'{index}: shard files missing', map(clip, absent)))
         return shards
 
-    def problem(self, name, shape):
-        """What is wrong with tensor ``name`` expected as ``shape``, or None."""
+    def problem(self, name, shape, dtypes=_ST_DTYPES):
+        """What is wrong with tensor ``name`` expected as ``shape`` in one of
+        ``dtypes``, or None."""
         shard, e = self.entries[name]
         try:
             dtype, got, (a, b) = e['dtype'], tuple(e['shape']), map(int, e['data_offsets'])
@@ -270,8 +161,8 @@ class _Source:
             return f'{name}: malformed header entry {clip(repr(e))}'
         if got != shape:
             return f'{name}: shape {clip(list(got))}, config.json implies {list(shape)}'
-        if dtype not in _ST_DTYPES:
-            return f'{name}: dtype {clip(dtype)} (only {", ".join(_ST_DTYPES)})'
+        if dtype not in dtypes:
+            return f'{name}: dtype {clip(dtype)} (only {", ".join(dtypes)})'
         size = os.path.getsize(shard) - self._start[shard]
         if not 0 <= a <= b <= size or b - a != int(np.prod(shape)) * _ST_DTYPES[dtype].itemsize:
             return f'{name}: data_offsets {[a, b]} do not fit {list(shape)} {dtype} in ' \
@@ -291,32 +182,72 @@ class _Source:
 
 # ---------------------------------------------------------------- checks
 
-def _expected(cfg):
-    """[(mpimoe name, shape, hf name, hf shape, transposed)] in storage order."""
+@dataclass(frozen=True)
+class _Tensor:
+    """One tensor to write: mpimoe ``name`` and ``shape`` from Hugging Face
+    tensor ``hf`` of ``hf_shape`` (``transposed``: [out, in] -> [in, out]),
+    its columns then taken in ``order`` (int [out], or None)."""
+    name: str
+    shape: tuple
+    hf: str
+    hf_shape: tuple
+    transposed: bool
+    order: object = None
+
+
+def _expected(cfg, arch, hf):
+    """[_Tensor] of ``cfg`` in storage order."""
+    interleaved = bool(hf.get('rope_interleave'))
     out = []
     for name, shape in tensor_specs(cfg):
-        hf, transposed = hf_source(name)
-        out.append((name, shape, hf, shape[::-1] if transposed else shape, transposed))
+        source, transposed = hf_source(name, arch)
+        out.append(_Tensor(name, shape, source, shape[::-1] if transposed else shape,
+                           transposed, rope_order(name, cfg, interleaved)))
     return out
 
 
-def _tensor_problems(source, expected):
-    """Missing, unexpected, misshapen and unreadable tensors: [str]."""
-    wanted = {hf for _, _, hf, _, _ in expected}
+def _skipped(name, cfg):
+    """Whether source tensor ``name`` is one convert leaves out on purpose:
+    RoPE buffers, and layers past ``n_layers`` (DeepSeek's multi-token
+    prediction)."""
+    if name.endswith(_IGNORED):
+        return True
+    parts = name.split('.')
+    return len(parts) > 2 and parts[:2] == ['model', 'layers'] and parts[2].isdigit() \
+        and int(parts[2]) >= cfg.n_layers
+
+
+def _tensor_problems(source, expected, cfg, block):
+    """Missing, unexpected, misshapen and unreadable tensors and FP8 scales: [str]."""
+    wanted = {t.hf for t in expected}
+    scales = {t.hf + _SCALE for t in expected}
     problems = []
     missing = [hf + (f' (absent from {source.indexed[hf]})' if hf in source.indexed else '')
                for hf in sorted(wanted) if hf not in source.entries]
-    extra = sorted(n for n in set(source.entries) - wanted if not n.endswith(_IGNORED))
+    extra = sorted(n for n in set(source.entries) - wanted - scales if not _skipped(n, cfg))
     if missing:
-        problems.append(_listed('missing tensors', missing))
+        problems.append(listed('missing tensors', missing))
     if extra:
-        problems.append(_listed('unexpected tensors (a feature mpimoe lacks, e.g. biases '
-                                'or shared experts?)', extra))
-    bad = [p for _, _, hf, shape, _ in expected if hf in source.entries
-           for p in [source.problem(hf, shape)] if p]
+        problems.append(listed('unexpected tensors (a feature mpimoe lacks, e.g. biases '
+                               'or shared experts?)', extra))
+    bad = [p for t in expected if t.hf in source.entries
+           for p in [source.problem(t.hf, t.hf_shape) or _scale_problem(source, t, block)] if p]
     if bad:
-        problems.append(_listed('bad tensors', bad))
+        problems.append(listed('bad tensors', bad))
     return problems
+
+
+def _scale_problem(source, t, block):
+    """What is wrong with the FP8 scales of ``t`` (an FP8 tensor), or None."""
+    if source.dtype(t.hf) != 'F8_E4M3':
+        return None
+    if len(t.hf_shape) != 2 or block is None or isinstance(block, str):
+        return f'{t.hf}: FP8 needs a config.json quantization_config with weight_block_size'
+    scale = t.hf + _SCALE
+    if scale not in source.entries:
+        return f'{t.hf}: FP8 without its block scales {scale}'
+    want = tuple(-(-n // b) for n, b in zip(t.hf_shape, block))
+    return source.problem(scale, want, ('F32', 'BF16'))
 
 
 def _read_json(path):
@@ -356,26 +287,45 @@ def _read_generation_config(directory):
     return doc
 
 
+@dataclass
+class _Conversion:
+    """What :func:`_check` found convertible: the model ``cfg`` of ``arch``,
+    the ``source`` tensors, the ``expected`` [_Tensor], ``tokenizer`` (the
+    ``(files, TextTokenizer)`` of the directory, or None without
+    tokenizer.json), the lines ``notes`` to log and the FP8 ``block`` (or None)."""
+    cfg: object
+    arch: str
+    source: object
+    expected: list
+    tokenizer: object
+    notes: list
+    block: object
+
+
 def _check(directory):
-    """-> (cfg, source, expected, tokenizer) when convertible, tokenizer the
-    ``(files, TextTokenizer)`` of the directory or None when it has no
-    tokenizer.json; else DataError listing every problem."""
+    """-> _Conversion when ``directory`` is convertible, else DataError
+    listing every problem."""
     hf, problems = _read_config(directory), []
     try:
         generation = _read_generation_config(directory)
     except DataError as e:
         generation = {}
         problems.append(str(e))
-    cfg, config_problems = mixtral_config(hf, generation)
+    eos, from_generation = _eos_ids(hf, generation)
+    cfg, arch, config_problems = hf_model_config(
+        hf, eos, 'generation_config.json' if from_generation else 'config.json')
     problems += config_problems
+    block = _fp8_block(hf)
+    if isinstance(block, str):
+        problems.append(block)
     try:
         source = _Source(directory)
     except DataError as e:
         source = None
         problems.append(str(e))
-    expected = _expected(cfg) if cfg is not None else []
+    expected = _expected(cfg, arch, hf) if cfg is not None else []
     if cfg is not None and source is not None:
-        problems += _tensor_problems(source, expected)
+        problems += _tensor_problems(source, expected, cfg, block)
     tokenizer = None
     if cfg is not None and os.path.isfile(os.path.join(directory, 'tokenizer.json')):
         try:
@@ -384,7 +334,30 @@ def _check(directory):
             problems.append(str(e))
     if problems:
         raise DataError(f'{directory}: cannot convert: ' + '; '.join(problems))
-    return cfg, source, expected, tokenizer
+    return _Conversion(cfg, arch, source, expected, tokenizer,
+                       _notes(directory, hf, cfg, source, expected, block), block)
+
+
+def _notes(directory, hf, cfg, source, expected, block):
+    """convert's lines about what it changes or leaves out."""
+    notes = []
+    kinds = sorted({source.dtype(t.hf) for t in expected} - {'BF16', 'F8_E4M3'})
+    if kinds:
+        notes.append(f'note: {directory} stores {"/".join(kinds)} tensors; rounding them to '
+                     f'bfloat16 (nearest-even)')
+    fp8 = sum(source.dtype(t.hf) == 'F8_E4M3' for t in expected)
+    if fp8:
+        notes.append(f'note: dequantizing {fp8} FP8 (e4m3) tensors with their {block[0]}x'
+                     f'{block[1]} block scales to bfloat16 (the weight file is about twice the '
+                     f'size of the checkpoint)')
+    mtp = hf.get('num_nextn_predict_layers') or 0
+    if mtp and any(_skipped(n, cfg) and not n.endswith(_IGNORED) for n in source.entries):
+        notes.append(f'note: skipping the {mtp} multi-token-prediction layer(s) (layers '
+                     f'{cfg.n_layers}..): inference does not use them')
+    if any(t.order is not None for t in expected):
+        notes.append('note: reordering the interleaved RoPE columns of the queries and the '
+                     'RoPE key to rotate-half (the scores are unchanged)')
+    return notes
 
 
 def _tokenizer_note(directory, tokenizer):
@@ -399,43 +372,57 @@ def _tokenizer_note(directory, tokenizer):
 
 # ---------------------------------------------------------------- writing
 
-def _to_bf16_words(a):
-    """BF16, F16 or F32 array -> uint16 words of bfloat16, rounded to nearest-even
-    (BF16 is passed through bit for bit).  Same shape."""
+def _values(source, t, cfg, block):
+    """Tensor ``t`` as mpimoe stores it: FP32 values of an FP32 tensor of the
+    layout, else uint16 words of bfloat16 (BF16 sources bit for bit, others
+    rounded to nearest-even, FP8 dequantized first); transposed and its
+    columns reordered, C-contiguous."""
+    a = source.read(t.hf)
+    if a.dtype == _ST_DTYPES['F8_E4M3']:
+        scale = np.asarray(source.read(t.hf + _SCALE), np.float32)
+        rows, cols = block
+        full = np.repeat(np.repeat(scale, rows, axis=0), cols, axis=1)[:a.shape[0], :a.shape[1]]
+        a = a.astype(np.float32) * full
+    if t.transposed:
+        a = a.T
+    if t.order is not None:
+        a = a[:, t.order]
+    if tensor_dtype(t.name, cfg) == 'float32':
+        return np.ascontiguousarray(a, FP32)
     if a.dtype == _ST_DTYPES['BF16']:
-        return a.view(WORD)
-    return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).view(WORD)
+        return np.ascontiguousarray(a).view(WORD)
+    return np.ascontiguousarray(np.asarray(a, np.float32).astype(ml_dtypes.bfloat16)).view(WORD)
 
 
 def convert_hf(directory, out, overwrite=False, log=None):
-    """Convert the Hugging Face Mixtral checkpoint in ``directory`` to ``out``.
+    """Convert the Hugging Face checkpoint in ``directory`` to ``out``.
 
     Checks everything first (DataError listing every problem), then writes
     tensor by tensor to ``out + '.partial'`` and renames it.  Peak memory is
-    about twice the largest tensor.  Returns ``{'path', 'tensors', 'bytes',
-    'seconds', 'config'}``.
+    about twice the largest tensor (FP8: its FP32 dequantization, twice
+    more).  Returns ``{'path', 'tensors', 'bytes', 'seconds', 'config'}``.
     """
     log = log or (lambda line: None)
-    cfg, source, expected, tokenizer = _check(directory)
-    rounded = sorted({source.dtype(hf) for _, _, hf, _, _ in expected} - {'BF16'})
+    c = _check(directory)
+    cfg, expected = c.cfg, c.expected
     t0 = last = time.monotonic()
     total = 0
     with open_for_writing(out, cfg, overwrite) as f:
-        if rounded:
-            log(f'note: {directory} stores {"/".join(rounded)} tensors; rounding them to '
-                f'bfloat16 (nearest-even)')
-        log(f'converting {directory} -> {out}: {len(expected)} tensors, {cfg.n_layers} '
-            f'layers x {cfg.n_experts} experts (top-{cfg.top_k}), d_model {cfg.d_model}')
-        log(_tokenizer_note(directory, tokenizer))
-        if tokenizer is not None:
-            write_tokenizer_files(f, tokenizer[0])
-        for name, shape, hf, _, transposed in expected:
-            words = _to_bf16_words(source.read(hf))
-            words = np.ascontiguousarray(words.T if transposed else words)
-            total += write_tensor(f, name, shape, cfg.dtype, [(0, shape[0], words)])
+        for line in c.notes:
+            log(line)
+        log(f'converting {directory} ({c.arch}) -> {out}: {len(expected)} tensors, '
+            f'{cfg.n_layers} layers x {cfg.n_experts} experts (top-{cfg.top_k}), '
+            f'd_model {cfg.d_model}')
+        log(_tokenizer_note(directory, c.tokenizer))
+        if c.tokenizer is not None:
+            write_tokenizer_files(f, c.tokenizer[0])
+        for t in expected:
+            values = _values(c.source, t, cfg, c.block)
+            total += write_tensor(f, t.name, t.shape, tensor_dtype(t.name, cfg),
+                                  [(0, t.shape[0], values)])
             if time.monotonic() - last >= LOG_EVERY_S:
                 last = time.monotonic()
-                log(f'  {total / 1e9:.3f} GB  {last - t0:.0f} s  {name}')
+                log(f'  {total / 1e9:.3f} GB  {last - t0:.0f} s  {t.name}')
     secs = time.monotonic() - t0
     log(f'wrote {out}: {len(expected)} tensors, {total / 1e9:.3f} GB in {secs:.1f} s')
     return {'path': out, 'tensors': len(expected), 'bytes': total, 'seconds': secs,
