@@ -78,7 +78,7 @@ def test_times_by_hand_paper_4l_dedicated():
     expert = max(copies * 2 * expert_params / rate, active * expert_params * 2 / hbm)
     # node 0 sends all 2048 copies of 8192 x 2 bytes; each expert node receives 1024
     network = 3 * 2 * 10e-6 + 2 * 2048 * 8192 * 2 / (200e9 / 8)
-    attn_w, gate_w = 4 * 8192 * 8192, 8192 * 16
+    attn_w, gate_w = 4 * 8192 * 8192 + 2 * 8192, 8192 * 16    # wq wk wv wo, two norms
     front = max((2 * 128 * (attn_w + gate_w) + 4 * 8192 * 128 * 129 / 2) / rate,
                 ((attn_w + gate_w) * 2 + 128 * 2 * 8192 * 2) / hbm)
     head = max(2 * 8192 * 32000 / rate, 32000 * 8192 * 2 / hbm)

@@ -11,6 +11,7 @@ import sys
 
 from mpimoe import __version__
 from mpimoe.backends.backend import MPI_GPU_MODES
+from mpimoe.model.config import PRESETS
 from mpimoe.errors import (EXIT_INTERNAL, ConfigError, DataError, IOFailure, MpimoeError,
                            UsageError)
 from mpimoe.runtime.options import JobOptions, RunOptions, add_arguments
@@ -29,9 +30,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_model_args(p, required=True):
     p.add_argument('--preset', required=required, metavar='NAME',
-                   help='named model configuration (tiny, small, paper-4l, paper-16l, paper-61l)')
+                   help=f'named model configuration ({", ".join(PRESETS)})')
     p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
-                   help='override one config field, e.g. --set top_k=3 (repeatable)')
+                   help='override one config field, e.g. --set top_k=3 or --set '
+                        'router.scoring=sigmoid (repeatable)')
 
 
 def _cmd_init_weights(args):

@@ -498,6 +498,52 @@ PRESETS = {
                  d_model=64, n_heads=4, n_kv_heads=2, head_dim=16,
                  d_expert=128, d_dense=128, expert_kind='swiglu',
                  vocab_size=256, dtype='bfloat16'),
+    # The models people run, at their real sizes, for `mpimoe plan` (convert
+    # reads the same values from their config.json).  Figures: config.json of
+    # each Hugging Face repository named below (and the defaults of
+    # transformers 5.24's config classes, which are these models').
+    # deepseek-ai/DeepSeek-V3 (and -R1): 671B parameters with the 14B MTP
+    # module, which inference skips
+    'deepseek-v3': dict(n_layers=61, n_dense_layers=3, n_experts=256, top_k=8,
+                        d_model=7168, n_heads=128, n_kv_heads=128, head_dim=192,
+                        d_expert=2048, d_dense=18432, expert_kind='swiglu',
+                        vocab_size=129280, rope_theta=10000.0, norm_eps=1e-6,
+                        dtype='bfloat16', max_position_embeddings=163840,
+                        router=dict(scoring='sigmoid', norm_topk_prob=True, n_group=8,
+                                    topk_group=4, routed_scaling_factor=2.5, score_bias=True),
+                        attention=dict(kind='mla', q_lora_rank=1536, kv_lora_rank=512,
+                                       qk_nope_head_dim=128, qk_rope_head_dim=64,
+                                       v_head_dim=128, rope_scaling='yarn', rope_factor=40.0,
+                                       rope_original_max_position=4096, yarn_mscale=1.0,
+                                       yarn_mscale_all_dim=1.0),
+                        shared=dict(n_experts=1, d_expert=2048)),
+    # Qwen/Qwen3-235B-A22B
+    'qwen3-235b-a22b': dict(n_layers=94, n_dense_layers=0, n_experts=128, top_k=8,
+                            d_model=4096, n_heads=64, n_kv_heads=4, head_dim=128,
+                            d_expert=1536, d_dense=1536, expert_kind='swiglu',
+                            vocab_size=151936, rope_theta=1e6, norm_eps=1e-6,
+                            dtype='bfloat16', max_position_embeddings=40960,
+                            attention=dict(qk_norm='head')),
+    # Qwen/Qwen3-30B-A3B
+    'qwen3-30b-a3b': dict(n_layers=48, n_dense_layers=0, n_experts=128, top_k=8,
+                          d_model=2048, n_heads=32, n_kv_heads=4, head_dim=128,
+                          d_expert=768, d_dense=768, expert_kind='swiglu',
+                          vocab_size=151936, rope_theta=1e6, norm_eps=1e-6,
+                          dtype='bfloat16', max_position_embeddings=40960,
+                          attention=dict(qk_norm='head')),
+    # mistralai/Mixtral-8x7B-v0.1
+    'mixtral-8x7b': dict(n_layers=32, n_dense_layers=0, n_experts=8, top_k=2,
+                         d_model=4096, n_heads=32, n_kv_heads=8, head_dim=128,
+                         d_expert=14336, d_dense=14336, expert_kind='swiglu',
+                         vocab_size=32000, rope_theta=1e6, norm_eps=1e-5,
+                         dtype='bfloat16', max_position_embeddings=32768),
+    # allenai/OLMoE-1B-7B-0924
+    'olmoe-1b-7b': dict(n_layers=16, n_dense_layers=0, n_experts=64, top_k=8,
+                        d_model=2048, n_heads=16, n_kv_heads=16, head_dim=128,
+                        d_expert=1024, d_dense=1024, expert_kind='swiglu',
+                        vocab_size=50304, rope_theta=10000.0, norm_eps=1e-5,
+                        dtype='bfloat16', max_position_embeddings=4096,
+                        router=dict(norm_topk_prob=False), attention=dict(qk_norm='full')),
 }
 
 

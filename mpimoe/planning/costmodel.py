@@ -8,8 +8,8 @@ M' = min(M, ceil(B/F)) micro-batches (whole sequences, as the engine does).
 
 **Memory** per rank, by role: weights (:meth:`Plan.weight_bytes`); KV cache on
 a front-end (:func:`kv_cache_bytes`: what mpimoe.model.kvcache.BlockKVCache
-allocates), ``2 * n_layers * n_kv_heads * head_dim * 2`` bytes per token of a
-pool of whole blocks of BLOCK_TOKENS tokens: ``--kv-tokens`` tokens rounded up
+allocates), ``n_layers * cfg.kv_token_elems * 2`` bytes per token (keys and
+values of the KV heads; MLA: the latent and the RoPE key) of a pool of whole blocks of BLOCK_TOKENS tokens: ``--kv-tokens`` tokens rounded up
 when given, else one whole-block reservation of S tokens for each of its
 ceil(B/F) sequences; communication buffers, per micro-batch slot a send and a
 receive buffer of ``rows * d_model * 2`` bytes, rows = tokens of a micro-batch x
@@ -21,8 +21,9 @@ micro-batch routed here) F x tokens x min(top_k, K) on an expert rank.
 micro-batch, times M' (weights are read again for every micro-batch):
 
 * front-end: attention projections, scores (causal: q(2c-q+1)/2 query-key pairs
-  per sequence for q new tokens at context c, 4 * n_heads * head_dim FLOPs
-  each), the dense MLP or the gate; bytes: those weights and the KV cache read;
+  per sequence for q new tokens at context c, :func:`pair_flops` each), the
+  dense MLP, or the gate and the shared experts; bytes: those weights and the
+  KV cache read;
 * experts: the busiest expert rank of the layer; copies per expert = B*q*top_k
   x the expert's share of the layer's load (the stats, else 1/E); an expert's
   weights are read when a micro-batch brings it a row (probability
@@ -113,7 +114,7 @@ def kv_cache_bytes(cfg, kv_tokens):
     blocks of BLOCK_TOKENS tokens, keys and values of every layer in 16 bits
     (equal to ``BlockKVCache.for_tokens(cfg, kv_tokens, ...).nbytes``)."""
     tokens = BLOCK_TOKENS * blocks_for(kv_tokens)
-    return 2 * cfg.n_layers * tokens * cfg.n_kv_heads * cfg.head_dim * cfg.itemsize
+    return cfg.n_layers * tokens * cfg.kv_token_elems * cfg.itemsize
 
 
 def memory(plan, work=None, kv_tokens=None):
@@ -234,19 +235,28 @@ def _roofline(flops, nbytes, c):
 
 def _layer_weights(cfg, i):
     """(attention, FFN) weights of layer i outside the experts (the FFN part is
-    the dense MLP or the router)."""
-    d, qd, kvd = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    attn_w = 2 * d * qd + 2 * d * kvd                           # wq wo, wk wv
-    ffn_w = len(cfg.expert_matrices) * d * cfg.d_dense if i < cfg.n_dense_layers \
-        else d * cfg.n_experts
-    return attn_w, ffn_w
+    the dense MLP, or the router and the shared experts)."""
+    ffn_w = len(cfg.expert_matrices) * cfg.d_model * cfg.d_dense if i < cfg.n_dense_layers \
+        else cfg.d_model * cfg.n_experts + cfg.shared_params
+    return cfg.attention_params, ffn_w
+
+
+def pair_flops(cfg):
+    """FLOPs of one query-key pair over all heads: its score and its share of
+    the weighted sum, 4 * n_heads * head_dim; MLA (absorbed) scores over the
+    latent and RoPE key and sums latents, n_heads * (4r + 2 rope)."""
+    a = cfg.attention
+    if a.mla:
+        return cfg.n_heads * (4 * a.kv_lora_rank + 2 * a.qk_rope_head_dim)
+    return 4 * cfg.n_heads * cfg.head_dim
 
 
 def layer_flops(cfg, i, tokens, pairs):
     """FLOPs of layer i's non-expert work on ``tokens`` new tokens that make
-    ``pairs`` causal query-key pairs."""
+    ``pairs`` causal query-key pairs (MLA's up-projections, absorbed, count
+    once per token among the attention weights)."""
     attn_w, ffn_w = _layer_weights(cfg, i)
-    return 2 * tokens * (attn_w + ffn_w) + 4 * cfg.n_heads * cfg.head_dim * pairs
+    return 2 * tokens * (attn_w + ffn_w) + pair_flops(cfg) * pairs
 
 
 def pass_flops(cfg, tokens, pairs, copies, rows_out):
@@ -262,7 +272,7 @@ def _frontend_layers(cfg, seqs, q, ctx, M, c):
     float [n_layers].  seqs sequences, q new tokens each at context ctx."""
     tokens = seqs * q
     pairs = seqs * q * (2 * ctx - q + 1) / 2                    # causal query-key pairs
-    kv_bytes = seqs * ctx * 2 * cfg.n_kv_heads * cfg.head_dim * cfg.itemsize
+    kv_bytes = seqs * ctx * cfg.kv_token_elems * cfg.itemsize
     out = np.empty(cfg.n_layers)
     for i in range(cfg.n_layers):
         weights = sum(_layer_weights(cfg, i)) * cfg.itemsize
