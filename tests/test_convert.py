@@ -89,7 +89,7 @@ def _hf_tensors(hf, seed=0):
 
 
 _ST_NAMES = {np.dtype(np.float32): 'F32', np.dtype(np.float16): 'F16', BF16: 'BF16',
-             np.dtype(np.float64): 'F64'}
+             np.dtype(np.float64): 'F64', np.dtype(ml_dtypes.float8_e4m3fn): 'F8_E4M3'}
 
 
 def _write_safetensors(path, tensors):
