@@ -39,6 +39,7 @@ from mpimoe.cli.main import main
 from mpimoe.checkpoint.hf_archs import hf_source
 from mpimoe.io.inputs import read_inputs, write_synthetic_inputs
 from mpimoe.io.outputs import read_outputs
+from hf_models import model_factory, randomize
 from mpirun import mpiexec
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -485,38 +486,18 @@ PARITY_MODELS = {
 @pytest.fixture(scope='module')
 def hf_model_dir(tmp_path_factory):
     """Factory: name of PARITY_MODELS -> (checkpoint dir, float32 model, tokens file)."""
-    torch = pytest.importorskip('torch')
-    transformers = pytest.importorskip('transformers')
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp('hf')
-    made = {}
-
-    def make(name):
-        if name not in made:
-            spec = dict(PARITY_MODELS[name])
-            shards = spec.pop('shards')
-            made[name] = _save_random_mixtral(torch, transformers, spec, shards, root / name)
-        return made[name]
-
-    return make
+    return model_factory(tmp_path_factory, _save_random_mixtral)
 
 
-def _save_random_mixtral(torch, transformers, spec, shards, directory):
+def _save_random_mixtral(torch, transformers, name, directory):
     """A random MixtralForCausalLM with bf16-exact weights, saved as BF16."""
+    spec = dict(PARITY_MODELS[name])
+    shards = spec.pop('shards')
     torch.manual_seed(0)
     config = transformers.MixtralConfig(**spec, tie_word_embeddings=False)
-    model = transformers.MixtralForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if 'norm' in name:                         # RMSNorm gains around 1
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif 'embed' in name:
-                p.normal_()
-            else:                                      # [..., out, in]: activations O(1)
-                p.normal_(std=p.shape[-1] ** -0.5)
-    model.to(torch.bfloat16)
+    model = randomize(torch, transformers.MixtralForCausalLM(config))
     kwargs = {'max_shard_size': shards} if shards else {}
-    model.save_pretrained(directory, safe_serialization=True, **kwargs)
+    model.to(torch.bfloat16).save_pretrained(directory, safe_serialization=True, **kwargs)
     inputs = directory / 'in.jsonl'
     write_synthetic_inputs(inputs, spec['vocab_size'], num_seqs=5, min_len=1, max_len=12, seed=1)
     return directory, model.to(torch.float32), inputs

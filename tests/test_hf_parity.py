@@ -58,6 +58,7 @@ from mpimoe.cli.main import main
 from mpimoe.io.inputs import read_inputs, write_synthetic_inputs
 from mpimoe.io.outputs import read_outputs
 from contract import assert_matches_reference
+from hf_models import model_factory, randomize
 from mpirun import mpiexec
 from test_convert import _write_safetensors
 
@@ -109,39 +110,15 @@ LAYOUTS = [(name, n, extra) for name, spec in ARCHS.items() for n, extra in spec
 def hf_model(tmp_path_factory):
     """Factory: ARCHS name -> (checkpoint dir, float32 model, inputs, weights file,
     reference outputs), made once."""
-    torch = pytest.importorskip('torch')
-    transformers = pytest.importorskip('transformers')
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp('hf')
-    made = {}
-
-    def make(name):
-        if name not in made:
-            made[name] = _make(torch, transformers, name, root / name)
-        return made[name]
-
-    return make
+    return model_factory(tmp_path_factory, _make)
 
 
 def _make(torch, transformers, name, directory):
     config_cls, model_cls, spec, _ = ARCHS[name]
     torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**spec)).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if 'norm' in pname:                        # RMSNorm gains around 1
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif 'embed' in pname:
-                p.normal_()
-            elif p.dim() == 1:                         # biases
-                p.normal_(std=0.1)
-            else:                                      # [..., out, in]: activations O(1)
-                p.normal_(std=p.shape[-1] ** -0.5)
-        for bname, b in model.named_buffers():
-            if bname.endswith('e_score_correction_bias'):
-                b.normal_(std=0.1)
-    model.to(torch.bfloat16)
-    model.save_pretrained(directory, safe_serialization=True)
+    model = randomize(torch, getattr(transformers, model_cls)(
+        getattr(transformers, config_cls)(**spec)))
+    model.to(torch.bfloat16).save_pretrained(directory, safe_serialization=True)
     model.to(torch.float32)
     inputs = directory / 'in.jsonl'
     write_synthetic_inputs(inputs, spec['vocab_size'], num_seqs=6, min_len=2, max_len=12, seed=1)
