@@ -1,15 +1,21 @@
 """The presets of the models people run (mpimoe/model/config.py PRESETS) at their
 real sizes, and the planner on them (no weights are ever made at these sizes).
 
-Their parameter counts are checked against the published ones: a wrong width,
-a missing shared expert or a miscounted MLA projection moves them by far more
-than the 2% allowed, which is the rounding of the published figures (two or
-three significant digits: Qwen3-30B-A3B's "3.3B" active is 3.35B).
+Each preset is what convert reads from its model's config.json, and its
+parameter count (cfg.nonexpert_params + experts) is exactly that of
+transformers' own model of the same config.json (built on the meta device):
+a norm or bias miscounted by one vector fails.  Against the published totals
+and active counts 2% is allowed: they have two or three significant digits
+(Qwen3-30B-A3B's "3.3B" active is 3.35B, 1.6% off), and DeepSeek-V3's "37B"
+active is 37.55B here (1.5%; 36.6B without the 0.93B input embedding, which
+does no matmul).  Dropping a shared expert (2.6B active, 7%) or MLA's kv_b
+up-projection (1.0B, 2.7%) is caught by both tests.
 """
 
 import numpy as np
 import pytest
 
+from mpimoe.checkpoint.hf_archs import hf_model_config
 from mpimoe.model.config import model_config
 from mpimoe.model.kvcache import BlockKVCache
 from mpimoe.planning.costmodel import Workload, kv_cache_bytes, memory
@@ -20,6 +26,74 @@ from mpimoe.planning.placement import make_plan
 PUBLISHED = {'deepseek-v3': (671, 37), 'qwen3-235b-a22b': (235, 22),
              'qwen3-30b-a3b': (30.5, 3.3), 'mixtral-8x7b': (46.7, 12.9),
              'olmoe-1b-7b': (6.9, 1.3)}
+
+_QWEN3 = dict(architectures=['Qwen3MoeForCausalLM'], head_dim=128, hidden_act='silu',
+              num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+              num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1e6, vocab_size=151936,
+              decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=40960,
+              tie_word_embeddings=False, sliding_window=None, use_sliding_window=False)
+#: preset -> the keys of its repository's config.json that set the model (the
+#: rest are metadata, training settings or FP8 storage, which convert handles)
+CONFIG_JSON = {
+    # deepseek-ai/DeepSeek-V3
+    'deepseek-v3': dict(
+        architectures=['DeepseekV3ForCausalLM'], hidden_size=7168, num_hidden_layers=61,
+        first_k_dense_replace=3, intermediate_size=18432, moe_intermediate_size=2048,
+        num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256,
+        num_experts_per_tok=8, n_shared_experts=1, n_group=8, topk_group=4,
+        routed_scaling_factor=2.5, scoring_func='sigmoid', topk_method='noaux_tc',
+        norm_topk_prob=True, moe_layer_freq=1, num_nextn_predict_layers=1, hidden_act='silu',
+        vocab_size=129280, rms_norm_eps=1e-6, rope_theta=10000, max_position_embeddings=163840,
+        rope_scaling=dict(type='yarn', factor=40, original_max_position_embeddings=4096,
+                          beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0),
+        tie_word_embeddings=False, attention_bias=False),
+    # Qwen/Qwen3-235B-A22B
+    'qwen3-235b-a22b': dict(_QWEN3, hidden_size=4096, num_hidden_layers=94,
+                            num_attention_heads=64, intermediate_size=12288,
+                            moe_intermediate_size=1536),
+    # Qwen/Qwen3-30B-A3B
+    'qwen3-30b-a3b': dict(_QWEN3, hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                          intermediate_size=6144, moe_intermediate_size=768),
+    # mistralai/Mixtral-8x7B-v0.1
+    'mixtral-8x7b': dict(
+        architectures=['MixtralForCausalLM'], hidden_size=4096, num_hidden_layers=32,
+        intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+        num_local_experts=8, num_experts_per_tok=2, hidden_act='silu', vocab_size=32000,
+        rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=32768, sliding_window=None,
+        tie_word_embeddings=False),
+    # allenai/OLMoE-1B-7B-0924
+    'olmoe-1b-7b': dict(
+        architectures=['OlmoeForCausalLM'], hidden_size=2048, num_hidden_layers=16,
+        intermediate_size=1024, num_attention_heads=16, num_key_value_heads=16, num_experts=64,
+        num_experts_per_tok=8, norm_topk_prob=False, clip_qkv=None, hidden_act='silu',
+        vocab_size=50304, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
+        tie_word_embeddings=False, attention_bias=False),
+}
+
+
+@pytest.mark.parametrize('name', PUBLISHED)
+def test_preset_is_what_convert_reads(name):
+    """A plan made from the preset is one of the converted checkpoint (save
+    its end-of-sequence ids, which convert takes from generation_config.json)."""
+    cfg, _, problems = hf_model_config(CONFIG_JSON[name], ())
+    assert problems == [] and cfg == model_config(name)
+
+
+@pytest.mark.parametrize('name', PUBLISHED)
+def test_parameter_count_is_transformers_own(name):
+    """Exactly the parameters of transformers' own model of that config.json,
+    built on the meta device (no memory): every projection, norm, shared
+    expert and router counted, DeepSeek-V3's score bias (a buffer there) too."""
+    torch = pytest.importorskip('torch')
+    transformers = pytest.importorskip('transformers')
+    hf = CONFIG_JSON[name]
+    model_cls = getattr(transformers, hf['architectures'][0])
+    with torch.device('meta'):
+        model = model_cls(model_cls.config_class(**hf))
+    n = sum(p.numel() for p in model.parameters()) + \
+        sum(b.numel() for k, b in model.named_buffers() if k.endswith('e_score_correction_bias'))
+    assert n == _params(model_config(name))[0]
 
 
 def _params(cfg):
