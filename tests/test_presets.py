@@ -18,7 +18,8 @@ import pytest
 from mpimoe.checkpoint.hf_archs import hf_model_config
 from mpimoe.model.config import model_config
 from mpimoe.model.kvcache import BlockKVCache
-from mpimoe.planning.costmodel import Workload, kv_cache_bytes, memory
+from mpimoe.planning.costmodel import (Constants, Workload, kv_cache_bytes, layer_flops, memory,
+                                       pass_time)
 from mpimoe.planning.placement import make_plan
 
 #: preset -> (total, active) parameters, billions, as the model cards state them
@@ -146,3 +147,32 @@ def test_plan_on_3904_ranks(name):
     fe, ex = memory(plan)
     assert fe.weights == cfg.nonexpert_params * 2
     assert np.isclose(ex.weights, k * cfg.expert_params * 2)
+
+
+def test_deepseek_v3_front_end_time_by_hand():
+    """One decode step of one sequence per front-end at context 4096 (one
+    micro-batch): per layer, the roofline of the attention (MLA's projections
+    written out), the dense MLP or the router and the shared expert, and the
+    absorbed scores over 576 cached elements per key; the sum over 3 + 58
+    layers and the LM head is the front-end stage."""
+    cfg = model_config('deepseek-v3')
+    plan = make_plan(cfg, 264, 'per-layer', n_frontends=8, gpus_per_node=8)
+    c = Constants()
+    d, H, r, rope, ctx = 7168, 128, 512, 64, 4096
+    attn = (d * 1536 + 1536 + 1536 * H * 192                    # wq_a, q_a_norm, wq_b
+            + d * (r + rope) + r + r * H * (128 + 128)          # wkv_a, kv_a_norm, wkv_b
+            + H * 128 * d + 2 * d)                              # wo, two norms
+    assert cfg.attention_params == attn
+    pair = H * (2 * (r + rope) + 2 * r)                         # score + weighted latent sum
+
+    def layer(i, ffn):
+        """Seconds of layer i with ``ffn`` weights besides the attention."""
+        flops, weights = 2 * (attn + ffn) + pair * ctx, attn + ffn
+        assert layer_flops(cfg, i, 1, ctx) == flops
+        return max(flops / c.flops, (2 * weights + ctx * 576 * 2) / (c.hbm_gbs * 1e9))
+    dense = layer(0, 3 * d * 18432)
+    moe = layer(3, d * 256 + 3 * d * 2048)                      # router + shared expert
+    head = max(2 * d * 129280 / c.flops, 2 * d * 129280 / (c.hbm_gbs * 1e9))
+    t = pass_time(plan, Workload(8, ctx, 2), c, new_tokens=1)
+    assert t.micro_batches == 1
+    assert t.frontend == pytest.approx(3 * dense + 58 * moe + head, rel=1e-12)
