@@ -12,15 +12,20 @@ does no matmul).  Dropping a shared expert (2.6B active, 7%) or MLA's kv_b
 up-projection (1.0B, 2.7%) is caught by both tests.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from mpimoe.checkpoint.hf_archs import hf_model_config
+from mpimoe.cli.main import main
 from mpimoe.model.config import model_config
 from mpimoe.model.kvcache import BlockKVCache
 from mpimoe.planning.costmodel import (Constants, Workload, kv_cache_bytes, layer_flops, memory,
                                        pass_time)
 from mpimoe.planning.placement import make_plan
+
+REPO = Path(__file__).resolve().parents[1]
 
 #: preset -> (total, active) parameters, billions, as the model cards state them
 #: (DeepSeek-V3: 671B without its 14B multi-token-prediction module, 37B active)
@@ -176,3 +181,76 @@ def test_deepseek_v3_front_end_time_by_hand():
     t = pass_time(plan, Workload(8, ctx, 2), c, new_tokens=1)
     assert t.micro_batches == 1
     assert t.frontend == pytest.approx(3 * dense + 58 * moe + head, rel=1e-12)
+
+
+def _readme_plans():
+    """(arguments, shown lines) of each ``$ mpimoe plan`` example in README.md
+    ('...' stands for lines left out)."""
+    blocks = (REPO / 'README.md').read_text().split('```')[1::2]
+    out = []
+    for block in blocks:
+        lines = block.strip('\n').splitlines()
+        if lines and lines[0].startswith('$ mpimoe plan '):
+            n = next(i for i, t in enumerate(lines) if not t.endswith('\\')) + 1
+            command = ' '.join(t.rstrip('\\') for t in lines[:n]).split()
+            out.append((command[3:], [t for t in lines[n:] if t != '...']))
+    return out
+
+
+@pytest.mark.parametrize('args,shown', _readme_plans())
+def test_readme_plan_examples_are_what_it_prints(args, shown, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)                     # --emit-sbatch writes here
+    assert main(['plan', *args]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [t for t in shown if t not in printed] == []
+
+
+DS264 = ['--preset', 'deepseek-v3', '--gpus', '264', '--gpus-per-node', '8', '--placement',
+         'per-layer', '--frontends', '8']
+
+
+@pytest.mark.parametrize('args,lines', [
+    (DS264, ['placement per-layer on 264 ranks: 8 front-ends (ranks 0-7) + 256 expert ranks '
+             '(ranks 8-263)',
+             'weights per expert rank: max 5.11 GB, 58 experts; min 5.11 GB, 58 experts; one '
+             'expert = 88.08 MB',
+             '  front-end:   34.24 GB = weights 34.24 GB; 43% of 80 GB']),
+    # 32 sequences per front-end: KV 32 x 4096 x 61 x 576 x 2 bytes; buffers 2 slots x send
+    # and receive x 16 x 4096 tokens x top-8 x 7168 x 2 bytes
+    (DS264 + ['--batch-seqs', '256', '--seq-len', '4096'],
+     ['  front-end:   73.51 GB = weights 34.24 GB + KV cache 9.21 GB + buffers 30.06 GB; 92% '
+      'of 80 GB']),
+    (['--preset', 'deepseek-v3', '--gpus', '14856', '--gpus-per-node', '8', '--placement',
+      'dedicated', '--frontends', '8'],
+     ['placement dedicated on 14856 ranks: 8 front-ends (ranks 0-7) + 14848 expert ranks '
+      '(ranks 8-14855)']),
+])
+def test_cli_plans_deepseek_v3(args, lines, capsys):
+    assert main(['plan', *args]) == 0
+    out = capsys.readouterr().out
+    printed = out.splitlines()
+    assert [t for t in lines if t not in printed] == []
+    assert ('\nprefill: ' in out and '\ndecode: ' in out) == ('--batch-seqs' in args)
+
+
+@pytest.mark.parametrize('name', PUBLISHED)
+def test_cli_predicts_every_preset(name, capsys):
+    """per-layer on E expert ranks and 8 front-ends, 64 sequences of 2048 tokens
+    (OLMoE's context is 4096): a prediction, the KV cache as kv_token_elems says."""
+    cfg = model_config(name)
+    assert main(['plan', '--preset', name, '--gpus', str(cfg.n_experts + 8), '--gpus-per-node',
+                 '8', '--placement', 'per-layer', '--frontends', '8', '--batch-seqs', '64',
+                 '--seq-len', '2048']) == 0
+    out = capsys.readouterr().out
+    kv = 8 * 2048 * cfg.n_layers * cfg.kv_token_elems * 2          # 8 sequences each
+    assert f'KV cache {kv / 1e9:.2f} GB' in out
+    assert '\nprefill: ' in out and ' tokens/s (131,072 tokens in ' in out
+    assert '\ndecode: ' in out
+
+
+def test_dedicated_deepseek_v3_on_3904_is_refused_in_one_line(capsys):
+    assert main(['plan', '--preset', 'deepseek-v3', '--gpus', '3904', '--placement',
+                 'dedicated']) == 2
+    err = capsys.readouterr().err
+    assert err == ('mpimoe: error: placement dedicated needs 14848 expert ranks + F front-ends: '
+                   'world size must be >= 14849 (got 3904)\n')
