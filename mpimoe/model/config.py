@@ -498,10 +498,12 @@ PRESETS = {
                  d_model=64, n_heads=4, n_kv_heads=2, head_dim=16,
                  d_expert=128, d_dense=128, expert_kind='swiglu',
                  vocab_size=256, dtype='bfloat16'),
-    # The models people run, at their real sizes, for `mpimoe plan` (convert
-    # reads the same values from their config.json).  Figures: config.json of
-    # each Hugging Face repository named below (and the defaults of
-    # transformers 5.24's config classes, which are these models').
+    # The models people run, at their real sizes, for `mpimoe plan`: each is
+    # what convert reads from the config.json of the Hugging Face repository
+    # named above it (tests/test_presets.py; transformers' config classes
+    # default to some of these figures, not all: OlmoeConfig's experts are
+    # 2048 wide, Qwen3MoeConfig has 24 layers).  Qwen's d_dense is its
+    # config.json's intermediate_size, which no layer uses (all are MoE).
     # deepseek-ai/DeepSeek-V3 (and -R1): 671B parameters with the 14B MTP
     # module, which inference skips
     'deepseek-v3': dict(n_layers=61, n_dense_layers=3, n_experts=256, top_k=8,
@@ -520,14 +522,14 @@ PRESETS = {
     # Qwen/Qwen3-235B-A22B
     'qwen3-235b-a22b': dict(n_layers=94, n_dense_layers=0, n_experts=128, top_k=8,
                             d_model=4096, n_heads=64, n_kv_heads=4, head_dim=128,
-                            d_expert=1536, d_dense=1536, expert_kind='swiglu',
+                            d_expert=1536, d_dense=12288, expert_kind='swiglu',
                             vocab_size=151936, rope_theta=1e6, norm_eps=1e-6,
                             dtype='bfloat16', max_position_embeddings=40960,
                             attention=dict(qk_norm='head')),
     # Qwen/Qwen3-30B-A3B
     'qwen3-30b-a3b': dict(n_layers=48, n_dense_layers=0, n_experts=128, top_k=8,
                           d_model=2048, n_heads=32, n_kv_heads=4, head_dim=128,
-                          d_expert=768, d_dense=768, expert_kind='swiglu',
+                          d_expert=768, d_dense=6144, expert_kind='swiglu',
                           vocab_size=151936, rope_theta=1e6, norm_eps=1e-6,
                           dtype='bfloat16', max_position_embeddings=40960,
                           attention=dict(qk_norm='head')),

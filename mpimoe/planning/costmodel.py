@@ -9,21 +9,26 @@ M' = min(M, ceil(B/F)) micro-batches (whole sequences, as the engine does).
 **Memory** per rank, by role: weights (:meth:`Plan.weight_bytes`); KV cache on
 a front-end (:func:`kv_cache_bytes`: what mpimoe.model.kvcache.BlockKVCache
 allocates), ``n_layers * cfg.kv_token_elems * 2`` bytes per token (keys and
-values of the KV heads; MLA: the latent and the RoPE key) of a pool of whole blocks of BLOCK_TOKENS tokens: ``--kv-tokens`` tokens rounded up
-when given, else one whole-block reservation of S tokens for each of its
-ceil(B/F) sequences; communication buffers, per micro-batch slot a send and a
-receive buffer of ``rows * d_model * 2`` bytes, rows = tokens of a micro-batch x
-top_k on a front-end, and in the worst case (every row of every front-end's
+values of the KV heads, 2 * n_kv_heads * head_dim; MLA: the latent and the
+RoPE key, kv_lora_rank + qk_rope_head_dim, 576 for DeepSeek-V3) of a pool of
+whole blocks of BLOCK_TOKENS tokens: ``--kv-tokens`` tokens rounded up when
+given, else one whole-block reservation of S tokens for each of its ceil(B/F)
+sequences; communication buffers, per micro-batch slot a send and a receive
+buffer of ``rows * d_model * 2`` bytes, rows = tokens of a micro-batch x top_k
+on a front-end, and in the worst case (every row of every front-end's
 micro-batch routed here) F x tokens x min(top_k, K) on an expert rank.
 
 **Time** of one pass, per layer, each stage a roofline
 ``max(FLOPs / (gemm_tflops * gemm_efficiency), bytes read / hbm_gbs)`` per
 micro-batch, times M' (weights are read again for every micro-batch):
 
-* front-end: attention projections, scores (causal: q(2c-q+1)/2 query-key pairs
-  per sequence for q new tokens at context c, :func:`pair_flops` each), the
-  dense MLP, or the gate and the shared experts; bytes: those weights and the
-  KV cache read;
+* front-end: 2 FLOPs per weight and token of the attention
+  (``cfg.attention_params``: the real projections, MLA's included), of the
+  dense MLP, or of the gate and the shared experts; plus the scores and the
+  weighted sum, :func:`pair_flops` per causal query-key pair (q(2c-q+1)/2 per
+  sequence for q new tokens at context c): 4 * head_dim per head (GQA), or
+  over MLA's absorbed cache 2 (r + rope) + 2 r per head; bytes: those weights
+  and the KV cache read;
 * experts: the busiest expert rank of the layer; copies per expert = B*q*top_k
   x the expert's share of the layer's load (the stats, else 1/E); an expert's
   weights are read when a micro-batch brings it a row (probability
@@ -111,7 +116,7 @@ class RankMemory:
 
 def kv_cache_bytes(cfg, kv_tokens):
     """Bytes of a front-end's KV cache pool for ``kv_tokens`` tokens: whole
-    blocks of BLOCK_TOKENS tokens, keys and values of every layer in 16 bits
+    blocks of BLOCK_TOKENS tokens, ``cfg.kv_token_elems`` per token and layer in 16 bits
     (equal to ``BlockKVCache.for_tokens(cfg, kv_tokens, ...).nbytes``)."""
     tokens = BLOCK_TOKENS * blocks_for(kv_tokens)
     return cfg.n_layers * tokens * cfg.kv_token_elems * cfg.itemsize
