@@ -11,11 +11,9 @@ and run by ``mpimoe reference`` and ``mpimoe run``:
 - the engine gives the reference's greedy tokens and logits
   (tests/contract.py assert_matches_reference) on distributed layouts:
   DeepSeek-V3 on per-layer, packed:4 and 2 front-ends, each other
-  architecture on one of them;
-- the conversion itself is lossless (every tensor bit for bit, DeepSeek's
-  RoPE columns reordered as written out here), FP8 block scales dequantize
-  to what NumPy computes, and a bad DeepSeek checkpoint gets one error
-  listing every problem.
+  architecture on one of them.
+
+The conversion itself (bit for bit, FP8, refusals): tests/test_convert_archs.py.
 
 **Tolerance.**  The weights are bf16-exact, so conversion is lossless and both
 sides compute in FP32 from the same values (the converter's RoPE column
@@ -46,10 +44,6 @@ first such layer had a near tie by that bound, and is then not compared; at
 least half of the sequences must be compared.
 """
 
-import json
-import shutil
-
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -60,7 +54,6 @@ from mpimoe.io.outputs import read_outputs
 from contract import assert_matches_reference
 from hf_models import model_factory, randomize
 from mpirun import mpiexec
-from test_convert import _write_safetensors
 
 U = 2.0 ** -9                     # unit roundoff of bf16
 RUN_TIMEOUT = 90
@@ -244,130 +237,3 @@ def test_engine_matches_reference(name, n, extra, hf_model, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert_matches_reference(read_outputs(out), ref, str(weights), str(inputs))
 
-
-# ---------------------------------------------------------------- conversion itself
-
-def _hf_tensors(directory):
-    """Every tensor transformers saved in ``directory``: name -> uint16 words
-    (bf16) or float32."""
-    import torch
-    from safetensors.torch import load_file as load_torch
-    return {n: (t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16
-                else t.numpy()) for n, t in load_torch(directory / 'model.safetensors').items()}
-
-
-@pytest.mark.parametrize('name', ARCHS)
-def test_conversion_is_lossless(name, hf_model):
-    """Every tensor of the weight file is transformers' (transposed [out, in]
-    -> [in, out]) bit for bit; DeepSeek's RoPE columns in rotate-half order."""
-    from mpimoe.checkpoint.hf_archs import hf_source
-    from mpimoe.checkpoint.layout import tensor_specs
-    directory, model, _, weights, _ = hf_model(name)
-    saved = _hf_tensors(directory)
-    arch = ARCHS[name][1]
-    with WeightFile(weights) as wf:
-        cfg = wf.config
-        a = cfg.attention
-        for tname, shape in tensor_specs(cfg):
-            source, transposed = hf_source(tname, arch)
-            want = saved[source].T if transposed else saved[source]
-            leaf = tname.rsplit('/', 1)[-1]
-            if a.mla and leaf in ('wq_b', 'wkv_a'):
-                width = cfg.head_dim if leaf == 'wq_b' else want.shape[1]
-                blocks = want.reshape(want.shape[0], -1, width)          # [in, heads, width]
-                rot = blocks[:, :, width - a.qk_rope_head_dim:]
-                blocks = np.concatenate([blocks[:, :, :width - a.qk_rope_head_dim],
-                                         rot[:, :, 0::2], rot[:, :, 1::2]], axis=2)
-                want = blocks.reshape(want.shape)
-            got = wf.read(tname)
-            if got.dtype == np.float32:                     # router_bias: bf16 saved, FP32 kept
-                want = want.astype(np.uint32) << 16
-                got = got.view(np.uint32)
-            else:
-                got = got.view(np.uint16)
-            assert got.shape == shape
-            np.testing.assert_array_equal(got, want, err_msg=tname)
-    assert (cfg.router.scoring, cfg.attention.kind) == (
-        ('sigmoid', 'mla') if name == 'deepseek-v3' else ('softmax', 'gqa'))
-
-
-def _deepseek_copy(hf_model, tmp_path, edit):
-    """The DeepSeek-V3 test checkpoint copied to tmp_path/hf with ``edit(config,
-    tensors)`` applied to config.json and the tensors (name -> array)."""
-    directory = hf_model('deepseek-v3')[0]
-    out = tmp_path / 'hf'
-    shutil.copytree(directory, out, ignore=shutil.ignore_patterns('*.h5', '*.jsonl'))
-    config = json.loads((out / 'config.json').read_text())
-    tensors = {n: (a.view(ml_dtypes.bfloat16) if a.dtype == np.uint16 else a)
-               for n, a in _hf_tensors(directory).items()}
-    edit(config, tensors)
-    (out / 'config.json').write_text(json.dumps(config))
-    _write_safetensors(out / 'model.safetensors', tensors)
-    return out
-
-
-def _fp8(w, block):
-    """w [out, in] (bf16) -> (float8_e4m3fn values, float32 scale_inv [ceil(out/b0),
-    ceil(in/b1)]) with one scale per block, as DeepSeek-V3's checkpoints."""
-    w = w.astype(np.float32)
-    rows, cols = -(-w.shape[0] // block[0]), -(-w.shape[1] // block[1])
-    scale = np.empty((rows, cols), np.float32)
-    q = np.empty(w.shape, ml_dtypes.float8_e4m3fn)
-    for i in range(rows):
-        for j in range(cols):
-            part = w[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]]
-            scale[i, j] = max(np.abs(part).max(), 1e-12) / 448.0
-            q[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]] = \
-                (part / scale[i, j]).astype(ml_dtypes.float8_e4m3fn)
-    return q, scale
-
-
-FP8_TENSORS = ('model.layers.1.self_attn.kv_b_proj.weight',
-               'model.layers.2.mlp.experts.3.down_proj.weight')
-
-
-def test_fp8_block_scales_are_dequantized(hf_model, tmp_path, capsys):
-    """FP8 e4m3 weights with 16x16 block scales (odd sizes: partial blocks) and an
-    MTP layer: the weight file holds each block's values times its scale,
-    rounded to bf16 (computed here with NumPy); the MTP layer is skipped."""
-    expected = {}
-
-    def edit(config, tensors):
-        config['quantization_config'] = {'quant_method': 'fp8', 'fmt': 'e4m3',
-                                         'activation_scheme': 'dynamic',
-                                         'weight_block_size': [16, 16]}
-        for name in FP8_TENSORS:
-            q, scale = _fp8(tensors[name], (16, 16))
-            tensors[name], tensors[name + '_scale_inv'] = q, scale
-            full = np.repeat(np.repeat(scale, 16, 0), 16, 1)[:q.shape[0], :q.shape[1]]
-            expected[name] = (q.astype(np.float32) * full).astype(ml_dtypes.bfloat16)
-        tensors['model.layers.3.self_attn.kv_b_proj.weight'] = tensors[FP8_TENSORS[0]]
-    src = _deepseek_copy(hf_model, tmp_path, edit)
-    assert main(['convert', '--from-hf', str(src), '--out', str(tmp_path / 'w.h5')]) == 0
-    out = capsys.readouterr().out
-    assert 'dequantizing 2 FP8 (e4m3) tensors with their 16x16 block scales' in out
-    assert 'skipping the 1 multi-token-prediction layer(s)' in out
-    with WeightFile(tmp_path / 'w.h5') as wf:
-        np.testing.assert_array_equal(wf.read('layers/1/wkv_b').view(np.uint16),
-                                      expected[FP8_TENSORS[0]].T.view(np.uint16))
-        np.testing.assert_array_equal(wf.read('layers/2/experts/3/down').view(np.uint16),
-                                      expected[FP8_TENSORS[1]].T.view(np.uint16))
-
-
-def test_every_problem_of_a_deepseek_checkpoint_in_one_error(hf_model, tmp_path, capsys):
-    def edit(config, tensors):
-        config.update(topk_method='greedy', scoring_func='softmax', quantization_config={
-            'quant_method': 'fp8', 'fmt': 'e4m3', 'weight_block_size': [16, 16]})
-        q, scale = _fp8(tensors[FP8_TENSORS[0]], (16, 16))
-        tensors[FP8_TENSORS[0]], tensors[FP8_TENSORS[0] + '_scale_inv'] = q, scale[:1]
-        del tensors['model.layers.2.mlp.gate.e_score_correction_bias']
-    src = _deepseek_copy(hf_model, tmp_path, edit)
-    out = tmp_path / 'w.h5'
-    assert main(['convert', '--from-hf', str(src), '--out', str(out)]) == 65
-    err = capsys.readouterr().err
-    assert err.count('\n') == 1, err
-    for part in ("topk_method 'greedy': only 'noaux_tc'", "scoring_func 'softmax': only 'sigmoid'",
-                 'missing tensors (1): model.layers.2.mlp.gate.e_score_correction_bias',
-                 f'{FP8_TENSORS[0]}_scale_inv: shape [1, 1], config.json implies [5, 1]'):
-        assert part in err, err
-    assert not out.exists() and not (tmp_path / 'w.h5.partial').exists()

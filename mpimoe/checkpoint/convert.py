@@ -206,25 +206,33 @@ def _expected(cfg, arch, hf):
     return out
 
 
-def _skipped(name, cfg):
+def _skipped(name, cfg, mtp):
     """Whether source tensor ``name`` is one convert leaves out on purpose:
-    RoPE buffers, and layers past ``n_layers`` (DeepSeek's multi-token
-    prediction)."""
+    RoPE buffers, and the ``mtp`` layers after the last (DeepSeek's
+    multi-token prediction, ``num_nextn_predict_layers``)."""
     if name.endswith(_IGNORED):
         return True
     parts = name.split('.')
     return len(parts) > 2 and parts[:2] == ['model', 'layers'] and parts[2].isdigit() \
-        and int(parts[2]) >= cfg.n_layers
+        and cfg.n_layers <= int(parts[2]) < cfg.n_layers + mtp
 
 
-def _tensor_problems(source, expected, cfg, block):
+def _mtp(hf):
+    """DeepSeek's multi-token-prediction layers in the checkpoint (0: none)."""
+    n = hf.get('num_nextn_predict_layers')
+    return n if isinstance(n, int) and n > 0 else 0
+
+
+def _tensor_problems(source, expected, cfg, block, mtp):
     """Missing, unexpected, misshapen and unreadable tensors and FP8 scales: [str]."""
     wanted = {t.hf for t in expected}
     scales = {t.hf + _SCALE for t in expected}
     problems = []
+    fp8 = {t.hf + _SCALE for t in expected
+           if t.hf in source.entries and source.dtype(t.hf) == 'F8_E4M3' and len(t.hf_shape) == 2}
     missing = [hf + (f' (absent from {source.indexed[hf]})' if hf in source.indexed else '')
-               for hf in sorted(wanted) if hf not in source.entries]
-    extra = sorted(n for n in set(source.entries) - wanted - scales if not _skipped(n, cfg))
+               for hf in sorted(wanted | fp8) if hf not in source.entries]
+    extra = sorted(n for n in set(source.entries) - wanted - scales if not _skipped(n, cfg, mtp))
     if missing:
         problems.append(listed('missing tensors', missing))
     if extra:
@@ -241,13 +249,15 @@ def _scale_problem(source, t, block):
     """What is wrong with the FP8 scales of ``t`` (an FP8 tensor), or None."""
     if source.dtype(t.hf) != 'F8_E4M3':
         return None
-    if len(t.hf_shape) != 2 or block is None or isinstance(block, str):
+    if len(t.hf_shape) != 2:
+        return f'{t.hf}: dtype F8_E4M3 (only matrices may be FP8; BF16, F16, F32 here)'
+    if block is None or isinstance(block, str):
         return f'{t.hf}: FP8 needs a config.json quantization_config with weight_block_size'
     scale = t.hf + _SCALE
     if scale not in source.entries:
-        return f'{t.hf}: FP8 without its block scales {scale}'
+        return None                                     # listed as missing
     want = tuple(-(-n // b) for n, b in zip(t.hf_shape, block))
-    return source.problem(scale, want, ('F32', 'BF16'))
+    return source.problem(scale, want, ('F32',))
 
 
 def _read_json(path):
@@ -325,7 +335,7 @@ def _check(directory):
         problems.append(str(e))
     expected = _expected(cfg, arch, hf) if cfg is not None else []
     if cfg is not None and source is not None:
-        problems += _tensor_problems(source, expected, cfg, block)
+        problems += _tensor_problems(source, expected, cfg, block, _mtp(hf))
     tokenizer = None
     if cfg is not None and os.path.isfile(os.path.join(directory, 'tokenizer.json')):
         try:
@@ -350,10 +360,12 @@ def _notes(directory, hf, cfg, source, expected, block):
         notes.append(f'note: dequantizing {fp8} FP8 (e4m3) tensors with their {block[0]}x'
                      f'{block[1]} block scales to bfloat16 (the weight file is about twice the '
                      f'size of the checkpoint)')
-    mtp = hf.get('num_nextn_predict_layers') or 0
-    if mtp and any(_skipped(n, cfg) and not n.endswith(_IGNORED) for n in source.entries):
-        notes.append(f'note: skipping the {mtp} multi-token-prediction layer(s) (layers '
-                     f'{cfg.n_layers}..): inference does not use them')
+    mtp = [n for n in source.entries if _skipped(n, cfg, _mtp(hf)) and not n.endswith(_IGNORED)]
+    if mtp:
+        last = cfg.n_layers + _mtp(hf) - 1
+        layers = f'{cfg.n_layers}..{last}' if last > cfg.n_layers else str(last)
+        notes.append(f'note: skipping the {len(mtp)} tensor(s) of the multi-token-prediction '
+                     f'layer(s) {layers}: inference does not use them')
     if any(t.order is not None for t in expected):
         notes.append('note: reordering the interleaved RoPE columns of the queries and the '
                      'RoPE key to rotate-half (the scores are unchanged)')

@@ -42,8 +42,7 @@ _HARMLESS = {
     'dtype', 'use_cache', 'bos_token_id', 'pad_token_id', 'initializer_range',
     'attention_dropout', 'output_router_logits', 'router_aux_loss_coef', 'router_jitter_noise',
     'output_attentions', 'output_hidden_states', 'return_dict', 'tokenizer_class',
-    'aux_loss_alpha', 'seq_aux', 'pretraining_tp', 'ep_size', 'max_window_layers',
-    'layer_types', 'qk_head_dim'}
+    'aux_loss_alpha', 'seq_aux', 'pretraining_tp', 'ep_size', 'max_window_layers'}
 #: keys every architecture reads: config.json key -> ModelConfig field (required)
 _COMMON = {'hidden_size': 'd_model', 'num_hidden_layers': 'n_layers',
            'num_experts_per_tok': 'top_k', 'num_attention_heads': 'n_heads',
@@ -53,7 +52,7 @@ _COMMON = {'hidden_size': 'd_model', 'num_hidden_layers': 'n_layers',
 _CHECKED = {'hidden_act', 'tie_word_embeddings', 'rope_scaling', 'rope_parameters',
             'rope_theta', 'sliding_window', 'use_sliding_window', 'attention_bias', 'mlp_bias',
             'head_dim', 'eos_token_id', 'num_key_value_heads', 'intermediate_size',
-            'moe_intermediate_size', 'norm_topk_prob', 'quantization_config'}
+            'moe_intermediate_size', 'norm_topk_prob', 'quantization_config', 'layer_types'}
 #: keys an architecture reads besides those
 _OWN = {'MixtralForCausalLM': {'num_local_experts'},
         'Qwen2MoeForCausalLM': {'num_experts', 'num_local_experts', 'qkv_bias',
@@ -66,7 +65,8 @@ _OWN = {'MixtralForCausalLM': {'num_local_experts'},
                                   'n_group', 'topk_group', 'routed_scaling_factor', 'q_lora_rank',
                                   'kv_lora_rank', 'qk_nope_head_dim', 'qk_rope_head_dim',
                                   'v_head_dim', 'rope_interleave', 'num_nextn_predict_layers',
-                                  'topk_method', 'scoring_func', 'moe_layer_freq'}}
+                                  'topk_method', 'scoring_func', 'moe_layer_freq',
+                                  'qk_head_dim'}}
 
 
 def listed(what, items):
@@ -87,10 +87,16 @@ def _common_problems(hf, arch):
     if hf.get('tie_word_embeddings', False):
         problems.append('tie_word_embeddings true: mpimoe has an untied lm_head')
     window, max_pos = hf.get('sliding_window'), hf.get('max_position_embeddings')
-    if hf.get('use_sliding_window', window not in (None, 0)) and window is not None and \
+    if hf.get('use_sliding_window'):
+        problems.append('use_sliding_window true: mpimoe attends to the whole sequence')
+    elif 'use_sliding_window' not in hf and window is not None and \
             not (isinstance(window, int) and isinstance(max_pos, int) and window >= max_pos):
         problems.append(f'sliding_window {clip(window)} < max_position_embeddings '
                         f'{clip(max_pos)}: mpimoe attends to the whole sequence')
+    kinds = hf.get('layer_types')
+    if kinds is not None and (not isinstance(kinds, list)
+                              or any(k != 'full_attention' for k in kinds)):
+        problems.append(f'layer_types {clip(repr(kinds))}: only full_attention')
     for key in ('attention_bias', 'mlp_bias'):
         if hf.get(key):
             problems.append(f'{key} true: mpimoe has no such biases')
@@ -184,6 +190,10 @@ def _deepseek_fields(hf, fields, router, attention, shared, problems):
         problems.append(f'moe_layer_freq {clip(hf["moe_layer_freq"])}: only 1 (every layer '
                         f'after the dense ones is MoE)')
     nope, rope = hf.get('qk_nope_head_dim'), hf.get('qk_rope_head_dim')
+    if hf.get('qk_head_dim') is not None and isinstance(nope, int) and isinstance(rope, int) \
+            and hf['qk_head_dim'] != nope + rope:
+        problems.append(f'qk_head_dim {clip(hf["qk_head_dim"])}: must be qk_nope_head_dim + '
+                        f'qk_rope_head_dim = {nope + rope}')
     fields['n_kv_heads'] = hf.get('num_attention_heads')
     fields['n_dense_layers'] = hf.get('first_k_dense_replace') or 0
     fields['head_dim'] = nope + rope if isinstance(nope, int) and isinstance(rope, int) else None
