@@ -33,11 +33,17 @@ def mpiexec_start(n, args, env=None):
     """Start ``mpiexec -n n python -m mpi4py -m mpimoe *args`` in a session of
     its own; Popen with text stdout/stderr pipes.
 
+    ``run`` gets ``--backend numpy`` unless args name a backend: the CPU
+    tests' FP32 contract is NumPy's, and on a GPU machine ``auto`` would put
+    every rank on the one device (the GPU tests pass ``--backend cupy``).
+
     ``env`` adds to (or overrides) this process's environment; BLAS threads
     default to 1 because the ranks oversubscribe the cores.
     """
-    cmd = [mpiexec_path(), '-n', str(n), sys.executable, '-m', 'mpi4py', '-m', 'mpimoe',
-           *map(str, args)]
+    args = [str(a) for a in args]
+    if args[:1] == ['run'] and '--backend' not in args:
+        args += ['--backend', 'numpy']
+    cmd = [mpiexec_path(), '-n', str(n), sys.executable, '-m', 'mpi4py', '-m', 'mpimoe', *args]
     full_env = {'OMP_NUM_THREADS': '1', 'OPENBLAS_NUM_THREADS': '1', **os.environ,
                 **(env or {})}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
