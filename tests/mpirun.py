@@ -17,7 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ['mpiexec', 'mpiexec_start', 'signal_job', 'mpiexec_path', 'error_lines', 'uninterrupted_run']
+__all__ = ['mpiexec', 'mpiexec_start', 'signal_job', 'mpiexec_path', 'error_lines',
+           'uninterrupted_run']
 
 
 def mpiexec_path():

@@ -36,10 +36,11 @@ ARCHITECTURES = ('MixtralForCausalLM', 'Qwen2MoeForCausalLM', 'Qwen3MoeForCausal
 _LIST_MAX = 6
 
 #: config.json keys that do not change inference results (metadata, training,
-#: generation defaults), for every architecture
+#: generation defaults; ``auto_map``: the remote code DeepSeek-V3's hub files
+#: name, which transformers' own class replaces), for every architecture
 _HARMLESS = {
-    '_name_or_path', 'architectures', 'model_type', 'transformers_version', 'torch_dtype',
-    'dtype', 'use_cache', 'bos_token_id', 'pad_token_id', 'initializer_range',
+    'auto_map', '_name_or_path', 'architectures', 'model_type', 'transformers_version',
+    'torch_dtype', 'dtype', 'use_cache', 'bos_token_id', 'pad_token_id', 'initializer_range',
     'attention_dropout', 'output_router_logits', 'router_aux_loss_coef', 'router_jitter_noise',
     'output_attentions', 'output_hidden_states', 'return_dict', 'tokenizer_class',
     'aux_loss_alpha', 'seq_aux', 'pretraining_tp', 'ep_size', 'max_window_layers'}

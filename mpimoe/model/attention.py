@@ -19,7 +19,8 @@ So a decode query is never padded to a long prompt, nor a short context to
 a long one: padding at most doubles a sequence's ``n`` and ``L``.  Peak
 memory is one group's: its gathered keys and values, ``float32 [B, KV, L,
 hd]`` each (4 bytes per element where the cache holds 2), and its scores,
-``float32 [B, H, n, L]``, once (masking and softmax run in place); at most 4 times what the group's sequences need unpadded.
+``float32 [B, H, n, L]``, once (masking and softmax run in place); at most 4
+times what the group's sequences need unpadded.
 
 **Numerics.**  The same FP32 arithmetic as a per-sequence loop (projections,
 RoPE, scores, masked softmax, weighted sum), except that keys and values (MLA:

@@ -5,8 +5,9 @@ head_dim]`` in the model's 16-bit dtype (``cfg.dtype``; NumPy: the ml_dtypes
 type, CuPy: the same dtype on the device).  Multi-head latent attention
 (MLA) caches one pool per layer, ``k[l]: [n_blocks, BLOCK_TOKENS, 1,
 kv_lora_rank + qk_rope_head_dim]``: each token's compressed latent and its
-RoPE key, from which attention computes keys and values (``v`` is empty).  A sequence gets a *handle* (a small
-int, reused after :meth:`BlockKVCache.release`) and, for its whole life, the
+RoPE key, from which attention computes keys and values (``v`` is empty).
+A sequence gets a *handle* (a small int, reused after
+:meth:`BlockKVCache.release`) and, for its whole life, the
 ``ceil(n_tokens / BLOCK_TOKENS)`` blocks its prompt and new tokens need.  Row
 ``table[h]`` of the block table lists them: the token at position ``p`` of
 sequence ``h`` lives in block ``table[h, p // BLOCK_TOKENS]`` at offset

@@ -22,7 +22,8 @@ import numpy as np
 
 from mpimoe.backends.backend import round16
 
-__all__ = ['rms_norm', 'rope_tables', 'yarn_mscale', 'yarn_rope', 'apply_rope', 'ffn', 'expert_ffn', 'mm32', 'mm16', 'as_f32']
+__all__ = ['rms_norm', 'rope_tables', 'yarn_mscale', 'yarn_rope', 'apply_rope', 'ffn',
+           'expert_ffn', 'mm32', 'mm16', 'as_f32']
 
 
 def as_f32(w):

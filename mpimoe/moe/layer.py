@@ -57,8 +57,9 @@ class MoELayer:
     router: float32 [d, E] (on the backend); dispatcher: see the module
     docstring; score_bias: the checkpoint's FP32 [E] ``router_bias`` or None;
     ``bias``: optional float32 [E] balancing bias, set by the caller.  Both
-    shift the choice, never the weights (mpimoe.moe.router).  ``counts`` int64 [E] adds up the token copies
-    routed to each expert, for the caller to read and clear.
+    shift the choice, never the weights (mpimoe.moe.router).  ``counts`` int64
+    [E] adds up the token copies routed to each expert, for the caller to read
+    and clear.
     """
 
     def __init__(self, layer, router, cfg, dispatcher, timers=None, score_bias=None):
