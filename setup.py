@@ -16,9 +16,11 @@ setup(
         # an MPI library for machines that have none (clusters bring their own)
         'mpich': ['mpich'],
         'test': ['pytest>=7', 'pytest-timeout', 'psutil'],
-        # CuPy >= 14 (BF16 arrays) for CUDA 12, or for CUDA 13
-        'gpu': ['cupy-cuda12x>=14'],
-        'gpu-cuda13': ['cupy-cuda13x>=14'],
+        # CuPy >= 14 (BF16 arrays) for CUDA 12, or for CUDA 13, with the CUDA
+        # headers its BF16 kernels compile against ([ctk]); CuPy registers
+        # bfloat16 only with NumPy >= 2.1.2
+        'gpu': ['cupy-cuda12x[ctk]>=14', 'numpy>=2.1.2'],
+        'gpu-cuda13': ['cupy-cuda13x[ctk]>=14', 'numpy>=2.1.2'],
         # transformers pinned: the parity tests (tests/test_hf_parity.py) state the version
         'hf': ['torch==2.13.0', 'transformers==5.24.0', 'safetensors'],
         'report': ['matplotlib'],

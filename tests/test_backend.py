@@ -20,9 +20,10 @@ import pytest
 
 from contract import expert_bound
 from mpimoe.backends.backend import (DTYPES, Backend, CudaProbe, HostStaging, Rows, array_module,
-                            bind_device, choose_backend, cuda_problem, grown_capacity,
-                            mpi_cuda_support, mpi_gpu_mode, probe_cuda, round16,
-                            to_numpy)
+                                    choose_backend, cuda_problem, grown_capacity,
+                                    mpi_cuda_support, mpi_gpu_mode, probe_cuda, round16,
+                                    to_numpy)
+from mpimoe.backends.binding import LocalRank, bind_device
 from mpimoe.errors import ConfigError, MpimoeError, UsageError
 from mpimoe.bench.gpu import GpuBenchOptions, run_gpu_bench
 from mpimoe.model.layers import _gelu, _silu, expert_ffn
@@ -35,7 +36,8 @@ OLD_CUPY = CudaProbe('13.6.0', 2)
 NO_DEVICE = CudaProbe('14.2.0', 0, 'cudaErrorNoDevice: no CUDA-capable device is detected', '')
 NO_DRIVER = CudaProbe('14.2.0', 0, 'cudaErrorInsufficientDriver: CUDA driver version is '
                       'insufficient for CUDA runtime version')
-GPUS = CudaProbe('14.2.0', 4, '', '0,1,2,3')
+GPUS = CudaProbe('14.2.0', 4, '', '0,1,2,3', numpy_version='2.3.5')
+OLD_NUMPY = CudaProbe('14.2.0', 4, '', '0,1,2,3', numpy_version='2.1.1')
 
 
 # ---------------------------------------------------------------- --backend
@@ -73,7 +75,7 @@ def test_auto_falls_back_to_numpy_and_says_why(probe, why):
 @pytest.mark.parametrize('requested', ['auto', 'cupy'])
 def test_a_usable_cupy_is_chosen_by_auto_and_cupy(requested):
     assert choose_backend(requested, GPUS) == ('cupy', 'CuPy 14.2.0, 4 CUDA devices visible')
-    assert choose_backend(requested, CudaProbe('14.0.0rc1', 1)) == \
+    assert choose_backend(requested, CudaProbe('14.0.0rc1', 1, numpy_version='2.1.2')) == \
         ('cupy', 'CuPy 14.0.0rc1, 1 CUDA device visible')
 
 
@@ -83,6 +85,9 @@ def test_a_usable_cupy_is_chosen_by_auto_and_cupy(requested):
                "(pip install -e '.[gpu]')"),
     (NO_DEVICE, "--backend cupy: no CUDA device is visible (CUDA_VISIBLE_DEVICES=''): "
                 'cudaErrorNoDevice: no CUDA-capable device is detected'),
+    # CuPy registers bfloat16 only with NumPy >= 2.1.2
+    (OLD_NUMPY, "--backend cupy: NumPy 2.1.1 is too old for CuPy's bfloat16 (it needs "
+                'NumPy >= 2.1.2): pip install "numpy>=2.1.2"'),
 ])
 def test_cupy_without_a_usable_cupy_is_a_one_line_error(probe, message):
     with pytest.raises(ConfigError) as err:
@@ -130,7 +135,8 @@ def test_bind_device_refuses_no_device_and_negative_ranks():
 
 def test_bind_is_a_no_op_on_numpy():
     lines = []
-    assert Backend('numpy').bind(3, 1, lines.append) is None and lines == []
+    assert Backend('numpy').bind(3, LocalRank(1, 'MPI_LOCALRANKID'), lines.append) is None
+    assert lines == [] and Backend('numpy').self_test() is None
 
 
 # ---------------------------------------------------------------- --mpi-gpu
@@ -145,18 +151,25 @@ def test_bind_is_a_no_op_on_numpy():
     ('host', 'cupy', True, 'host'),
     ('host', 'cupy', False, 'host'),
     ('host', 'cupy', None, 'host'),
-    # device: the user's word, unless the library says it cannot
+    # device: the user's word (with a warning where the library says no)
     ('device', 'cupy', True, 'device'),
     ('device', 'cupy', None, 'device'),
+    ('device', 'cupy', False, 'device'),
 ])
 def test_mpi_gpu_mode_table(requested, backend, aware, expected):
-    assert mpi_gpu_mode(requested, backend, aware) == expected
+    mode, warning = mpi_gpu_mode(requested, backend, aware)
+    assert mode == expected
+    assert (warning is not None) == (requested == 'device' and backend == 'cupy' and
+                                     aware is False)
 
 
-def test_mpi_gpu_device_is_refused_when_mpi_says_no_cuda():
-    with pytest.raises(ConfigError, match='^--mpi-gpu device: this MPI library reports no '
-                                          'CUDA support; use --mpi-gpu host'):
-        mpi_gpu_mode('device', 'cupy', False)
+def test_mpi_gpu_device_over_a_library_that_says_no_is_a_warning():
+    """Open MPI reports no CUDA support when CUDA comes through UCX: an
+    explicit --mpi-gpu device overrides the answer, and says so."""
+    assert mpi_gpu_mode('device', 'cupy', False)[1] == (
+        '--mpi-gpu device: this MPI library reports no CUDA support (Open MPI does when CUDA '
+        'comes through UCX); handing it device buffers as asked; if MPI fails or crashes, use '
+        '--mpi-gpu host')
     with pytest.raises(UsageError, match='^--mpi-gpu gpu: choose one of auto, device, host$'):
         mpi_gpu_mode('gpu', 'cupy', True)
 
@@ -185,7 +198,7 @@ def test_mpi_cuda_support_of_this_mpi_library():
     if version.startswith('MPICH') and 'cuda' not in version.lower():
         # MPICH >= 4 has the query; this build names no CUDA in its features
         assert answer is False
-    assert mpi_gpu_mode('auto', 'cupy', answer) == ('device' if answer else 'host')
+    assert mpi_gpu_mode('auto', 'cupy', answer) == ('device' if answer else 'host', None)
 
 
 # ---------------------------------------------------------------- buffers

@@ -13,25 +13,30 @@ gives the module of an array, and NumPy's dispatch (``__array_function__``,
 
 The choices made at start-up are pure functions of their inputs, so that every
 branch is tested on a CPU: :func:`choose_backend` (``--backend``) from a
-:class:`CudaProbe`, :func:`bind_device` (rank -> GPU), :func:`mpi_gpu_mode`
+:class:`CudaProbe`, mpimoe.backends.binding (rank -> GPU), :func:`mpi_gpu_mode`
 (``--mpi-gpu``) from what the MPI library says of CUDA
-(:func:`mpi_cuda_support`).
+(:func:`mpi_cuda_support`).  What only a GPU can answer is asked once, at
+start-up, and a failure is one line: :meth:`Backend.self_test` (BF16
+kernels compile and a BF16 GEMM is right), and for device buffers handed
+to MPI mpimoe.parallel.mpiutil.device_exchange_problem.
 """
 
 import ctypes
 import importlib
 import os
+import re
 import sys
 from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
 
+from mpimoe.backends.binding import bind_device
 from mpimoe.errors import ConfigError, UsageError
 
 __all__ = ['DTYPES', 'BACKENDS', 'MPI_GPU_MODES', 'storage_dtype', 'to_words', 'from_words',
            'round16', 'array_module', 'to_numpy', 'CudaProbe', 'probe_cuda', 'cuda_problem',
-           'choose_backend', 'Backend', 'bind_device', 'mpi_cuda_support',
+           'choose_backend', 'Backend', 'mpi_cuda_support',
            'mpi_gpu_mode', 'grown_capacity', 'Rows', 'HostStaging']
 
 #: dtype name -> NumPy dtype of the 16-bit storage type
@@ -45,6 +50,13 @@ MPI_GPU_MODES = ('auto', 'device', 'host')
 
 #: the first CuPy major version that takes ``ml_dtypes.bfloat16`` arrays
 CUPY_MIN_MAJOR = 14
+
+#: the first NumPy release whose dtypes CuPy registers bfloat16 with
+NUMPY_MIN_FOR_BF16 = (2, 1, 2)
+
+#: cuBLAS's CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION flag (cublas_api.h):
+#: split-K partial sums of a 16-bit GEMM stay in the FP32 compute type
+CUBLAS_NO_REDUCED_PRECISION_REDUCTION = 16
 
 _INSTALL_HINT = "pip install -e '.[gpu]'"
 
@@ -104,6 +116,7 @@ class CudaProbe:
     there are no devices: the CUDA runtime's message."""
     visible: str = None
     """CUDA_VISIBLE_DEVICES as set; None when unset."""
+    numpy_version: str = np.__version__
 
 
 def probe_cuda():
@@ -132,11 +145,21 @@ def cuda_problem(probe):
     if not (major.isdigit() and int(major) >= CUPY_MIN_MAJOR):
         return (f'CuPy {probe.cupy_version} is too old: BF16 needs CuPy >= {CUPY_MIN_MAJOR} '
                 f'({_INSTALL_HINT})')
+    if _release(probe.numpy_version) < NUMPY_MIN_FOR_BF16:
+        need = '.'.join(map(str, NUMPY_MIN_FOR_BF16))
+        return (f'NumPy {probe.numpy_version} is too old for CuPy\'s bfloat16 (it needs '
+                f'NumPy >= {need}): pip install "numpy>={need}"')
     if probe.n_devices < 1:
         visible = 'unset' if probe.visible is None else repr(probe.visible)
         why = f': {probe.error}' if probe.error else ''
         return f'no CUDA device is visible (CUDA_VISIBLE_DEVICES={visible}){why}'
     return None
+
+
+def _release(version):
+    """(major, minor, micro) of a version string such as '2.1.2' or '2.2.0rc1'."""
+    m = re.match(r'(\d+)(?:\.(\d+))?(?:\.(\d+))?', version)
+    return tuple(int(g or 0) for g in m.groups()) if m else (0, 0, 0)
 
 
 def choose_backend(requested, probe=None):
@@ -201,19 +224,51 @@ class Backend:
         return {k: self.xp.asarray(v) if v.dtype == np.float32 else
                 self.xp.asarray(to_words(v)).view(v.dtype) for k, v in tensors.items()}
 
-    def bind(self, rank, local_rank, log):
-        """Make GPU ``bind_device(local_rank, n)`` current for this process and
-        log the mapping; returns its index (None on NumPy)."""
+    def bind(self, rank, local, log):
+        """Make GPU ``bind_device(local.index, n)`` current for this process,
+        keep its cuBLAS from reducing in 16 bits, and log the mapping; returns
+        its index (None on NumPy).
+
+        local: a mpimoe.backends.binding.LocalRank.  The cuBLAS flag
+        (:data:`CUBLAS_NO_REDUCED_PRECISION_REDUCTION`) makes a split-K GEMM
+        add its partial sums in FP32, as the numerics contract says.
+        """
         if not self.is_gpu:
             return None
         cuda = self.xp.cuda
         n = cuda.runtime.getDeviceCount()
-        self.device = bind_device(local_rank, n)
-        cuda.Device(self.device).use()
-        bus = cuda.Device(self.device).pci_bus_id
-        log(f'rank {rank}: node-local rank {local_rank} -> GPU {self.device} of {n} visible '
-            f'({bus}; CUDA_VISIBLE_DEVICES={os.environ.get("CUDA_VISIBLE_DEVICES", "unset")})')
+        self.device = bind_device(local.index, n)
+        device = cuda.Device(self.device)
+        device.use()
+        handle = device.cublas_handle
+        cuda.cublas.setMathMode(handle, cuda.cublas.getMathMode(handle)
+                                | CUBLAS_NO_REDUCED_PRECISION_REDUCTION)
+        log(f'rank {rank}: node-local rank {local.index} ({local.source}) -> GPU '
+            f'{self.device} of {n} visible ({device.pci_bus_id}; '
+            f'CUDA_VISIBLE_DEVICES={os.environ.get("CUDA_VISIBLE_DEVICES", "unset")})')
         return self.device
+
+    def self_test(self):
+        """Why this GPU cannot compute in BF16 (one line), or None (always None
+        on NumPy): a BF16 element-wise kernel compiles (CuPy needs the CUDA
+        headers for it) and a 2x2 BF16 GEMM gives [[19, 22], [43, 50]].  Run
+        once after :meth:`bind`, so that a broken install stops the job at
+        start-up rather than mid-run."""
+        if not self.is_gpu:
+            return None
+        bf16 = DTYPES['bfloat16']
+        try:
+            a = self.xp.asarray(np.float32([[1, 2], [3, 4]])).astype(bf16)
+            b = self.xp.asarray(np.float32([[5, 6], [7, 8]])).astype(bf16)
+            got = to_numpy((a @ b).astype(np.float32)).tolist()
+        except Exception as e:  # noqa: B902 -- whatever CuPy raises, one line
+            first = (str(e).strip().splitlines() or [''])[0][:200]
+            return (f'CuPy cannot compute in BF16 on GPU {self.device} ({type(e).__name__}: '
+                    f'{first}); BF16 kernels need the CUDA headers and NumPy >= 2.1.2: '
+                    f"pip install 'cupy-cuda12x[ctk]>=14' 'numpy>=2.1.2' (or {_INSTALL_HINT})")
+        if got != [[19, 22], [43, 50]]:
+            return f'a 2x2 BF16 GEMM on GPU {self.device} gave {got}, not [[19, 22], [43, 50]]'
+        return None
 
     def empty_pinned(self, shape, dtype):
         """An uninitialised host array; page-locked on CuPy (for async copies)."""
@@ -248,16 +303,6 @@ class Backend:
 
 # -------------------------------------------------------------- GPUs and MPI
 
-def bind_device(local_rank, n_devices):
-    """The GPU of a rank: its node-local rank modulo the visible devices
-    (ranks beyond the device count share GPUs round-robin)."""
-    if n_devices < 1:
-        raise ConfigError('no CUDA device is visible to bind this rank to')
-    if local_rank < 0:
-        raise ValueError(f'node-local rank {local_rank} < 0')
-    return local_rank % n_devices
-
-
 def mpi_cuda_support(mpi):
     """Whether the MPI library says it takes CUDA device buffers: True,
     False, or None when it has no way to say.
@@ -279,26 +324,30 @@ def mpi_cuda_support(mpi):
 
 
 def mpi_gpu_mode(requested, backend, mpi_cuda_aware):
-    """How MPI gets device rows for ``--mpi-gpu requested``: 'device' (CuPy
-    arrays handed to MPI), 'host' (staged through pinned host buffers), or
-    None on the NumPy backend (host arrays already).
+    """How MPI gets device rows for ``--mpi-gpu requested``: (mode, warning).
 
-    backend: 'numpy' or 'cupy'; mpi_cuda_aware: :func:`mpi_cuda_support`'s
-    answer (True, False, None: unknown).  ``auto`` picks 'device' only when
-    the library says True: a device pointer handed to an MPI that cannot take
-    it crashes.  ``device`` is refused when the library says False, and
-    trusted when it cannot say.
+    mode: 'device' (CuPy arrays handed to MPI), 'host' (staged through
+    pinned host buffers), or None on the NumPy backend (host arrays
+    already); warning: a line to log, or None.  backend: 'numpy' or 'cupy';
+    mpi_cuda_aware: :func:`mpi_cuda_support`'s answer (True, False, None:
+    unknown).  ``auto`` picks 'device' only when the library says True (a
+    device pointer handed to an MPI that cannot take it crashes), and the
+    engine then tries one exchange of device rows before trusting it
+    (mpimoe.parallel.gpu_mpi).  ``device`` is the user's word: where the
+    library says False it is taken with a warning, because Open MPI says so
+    when its CUDA support comes through UCX.
     """
     if requested not in MPI_GPU_MODES:
         raise UsageError(f'--mpi-gpu {requested}: choose one of {", ".join(MPI_GPU_MODES)}')
     if backend == 'numpy':
-        return None
+        return None, None
     if requested == 'auto':
-        return 'device' if mpi_cuda_aware is True else 'host'
+        return ('device' if mpi_cuda_aware is True else 'host'), None
     if requested == 'device' and mpi_cuda_aware is False:
-        raise ConfigError('--mpi-gpu device: this MPI library reports no CUDA support; '
-                          'use --mpi-gpu host (or auto), or a CUDA-aware MPI')
-    return requested
+        return 'device', ('--mpi-gpu device: this MPI library reports no CUDA support (Open '
+                          'MPI does when CUDA comes through UCX); handing it device buffers '
+                          'as asked; if MPI fails or crashes, use --mpi-gpu host')
+    return requested, None
 
 
 # -------------------------------------------------------------- row buffers

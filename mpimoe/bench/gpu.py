@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpimoe.backends.backend import (DTYPES, MPI_GPU_MODES, Backend, HostStaging, cuda_problem,
-                            mpi_cuda_support, mpi_gpu_mode, probe_cuda)
+                                    probe_cuda)
+from mpimoe.backends.binding import bind_early
 from mpimoe.model.config import model_config
 from mpimoe.errors import ConfigError, UsageError
 from mpimoe.model.layers import expert_ffn
@@ -78,6 +79,7 @@ def run_gpu_bench(opts, comm=None):
     problem = cuda_problem(probe_cuda())
     if problem is not None:
         raise UsageError(f'mpimoe bench gpu needs a CUDA GPU: {problem}')
+    bind_early('cupy')              # the GPU current before MPI_Init creates a context
     from mpimoe.parallel.mpiutil import MPI, run_guarded
     comm = comm or MPI.COMM_WORLD
     if comm.size > 2:
@@ -89,16 +91,22 @@ def run_gpu_bench(opts, comm=None):
 def _bench(opts, world):
     from mpimoe.bench.moe_layer import idle
     from mpimoe.runtime.role import collective
-    from mpimoe.parallel.mpiutil import MPI, local_rank
-    try:
-        mode = mpi_gpu_mode(opts.mpi_gpu, 'cupy', mpi_cuda_support(MPI))
-    except UsageError as e:
-        raise collective(e)
-    modes = ['host', 'device'] if mode == 'device' else ['host']
+    from mpimoe.parallel.gpu_mpi import choose_mpi_gpu
+    from mpimoe.parallel.mpiutil import local_rank
     backend = Backend('cupy')
     lines = []
     backend.bind(world.rank, local_rank(world), lines.append)
-    lines = world.gather(lines[0], root=0)
+    problem = backend.self_test()
+    if problem:
+        raise ConfigError(f'rank {world.rank}: {problem}')
+    try:
+        mode, why, warnings = choose_mpi_gpu(world, backend, opts.mpi_gpu, opts.deadline)
+    except (ConfigError, UsageError) as e:          # every rank alike
+        raise collective(e)
+    modes = ['host', 'device'] if mode == 'device' else ['host']
+    lines = world.gather(lines[0], root=0)          # per rank: its binding
+    if world.rank == 0:
+        lines += [f'--mpi-gpu {opts.mpi_gpu}: {mode} ({why})', *warnings]
     cfg = model_config('paper-61l')
     clock = _Clock(backend.xp.cuda.Event, backend.xp.cuda.get_elapsed_time)
     gemm = moe = None

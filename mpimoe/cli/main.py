@@ -127,6 +127,8 @@ def _cmd_reference(args):
 
 
 def _cmd_run(args):
+    from mpimoe.backends.binding import bind_early
+    bind_early(args.backend)        # the GPU current before MPI_Init creates a context
     from mpi4py import MPI
     # no plan fits one rank (it needs a front-end and an expert rank): most
     # likely started without mpiexec/srun, so say how to launch

@@ -13,10 +13,11 @@ import traceback
 import numpy as np
 from mpi4py import MPI
 
+from mpimoe.backends.binding import LocalRank, launcher_local_rank
 from mpimoe.errors import EXIT_INTERNAL, MpimoeError
 
 __all__ = ['MPI', 'run_guarded', 'local_rank', 'node_ids', 'group_comm', 'wait_all',
-           'WaitTimeout', 'rank_list']
+           'WaitTimeout']
 
 
 #: seconds a failing rank waits after printing its error, before Abort
@@ -77,15 +78,16 @@ def run_guarded(comm, fn, *args, **kwargs):
 
 
 def local_rank(comm):
-    """This rank's index among the ranks of its node (for binding a GPU)."""
-    for var in ('SLURM_LOCALID', 'OMPI_COMM_WORLD_LOCAL_RANK', 'MPI_LOCALRANKID'):
-        if os.environ.get(var, '').isdigit():
-            return int(os.environ[var])
+    """This rank's :class:`~mpimoe.backends.binding.LocalRank`: the
+    launcher's (mpimoe.backends.binding.launcher_local_rank), else its index
+    in the shared-memory split of ``comm``.  Collective: every rank splits,
+    so ranks that read different environments cannot leave one waiting."""
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     try:
-        return node.rank
+        split = node.rank
     finally:
         node.Free()
+    return launcher_local_rank(os.environ) or LocalRank(split, 'shared-memory split')
 
 
 def node_ids(comm):
@@ -135,8 +137,3 @@ def wait_all(requests, deadline_s, what, poll=None):
             time.sleep(nap)
         nap = min(1e-3, nap * 2 or 2e-5)
     return time.perf_counter() - t0
-
-
-def rank_list(ranks):
-    """'[0, 1, ...]' of at most 16 of ``ranks`` (a list), for error messages."""
-    return str(ranks[:16])[:-1] + (', ...]' if len(ranks) > 16 else ']')

@@ -18,7 +18,8 @@ pinned host copies (``host``: mpimoe.backends.backend.HostStaging).
 import numpy as np
 
 from mpimoe.backends.backend import Backend, HostStaging, Rows
-from mpimoe.parallel.mpiutil import MPI, group_comm, rank_list, wait_all
+from mpimoe.parallel.mpiutil import MPI, group_comm, wait_all
+from mpimoe.planning.text import rank_list
 
 __all__ = ['LayerComms', 'Slot']
 

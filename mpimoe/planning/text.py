@@ -4,7 +4,8 @@
     ('3 experts', 'ranks 0-191', '62.66 GB')
 """
 
-__all__ = ['GB', 'MB', 'plural', 'span', 'labelled', 'or_list', 'size_text', 'change']
+__all__ = ['GB', 'MB', 'plural', 'span', 'labelled', 'or_list', 'size_text', 'change',
+           'rank_list']
 
 GB = 1e9
 MB = 1e6
@@ -39,3 +40,8 @@ def size_text(nbytes):
 def change(before, after):
     """'-28.1%' (relative change; '+0.0%' when before is 0)."""
     return f'{100 * (after / before - 1) if before else 0.0:+.1f}%'
+
+
+def rank_list(ranks):
+    """'[0, 1, ...]' of at most 16 of ``ranks`` (a list), for error messages."""
+    return str(ranks[:16])[:-1] + (', ...]' if len(ranks) > 16 else ']')

@@ -16,11 +16,13 @@ import platform
 import time
 
 from mpimoe import __version__
-from mpimoe.backends.backend import Backend, choose_backend, mpi_cuda_support, mpi_gpu_mode
+from mpimoe.backends.backend import Backend, choose_backend
+from mpimoe.backends.binding import sharing_problem
 from mpimoe.errors import ConfigError, DataError, Interrupted, MpimoeError, Stopped, UsageError
 from mpimoe.model.frontend import FrontEnd
 from mpimoe.parallel.mpiutil import MPI, local_rank, node_ids, run_guarded
-from mpimoe.parallel.mpiutil import rank_list as _ranks
+from mpimoe.planning.text import rank_list as _ranks
+from mpimoe.parallel.gpu_mpi import choose_mpi_gpu
 from mpimoe.parallel.slots import LayerComms
 from mpimoe.runtime.expert import ExpertRank
 from mpimoe.runtime.frontend import FrontEndRank
@@ -97,7 +99,7 @@ def _run(opts, world, stop, held):
             role = _load_role(world, cfg, plan, opts, layers, wf, timers, backend, mode, io,
                               tokenizer)
     log.debug('rank %d on %s (node-local rank %d): %s', world.rank, platform.node(),
-              local_rank(world), 'front-end' if plan.is_frontend(world.rank) else
+              local_rank(world).index, 'front-end' if plan.is_frontend(world.rank) else
               f'experts {plan.rank_experts(world.rank)}')
     rowtype = role.rowtype
     world.Barrier()
@@ -174,20 +176,46 @@ def _select_backend(opts, world):
             'GPU visible to every rank, or pass --backend numpy'))
     log.info(f'backend: {name} ({why})')
     backend = Backend(name)
-    device = backend.bind(world.rank, local_rank(world), log.debug)
-    devices = world.gather(device, root=0)
-    if backend.is_gpu and world.rank == 0:
-        log.info(f'GPU of each rank (node-local): {devices}')
+    _bind(backend, world)
     try:
-        mode = mpi_gpu_mode(opts.mpi_gpu, name, mpi_cuda_support(MPI))
-    except UsageError as e:
+        mode, why, warnings = choose_mpi_gpu(world, backend, opts.mpi_gpu, opts.deadline)
+    except (ConfigError, UsageError) as e:          # every rank alike
         raise collective(e)
-    if mode is None and opts.mpi_gpu != 'auto':
-        log.info(f'--mpi-gpu {opts.mpi_gpu} ignored: the numpy backend hands host arrays to MPI')
-    elif mode is not None:
-        log.info(f'MPI gets {"device rows" if mode == "device" else "pinned host copies"} '
-                 f'(--mpi-gpu {opts.mpi_gpu})')
+    if world.rank == 0:
+        for warning in warnings:
+            log.warning(warning)
+        if mode is None and opts.mpi_gpu != 'auto':
+            log.info(f'--mpi-gpu {opts.mpi_gpu} ignored: {why}')
+        elif mode is not None:
+            log.info(f'MPI gets {"device rows" if mode == "device" else "pinned host copies"} '
+                     f'(--mpi-gpu {opts.mpi_gpu}; {why})')
     return backend, mode
+
+
+def _bind(backend, world):
+    """Bind every rank's GPU (the one mpimoe.backends.binding.bind_early made
+    current, where the launcher named the node-local rank), check that it
+    computes in BF16, and have rank 0 log the mapping and warn when ranks of
+    a node share a GPU while others idle.  A failed check on any rank is a
+    collective ConfigError naming the ranks."""
+    local = local_rank(world)
+    device = backend.bind(world.rank, local, log.debug)
+    problem = backend.self_test()
+    problems = world.allgather(problem)
+    failed = [r for r, p in enumerate(problems) if p]
+    if failed:
+        raise collective(ConfigError(f'{problems[failed[0]]} (on ranks {_ranks(failed)})'))
+    if not backend.is_gpu:
+        return
+    n = backend.xp.cuda.runtime.getDeviceCount()
+    ranks = world.gather((platform.node(), local, device, n), root=0)
+    if world.rank == 0:
+        sources = ', '.join(sorted({lr.source for _, lr, _, _ in ranks}))
+        log.info(f'GPU of each rank: {_ranks([d for _, _, d, _ in ranks])} '
+                 f'(node-local ranks from {sources})')
+        warning = sharing_problem(ranks)
+        if warning:
+            log.warning(warning)
 
 
 def _backend_report(backend, mode):

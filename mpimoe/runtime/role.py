@@ -111,5 +111,5 @@ class Role:
 
     def report(self):
         return {'rank': self.world.rank, 'host': platform.node(),
-                'local_rank': local_rank(self.world), 'steps': int(self.steps),
+                'local_rank': local_rank(self.world).index, 'steps': int(self.steps),
                 **self.timers.summary()}
