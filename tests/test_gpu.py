@@ -31,8 +31,10 @@ import pytest
 cupy = pytest.importorskip('cupy')
 
 from contract import LOGIT_RTOL, expert_bound, gamma, unit_roundoff  # noqa: E402
-from mpimoe.backends.backend import (DTYPES, Backend, HostStaging, cuda_problem, probe_cuda,  # noqa: E402
-                            round16, choose_backend, to_numpy, to_words)
+from mpimoe.backends.backend import (CUBLAS_NO_REDUCED_PRECISION_REDUCTION, DTYPES,  # noqa: E402
+                                    Backend, HostStaging, cuda_problem, probe_cuda, round16,
+                                    choose_backend, to_numpy, to_words)
+from mpimoe.backends.binding import LocalRank  # noqa: E402
 from mpimoe.checkpoint.weights import WeightFile  # noqa: E402
 from mpimoe.model.config import model_config  # noqa: E402
 from mpimoe.io.inputs import read_inputs  # noqa: E402
@@ -52,7 +54,7 @@ BF16 = DTYPES['bfloat16']
 @pytest.fixture(scope='module')
 def gpu():
     backend = Backend('cupy')
-    backend.bind(0, 0, print)
+    backend.bind(0, LocalRank(0, 'test'), print)
     return backend
 
 
@@ -86,10 +88,32 @@ def test_bind_takes_local_rank_modulo_devices():
     n = cupy.cuda.runtime.getDeviceCount()
     lines = []
     backend = Backend('cupy')
-    assert backend.bind(rank=7, local_rank=5, log=lines.append) == 5 % n
+    assert backend.bind(7, LocalRank(5, 'MPI_LOCALRANKID'), lines.append) == 5 % n
     assert cupy.cuda.Device().id == 5 % n
-    assert lines[0].startswith(f'rank 7: node-local rank 5 -> GPU {5 % n} of {n} visible')
+    assert lines[0].startswith(f'rank 7: node-local rank 5 (MPI_LOCALRANKID) -> GPU {5 % n} '
+                               f'of {n} visible')
+    handle = cupy.cuda.Device(5 % n).cublas_handle
+    assert cupy.cuda.cublas.getMathMode(handle) & CUBLAS_NO_REDUCED_PRECISION_REDUCTION
+    assert backend.self_test() is None
     cupy.cuda.Device(0).use()
+
+
+def test_split_k_gemm_sums_in_fp32(gpu):
+    """A long, thin BF16 GEMM (k = 65536 for a 64 x 128 output: cuBLAS
+    splits k there) against the exact product rounded once to BF16.  With
+    FP32 partial sums an output differs from it only where the FP32 error
+    (~sqrt(k) 2^-24 relative, 1.5e-5) carries it across a rounding midpoint:
+    a fraction ~1.5e-5 / 2^-8 ~ 0.4% of outputs.  Partial sums rounded to
+    BF16 (the reduction the math mode forbids) move each by ~2^-8 and leave
+    most outputs off by an ulp."""
+    rng = np.random.default_rng(11)
+    k = 65536
+    x = rng.standard_normal((64, k)).astype(BF16)
+    w = rng.standard_normal((k, 128)).astype(BF16)
+    got = to_numpy(mm16(cupy.asarray(x), gpu.weights({'w': w})['w']))
+    exact = round16((x.astype(np.float64) @ w.astype(np.float64)).astype(np.float32),
+                    'bfloat16')
+    assert np.mean(got == exact) >= 0.95
 
 
 # ---------------------------------------------------------------- 16-bit values on the device

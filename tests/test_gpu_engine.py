@@ -1,0 +1,179 @@
+"""`mpimoe run --backend cupy` under mpiexec against the CPU reference;
+skipped without CuPy and a CUDA device.
+
+Every rank of a job shares the one GPU of the test machine (several ranks
+per device is how the multi-GPU paths run there).  Tolerances are
+tests/contract.py's, as in tests/test_engine.py: the GPU contract rounds the
+pre-activations once more than the CPU's FP32 one (tests/test_gpu.py argues
+about u per row for one layer), far inside LOGIT_RTOL = 8 u, and greedy
+tokens may differ only after a near-tie of the reference's top two logits.
+Host staging and device buffers hand MPI the same words, so the two modes
+give bit-identical outputs.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip('cupy')
+
+from contract import assert_logits_close, assert_matches_reference  # noqa: E402
+from mpimoe.backends.backend import cuda_problem, mpi_cuda_support, probe_cuda  # noqa: E402
+from mpimoe.io.outputs import read_outputs  # noqa: E402
+from mpimoe.model.reference import run_reference  # noqa: E402
+from mpimoe.runtime.options import JobOptions  # noqa: E402
+from mpirun import mpiexec  # noqa: E402
+
+_PROBLEM = cuda_problem(probe_cuda())
+if _PROBLEM is not None:
+    pytest.skip(f'no usable GPU: {_PROBLEM}', allow_module_level=True)
+
+
+def _cuda_aware():
+    from mpi4py import MPI
+    return mpi_cuda_support(MPI) is True
+
+
+#: seconds one job may take: every rank creates a CUDA context and compiles
+#: (or loads from CuPy's cache) its kernels
+RUN_TIMEOUT = 240
+MAX_NEW = 6
+
+#: (name, weights overrides, world size, options)
+CASES = [
+    ('packed4-host', (), 3, ['--placement', 'packed:4', '--mpi-gpu', 'host',
+                             '--micro-batches', '2']),
+    ('per-layer-host', (), 9, ['--mpi-gpu', 'host']),
+    # 7 batches of 1-5 sequences in 4 micro-batches: most passes carry empty ones
+    ('empty-micro-batches', (), 3, ['--placement', 'packed:4', '--mpi-gpu', 'host',
+                                    '--micro-batches', '4', '--batch-tokens', '24']),
+    # 2 front-ends on packed:4 (the regroup path), the last round with one idle
+    ('F2-packed4-regroup', (), 4, ['--placement', 'packed:4', '--frontends', '2',
+                                   '--mpi-gpu', 'host', '--batch-tokens', '24']),
+    ('float16', ('dtype=float16',), 3, ['--placement', 'packed:4', '--mpi-gpu', 'host']),
+    ('mlp', ('expert_kind=mlp',), 3, ['--placement', 'packed:4', '--mpi-gpu', 'host']),
+]
+
+
+@pytest.fixture(scope='module')
+def reference(make_weights, tiny_inputs, tmp_path_factory):
+    """``reference(overrides) -> (weights, CPU reference outputs)``."""
+    root = tmp_path_factory.mktemp('gpu-reference')
+    done = {}
+
+    def get(overrides):
+        if overrides not in done:
+            weights = make_weights('tiny', overrides)
+            out = root / f'ref{len(done)}.h5'
+            run_reference(JobOptions(weights=weights, input=tiny_inputs, output=str(out),
+                                     max_new_tokens=MAX_NEW, save_logits=True),
+                          log=lambda *a: None)
+            done[overrides] = weights, read_outputs(out)
+        return done[overrides]
+
+    return get
+
+
+def _run(weights, inputs, out_dir, n, extra):
+    out, metrics = out_dir / 'out.h5', out_dir / 'run.json'
+    proc = mpiexec(n, ['run', '--weights', weights, '--input', inputs, '--output', out,
+                       '--max-new-tokens', MAX_NEW, '--save-logits', '--metrics', metrics,
+                       '--backend', 'cupy', *extra], timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    return read_outputs(out), json.loads(metrics.read_text()), proc.stderr
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 60)
+@pytest.mark.parametrize('name, overrides, n, extra', CASES, ids=[c[0] for c in CASES])
+def test_gpu_engine_equals_the_cpu_reference(reference, tiny_inputs, tmp_path, name,
+                                             overrides, n, extra):
+    weights, ref = reference(overrides)
+    got, report, stderr = _run(weights, tiny_inputs, tmp_path, n, extra)
+    assert report['backend']['name'] == 'cupy' and report['backend']['mpi_gpu'] == 'host'
+    assert 'GPU of each rank' in stderr
+    assert_matches_reference(got, ref, weights, tiny_inputs, MAX_NEW)
+
+
+@pytest.mark.timeout(2 * RUN_TIMEOUT + 60)
+def test_device_buffers_give_what_host_staging_gives(reference, tiny_inputs, tmp_path):
+    """--mpi-gpu device (a CUDA-aware MPI; the start-up exchange must pass)
+    against --mpi-gpu host: the same words cross MPI, so bit-identical."""
+    if not _cuda_aware():
+        pytest.skip('this MPI library reports no CUDA support: --mpi-gpu device is not tried')
+    weights, ref = reference(())
+    opts = ['--placement', 'packed:4', '--micro-batches', '2']
+    (tmp_path / 'host').mkdir()
+    (tmp_path / 'device').mkdir()
+    host, _, _ = _run(weights, tiny_inputs, tmp_path / 'host', 3, [*opts, '--mpi-gpu', 'host'])
+    dev, report, stderr = _run(weights, tiny_inputs, tmp_path / 'device', 3,
+                               [*opts, '--mpi-gpu', 'device'])
+    assert report['backend']['mpi_gpu'] == 'device', stderr
+    assert all(np.array_equal(a, b) for a, b in zip(dev['generated'], host['generated'],
+                                                    strict=True))
+    assert np.array_equal(dev['last_logits'], host['last_logits'])
+    assert_matches_reference(dev, ref, weights, tiny_inputs, MAX_NEW)
+
+
+@pytest.mark.timeout(2 * RUN_TIMEOUT + 60)
+def test_gpu_bias_balancing_follows_the_cpu_run(reference, tiny_inputs, tmp_path):
+    """--balance bias on the GPU against the same run on NumPy: the bias is
+    updated from integer expert counts, so both runs route alike unless a
+    score is within the contracts' difference of a tie; logits within
+    LOGIT_RTOL, greedy tokens equal."""
+    weights, _ = reference(())
+    opts = ['--placement', 'packed:4', '--balance', 'bias', '--balance-every', '1',
+            '--balance-step', '0.03']
+    (tmp_path / 'gpu').mkdir()
+    (tmp_path / 'cpu').mkdir()
+    gpu, gpu_report, _ = _run(weights, tiny_inputs, tmp_path / 'gpu', 3,
+                              [*opts, '--mpi-gpu', 'host'])
+    proc = mpiexec(3, ['run', '--weights', weights, '--input', tiny_inputs, '--output',
+                       tmp_path / 'cpu' / 'out.h5', '--max-new-tokens', MAX_NEW,
+                       '--save-logits', '--metrics', tmp_path / 'cpu' / 'run.json',
+                       '--backend', 'numpy', *opts], timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    cpu = read_outputs(tmp_path / 'cpu' / 'out.h5')
+    cpu_report = json.loads((tmp_path / 'cpu' / 'run.json').read_text())
+    assert gpu_report['expert_loads']['counts'] == cpu_report['expert_loads']['counts']
+    assert all(np.array_equal(a, b) for a, b in zip(gpu['generated'], cpu['generated'],
+                                                    strict=True))
+    assert_logits_close(gpu['last_logits'], cpu['last_logits'], 'last_logits')
+
+
+_EXCHANGE = r'''
+import json
+from mpimoe.backends.backend import Backend
+from mpimoe.backends.binding import bind_early
+bind_early('cupy')
+from mpimoe.parallel.gpu_mpi import choose_mpi_gpu, device_exchange_problem
+from mpimoe.parallel.mpiutil import MPI, local_rank
+world = MPI.COMM_WORLD
+gpu = Backend('cupy')
+gpu.bind(world.rank, local_rank(world), lambda line: None)
+out = {'self_test': gpu.self_test(), 'auto': list(choose_mpi_gpu(world, gpu, 'auto', 30.0))}
+everyone = world.gather(out, root=0)
+if world.rank == 0:
+    print(json.dumps(everyone), flush=True)
+'''
+
+
+@pytest.mark.timeout(RUN_TIMEOUT)
+def test_start_up_checks_on_the_device(tmp_path):
+    """Under mpiexec on the GPU: the BF16 self-test passes on every rank, and
+    --mpi-gpu auto takes device buffers only when the library says it
+    supports CUDA and the one-row exchange of device buffers arrives intact."""
+    import subprocess
+    import sys
+    from mpirun import mpiexec_path
+    proc = subprocess.run([mpiexec_path(), '-n', '2', sys.executable, '-m', 'mpi4py', '-c',
+                           _EXCHANGE], capture_output=True, text=True, timeout=RUN_TIMEOUT - 20)
+    assert proc.returncode == 0, proc.stderr
+    ranks = json.loads(proc.stdout)
+    assert [r['self_test'] for r in ranks] == [None, None]
+    mode, why, warnings = ranks[0]['auto']
+    assert all(r['auto'] == ranks[0]['auto'] for r in ranks)
+    if _cuda_aware():
+        assert mode == 'device' and not warnings, (why, warnings)
+    else:
+        assert mode == 'host' and why.startswith('auto: the MPI library ') and not warnings
