@@ -158,6 +158,9 @@ def test_run_json(files, tiny_inputs, tmp_path):
     s = report['summary']
     assert s['prefill_tokens_per_s'] > 0 and s['decode_tokens_per_s'] > 0
     assert s['time_per_output_token_ms'] > 0 and s['wall_s'] > 0
+    # MFU against rank 0's timed GEMM rate on every rank (the CPU backend)
+    assert s['mfu_devices'] == 10
+    assert s['mfu'] == pytest.approx(s['achieved_tflops'] / (s['peak_tflops_per_rank'] * 10))
     loads = np.array(report['expert_loads']['counts'])              # [Lm, E]
     assert report['expert_loads']['layers'] == [1, 2, 3]
     assert loads.shape == (3, 8)

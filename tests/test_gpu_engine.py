@@ -92,6 +92,8 @@ def test_gpu_engine_equals_the_cpu_reference(reference, tiny_inputs, tmp_path, n
     got, report, stderr = _run(weights, tiny_inputs, tmp_path, n, extra)
     assert report['backend']['name'] == 'cupy' and report['backend']['mpi_gpu'] == 'host'
     assert 'GPU of each rank' in stderr
+    # the ranks share the one GPU: MFU is counted over 1 device's peak
+    assert report['backend']['gpus_used'] == report['summary']['mfu_devices'] == 1
     assert_matches_reference(got, ref, weights, tiny_inputs, MAX_NEW)
 
 

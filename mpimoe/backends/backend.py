@@ -189,13 +189,15 @@ class Backend:
     """The array module the math runs on and the moves between host and device.
 
     ``name``: 'numpy' or 'cupy'; ``xp``: the module; ``device``: the bound GPU
-    index (after :meth:`bind`), None on NumPy.
+    index (after :meth:`bind`), None on NumPy; ``gpus_used``: on rank 0 of a
+    GPU job, the distinct GPUs of all ranks (set by the engine).
     """
 
     def __init__(self, name):
         self.name = name
         self.xp = np if name == 'numpy' else importlib.import_module('cupy')
         self.device = None
+        self.gpus_used = None
 
     @property
     def is_gpu(self):

@@ -216,17 +216,19 @@ def _bind(backend, world):
         warning = sharing_problem(ranks)
         if warning:
             log.warning(warning)
+        backend.gpus_used = len({(host, d) for host, _, d, _ in ranks})
 
 
 def _backend_report(backend, mode):
     """run.json's ``backend``: name, --mpi-gpu mode and, on a GPU, CuPy's
-    version and rank 0's device."""
+    version, rank 0's device and the distinct GPUs the ranks use."""
     out = {'name': backend.name, 'mpi_gpu': mode}
     if backend.is_gpu:
         props = backend.xp.cuda.runtime.getDeviceProperties(backend.device)
         name = props['name']
         out.update(cupy=backend.xp.__version__,
-                   device=name.decode() if isinstance(name, bytes) else name)
+                   device=name.decode() if isinstance(name, bytes) else name,
+                   gpus_used=backend.gpus_used)
     return out
 
 

@@ -99,7 +99,10 @@ def finish_report(opts, cfg, plan, world, reports, seconds, peak_tflops, backend
                    peak_tflops_per_rank=peak_tflops,
                    peak_source='BF16 GEMM timed on rank 0 (GPU)' if backend['name'] == 'cupy'
                    else 'FP32 GEMM timed on rank 0 (CPU backend)')
-    summary['mfu'] = summary['achieved_tflops'] / (peak_tflops * world.size) \
+    # the processors the peak is counted over: the GPUs in use (ranks sharing a
+    # GPU share its peak), on the CPU backend every rank
+    summary['mfu_devices'] = backend.get('gpus_used') or world.size
+    summary['mfu'] = summary['achieved_tflops'] / (peak_tflops * summary['mfu_devices']) \
         if busy and peak_tflops else None
     shape = (cfg.n_moe_layers, cfg.n_experts)
     loads = r0['loads'].total if r0['loads'].steps else np.zeros(shape, np.int64)   # [Lm, E]
