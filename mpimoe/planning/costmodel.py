@@ -46,6 +46,15 @@ micro-batch, times M' (weights are read again for every micro-batch):
   for many); dense layers and the LM head (the B last positions) add their
   front-end time.
 
+**Tensor-parallel front-ends** (``plan.tp`` = T > 1; mpimoe.planning.tensor_parallel):
+B is dealt to the F groups, each rank of a group holds and reads its share of
+the split weights (and, GQA, of the KV cache), does its share of the FLOPs
+and query-key pairs, and dispatches a T-th of its group's copies; per layer
+and micro-batch it adds the group's ring collectives over NVLink on the
+micro-batch's FP32 rows (an Allreduce after the attention, after a dense MLP
+or the shared experts; an Allgather of the routed experts' shares), per pass
+an Allreduce of the embedding and an Allgather of the logits.
+
 Prefill tokens/s = B*S / prefill pass; time per output token = decode pass.
 
 **Constants**: mpimoe.planning.constants (defaults, calibration JSON,
@@ -67,6 +76,8 @@ import numpy as np
 from mpimoe.errors import ConfigError
 from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for
 from mpimoe.planning.constants import NAMES, Constants, load_calibration, make_constants
+from mpimoe.planning.tensor_parallel import (allgather_s, allreduce_s, attention_split, ffn_split,
+                                             kv_elems_per_rank)
 from mpimoe.planning.text import plural as _count, size_text as _size
 
 __all__ = ['Constants', 'Workload', 'RankMemory', 'PassTime', 'Prediction',
@@ -94,8 +105,8 @@ class Workload:
                 raise ConfigError(f'{f.name}={v!r}: must be an integer >= 1')
 
     def seqs_per_frontend(self, plan):
-        """ceil(B / F): sequences of the busiest front-end."""
-        return -(-self.batch_seqs // plan.n_frontends)
+        """ceil(B / F): sequences of the busiest front-end (group, with --tp)."""
+        return -(-self.batch_seqs // plan.n_frontend_groups)
 
 
 # -- memory --------------------------------------------------------------------
@@ -114,12 +125,13 @@ class RankMemory:
         return self.weights + self.kv_cache + self.buffers
 
 
-def kv_cache_bytes(cfg, kv_tokens):
+def kv_cache_bytes(cfg, kv_tokens, tp=1):
     """Bytes of a front-end's KV cache pool for ``kv_tokens`` tokens: whole
     blocks of BLOCK_TOKENS tokens, ``cfg.kv_token_elems`` per token and layer in 16 bits
-    (equal to ``BlockKVCache.for_tokens(cfg, kv_tokens, ...).nbytes``)."""
+    (equal to ``BlockKVCache.for_tokens(cfg, kv_tokens, ...).nbytes``); on one
+    rank of a TP group of ``tp``, its KV heads' share (MLA: all of it)."""
     tokens = BLOCK_TOKENS * blocks_for(kv_tokens)
-    return cfg.n_layers * tokens * cfg.kv_token_elems * cfg.itemsize
+    return cfg.n_layers * tokens * kv_elems_per_rank(cfg, tp) * cfg.itemsize
 
 
 def memory(plan, work=None, kv_tokens=None):
@@ -135,25 +147,28 @@ def memory(plan, work=None, kv_tokens=None):
     fe_w, ex_w = int(wb[0]), int(wb[plan.n_frontends:].max())
     if kv_tokens is None and work is not None:
         kv_tokens = work.seqs_per_frontend(plan) * BLOCK_TOKENS * blocks_for(work.seq_len)
-    kv = 0 if kv_tokens is None else kv_cache_bytes(cfg, kv_tokens)
+    kv = 0 if kv_tokens is None else kv_cache_bytes(cfg, kv_tokens, plan.tp)
     if work is None:
         return [RankMemory('front-end', fe_w, kv, 0), RankMemory('expert rank', ex_w, 0, 0)]
     seqs = work.seqs_per_frontend(plan)
     M = min(work.micro_batches, seqs)
     mb_tokens = -(-seqs // M) * work.seq_len                    # largest micro-batch
+    rank_tokens = -(-mb_tokens // plan.tp)      # a TP rank dispatches its share of them
     row = cfg.d_model * cfg.itemsize
-    fe_buf = M * 2 * mb_tokens * cfg.top_k * row
+    fe_buf = M * 2 * rank_tokens * cfg.top_k * row
     # a token sends at most min(top_k, K) copies to one rank (K experts of a layer)
-    ex_buf = M * 2 * plan.n_frontends * mb_tokens * min(cfg.top_k, plan.experts_per_rank) * row
+    ex_buf = M * 2 * plan.n_frontends * rank_tokens * min(cfg.top_k, plan.experts_per_rank) \
+        * row
     return [RankMemory('front-end', fe_w, int(kv), int(fe_buf)),
             RankMemory('expert rank', ex_w, 0, int(ex_buf))]
 
 
 _ADVICE = {
     'front-end': 'use more front-ends (--frontends), fewer sequences (--batch-seqs) '
-                 'or shorter ones (--seq-len)',
-    'front-end weights': 'its non-expert weights alone do not fit: this model needs GPUs '
-                         'with more memory (front-ends are not split further)',
+                 'or shorter ones (--seq-len), or split each front-end over T ranks (--tp T)',
+    'front-end weights': 'its non-expert weights alone do not fit: split them over the '
+                         'ranks of a node with --tp T (tensor-parallel front-ends), or use '
+                         'GPUs with more memory',
     'expert rank': 'the worst-case receive buffers (every row of a pass to this rank) do '
                    'not fit: use a smaller batch (--batch-seqs, --seq-len)',
     'expert rank weights': 'its experts do not fit: use more GPUs or a placement with '
@@ -220,16 +235,20 @@ def predict(plan, work, consts):
 
 def pass_time(plan, work, c, new_tokens):
     """One pass adding ``new_tokens`` per sequence at context ``work.seq_len``."""
-    cfg = plan.cfg
+    cfg, T = plan.cfg, plan.tp
     seqs = work.seqs_per_frontend(plan)
     M = min(work.micro_batches, seqs)
-    fe = _frontend_layers(cfg, seqs, new_tokens, work.seq_len, M, c)         # [n_layers]
+    fe = _frontend_layers(cfg, seqs, new_tokens, work.seq_len, M, c, T)      # [n_layers]
     exp, net = _moe_layers(plan, work.batch_seqs, new_tokens, M, work.micro_batches, c)
     stages = np.stack([fe[cfg.n_dense_layers:], exp, net])                    # [3, Lm]
     top = stages.max(axis=0)
     moe = top + (stages.sum(axis=0) - top) / M
-    head = _roofline(2 * seqs * cfg.d_model * cfg.vocab_size,
-                     cfg.vocab_size * cfg.d_model * cfg.itemsize, c)
+    # the LM head's vocabulary slice on each TP rank, then the logits gathered;
+    # the embedding's slices summed once per pass
+    head = _roofline(2 * seqs * cfg.d_model * cfg.vocab_size / T,
+                     cfg.vocab_size * cfg.d_model * cfg.itemsize / T, c) \
+        + allgather_s(T, seqs * cfg.vocab_size * 4, c) \
+        + allreduce_s(T, seqs * new_tokens * cfg.d_model * 4, c)
     total = fe[:cfg.n_dense_layers].sum() + moe.sum() + head
     return PassTime(float(total), float(fe.sum() + head), float(exp.sum()), float(net.sum()), M)
 
@@ -238,12 +257,15 @@ def _roofline(flops, nbytes, c):
     return max(flops / c.flops, nbytes / (c.hbm_gbs * _GB))
 
 
-def _layer_weights(cfg, i):
+def _layer_weights(cfg, i, tp=1):
     """(attention, FFN) weights of layer i outside the experts (the FFN part is
-    the dense MLP, or the router and the shared experts)."""
+    the dense MLP, or the router and the shared experts) on one rank of a TP
+    group of ``tp`` (its share of what the group splits, the rest whole)."""
     ffn_w = len(cfg.expert_matrices) * cfg.d_model * cfg.d_dense if i < cfg.n_dense_layers \
         else cfg.d_model * cfg.n_experts + cfg.shared_params
-    return cfg.attention_params, ffn_w
+    attn_split, ffn_part = attention_split(cfg), ffn_split(cfg, i)
+    return (cfg.attention_params - attn_split + attn_split / tp,
+            ffn_w - ffn_part + ffn_part / tp)
 
 
 def pair_flops(cfg):
@@ -256,12 +278,13 @@ def pair_flops(cfg):
     return 4 * cfg.n_heads * cfg.head_dim
 
 
-def layer_flops(cfg, i, tokens, pairs):
+def layer_flops(cfg, i, tokens, pairs, tp=1):
     """FLOPs of layer i's non-expert work on ``tokens`` new tokens that make
     ``pairs`` causal query-key pairs (MLA's up-projections, absorbed, count
-    once per token among the attention weights)."""
-    attn_w, ffn_w = _layer_weights(cfg, i)
-    return 2 * tokens * (attn_w + ffn_w) + pair_flops(cfg) * pairs
+    once per token among the attention weights), on one rank of a TP group
+    of ``tp`` (its heads' pairs)."""
+    attn_w, ffn_w = _layer_weights(cfg, i, tp)
+    return 2 * tokens * (attn_w + ffn_w) + pair_flops(cfg) * pairs / tp
 
 
 def pass_flops(cfg, tokens, pairs, copies, rows_out):
@@ -272,17 +295,24 @@ def pass_flops(cfg, tokens, pairs, copies, rows_out):
             + 2 * copies * cfg.expert_params + 2 * rows_out * cfg.d_model * cfg.vocab_size)
 
 
-def _frontend_layers(cfg, seqs, q, ctx, M, c):
-    """Seconds of every layer's non-expert work on the busiest front-end:
-    float [n_layers].  seqs sequences, q new tokens each at context ctx."""
+def _frontend_layers(cfg, seqs, q, ctx, M, c, tp=1):
+    """Seconds of every layer's non-expert work on the busiest front-end (a
+    rank of its TP group of ``tp``, the group's collectives included): float
+    [n_layers].  seqs sequences, q new tokens each at context ctx."""
     tokens = seqs * q
     pairs = seqs * q * (2 * ctx - q + 1) / 2                    # causal query-key pairs
-    kv_bytes = seqs * ctx * cfg.kv_token_elems * cfg.itemsize
+    kv_bytes = seqs * ctx * kv_elems_per_rank(cfg, tp) * cfg.itemsize
+    rows = tokens / M * cfg.d_model * 4                          # a micro-batch's FP32 rows
     out = np.empty(cfg.n_layers)
     for i in range(cfg.n_layers):
-        weights = sum(_layer_weights(cfg, i)) * cfg.itemsize
-        out[i] = M * _roofline(layer_flops(cfg, i, tokens, pairs) / M,
-                               weights + kv_bytes / M, c)
+        weights = sum(_layer_weights(cfg, i, tp)) * cfg.itemsize
+        # an Allreduce after the attention and after a dense MLP or the shared
+        # experts; the routed experts' shares gathered
+        moe = i >= cfg.n_dense_layers
+        group = allreduce_s(tp, rows, c) * (1 + (not moe or bool(cfg.shared.n_experts))) \
+            + allgather_s(tp, rows, c) * moe
+        out[i] = M * (_roofline(layer_flops(cfg, i, tokens, pairs, tp) / M,
+                                weights + kv_bytes / M, c) + group)
     return out
 
 
@@ -306,9 +336,11 @@ def _moe_layers(plan, B, q, M, slots, c):
     share = _shares(plan)                                                 # [Lm, E]
     copies = T * cfg.top_k * share                                        # [Lm, E]
     active = 1 - (1 - share) ** (T * cfg.top_k / M)                       # per micro-batch
-    # sequences are dealt round-robin: front-end f sends a share n_f / B of the copies
-    n_f = np.arange(F) < B % F
-    fe_share = (B // F + n_f) / B                                         # [F]
+    # sequences are dealt round-robin to the front-end groups: group g sends a
+    # share n_g / B of the copies, each of its T ranks a T-th of it
+    groups = plan.n_frontend_groups
+    n_g = np.arange(groups) < B % groups
+    fe_share = np.repeat((B // groups + n_g) / B / plan.tp, plan.tp)       # [F]
     fe_frac = np.bincount(nodes[:F], weights=fe_share, minlength=n_nodes)  # [N]
     fe_top = np.zeros(n_nodes)                                            # busiest front-end
     np.maximum.at(fe_top, nodes[:F], fe_share)
@@ -345,7 +377,7 @@ def describe(plan, work, consts, gpu_memory_gb, baseline=None, kv_tokens=None):
         head = f'memory per rank ({what} buffers and time estimates):'
     else:
         head = (f'memory per rank (B = {work.batch_seqs} sequences x S = {work.seq_len} tokens '
-                f'over {_count(plan.n_frontends, "front-end")}, {pool}'
+                f'over {_frontends_text(plan)}, {pool}'
                 f'{_mbs(work.micro_batches)}):')
     lines = [head]
     for m in memory(plan, work, kv_tokens):
@@ -365,6 +397,13 @@ def describe(plan, work, consts, gpu_memory_gb, baseline=None, kv_tokens=None):
         lines.append(f'block layout with the same stats: prefill {b.prefill_tokens_per_s:,.0f} '
                      f'tokens/s, decode {_time(b.decode.seconds)} per output token')
     return lines
+
+
+def _frontends_text(plan):
+    """'192 front-ends', or with --tp '96 front-end groups of 2 ranks'."""
+    if plan.tp == 1:
+        return _count(plan.n_frontends, 'front-end')
+    return f'{_count(plan.n_frontend_groups, "front-end group")} of {plan.tp} ranks'
 
 
 def _describe_prediction(p, work):

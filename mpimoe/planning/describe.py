@@ -38,7 +38,7 @@ def describe_plan(plan, full=False):
         f'K = {plural(plan.experts_per_rank, "expert")} per rank per MoE layer, G = '
         f'{plural(plan.n_groups, "layer group")} of {plural(per_group, "MoE layer")}',
         _describe_nodes(plan),
-        f'weights per front-end (all non-expert weights): {size_text(wb[0])}',
+        _frontend_weights_text(plan, wb[0]),
         f'weights per expert rank: max {size_text(expert_wb.max())}, '
         f'{plural(int(hosted.max()), "expert")}; min {size_text(expert_wb.min())}, '
         f'{plural(int(hosted.min()), "expert")}; one expert = {one / MB:.2f} MB',
@@ -48,7 +48,9 @@ def describe_plan(plan, full=False):
     if full:
         return '\n'.join(lines + _describe_ranks(plan, wb) + _describe_replicas(plan, full)
                          + _describe_loads(plan, full))
-    lines.append(f'{labelled("rank", 0, F - 1)}: {"front-end" if F == 1 else "front-ends"}')
+    lines.append(f'{labelled("rank", 0, F - 1)}: {"front-end" if F == 1 else "front-ends"}'
+                 + ('' if plan.tp == 1 else f' in groups of {plan.tp} (group g: ranks '
+                    f'{plan.tp}g-{plan.tp}g+{plan.tp - 1})'))
     blocks = _blocks(plan)
     if len(blocks) > _MAX_BLOCK_LINES:
         head, tail = blocks[:_MAX_BLOCK_LINES - 2], blocks[-2:]
@@ -173,6 +175,18 @@ def _blocks(plan):
                 continue
         blocks.append((r, r, lo_l[r], hi_l[r], lo_e[r], k))
     return blocks
+
+
+def _frontend_weights_text(plan, nbytes):
+    """The weights line of a front-end rank: all non-expert weights, or with
+    --tp its share of them."""
+    if plan.tp == 1:
+        return f'weights per front-end (all non-expert weights): {size_text(nbytes)}'
+    whole = plan.cfg.nonexpert_params * plan.cfg.itemsize
+    return (f'front-ends: {plural(plan.n_frontend_groups, "group")} of {plan.tp} ranks '
+            f'(tensor parallel, one node each); weights per front-end rank: '
+            f'{size_text(nbytes)} (1/{plan.tp} of the split non-expert weights, '
+            f'{size_text(whole)} in all, + the norms and routers every rank holds)')
 
 
 def _describe_nodes(plan):

@@ -57,6 +57,7 @@ from mpimoe.errors import ConfigError
 from mpimoe.planning.balance import replicate
 from mpimoe.planning.plan import Plan, block_layout
 from mpimoe.planning.stats import check_loads
+from mpimoe.planning.tensor_parallel import check_tp
 from mpimoe.planning.text import or_list, plural
 from mpimoe.planning.topology import balance_layers, copy_loads
 
@@ -81,7 +82,7 @@ def parse_mode(mode):
 
 
 def make_plan(cfg, world_size, mode='per-layer', n_frontends=None, gpus_per_node=None,
-              loads=None, nodes=None, replicas=0):
+              loads=None, nodes=None, replicas=0, tp=1):
     """The placement of ``cfg`` on ``world_size`` ranks.
 
     ``n_frontends=None`` picks the smallest F >= 1 for which the remaining ranks
@@ -89,8 +90,10 @@ def make_plan(cfg, world_size, mode='per-layer', n_frontends=None, gpus_per_node
     (int [world_size], e.g. :func:`mpimoe.parallel.mpiutil.node_ids`) gives the node of
     each rank instead.  ``loads`` (token copies per expert, [n_moe_layers,
     n_experts]) balances the node links; with ``replicas=R`` the last R ranks
-    host replicas of hot experts (module docstring).  A world size or F that
-    does not fit raises :class:`ConfigError` saying which fit.
+    host replicas of hot experts (module docstring).  With ``tp=T`` every
+    front-end is a group of T ranks on one node (F groups: F x T front-end
+    ranks; mpimoe.planning.tensor_parallel).  A world size, F or T that does
+    not fit raises :class:`ConfigError` saying which fit.
     """
     name, k = parse_mode(mode)
     canonical = f'packed:{k}' if name == 'packed' else name
@@ -99,6 +102,8 @@ def make_plan(cfg, world_size, mode='per-layer', n_frontends=None, gpus_per_node
     if R and loads is None:
         raise ConfigError('--replicas needs --stats: the expert loads of a previous run '
                           'say which experts are hot')
+    check_tp(cfg, tp)
+    T = tp
     nodes, gpn = _node_layout(P, gpus_per_node, nodes)
     E, lm = cfg.n_experts, cfg.n_moe_layers
     if E % k:
@@ -111,20 +116,25 @@ def make_plan(cfg, world_size, mode='per-layer', n_frontends=None, gpus_per_node
     # choose F (smallest fitting when automatic) and the matching G on the P - R
     # ranks that are not replica ranks
     base, extra = P - R, f' + {plural(R, "replica rank")}' if R else ''
+    groups_of = '' if T == 1 else f' of {T} ranks'
     if n_frontends is None:
-        usable = [n for n in fits if n <= base - 1]
+        usable = [n for n in fits if n <= base - T and (base - n) % T == 0]
         if not usable:
+            more = '' if T == 1 else f' (F x {T} front-end ranks)'
             raise ConfigError(f'placement {canonical} needs {_fits_text(fits, name, lm)} '
-                              f'expert ranks + F front-ends{extra}: world size must be '
-                              f'>= {fits[0] + 1 + R} (got {P})')
+                              f'expert ranks + F front-ends{groups_of}{more}{extra}: world '
+                              f'size must be >= {fits[0] + T + R}' +
+                              ('' if T == 1 else f' and exceed an expert-rank count by a '
+                               f'multiple of {T}') + f' (got {P})')
         F = base - usable[-1]
     else:
-        F = positive_int('n_frontends', n_frontends)
+        F = positive_int('n_frontends', n_frontends) * T
         if base - F not in fits:
             sizes = or_list([F + n + R for n in fits])
             raise ConfigError(f'placement {canonical} needs {_fits_text(fits, name, lm)} '
-                              f'expert ranks + {plural(F, "front-end")}{extra}: world size '
-                              f'must be {sizes} (got {P})')
+                              f'expert ranks + {plural(F // T, "front-end")}{groups_of}'
+                              f'{extra}: world size must be {sizes} (got {P})')
+    _check_groups_on_nodes(nodes, F, T, gpn)
     G = (base - F) // ranks_per_group
 
     owner = block_layout(F, G, k, lm, E)
@@ -139,7 +149,20 @@ def make_plan(cfg, world_size, mode='per-layer', n_frontends=None, gpus_per_node
         a.flags.writeable = False
     return Plan(cfg=cfg, world_size=P, mode=canonical, n_frontends=F, experts_per_rank=k,
                 n_groups=G, gpus_per_node=gpn, owner=owner, nodes=nodes, loads=loads,
-                replicas=rep, n_replica_ranks=R)
+                replicas=rep, n_replica_ranks=R, tp=T)
+
+
+def _check_groups_on_nodes(nodes, F, T, gpn):
+    """ConfigError unless each front-end group (ranks [g*T, (g+1)*T)) is on one node."""
+    if T == 1:
+        return
+    split = [g for g in range(F // T) if len(set(nodes[g * T:(g + 1) * T].tolist())) > 1]
+    if split:
+        g = split[0]
+        raise ConfigError(f'--tp {T}: front-end group {g} (ranks {g * T}-{(g + 1) * T - 1}) '
+                          f'would straddle nodes {sorted(set(nodes[g * T:(g + 1) * T].tolist()))}'
+                          f'; a group must be on one node: choose --tp dividing the GPUs per '
+                          f'node ({gpn})')
 
 
 def _node_layout(P, gpus_per_node, nodes):

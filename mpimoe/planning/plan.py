@@ -18,6 +18,7 @@ import numpy as np
 
 from mpimoe.model.config import ModelConfig
 from mpimoe.planning.describe import describe_plan
+from mpimoe.planning.tensor_parallel import frontend_rank_params
 
 __all__ = ['Plan', 'block_layout']
 
@@ -54,6 +55,14 @@ class Plan:
     (MoE layer index, expert, rank) sorted; ranks in ``[P - R, P)``."""
     n_replica_ranks: int = 0
     """R: the last R ranks host replicas only."""
+    tp: int = 1
+    """T: ranks per front-end group (tensor parallel); ``n_frontends`` counts
+    ranks, F x T."""
+
+    @property
+    def n_frontend_groups(self):
+        """F: front-end groups of :attr:`tp` ranks (the data-parallel width)."""
+        return self.n_frontends // self.tp
 
     @property
     def n_expert_ranks(self):
@@ -131,18 +140,23 @@ class Plan:
 
     def weight_bytes(self):
         """int64 [world_size]: bytes of weights each rank holds (a front-end holds
-        all non-expert weights, an expert rank its experts)."""
+        all non-expert weights, or its group's share of them with ``tp`` > 1; an
+        expert rank its experts)."""
         cfg = self.cfg
         hosted = np.bincount(np.concatenate([self.owner.ravel(), self.replicas[:, 2]]),
                              minlength=self.world_size)                        # [P]
         out = hosted.astype(np.int64) * (cfg.expert_params * cfg.itemsize)
-        out[:self.n_frontends] = cfg.nonexpert_params * cfg.itemsize
+        out[:self.n_frontends] = frontend_rank_params(cfg, self.tp) * cfg.itemsize
         return out
 
     def plan_hash(self):
-        """16 hex digits of sha256 over the config, P, F, mode and ``owner``."""
-        head = json.dumps({'config': json.loads(self.cfg.to_json()), 'world_size': self.world_size,
-                           'n_frontends': self.n_frontends, 'mode': self.mode}, sort_keys=True)
+        """16 hex digits of sha256 over the config, P, F, mode, T (when > 1) and
+        ``owner``."""
+        fields = {'config': json.loads(self.cfg.to_json()), 'world_size': self.world_size,
+                  'n_frontends': self.n_frontends, 'mode': self.mode}
+        if self.tp > 1:                                 # plans without TP keep their hashes
+            fields['tp'] = self.tp
+        head = json.dumps(fields, sort_keys=True)
         h = hashlib.sha256(head.encode())
         h.update(self.owner.astype('<i4').tobytes())
         if len(self.replicas):
