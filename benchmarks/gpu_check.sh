@@ -10,7 +10,8 @@
 #            experts, an MoE layer and the whole tiny model on the device
 #   engine   tests/test_gpu_engine.py: `mpimoe run --backend cupy` under mpiexec
 #            against the CPU reference (host and device staging, empty
-#            micro-batches, 2 front-ends on packed:4, bias balancing, float16)
+#            micro-batches, 2 front-ends on packed:4, bias balancing, float16, a
+#            --tp 2 group)
 #   bench    `mpimoe bench gpu` on 2 ranks: expert GEMM TFLOP/s next to a square
 #            matmul, one MoE layer against a PyTorch loop, MPI transfer rates
 #

@@ -53,6 +53,8 @@ CASES = [
                                    '--mpi-gpu', 'host', '--batch-tokens', '24']),
     ('float16', ('dtype=float16',), 3, ['--placement', 'packed:4', '--mpi-gpu', 'host']),
     ('mlp', ('expert_kind=mlp',), 3, ['--placement', 'packed:4', '--mpi-gpu', 'host']),
+    # a tensor-parallel group of 2: its Allreduces and Allgathers through host copies
+    ('tp2-packed4', (), 4, ['--placement', 'packed:4', '--tp', '2', '--mpi-gpu', 'host']),
 ]
 
 

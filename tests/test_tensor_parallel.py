@@ -181,7 +181,7 @@ def test_collective_times_and_the_front_end_stage():
     assert t.frontend - collectives < one.frontend * 1.01
 
 
-def test_cli_plan_with_tp(capsys):
+def test_cli_plan_with_tp(capsys, tmp_path):
     args = ['plan', '--preset', 'paper-61l', '--gpus', '3904', '--gpus-per-node', '8',
             '--placement', 'dedicated', '--gpu-memory-gb', '64']
     assert main([*args, '--tp', '2']) == 0
@@ -193,5 +193,11 @@ def test_cli_plan_with_tp(capsys):
     assert err == ('mpimoe: error: --tp 3 must divide n_heads=128, n_kv_heads=128, '
                    'vocab_size=129280 (the front-end group splits them); --tp that fit: 1, 2, '
                    '4, 8, 16, 32, 64\n')
-    assert main([*args, '--tp', '2', '--emit-sbatch', 'x.sbatch']) == 2
-    assert 'has no tensor-parallel front-ends yet' in capsys.readouterr().err
+    job = tmp_path / 'tp.sbatch'
+    assert main([*args, '--tp', '2', '--emit-sbatch', str(job)]) == 0
+    text = job.read_text()
+    # the job's run options give `mpimoe run` the same plan (96 groups of 2)
+    assert '--placement dedicated --frontends 96 --tp 2 ' in text
+    plan = make_plan(model_config('paper-61l'), 3904, 'dedicated', n_frontends=96,
+                     gpus_per_node=8, tp=2)
+    assert f'plan hash {plan.plan_hash()}' in text and 'front-ends in groups of 2' in text

@@ -91,10 +91,6 @@ def _cmd_plan(args):
         raise ConfigError('--batch-seqs and --seq-len go together (the batch of one pass)')
     if args.emit_sbatch and args.gpus_per_node is None:
         raise ConfigError('--emit-sbatch needs --gpus-per-node (GPUs and tasks per node)')
-    if args.emit_sbatch and args.tp != 1:
-        raise ConfigError(f'--emit-sbatch with --tp {args.tp}: `mpimoe run` has no '
-                          'tensor-parallel front-ends yet, so there is no job to write; '
-                          'plan without --emit-sbatch to see the sizes')
     cfg = model_config(args.preset, args.overrides)
     loads = load_stats(args.stats, cfg) if args.stats else None
     plan = make_plan(cfg, args.gpus, mode=args.placement, n_frontends=args.frontends,
@@ -325,8 +321,7 @@ def _build_parser():
     p.add_argument('--tp', type=int, default=1, metavar='T',
                    help='tensor-parallel front-ends: each front-end a group of T ranks on one '
                    'node that split the non-expert weights (heads, MLPs, vocabulary); T '
-                   'divides the heads, KV heads, vocabulary and the GPUs per node (default 1; '
-                   '`mpimoe run` does not take it yet)')
+                   'divides the heads, KV heads, vocabulary and the GPUs per node (default 1)')
     p.add_argument('--full', action='store_true', help='list every rank on its own line')
     p.add_argument('--stats', metavar='RUN_JSON',
                    help='balance node links for the expert loads of a previous run '

@@ -14,7 +14,7 @@ __all__ = ['sbatch_script', 'write_sbatch']
 def sbatch_script(plan, model_args, micro_batches=2, kv_tokens=None, max_seqs=None, stats=None):
     """A Slurm job script that runs ``plan``: one task per GPU, ``plan.gpus_per_node``
     per node, ``srun -K1 python -m mpi4py -m mpimoe run ... --placement MODE
-    --frontends F``.  ``model_args`` (e.g. ``'--preset paper-61l'``) completes the
+    --frontends F`` (and ``--tp T``).  ``model_args`` (e.g. ``'--preset paper-61l'``) completes the
     `mpimoe plan` command recorded in a comment.  A plan made with loads needs
     ``stats``, the run.json they came from: the job passes it (and the replica
     count) to `mpimoe run`, which computes the same plan.  kv_tokens, max_seqs:
@@ -22,7 +22,9 @@ def sbatch_script(plan, model_args, micro_batches=2, kv_tokens=None, max_seqs=No
     defaults)."""
     if (plan.loads is None) != (stats is None):
         raise ConfigError('sbatch_script: give stats exactly when the plan has loads')
-    placement = [f'--placement {plan.mode}', f'--frontends {plan.n_frontends}']
+    placement = [f'--placement {plan.mode}', f'--frontends {plan.n_frontend_groups}']
+    if plan.tp > 1:
+        placement.append(f'--tp {plan.tp}')
     if stats is not None:
         placement.append(f'--stats {shlex.quote(stats)}')
     if plan.n_replica_ranks:
@@ -36,7 +38,8 @@ def sbatch_script(plan, model_args, micro_batches=2, kv_tokens=None, max_seqs=No
         command=f'mpimoe plan {model_args} --gpus {plan.world_size} --gpus-per-node '
                 f'{plan.gpus_per_node} {" ".join(placement)} --emit-sbatch FILE',
         summary=f'{plan.cfg.n_layers}-layer model, placement {plan.mode}: {plan.n_frontends} '
-                f'front-ends + {plan.n_expert_ranks} expert ranks, plan hash {plan.plan_hash()}',
+                f'front-ends{"" if plan.tp == 1 else f" in groups of {plan.tp}"} + '
+                f'{plan.n_expert_ranks} expert ranks, plan hash {plan.plan_hash()}',
         nodes=plan.n_nodes, ntasks=plan.world_size, per_node=plan.gpus_per_node,
         run_options=' '.join(run))
 

@@ -20,10 +20,12 @@ from mpimoe.backends.backend import Backend, choose_backend
 from mpimoe.backends.binding import sharing_problem
 from mpimoe.errors import ConfigError, DataError, Interrupted, MpimoeError, Stopped, UsageError
 from mpimoe.model.frontend import FrontEnd
+from mpimoe.model.tp_frontend import TPFrontEnd, shard, tp_runtime_problem
 from mpimoe.parallel.mpiutil import MPI, local_rank, node_ids, run_guarded
 from mpimoe.planning.text import rank_list as _ranks
 from mpimoe.parallel.gpu_mpi import choose_mpi_gpu
 from mpimoe.parallel.slots import LayerComms
+from mpimoe.parallel.tp_group import TensorGroup
 from mpimoe.runtime.expert import ExpertRank
 from mpimoe.runtime.frontend import FrontEndRank
 from mpimoe.runtime.metrics import Timers, write_trace
@@ -86,9 +88,13 @@ def _run(opts, world, stop, held):
             opts.validate()
             loads = load_stats(opts.stats, cfg) if opts.stats else None
             plan = make_plan(cfg, world.size, opts.placement, opts.frontends, loads=loads,
-                             nodes=node_ids(world), replicas=opts.replicas)
+                             nodes=node_ids(world), replicas=opts.replicas, tp=opts.tp)
+            problem = tp_runtime_problem(cfg, opts.tp)
+            if problem:
+                raise ConfigError(problem)
         except (UsageError, DataError) as e:
             raise collective(e)
+        group = _tp_group(world, plan, backend, mode, opts)
         # rank 0 checks input and output before anyone spends time loading
         with timers.span('open', 'io'):
             # every front-end detokenizes its sequences (text, stop strings)
@@ -97,15 +103,16 @@ def _run(opts, world, stop, held):
         layers = layer_comms(world, plan)
         with timers.span('load', 'load'):
             role = _load_role(world, cfg, plan, opts, layers, wf, timers, backend, mode, io,
-                              tokenizer)
+                              tokenizer, group)
     log.debug('rank %d on %s (node-local rank %d): %s', world.rank, platform.node(),
               local_rank(world).index, 'front-end' if plan.is_frontend(world.rank) else
               f'experts {plan.rank_experts(world.rank)}')
     rowtype = role.rowtype
     world.Barrier()
     timers.origin = time.perf_counter()
-    log.info(f'{plan.mode} placement, {world.size} ranks ({plan.n_frontends} front-ends, '
-             f'{plan.n_expert_ranks} expert ranks), {opts.micro_batches} micro-batches, '
+    groups = '' if plan.tp == 1 else f' in {plan.n_frontend_groups} groups of {plan.tp}'
+    log.info(f'{plan.mode} placement, {world.size} ranks ({plan.n_frontends} front-ends'
+             f'{groups}, {plan.n_expert_ranks} expert ranks), {opts.micro_batches} micro-batches, '
              f'plan {plan.plan_hash()}')
     stopped = None
     try:
@@ -244,7 +251,7 @@ def _open_io(opts, plan, wf, held, tokenizer):
     # the options that change results (bias balancing changes the routing)
     balance = 'off' if opts.balance == 'off' else \
         f'bias every {opts.balance_every} step {opts.balance_step} clip {opts.balance_clip}'
-    stream, writer = open_job(opts, wf, meta, plan.n_frontends, tokenizer=tokenizer,
+    stream, writer = open_job(opts, wf, meta, plan.n_frontend_groups, tokenizer=tokenizer,
                               balance=balance)
     held.callback(writer.close)
     if writer.written:
@@ -291,16 +298,34 @@ def layer_comms(world, plan):
     return out
 
 
+def _tp_group(world, plan, backend, mode, opts):
+    """The TensorGroup of this front-end rank's TP group (collective over the
+    world; None without --tp and on expert ranks)."""
+    if plan.tp == 1:
+        return None
+    mine = plan.is_frontend(world.rank)
+    comm = world.Split(world.rank // plan.tp if mine else MPI.UNDEFINED, world.rank)
+    return TensorGroup(comm, backend, mode, opts.deadline) if mine else None
+
+
 def _load_role(world, cfg, plan, opts, layers, wf, timers, backend, mode, io=None,
-               tokenizer=None):
+               tokenizer=None, group=None):
     """This rank's role, its weights read from ``wf`` (WeightFile) onto
     ``backend`` (mpimoe.backends.backend.Backend.weights), its MPI buffers for ``mode``
     (--mpi-gpu); ``io`` (rank 0): the input stream and output writer;
-    ``tokenizer``: a front-end's TextTokenizer or None."""
+    ``tokenizer``: a front-end's TextTokenizer or None; ``group``: its TP
+    group (mpimoe.parallel.tp_group.TensorGroup) or None."""
     args = (world, cfg, plan, opts, layers, timers)
     if plan.is_frontend(world.rank):
-        front = FrontEnd(cfg, backend.weights(wf.read_nonexpert()))
-        return FrontEndRank(*args, front, io, backend=backend, mode=mode, tokenizer=tokenizer)
+        tensors = wf.read_nonexpert()
+        if group is None:
+            front = FrontEnd(cfg, backend.weights(tensors))
+        else:
+            front = TPFrontEnd(cfg, backend.weights(shard(cfg, tensors, group.rank, group.size)),
+                               group)
+        del tensors
+        return FrontEndRank(*args, front, io, backend=backend, mode=mode, tokenizer=tokenizer,
+                            group=group)
     hosted = {}   # layer index in the model -> expert weight dicts in slot order
     for layer, e in sorted(plan.rank_experts(world.rank)):
         hosted.setdefault(layer, []).append(backend.weights(wf.read_expert(layer, e)))

@@ -17,6 +17,12 @@ Each step:
    experts reached through mpimoe.parallel.dispatcher; a front-end with
    nothing to run passes over no tokens, posting the empty collectives the
    expert ranks expect.
+
+With ``--tp T`` a front-end is a group of T ranks (mpimoe.model.tp_frontend):
+its leader (the group's rank 0) reports results and room to rank 0 and
+broadcasts what it is handed to the group, whose every rank then schedules
+the same steps (the same requests, the same gathered logits); the others
+report only their share of the expert loads.
 """
 
 import contextlib
@@ -49,17 +55,19 @@ log = logging.getLogger('mpimoe')
 
 
 class FrontEndRank(Role):
-    """front: the mpimoe.model.frontend.FrontEnd (weights on the backend);
-    io (rank 0 only): (InputStream, OutputWriter); tokenizer: the run's
-    TextTokenizer or None (mpimoe.io.job.job_tokenizer)."""
+    """front: the mpimoe.model.frontend.FrontEnd (weights on the backend; a
+    TPFrontEnd with ``group``); io (rank 0 only): (InputStream, OutputWriter);
+    tokenizer: the run's TextTokenizer or None (mpimoe.io.job.job_tokenizer);
+    group: the TP group's mpimoe.parallel.tp_group.TensorGroup, or None."""
 
     is_frontend = True
 
     def __init__(self, world, cfg, plan, opts, layers, timers, front, io=None, backend=None,
-                 mode=None, tokenizer=None):
+                 mode=None, tokenizer=None, group=None):
         super().__init__(world, cfg, plan, opts, layers, timers, backend, mode)
         backend = self.backend
-        self.front = front
+        self.front, self.group = front, group
+        self.leader = group is None or group.rank == 0
         front.attention_block = self.faulty('attention', front.attention_block)
         self.stream, self.writer = io or (None, None)
         # layer -> (permute keys int64 [E, copies], copies int64 [E]) (replicas), on the backend
@@ -93,9 +101,11 @@ class FrontEndRank(Role):
         with self.writer or contextlib.nullcontext():
             if rank0:
                 feeder = Feeder(self.stream, self.writer,
-                                self.opts.chunk_budget(self.plan.n_frontends), progress)
+                                self.opts.chunk_budget(self.plan.n_frontend_groups), progress)
             while True:
-                reports = self._gather((finished, self.scheduler.room(), self._counts()))
+                # a TP group's results and room are its leader's (the others' the same)
+                reports = self._gather((finished, self.scheduler.room(), self._counts())
+                                       if self.leader else ([], 0, self._counts()))
                 assign = None
                 if rank0:
                     with self.timers.span('write', 'io'):
@@ -108,6 +118,8 @@ class FrontEndRank(Role):
                     break
                 with self.timers.span('scatter', 'io'):
                     requests, bias = self.front_comm.scatter(assign, root=0)
+                    if self.group is not None:
+                        requests, bias = self.group.bcast((requests, bias))
                 self.scheduler.add(requests)
                 if bias is not None:
                     self.bias[:] = bias
@@ -137,7 +149,10 @@ class FrontEndRank(Role):
         tokens = int(np.sum(ntok))
         flops = pass_flops(cfg, tokens, pairs, tokens * cfg.top_k * cfg.n_moe_layers, len(ntok))
         sampled = sum(1 for r in step.running if r.req.params.max_tokens > 0)
-        self.passes.append((time.perf_counter() - t0, step.prefill_tokens, sampled, flops))
+        # a TP group's tokens and FLOPs are counted once, by its leader
+        keep = 1 if self.leader else 0
+        self.passes.append((time.perf_counter() - t0, keep * step.prefill_tokens, keep * sampled,
+                            keep * flops))
         return logits
 
     def _gather(self, report):

@@ -140,8 +140,12 @@ class RunOptions(JobOptions):
     """Options of ``mpimoe run``."""
     placement: str = _opt('per-layer', 'per-layer | dedicated | packed:K (default per-layer)',
                           metavar='MODE')
-    frontends: int = _opt(None, 'front-end ranks (default: the fewest >= 1 that fit the '
-                          'placement)', metavar='F', lo=1)
+    frontends: int = _opt(None, 'front-ends (groups of T ranks with --tp T; default: the '
+                          'fewest >= 1 that fit the placement)', metavar='F', lo=1)
+    tp: int = _opt(1, 'tensor-parallel front-ends: each front-end a group of T ranks on one '
+                   'node that split the heads (and their KV cache), the dense and shared MLPs '
+                   'and the vocabulary; T divides them and the ranks per node (default 1)',
+                   metavar='T', lo=1)
     stats: str = _opt(None, 'place experts for the expert loads of a previous run (its '
                       'run.json): the topology layout of `mpimoe plan --stats` on the MPI '
                       'node layout', metavar='RUN_JSON')
