@@ -53,7 +53,7 @@ from mpimoe.model.layers import apply_rope, as_f32, mm32, rms_norm, rope_tables,
 __all__ = ['attention']
 
 
-def attention(x, w, cfg, cache, layer, seqs, ntok):
+def attention(x, w, cfg, cache, layer, seqs, ntok, sum_squares=None):
     """x: [T, d] float32 (already normed); w: the layer's tensors
     (mpimoe.checkpoint.layout: GQA ``wq [d, H*hd]``, ``wk, wv [d, KV*hd]``,
     ``wo [H*hd, d]``, optional biases and QK-norm gains; MLA: see
@@ -62,6 +62,11 @@ def attention(x, w, cfg, cache, layer, seqs, ntok):
     the new keys/values into ``cache`` at layer ``layer`` (the caller advances
     the cache after the last layer); ValueError, before writing, when they
     overflow a sequence's reservation.  Returns [T, d] float32.
+
+    sum_squares: for a rank holding a slice of the heads (mpimoe.model.tp_frontend),
+    a function summing [T, 2] partial sums (of squares, of columns) over its group, so that
+    a QK-norm over all heads (``qk_norm == 'full'``) normalises by the whole
+    query's and key's RMS; None: the heads are all here.
     """
     xp = array_module(x)
     seqs, ntok = np.asarray(seqs, np.int64), np.asarray(ntok, np.int64)
@@ -73,7 +78,7 @@ def attention(x, w, cfg, cache, layer, seqs, ntok):
         cache.write(layer, blocks, offsets, latent)
         n_kv, v_width = 1, cfg.attention.kv_lora_rank
     else:
-        q, k, v = _gqa_qkv(x, w, cfg, cos, sin)
+        q, k, v = _gqa_qkv(x, w, cfg, cos, sin, sum_squares)
         cache.write(layer, blocks, offsets, k, v)
         n_kv, v_width = cfg.n_kv_heads, cfg.head_dim
     out = xp.empty((x.shape[0], cfg.n_heads, v_width), dtype=np.float32)
@@ -99,20 +104,35 @@ def softmax_scale(cfg):
     return np.float32(scale)
 
 
-def _gqa_qkv(x, w, cfg, cos, sin):
+def _gqa_qkv(x, w, cfg, cos, sin, sum_squares=None):
     """Queries [T, H, hd], keys and values [T, KV, hd] (float32): projections,
-    biases, QK-norm (over each head, or over all heads of q and of k), RoPE."""
+    biases, QK-norm (over each head, or over all heads of q and of k: of the
+    group's heads with ``sum_squares``, see :func:`attention`), RoPE."""
     T, a, eps = x.shape[0], cfg.attention, cfg.norm_eps
     H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     q, k, v = mm32(x, w['wq']), mm32(x, w['wk']), mm32(x, w['wv'])
     if a.qkv_bias:
         q, k, v = q + as_f32(w['bq']), k + as_f32(w['bk']), v + as_f32(w['bv'])
-    if a.qk_norm == 'full':
+    if a.qk_norm == 'full' and sum_squares is None:
         q, k = rms_norm(q, w['q_norm'], eps), rms_norm(k, w['k_norm'], eps)
+    elif a.qk_norm == 'full':
+        q, k = (_group_rms_norm(t, w[n], eps, sum_squares) for t, n in ((q, 'q_norm'),
+                                                                       (k, 'k_norm')))
     q, k, v = q.reshape(T, H, hd), k.reshape(T, KV, hd), v.reshape(T, KV, hd)
     if a.qk_norm == 'head':
         q, k = rms_norm(q, w['q_norm'], eps), rms_norm(k, w['k_norm'], eps)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _group_rms_norm(x, w, eps, sum_squares):
+    """RMSNorm of rows split over a group: x [T, c] this rank's columns, w [c]
+    their gains; the mean of squares is over every rank's columns:
+    ``sum_squares`` adds up [T, 2] (sums of squares, columns) over the group."""
+    xp = array_module(x)
+    mine = xp.concatenate([xp.sum(x * x, axis=-1, keepdims=True),
+                           xp.full((x.shape[0], 1), x.shape[1], np.float32)], axis=1)
+    total = sum_squares(mine)                                               # [T, 2]
+    return x * (1.0 / xp.sqrt(total[:, :1] / total[:, 1:] + eps)) * as_f32(w)
 
 
 def _mla_qkv(x, w, cfg, cos, sin):

@@ -14,7 +14,9 @@ Rank t of the group holds:
   experts (gate/up columns, down rows);
 - vocabulary rows ``[t V/T, (t+1) V/T)`` of the embedding and columns of the
   LM head;
-- all norms, the routers and the shared-expert gate.
+- all other norms (a QK-norm over all heads, OLMoE's, keeps the gains of its
+  heads and sums the squares over the group), the routers and the
+  shared-expert gate.
 
 The row-parallel products (the attention output, a dense MLP, the shared
 experts) and the embedding are summed over the group by an Allreduce, the
@@ -37,16 +39,7 @@ from mpimoe.model.kvcache import BlockKVCache
 from mpimoe.model.layers import ffn, mm32, rms_norm
 from mpimoe.parallel.tp_group import share
 
-__all__ = ['shard', 'TPFrontEnd', 'GroupMoE', 'tp_runtime_problem']
-
-
-def tp_runtime_problem(cfg, tp):
-    """Why ``mpimoe run`` cannot split ``cfg`` over ``tp`` ranks (one line), or None
-    (what the planner checks, mpimoe.planning.tensor_parallel.check_tp, comes first)."""
-    if tp > 1 and cfg.attention.qk_norm == 'full':
-        return (f'--tp {tp}: a QK-norm over all heads (attention.qk_norm=full, OLMoE) needs '
-                'the whole query on one rank; run this model with --tp 1')
-    return None
+__all__ = ['shard', 'TPFrontEnd', 'GroupMoE']
 
 
 def _cols(a, t, T):
@@ -74,6 +67,8 @@ def shard(cfg, tensors, t, T):
             a = _cols(a, t, T)
         elif last == 'wo':
             a = _rows(a, t, T)
+        elif last in ('q_norm', 'k_norm') and cfg.attention.qk_norm == 'full':
+            a = _cols(a, t, T)          # gains of the whole query / key: this rank's part
         elif group in ('mlp', 'shared'):
             a = _rows(a, t, T) if last == 'down' else _cols(a, t, T)
         out[name] = a.copy()
@@ -93,6 +88,8 @@ class TPFrontEnd(FrontEnd):
         # nothing: one latent per token)
         self.local = cfg.replace(n_heads=cfg.n_heads // T, n_kv_heads=cfg.n_kv_heads // T)
         self.vocab = share(cfg.vocab_size, group.rank, T)            # [v0, v1)
+        # OLMoE's QK-norm over all heads: its sums over the group
+        self._sum_squares = group.allreduce if cfg.attention.qk_norm == 'full' else None
 
     def moe_layers(self, dispatcher, timers=None):
         return {i: GroupMoE(layer, self.group)
@@ -117,7 +114,7 @@ class TPFrontEnd(FrontEnd):
         self._note(2 * i, x)
         w = self.layer[i]
         part = attention(rms_norm(x, w['attn_norm'], self.cfg.norm_eps), w, self.local,
-                         cache, i, seqs, ntok)
+                         cache, i, seqs, ntok, self._sum_squares)
         return x + self.group.allreduce(part)
 
     def dense_ffn(self, i, h):

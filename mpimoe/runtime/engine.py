@@ -20,7 +20,7 @@ from mpimoe.backends.backend import Backend, choose_backend
 from mpimoe.backends.binding import sharing_problem
 from mpimoe.errors import ConfigError, DataError, Interrupted, MpimoeError, Stopped, UsageError
 from mpimoe.model.frontend import FrontEnd
-from mpimoe.model.tp_frontend import TPFrontEnd, shard, tp_runtime_problem
+from mpimoe.model.tp_frontend import TPFrontEnd, shard
 from mpimoe.parallel.mpiutil import MPI, local_rank, node_ids, run_guarded
 from mpimoe.planning.text import rank_list as _ranks
 from mpimoe.parallel.gpu_mpi import choose_mpi_gpu
@@ -89,9 +89,6 @@ def _run(opts, world, stop, held):
             loads = load_stats(opts.stats, cfg) if opts.stats else None
             plan = make_plan(cfg, world.size, opts.placement, opts.frontends, loads=loads,
                              nodes=node_ids(world), replicas=opts.replicas, tp=opts.tp)
-            problem = tp_runtime_problem(cfg, opts.tp)
-            if problem:
-                raise ConfigError(problem)
         except (UsageError, DataError) as e:
             raise collective(e)
         group = _tp_group(world, plan, backend, mode, opts)
