@@ -7,6 +7,8 @@ Files are written with the package's own writers (mpimoe.checkpoint.writer.write
 mpimoe.io.inputs.write_synthetic_inputs) into a session temporary directory; tests must
 treat them as read-only (copy a file before corrupting it).  ``bpe_tokenizer_dir`` is a
 real tokenizer for ``tiny`` (tests/bpe.py's BPE with a generation_config.json).
+``tiny_reference(weights, max_new)`` is the single-process reference's output
+over ``tiny_inputs``, run once per session for each weight file and length.
 """
 
 import json
@@ -71,3 +73,28 @@ def bpe_tokenizer_dir(tmp_path_factory):
         {'bos_token_id': tok.token_to_id('<s>'),
          'eos_token_id': [tok.token_to_id('</s>'), tok.token_to_id('<|im_end|>')]}))
     return folder
+
+
+@pytest.fixture(scope='session')
+def tiny_reference(tiny_inputs, tmp_path_factory):
+    """Factory ``tiny_reference(weights, max_new) -> outputs``: the reference
+    (mpimoe.model.reference.run_reference, last logits saved) over
+    ``tiny_inputs`` with ``weights`` (a path), read back with
+    mpimoe.io.outputs.read_outputs; each (weights, max_new) is run once."""
+    from mpimoe.io.outputs import read_outputs
+    from mpimoe.model.reference import run_reference
+    from mpimoe.runtime.options import JobOptions
+    root = tmp_path_factory.mktemp('reference')
+    done = {}
+
+    def get(weights, max_new):
+        key = (str(weights), max_new)
+        if key not in done:
+            out = root / f'ref{len(done)}.h5'
+            run_reference(JobOptions(weights=str(weights), input=tiny_inputs, output=str(out),
+                                     max_new_tokens=max_new, save_logits=True),
+                          log=lambda *a: None)
+            done[key] = read_outputs(out)
+        return done[key]
+
+    return get

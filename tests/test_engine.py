@@ -31,8 +31,6 @@ from mpirun import mpiexec
 from mpimoe.checkpoint.weights import WeightFile
 from mpimoe.io.inputs import read_inputs
 from mpimoe.io.outputs import read_outputs
-from mpimoe.runtime.options import JobOptions
-from mpimoe.model.reference import run_reference
 
 #: the reference generates this many tokens; a run may ask for fewer
 REF_NEW_TOKENS = 6
@@ -88,22 +86,12 @@ def skewed_weights(tiny_weights, tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def files(make_weights, skewed_weights, tiny_inputs, tmp_path_factory):
+def files(make_weights, skewed_weights, tiny_reference):
     """``files(name) -> (weights, reference outputs)``; the reference is run once
     per weight file, with REF_NEW_TOKENS new tokens and the logits saved."""
-    root = tmp_path_factory.mktemp('reference')
-    done = {}
-
     def get(name):
-        if name not in done:
-            weights = skewed_weights if name == 'skewed' else make_weights(*WEIGHTS[name])
-            out = root / f'{name}.h5'
-            run_reference(JobOptions(weights=weights, input=tiny_inputs, output=str(out),
-                                     max_new_tokens=REF_NEW_TOKENS, save_logits=True),
-                          log=lambda *a: None)
-            done[name] = weights, read_outputs(out)
-        return done[name]
-
+        weights = skewed_weights if name == 'skewed' else make_weights(*WEIGHTS[name])
+        return weights, tiny_reference(weights, REF_NEW_TOKENS)
     return get
 
 

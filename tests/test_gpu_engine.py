@@ -21,8 +21,6 @@ pytest.importorskip('cupy')
 from contract import assert_logits_close, assert_matches_reference  # noqa: E402
 from mpimoe.backends.backend import cuda_problem, mpi_cuda_support, probe_cuda  # noqa: E402
 from mpimoe.io.outputs import read_outputs  # noqa: E402
-from mpimoe.model.reference import run_reference  # noqa: E402
-from mpimoe.runtime.options import JobOptions  # noqa: E402
 from mpirun import mpiexec  # noqa: E402
 
 _PROBLEM = cuda_problem(probe_cuda())
@@ -59,21 +57,11 @@ CASES = [
 
 
 @pytest.fixture(scope='module')
-def reference(make_weights, tiny_inputs, tmp_path_factory):
-    """``reference(overrides) -> (weights, CPU reference outputs)``."""
-    root = tmp_path_factory.mktemp('gpu-reference')
-    done = {}
-
-    def get(overrides):
-        if overrides not in done:
-            weights = make_weights('tiny', overrides)
-            out = root / f'ref{len(done)}.h5'
-            run_reference(JobOptions(weights=weights, input=tiny_inputs, output=str(out),
-                                     max_new_tokens=MAX_NEW, save_logits=True),
-                          log=lambda *a: None)
-            done[overrides] = weights, read_outputs(out)
-        return done[overrides]
-
+def reference(make_weights, tiny_reference):
+    """``reference(key) -> (weights, CPU reference outputs)``."""
+    def get(key):
+        weights = make_weights('tiny', key)
+        return weights, tiny_reference(weights, MAX_NEW)
     return get
 
 

@@ -59,21 +59,11 @@ CASES = [
 
 
 @pytest.fixture(scope='module')
-def files(make_weights, tiny_inputs, tmp_path_factory):
-    """``files(name) -> (weights, reference outputs)``."""
-    root = tmp_path_factory.mktemp('tp-reference')
-    done = {}
-
-    def get(name):
-        if name not in done:
-            weights = make_weights('tiny', WEIGHTS[name])
-            out = root / f'{name}.h5'
-            run_reference(JobOptions(weights=weights, input=tiny_inputs, output=str(out),
-                                     max_new_tokens=MAX_NEW, save_logits=True),
-                          log=lambda *a: None)
-            done[name] = weights, read_outputs(out)
-        return done[name]
-
+def files(make_weights, tiny_reference):
+    """``files(key) -> (weights, CPU reference outputs)``."""
+    def get(key):
+        weights = make_weights('tiny', WEIGHTS[key])
+        return weights, tiny_reference(weights, MAX_NEW)
     return get
 
 
