@@ -48,11 +48,11 @@ WEIGHTS = {
 CASES = [
     ('tp2-per-layer-M2', 'tiny', 10, ['--tp', '2', '--micro-batches', '2']),
     # 2 groups over several rounds (an idle group in the last), small micro-batches
-    ('tp2-F2-rounds', 'biases-shared', 12, ['--tp', '2', '--frontends', '2',
-                                            '--batch-tokens', '24']),
-    ('tp4-packed4-M3', 'mha', 6, ['--tp', '4', '--placement', 'packed:4',
-                                  '--micro-batches', '3']),
-    ('tp4-F2-packed2', 'mha', 12, ['--tp', '4', '--frontends', '2', '--placement', 'packed:2']),
+    ('tp2-F2-packed4-rounds', 'biases-shared', 6, ['--tp', '2', '--frontends', '2',
+                                                    '--placement', 'packed:4',
+                                                    '--batch-tokens', '24']),
+    ('tp4-F2-packed4-M3', 'mha', 10, ['--tp', '4', '--frontends', '2',
+                                      '--placement', 'packed:4', '--micro-batches', '3']),
     ('tp2-mla-packed4', 'mla-shared', 4, ['--tp', '2', '--placement', 'packed:4']),
     ('tp2-qk-norm-full-packed4', 'qk-norm-full', 4, ['--tp', '2', '--placement', 'packed:4']),
 ]
