@@ -45,6 +45,9 @@ class FrontEnd:
         self.shared = {i: {m: tensors[f'layers/{i}/shared/{m}'] for m in cfg.expert_matrices}
                        for i in cfg.moe_layers} if cfg.shared.n_experts else {}
         self.xp = array_module(tensors['embed'])
+        # what the attention runs on: the model's heads here; one rank's share of
+        # them, and the group's sums of QK-norm squares, in a TPFrontEnd
+        self.heads, self._sum_squares = cfg, None
         self._finite = []       # this pass: (stage number, all finite? device bool)
 
     def moe_layers(self, dispatcher, timers=None):
@@ -91,8 +94,8 @@ class FrontEnd:
         """Residual attention block of layer i: x + attn(norm(x)); x: [T, d]."""
         self._note(2 * i, x)
         w = self.layer[i]
-        return x + attention(rms_norm(x, w['attn_norm'], self.cfg.norm_eps), w, self.cfg,
-                             cache, i, seqs, ntok)
+        return x + self._sum(attention(rms_norm(x, w['attn_norm'], self.cfg.norm_eps), w,
+                                       self.heads, cache, i, seqs, ntok, self._sum_squares))
 
     def ffn_input(self, i, x):
         """The normed input of layer i's FFN: [T, d]."""
@@ -101,13 +104,13 @@ class FrontEnd:
 
     def dense_ffn(self, i, h):
         """Dense MLP of layer i (i < n_dense_layers): [T, d] -> [T, d]."""
-        return ffn(h, self.dense[i], self.cfg.expert_kind)
+        return self._sum(ffn(h, self.dense[i], self.cfg.expert_kind))
 
     def shared_ffn(self, i, h):
         """The shared experts of MoE layer i (as one MLP, FP32 like the dense
         ones), gated by ``sigmoid(h @ shared_gate)`` where the model has the
         gate: h [T, d] -> [T, d] (``self.shared`` is empty without them)."""
-        y = ffn(h, self.shared[i], self.cfg.expert_kind)
+        y = self._sum(ffn(h, self.shared[i], self.cfg.expert_kind))
         if self.cfg.shared.gate:
             y *= 1.0 / (1.0 + self.xp.exp(-mm32(h, self.layer[i]['shared_gate'])))   # [T, 1]
         return y
@@ -116,6 +119,16 @@ class FrontEnd:
         """Final norm and LM head: x [n, d] -> float32 [n, vocab]; DataError
         when they are not finite, naming the stage where that began."""
         self._note(2 * self.cfg.n_layers, x)
-        out = mm32(rms_norm(x, self.t['final_norm'], self.cfg.norm_eps), self.t['lm_head'])
+        out = self._vocab(mm32(rms_norm(x, self.t['final_norm'], self.cfg.norm_eps),
+                               self.t['lm_head']))
         self._check_finite(out)
         return out
+
+    def _sum(self, part):
+        """A row-parallel product's sum over the ranks that share it: itself here
+        (a TPFrontEnd sums over its group)."""
+        return part
+
+    def _vocab(self, logits):
+        """The logits of the whole vocabulary from this rank's: themselves here."""
+        return logits

@@ -33,10 +33,8 @@ Allreduce: the FP32 summation order differs, as between two batchings
 
 import numpy as np
 
-from mpimoe.model.attention import attention
 from mpimoe.model.frontend import FrontEnd
 from mpimoe.model.kvcache import BlockKVCache
-from mpimoe.model.layers import ffn, mm32, rms_norm
 from mpimoe.parallel.tp_group import share
 
 __all__ = ['shard', 'TPFrontEnd', 'GroupMoE']
@@ -77,8 +75,8 @@ def shard(cfg, tensors, t, T):
 
 class TPFrontEnd(FrontEnd):
     """The FrontEnd of rank ``group.rank`` of a TP group: cfg the whole model's,
-    tensors its :func:`shard`; the layer math runs on a config of its own
-    heads (``self.local``)."""
+    tensors its :func:`shard`; FrontEnd's blocks run on a config of its own
+    heads (``self.heads``) and sum or gather through the group."""
 
     def __init__(self, cfg, tensors, group):
         super().__init__(cfg, tensors)
@@ -86,10 +84,11 @@ class TPFrontEnd(FrontEnd):
         self.group = group
         # a config of this rank's heads (MLA's n_kv_heads is n_heads, and shapes
         # nothing: one latent per token)
-        self.local = cfg.replace(n_heads=cfg.n_heads // T, n_kv_heads=cfg.n_kv_heads // T)
+        self.heads = cfg.replace(n_heads=cfg.n_heads // T, n_kv_heads=cfg.n_kv_heads // T)
         self.vocab = share(cfg.vocab_size, group.rank, T)            # [v0, v1)
         # OLMoE's QK-norm over all heads: its sums over the group
         self._sum_squares = group.allreduce if cfg.attention.qk_norm == 'full' else None
+        self._sum, self._vocab = group.allreduce, group.allgather_cols
 
     def moe_layers(self, dispatcher, timers=None):
         return {i: GroupMoE(layer, self.group)
@@ -97,7 +96,7 @@ class TPFrontEnd(FrontEnd):
 
     def new_cache(self, kv_tokens, max_seqs):
         """The KV cache of this rank's heads (MLA: the whole latent cache)."""
-        return BlockKVCache.for_tokens(self.local, kv_tokens, max_seqs, self.xp)
+        return BlockKVCache.for_tokens(self.heads, kv_tokens, max_seqs, self.xp)
 
     def embed(self, tokens):
         """tokens int [T] (host) -> float32 [T, d]: this rank's vocabulary rows,
@@ -109,29 +108,6 @@ class TPFrontEnd(FrontEnd):
         if mine.any():
             x[self.xp.asarray(np.flatnonzero(mine))] = super().embed(tokens[mine] - v0)
         return self.group.allreduce(x)
-
-    def attention_block(self, i, x, cache, seqs, ntok):
-        self._note(2 * i, x)
-        w = self.layer[i]
-        part = attention(rms_norm(x, w['attn_norm'], self.cfg.norm_eps), w, self.local,
-                         cache, i, seqs, ntok, self._sum_squares)
-        return x + self.group.allreduce(part)
-
-    def dense_ffn(self, i, h):
-        return self.group.allreduce(ffn(h, self.dense[i], self.cfg.expert_kind))
-
-    def shared_ffn(self, i, h):
-        y = self.group.allreduce(ffn(h, self.shared[i], self.cfg.expert_kind))
-        if self.cfg.shared.gate:
-            y *= 1.0 / (1.0 + self.xp.exp(-mm32(h, self.layer[i]['shared_gate'])))
-        return y
-
-    def logits(self, x):
-        self._note(2 * self.cfg.n_layers, x)
-        part = mm32(rms_norm(x, self.t['final_norm'], self.cfg.norm_eps), self.t['lm_head'])
-        out = self.group.allgather_cols(part)
-        self._check_finite(out)
-        return out
 
 
 class GroupMoE:
