@@ -9,8 +9,10 @@ setup(
     python_requires='>=3.10',
     packages=find_packages(include=['mpimoe', 'mpimoe.*']),
     # tokenizers >= 0.21: DecodeStream (stop strings); jinja2 >= 3.1.6: the sandbox
-    # fixes of 3.1.5/3.1.6 (chat templates are untrusted code)
-    install_requires=['mpi4py>=3.1', 'numpy>=1.24', 'h5py>=3.8', 'ml_dtypes>=0.3',
+    # fixes of 3.1.5/3.1.6 (chat templates are untrusted code); ml_dtypes < 0.7:
+    # `import ml_dtypes` 0.7.0 costs 1.3-1.5 s of CPU per process (0.6.0: 0.16 s),
+    # paid by every rank at start-up (README, "Start-up")
+    install_requires=['mpi4py>=3.1', 'numpy>=1.24', 'h5py>=3.8', 'ml_dtypes>=0.3,<0.7',
                       'threadpoolctl>=3.1', 'tokenizers>=0.21', 'jinja2>=3.1.6'],
     extras_require={
         # an MPI library for machines that have none (clusters bring their own)
