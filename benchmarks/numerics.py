@@ -5,6 +5,7 @@ tests/contract.py (LOGIT_RTOL, TIE_RTOL) and README's *Numerics*.
         [--ranks 5] [--placement packed:2] [--out DIR] [--run-options '...']
     python benchmarks/numerics.py batching [--preset tiny] [--seqs 200] [--new 40] \
         [--chunk 7]
+    python benchmarks/numerics.py gpu-contract [--preset tiny] [--seqs 200] [--new 40]
 
 ``engine`` writes synthetic weights and ``--seqs`` random prompts of 3..20
 tokens, runs ``mpimoe reference`` (one process) and ``mpimoe run`` (under
@@ -14,6 +15,11 @@ each divergence (recomputed, tests/contract.py's greedy_divergences) against
 the tie bound, and the largest logit differences.  With ``--out DIR`` the
 files are kept, and a reference output already there is reused (same
 preset, --seqs and --new only).
+
+``gpu-contract`` runs the model with its 16-bit weights on NumPy (the GPU's
+numerics contract, mpimoe.model.layers) against the FP32 reference,
+teacher-forced on the reference's greedy tokens, in batches of ``--chunk``,
+and prints the same per-row statistics.
 
 ``batching`` runs the reference in one process three ways on the same tokens
 (teacher-forced on its own greedy choice): one batch of every sequence (A),
@@ -45,7 +51,7 @@ from mpimoe.io.inputs import read_inputs, write_synthetic_inputs
 from mpimoe.io.outputs import read_outputs  # noqa: E402
 from mpimoe.runtime.options import JobOptions
 from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for  # noqa: E402
-from mpimoe.model.reference import load_reference, run_reference  # noqa: E402
+from mpimoe.model.reference import ReferenceModel, load_reference, run_reference  # noqa: E402
 from mpirun import mpiexec  # noqa: E402
 
 U = 2.0 ** -8
@@ -145,9 +151,33 @@ def batching(args, d):
     print(f'  rows whose two top logits are within TIE_RTOL x rms: {near:.3f}')
 
 
+def gpu_contract(args, d):
+    """The GPU contract (16-bit weights: front-end GEMM inputs rounded to 16
+    bits, expert products written in 16 bits), modelled by NumPy, against the
+    FP32 reference, teacher-forced on the reference's greedy tokens."""
+    weights, inputs = _setup(args, d)
+    with WeightFile(weights) as wf:
+        model = load_reference(wf)
+        cfg = wf.config
+        g = ReferenceModel(cfg, wf.read_nonexpert(),
+                           {i: [wf.read_expert(i, e) for e in range(cfg.n_experts)]
+                            for i in cfg.moe_layers})
+    seqs = read_inputs(inputs, cfg.vocab_size)
+    prompts = [seqs.seq(i) for i in range(len(seqs))]
+    tokens = np.stack(model.generate(prompts, args.new)[0])
+    a = _teacher(model, prompts, tokens)
+    gpu = np.concatenate([_teacher(g, prompts[i:i + args.chunk], tokens[i:i + args.chunk])
+                          for i in range(0, len(prompts), args.chunk)], axis=1)
+    print(f'{args.preset}, {args.seqs} sequences x {args.new} steps ({a.shape[0] * a.shape[1]} '
+          f'rows); TIE_RTOL {TIE_RTOL:.3g} = {TIE_RTOL / U:.0f} u, LOGIT_RTOL {LOGIT_RTOL:.3g}')
+    _describe('GPU contract - A', gpu, a)
+    flips = np.mean(np.argmax(gpu, -1) != np.argmax(a, -1))
+    print(f'  rows whose greedy token differs: {flips:.4f}')
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('mode', choices=['engine', 'batching'])
+    p.add_argument('mode', choices=['engine', 'batching', 'gpu-contract'])
     p.add_argument('--preset', default='tiny')
     p.add_argument('--seqs', type=int, default=None)
     p.add_argument('--new', type=int, default=40)
@@ -162,7 +192,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(args.out or tmp)
         os.makedirs(d, exist_ok=True)
-        (engine if args.mode == 'engine' else batching)(args, d)
+        {'engine': engine, 'batching': batching, 'gpu-contract': gpu_contract}[args.mode](args, d)
 
 
 if __name__ == '__main__':

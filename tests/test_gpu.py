@@ -38,7 +38,7 @@ from mpimoe.backends.binding import LocalRank  # noqa: E402
 from mpimoe.checkpoint.weights import WeightFile  # noqa: E402
 from mpimoe.model.config import model_config  # noqa: E402
 from mpimoe.io.inputs import read_inputs  # noqa: E402
-from mpimoe.model.layers import mm16, expert_ffn  # noqa: E402
+from mpimoe.model.layers import activate16, expert_ffn, mm16, mm32  # noqa: E402
 from mpimoe.moe.local import moe_local  # noqa: E402
 from mpimoe.model.reference import ReferenceModel, load_reference  # noqa: E402
 from mpimoe.moe.router import route  # noqa: E402
@@ -69,6 +69,11 @@ def _host_expert(rng, kind, d, h):
 def _on_gpu(gpu, w):
     """Host FP32 (BF16-valued) matrices -> device BF16, as Backend.weights does."""
     return gpu.weights({m: a.astype(BF16) for m, a in w.items()})
+
+
+def _mm16_f32(x, w):
+    """mm16 (the product written in w's 16-bit dtype) widened to float32."""
+    return mm16(x, w).astype(np.float32)
 
 
 def _rel_rows(a, b):
@@ -110,7 +115,7 @@ def test_split_k_gemm_sums_in_fp32(gpu):
     k = 65536
     x = rng.standard_normal((64, k)).astype(BF16)
     w = rng.standard_normal((k, 128)).astype(BF16)
-    got = to_numpy(mm16(cupy.asarray(x), gpu.weights({'w': w})['w']))
+    got = to_numpy(_mm16_f32(cupy.asarray(x), gpu.weights({'w': w})['w']))
     exact = round16((x.astype(np.float64) @ w.astype(np.float64)).astype(np.float32),
                     'bfloat16')
     assert np.mean(got == exact) >= 0.95
@@ -146,14 +151,53 @@ def test_16_bit_gemm_accumulates_in_fp32(gpu, dtype):
     d, h = 1024, 2048
     x = rng.standard_normal((300, d)).astype(DTYPES[dtype])
     w = (rng.standard_normal((d, h)) / math.sqrt(d)).astype(DTYPES[dtype])
-    got = to_numpy(mm16(cupy.asarray(x), gpu.weights({'w': w})['w']))
-    want = mm16(x, w)
+    got = to_numpy(_mm16_f32(cupy.asarray(x), gpu.weights({'w': w})['w']))
+    want = _mm16_f32(x, w)
     exact = x.astype(np.float64) @ w.astype(np.float64)
     bound = 2 * gamma(d) * (np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64))) \
         + 2 * unit_roundoff(dtype) * np.abs(exact)
     assert got.dtype == np.float32 and np.array_equal(round16(got, dtype), got)
     assert np.all(np.abs(got - want) <= bound)
     assert np.mean(got == want) >= 0.95
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
+def test_front_end_gemm_writes_fp32(gpu, dtype):
+    """mm32 with 16-bit weights on the device (cublasGemmEx, FP32 out)
+    against its NumPy model (the input rounded once, FP32 sums): only the
+    order of the FP32 sums differs, so within 2 gamma_k sum|x w| of each
+    other, and the output is FP32, not rounded to 16 bits.  Shapes of an
+    LM head slice and of a decode step (n = 1), odd sizes included."""
+    rng = np.random.default_rng(4)
+    for n, k, m in ((300, 1024, 2048), (1, 1024, 4096), (7, 96, 33)):
+        x = rng.standard_normal((n, k), np.float32)
+        w = (rng.standard_normal((k, m)) / math.sqrt(k)).astype(DTYPES[dtype])
+        got = to_numpy(mm32(cupy.asarray(x), gpu.weights({'w': w})['w']))
+        want = mm32(x, w)
+        x16 = x.astype(DTYPES[dtype]).astype(np.float64)
+        bound = 2 * gamma(k) * (np.abs(x16) @ np.abs(w.astype(np.float64)))
+        assert got.dtype == np.float32 and got.shape == (n, m)
+        assert np.all(np.abs(got - want) <= bound)
+        assert not np.array_equal(round16(got, dtype), got)      # FP32 out: not 16-bit values
+    empty = mm32(cupy.zeros((0, 96), np.float32), gpu.weights({'w': w})['w'])
+    assert empty.shape == (0, 33) and empty.dtype == np.float32
+
+
+@pytest.mark.parametrize('kind', ['mlp', 'swiglu'])
+def test_activation_kernel_against_numpy(gpu, kind):
+    """The fused activation kernel against activate16 on NumPy: both widen
+    the same 16-bit values and round once; their exp/tanh differ by a few
+    FP32 ulps, so a result flips by one 16-bit ulp only at a rounding
+    midpoint: at least 99% equal, the rest within one ulp (2u relative)."""
+    rng = np.random.default_rng(6)
+    pre = [(rng.standard_normal((500, 700), np.float32) * 3).astype(BF16)
+           for _ in range(2 if kind == 'swiglu' else 1)]
+    got = to_numpy(activate16(kind, *(cupy.asarray(p) for p in pre)))
+    want = activate16(kind, *pre)
+    assert got.dtype == BF16
+    got, want = got.astype(np.float32), want.astype(np.float32)
+    assert np.mean(got == want) >= 0.99
+    assert np.all(np.abs(got - want) <= 2 * U * np.abs(want))
 
 
 @pytest.mark.parametrize('kind', ['mlp', 'swiglu'])
@@ -165,6 +209,8 @@ def test_expert_against_both_cpu_contracts(gpu, kind):
     x16 = round16(rng.standard_normal((200, 1024), np.float32), 'bfloat16')
     got = to_numpy(expert_ffn(cupy.asarray(x16), _on_gpu(gpu, w), kind, 'bfloat16'))
     same = expert_ffn(x16, {m: a.astype(BF16) for m, a in w.items()}, kind, 'bfloat16')
+    assert got.dtype == same.dtype == BF16              # the product written in 16 bits
+    got, same = got.astype(np.float32), same.astype(np.float32)
     assert np.all(np.abs(got - same) <= expert_bound(x16, w, kind, 'bfloat16', rounded_pre=2))
     assert np.mean(got == same) >= 0.8
     fp32 = expert_ffn(x16, w, kind, 'bfloat16')
@@ -211,20 +257,21 @@ def tiny(tiny_weights, tiny_inputs):
 
 
 def test_whole_model_on_the_gpu(gpu, tiny):
-    """The reference model with every weight on the device (16-bit, the
-    front-end widening at use): prefill and cached greedy decode against
-    NumPy running the same contract (16-bit experts through ml_dtypes) and
-    against the FP32 reference.
+    """The reference model with every weight on the device (16-bit: the GPU
+    contract of mpimoe.model.layers): prefill and cached greedy decode
+    against NumPy running the same contract (the same 16-bit weights through
+    ml_dtypes) and against the FP32 reference.
 
     The greedy tokens must equal the same-contract ones: on these inputs the
     closest top-two logits of any step are 1.7e-3 of their row's norm apart
-    (reference run on a CPU), while same-contract rows differ by about u/4
-    relative in L2, ~2e-5 of the norm per element over 256 logits.
+    (reference run on a CPU), while same-contract rows differ only by FP32
+    summation order and the 16-bit roundings it flips, well under u relative
+    in L2 (~2e-5 of the norm per element over 256 logits).
     """
     cfg, ref, prompts, nonexpert, experts = tiny
     dev = ReferenceModel(cfg, gpu.weights(nonexpert),
                          {i: [gpu.weights(w) for w in ws] for i, ws in experts.items()})
-    same = ReferenceModel(cfg, ref.front.t, experts)
+    same = ReferenceModel(cfg, nonexpert, experts)
 
     # the layer loop hands back host logits; the scheduler samples on the host
     gen_dev, logits_dev = dev.generate(prompts, 4)

@@ -3,10 +3,11 @@ skipped without CuPy and a CUDA device.
 
 Every rank of a job shares the one GPU of the test machine (several ranks
 per device is how the multi-GPU paths run there).  Tolerances are
-tests/contract.py's, as in tests/test_engine.py: the GPU contract rounds the
-pre-activations once more than the CPU's FP32 one (tests/test_gpu.py argues
-about u per row for one layer), far inside LOGIT_RTOL = 8 u, and greedy
-tokens may differ only after a near-tie of the reference's top two logits.
+tests/contract.py's: the GPU contract (16-bit GEMM inputs on the front-end,
+16-bit expert products) differs from the CPU's FP32 one by about 0.6 u
+relative L2 per row of logits (99th percentile 1.9 u), inside LOGIT_RTOL =
+8 u, and greedy tokens may differ only after a near-tie of the reference's
+top two logits, within GPU_TIE_RTOL (tests/contract.py argues both).
 Host staging and device buffers hand MPI the same words, so the two modes
 give bit-identical outputs.
 """
@@ -18,7 +19,7 @@ import pytest
 
 pytest.importorskip('cupy')
 
-from contract import assert_logits_close, assert_matches_reference  # noqa: E402
+from contract import GPU_TIE_RTOL, assert_logits_close, assert_matches_reference  # noqa: E402
 from mpimoe.backends.backend import cuda_problem, mpi_cuda_support, probe_cuda  # noqa: E402
 from mpimoe.io.outputs import read_outputs  # noqa: E402
 from mpirun import mpiexec  # noqa: E402
@@ -84,7 +85,7 @@ def test_gpu_engine_equals_the_cpu_reference(reference, tiny_inputs, tmp_path, n
     assert 'GPU of each rank' in stderr
     # the ranks share the one GPU: MFU is counted over 1 device's peak
     assert report['backend']['gpus_used'] == report['summary']['mfu_devices'] == 1
-    assert_matches_reference(got, ref, weights, tiny_inputs, MAX_NEW)
+    assert_matches_reference(got, ref, weights, tiny_inputs, MAX_NEW, tie_rtol=GPU_TIE_RTOL)
 
 
 @pytest.mark.timeout(2 * RUN_TIMEOUT + 60)
@@ -104,7 +105,7 @@ def test_device_buffers_give_what_host_staging_gives(reference, tiny_inputs, tmp
     assert all(np.array_equal(a, b) for a, b in zip(dev['generated'], host['generated'],
                                                     strict=True))
     assert np.array_equal(dev['last_logits'], host['last_logits'])
-    assert_matches_reference(dev, ref, weights, tiny_inputs, MAX_NEW)
+    assert_matches_reference(dev, ref, weights, tiny_inputs, MAX_NEW, tie_rtol=GPU_TIE_RTOL)
 
 
 @pytest.mark.timeout(2 * RUN_TIMEOUT + 60)

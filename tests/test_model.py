@@ -13,14 +13,14 @@ import pytest
 
 from mpimoe.backends.backend import round16
 from mpimoe.checkpoint.weights import WeightFile
-from contract import (LOGIT_RTOL, TIE_RTOL, assert_greedy_match, assert_logits_close,
-                      next_logits, tie_bound)
+from contract import (GPU_TIE_RTOL, LOGIT_RTOL, TIE_RTOL, assert_greedy_match,
+                      assert_logits_close, next_logits, tie_bound)
 from mpimoe.model.config import RouterConfig, model_config
 from mpimoe.io.inputs import read_inputs
 from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for
 from mpimoe.model.layers import apply_rope, expert_ffn, ffn, rms_norm, rope_tables
 from mpimoe.moe.local import moe_local
-from mpimoe.model.reference import load_reference
+from mpimoe.model.reference import ReferenceModel, load_reference
 from mpimoe.moe.router import expert_counts, route
 
 
@@ -476,3 +476,30 @@ def test_synthetic_weights_keep_activations_order_one(make_weights, preset):
     for i, c in counts.items():
         assert c.sum() == 256 * cfg.top_k
         assert c.min() >= 1 and c.max() <= c.sum() / 2, f'layer {i}: counts {c.tolist()}'
+
+
+def test_gpu_contract_on_numpy_within_its_bounds(tiny_weights, tiny_inputs):
+    """The model with its 16-bit weights (the GPU's numerics contract,
+    mpimoe.model.layers: front-end GEMM inputs rounded to 16 bits, expert
+    products written in 16 bits; here NumPy computes the same values) against
+    the FP32 reference on the test prompts, 8 greedy tokens: a different
+    contract (the logits are not bit-equal), last logits of the prompts
+    within LOGIT_RTOL per row, greedy tokens equal except after near-ties
+    within GPU_TIE_RTOL (tests/contract.py argues both).  A bug in the
+    16-bit path (a product written in FP32 or a wrong operand) fails the
+    first assertion or moves logits by O(1)."""
+    with WeightFile(tiny_weights) as wf:
+        ref, cfg = load_reference(wf), wf.config
+        gpu = ReferenceModel(cfg, wf.read_nonexpert(),
+                             {i: [wf.read_expert(i, e) for e in range(cfg.n_experts)]
+                              for i in cfg.moe_layers})
+    seqs = read_inputs(tiny_inputs, cfg.vocab_size)
+    prompts = [seqs.seq(i) for i in range(len(seqs))]
+    got, _ = gpu.generate(prompts, 8)
+    want, _ = ref.generate(prompts, 8)
+    _, first_got = gpu.generate(prompts, 0)
+    _, first_want = ref.generate(prompts, 0)
+    assert not np.array_equal(first_got, first_want)
+    assert_logits_close(first_got, first_want, 'GPU contract, last prompt logits')
+    assert_greedy_match(got, want, lambda i, t: next_logits(ref, prompts[i], t),
+                        tie_rtol=GPU_TIE_RTOL)

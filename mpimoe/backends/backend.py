@@ -26,6 +26,7 @@ import importlib
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -59,6 +60,10 @@ NUMPY_MIN_FOR_BF16 = (2, 1, 2)
 CUBLAS_NO_REDUCED_PRECISION_REDUCTION = 16
 
 _INSTALL_HINT = "pip install -e '.[gpu]'"
+
+#: seconds between two polls of MPI while the GPU computes (a few microseconds
+#: per poll; the kernels of a micro-batch run for 100 us and more)
+_POLL_NAP_S = 2e-5
 
 
 def storage_dtype(name):
@@ -212,6 +217,18 @@ class Backend:
         if self.is_gpu:
             self.xp.cuda.get_current_stream().synchronize()
 
+    def wait_polling(self, poll):
+        """Block until the work queued so far on the current stream is done,
+        calling ``poll()`` meanwhile (no-op on NumPy, where it is done): the
+        host keeps MPI's transfers of other micro-batches moving while the GPU
+        computes, which is where their overlap comes from."""
+        if not self.is_gpu:
+            return
+        done = self.xp.cuda.get_current_stream().record()
+        while not done.done:
+            poll()
+            time.sleep(_POLL_NAP_S)
+
     def weights(self, tensors):
         """Weight arrays as the math takes them: dict name -> 16-bit host array
         (from mpimoe.checkpoint.weights) -> dict name -> array.
@@ -253,7 +270,8 @@ class Backend:
     def self_test(self):
         """Why this GPU cannot compute in BF16 (one line), or None (always None
         on NumPy): a BF16 element-wise kernel compiles (CuPy needs the CUDA
-        headers for it) and a 2x2 BF16 GEMM gives [[19, 22], [43, 50]].  Run
+        headers for it), a 2x2 BF16 GEMM gives [[19, 22], [43, 50]] and the
+        experts' activation kernels agree with NumPy.  Run
         once after :meth:`bind`, so that a broken install stops the job at
         start-up rather than mid-run."""
         if not self.is_gpu:
@@ -270,6 +288,24 @@ class Backend:
                     f"pip install 'cupy-cuda12x[ctk]>=14' 'numpy>=2.1.2' (or {_INSTALL_HINT})")
         if got != [[19, 22], [43, 50]]:
             return f'a 2x2 BF16 GEMM on GPU {self.device} gave {got}, not [[19, 22], [43, 50]]'
+        return self._activation_problem(a, b)
+
+    def _activation_problem(self, a, b):
+        """Why the experts' fused activation kernels (mpimoe.model.layers.activate16)
+        fail on BF16 arrays a, b [2, 2] or disagree with NumPy's (by more than
+        one BF16 ulp), or None."""
+        from mpimoe.model.layers import activate16
+        for kind, args in (('swiglu', (a, b)), ('mlp', (a,))):
+            try:
+                got = to_numpy(activate16(kind, *args).astype(np.float32))
+            except Exception as e:  # noqa: B902 -- whatever CuPy raises, one line
+                first = (str(e).strip().splitlines() or [''])[0][:200]
+                return (f'the {kind} activation kernel does not compile or run on GPU '
+                        f'{self.device} ({type(e).__name__}: {first})')
+            want = activate16(kind, *(to_numpy(x) for x in args)).astype(np.float32)
+            if not np.allclose(got, want, rtol=2.0 ** -7, atol=0):
+                return (f'the {kind} activation kernel on GPU {self.device} gave '
+                        f'{got.tolist()}, NumPy {want.tolist()}')
         return None
 
     def empty_pinned(self, shape, dtype):

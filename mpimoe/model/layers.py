@@ -11,19 +11,24 @@ step has ``ntok = 1`` for every sequence.  Index arrays (``seqs``, ``ntok``,
 positions, token ids) are host NumPy arrays on either backend.
 
 Weights are FP32 on the NumPy backend.  On CuPy they stay 16-bit on the device
-(mpimoe.backends.backend.Backend.weights): the non-expert matrices are widened to FP32
-at each use (:func:`mm32`: same arithmetic as on the CPU), the experts'
-matrices go to 16-bit GEMMs (:func:`expert_ffn` states both contracts).
+(mpimoe.backends.backend.Backend.weights) and every GEMM reads them so: the
+front-end's products (:func:`mm32`) round their input activations to 16 bits
+and accumulate and write FP32; the experts' (:func:`mm16`) write their
+products in 16 bits (:func:`expert_ffn` states both contracts).  Given
+16-bit weights, NumPy computes the same values (slowly): the CPU model of
+the GPU contract, for tests and benchmarks/numerics.py.
 """
 
+import functools
 import math
 
 import numpy as np
 
-from mpimoe.backends.backend import round16
+from mpimoe.backends.backend import array_module, round16
+from mpimoe.backends.cublas import gemm_f32
 
 __all__ = ['rms_norm', 'rope_tables', 'yarn_mscale', 'yarn_rope', 'apply_rope', 'ffn',
-           'expert_ffn', 'mm32', 'mm16', 'as_f32']
+           'expert_ffn', 'activate16', 'ACTIVATION_KERNELS', 'mm32', 'mm16', 'as_f32']
 
 
 def as_f32(w):
@@ -32,20 +37,34 @@ def as_f32(w):
 
 
 def mm32(x, w):
-    """x: [n, k] float32 @ w: [k, m] (float32, or 16-bit widened here) -> [n, m] float32."""
-    return x @ as_f32(w)
+    """The front-end's product, FP32 out: x [n, k] float32 @ w [k, m] -> [n, m] float32.
+
+    FP32 ``w`` (the NumPy backend): an FP32 GEMM.  16-bit ``w`` (the CuPy
+    backend): ``x`` rounded to w's dtype, a 16-bit GEMM with FP32
+    accumulation and output (mpimoe.backends.cublas.gemm_f32: tensor cores,
+    w read as stored).  Against the FP32 GEMM an output differs by the
+    rounding of the inputs, at most ``u sum_i |x_i w_i|`` (u = 2^-8 for
+    bfloat16), plus the order of the FP32 sums; through the whole model
+    benchmarks/numerics.py measures it (README, *Numerics*).  On NumPy a
+    16-bit ``w`` gives the same values as on the GPU up to summation order.
+    """
+    if w.dtype.itemsize != 2:
+        return x @ w
+    x16 = x.astype(w.dtype)
+    if array_module(x) is np:
+        return x16.astype(np.float32) @ w.astype(np.float32)
+    return gemm_f32(x16, w)
 
 
 def mm16(x16, w16):
-    """The 16-bit GEMM of the GPU contract: x16 [n, k] (float32 holding 16-bit
-    values, or 16-bit) @ w16 [k, m] (16-bit), FP32 accumulation, the product
-    rounded to 16 bits (cuBLAS writes it so) -> [n, m] float32.
+    """The experts' 16-bit GEMM: x16 [n, k] (16-bit values, any float dtype) @
+    w16 [k, m] (16-bit), FP32 accumulation, the product written in w16's
+    dtype -> [n, m] 16-bit.
 
-    On CuPy a 2-D matmul of 16-bit operands: cuBLAS on tensor cores.  On NumPy
-    (ml_dtypes) the same values, slowly: for tests of this contract on a CPU.
+    On CuPy cuBLAS on tensor cores writes it so; NumPy (ml_dtypes) returns
+    the FP32 sums, rounded here: the same values, slowly, for tests.
     """
-    y = x16.astype(w16.dtype, copy=False) @ w16
-    return y.astype(w16.dtype, copy=False).astype(np.float32)
+    return (x16.astype(w16.dtype, copy=False) @ w16).astype(w16.dtype, copy=False)
 
 
 def rms_norm(x, w, eps):
@@ -118,21 +137,21 @@ def _silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def ffn(x, w, kind, narrow=None, mm=mm32):
+def ffn(x, w, kind, narrow=None):
     """Dense MLP or one expert: ``mlp`` = down(gelu(up x)), ``swiglu`` = down(silu(gate x) * up x).
 
     x: [n, d] float32; w: dict of ``up``/``gate`` [d, h] and ``down`` [h, d]
-    (float32, or 16-bit on a GPU backend); narrow: optional function applied to
-    the hidden activations (rounding to 16 bits for experts); mm: the matrix
-    product (:func:`mm32`: FP32; :func:`mm16`: 16-bit GEMMs).  Returns [n, d].
+    (float32, or 16-bit on a GPU backend: :func:`mm32`); narrow: optional
+    function applied to the hidden activations (rounding to 16 bits for
+    experts).  Returns [n, d] float32.
     """
     if kind == 'swiglu':
-        hidden = _silu(mm(x, w['gate'])) * mm(x, w['up'])
+        hidden = _silu(mm32(x, w['gate'])) * mm32(x, w['up'])
     else:
-        hidden = _gelu(mm(x, w['up']))
+        hidden = _gelu(mm32(x, w['up']))
     if narrow is not None:
         hidden = narrow(hidden)
-    return mm(hidden, w['down'])
+    return mm32(hidden, w['down'])
 
 
 def expert_ffn(x16, w, kind, dtype):
@@ -140,17 +159,20 @@ def expert_ffn(x16, w, kind, dtype):
     inputs arrive as 16-bit values (they crossed the wire), GEMMs accumulate in
     FP32, the hidden activations and the output are rounded to 16 bits.
 
-    x16: [n, d] float32 holding 16-bit-representable values (or, with 16-bit
-    weights, the 16-bit dtype) -> [n, d] float32 (16-bit-representable).
+    x16: [n, d] float32 holding 16-bit-representable values, or the 16-bit
+    dtype -> [n, d]: float32 (16-bit-representable) with FP32 weights, the
+    weights' 16-bit dtype with 16-bit weights.
 
     The weights' dtype picks one of two contracts, which differ in one place:
 
     - FP32 weights (the NumPy backend, the reference): every GEMM product is
       FP32; the activation runs on the FP32 products of the first GEMM(s).
     - 16-bit weights (the CuPy backend): 2-D 16-bit GEMMs, FP32 accumulation
-      (cuBLAS), each product *rounded to 16 bits* (:func:`mm16`), so the
-      activation sees the pre-activations rounded (relative error <= u = 2^-8
-      for bfloat16, 2^-11 for float16) before it runs in FP32.
+      (cuBLAS), each product *written in 16 bits* (:func:`mm16`), so the activation sees the
+      pre-activations rounded (relative error <= u = 2^-8 for bfloat16,
+      2^-11 for float16) before it runs in FP32 (:func:`activate16`: one
+      fused kernel on CuPy); the down product, written in 16 bits, is the
+      output rounded.
 
     Everything else rounds at the same places (hidden activations, output).
     Between the two, an output element differs at worst by one 16-bit ulp of
@@ -166,9 +188,50 @@ def expert_ffn(x16, w, kind, dtype):
     Through a model the difference stays that small: the tiny preset's logits
     moved by at most 0.4 u (relative L2) between the two contracts.
     """
-    narrow = lambda a: round16(a, dtype)  # noqa: E731
-    mm = mm16 if w['down'].dtype.itemsize == 2 else mm32
     # an overflow here (an expert rank) ends in NaN/Inf logits, which the
     # front-end refuses in one message (FrontEnd.logits); no NumPy warnings
     with np.errstate(over='ignore', invalid='ignore'):
-        return narrow(ffn(x16, w, kind, narrow, mm))
+        if w['down'].dtype.itemsize != 2:
+            narrow = lambda a: round16(a, dtype)  # noqa: E731
+            return narrow(ffn(x16, w, kind, narrow))
+        pre = (mm16(x16, w['gate']), mm16(x16, w['up'])) if kind == 'swiglu' else \
+            (mm16(x16, w['up']),)
+        return mm16(activate16(kind, *pre), w['down'])
+
+
+def activate16(kind, *pre):
+    """The hidden activations of the 16-bit contract: the pre-activations
+    (16-bit GEMM products [n, h]: gate and up for ``swiglu``, up for ``mlp``)
+    widened to FP32, the activation of :func:`ffn` in FP32, the result
+    rounded to their 16-bit dtype -> [n, h] 16-bit.
+
+    On CuPy one element-wise kernel (:data:`ACTIVATION_KERNELS`) reads the
+    16-bit products and writes the 16-bit result: no FP32 array in memory.
+    Its ``expf``/``tanhf`` differ from NumPy's by a few FP32 ulps, which
+    tests/contract.py's bound allows for.
+    """
+    xp = array_module(pre[0])
+    if xp is not np:
+        return _device_activation(kind)(*pre)
+    p = [a.astype(np.float32) for a in pre]
+    hidden = _silu(p[0]) * p[1] if kind == 'swiglu' else _gelu(p[0])
+    return hidden.astype(pre[0].dtype)
+
+
+#: CuPy ElementwiseKernel (inputs, output, body) of :func:`activate16` per
+#: expert kind, T the 16-bit type; the formulas of :func:`_silu` and :func:`_gelu`
+ACTIVATION_KERNELS = {
+    'swiglu': ('T gate, T up', 'T hidden',
+               'const float g = (float)gate; hidden = (T)(g / (1.0f + expf(-g)) * (float)up);'),
+    'mlp': ('T up', 'T hidden',
+            'const float p = (float)up; hidden = (T)(0.5f * p * (1.0f + tanhf('
+            '0.7978845608028654f * (p + 0.044715f * p * p * p))));'),
+}
+
+
+@functools.cache
+def _device_activation(kind):
+    """The compiled kernel of :data:`ACTIVATION_KERNELS` for ``kind``."""
+    import cupy
+    inputs, output, body = ACTIVATION_KERNELS[kind]
+    return cupy.ElementwiseKernel(inputs, output, body, f'mpimoe_{kind}16')

@@ -55,11 +55,12 @@ def unpermute(y, order, weights):
 def run_experts(rows, counts, experts, kind, dtype, poll=None, chunk=None):
     """Stage **expert**: each expert on its contiguous block of rows.
 
-    rows: float32 [n, d] grouped by expert; counts: int [len(experts)] rows
-    per expert (sum n; host or device); experts: list of weight dicts.  With
-    ``chunk``, each block is computed ``chunk`` rows at a time and ``poll()``
-    is called between pieces (to progress MPI transfers in flight).
-    Returns float32 [n, d].
+    rows: [n, d] grouped by expert, float32 (16-bit values) or, on a GPU,
+    the 16-bit dtype; counts: int [len(experts)] rows per expert (sum n;
+    host or device); experts: list of weight dicts.  With ``chunk``, each
+    block is computed ``chunk`` rows at a time and ``poll()`` is called
+    between pieces (to progress MPI transfers in flight).  Returns [n, d]
+    of rows' dtype (mpimoe.model.layers.expert_ffn).
     """
     out = np.empty_like(rows)
     start = 0

@@ -3,8 +3,11 @@ layer after layer, one step at a time, until rank 0 says DONE.
 
 For each hosted layer it posts, per micro-batch slot, the receive of the row
 counts, then of the rows; computes each micro-batch's rows as soon as they are
-in (polling the other slots' transfers between pieces of POLL_ROWS rows) and
-sends the results back in the order the rows came.
+in and sends the results back in the order the rows came.  While it computes,
+it polls the other slots' transfers (MPI moves them only inside MPI calls):
+on a CPU between pieces of POLL_ROWS rows, on a GPU while the kernels
+queued for the micro-batch run (mpimoe.backends.backend.Backend.wait_polling),
+in one GEMM per expert.
 """
 
 import numpy as np
@@ -67,11 +70,12 @@ class ExpertRank(Role):
                 per_expert = counts.sum(axis=0)[:len(experts)]                # [experts here]
                 self.rows[layer] += per_expert
                 y = self.compute(x16, per_expert, experts, cfg.expert_kind, cfg.dtype,
-                                 poll=self._poll, chunk=POLL_ROWS)
+                                 poll=self._poll, chunk=None if self.backend.is_gpu else POLL_ROWS)
+                self.backend.wait_polling(self._poll)
             with self.timers.span('combine', 'pack', layer=layer, mb=m):
                 out = slot.out.view(len(words))
                 out[slice(None) if regroup is None else regroup] = \
-                    to_words(y.astype(storage_dtype(cfg.dtype)))
+                    to_words(y.astype(storage_dtype(cfg.dtype), copy=False))
                 slot.expert_send(len(words))
 
     def _regroup(self, counts):
