@@ -26,7 +26,7 @@ import pytest
 
 from contract import EPS32, gamma, unit_roundoff
 from mpimoe.backends.backend import round16
-from mpimoe.model.attention import attention
+from mpimoe.model.attention import Placement, attention
 from mpimoe.model.config import model_config
 from mpimoe.model.kvcache import BlockKVCache, blocks_for
 from mpimoe.model.layers import apply_rope, rope_tables
@@ -98,7 +98,7 @@ class _Stream:
             self.tokens[h] = np.concatenate([self.tokens.get(h, new[h][:0]), new[h]])
         seqs, ntok = (np.array(c, np.int64) for c in zip(*todo))
         y = attention(np.concatenate([new[h] for h, _ in todo]), self.w, self.cfg, self.cache,
-                      0, seqs, ntok)
+                      0, Placement(self.cache, self.cfg, seqs, ntok))
         self.cache.advance(seqs, ntok)
         assert y.dtype == np.float32
         qd = self.cfg.n_heads * self.cfg.head_dim
@@ -226,7 +226,8 @@ def test_overflow_raises_before_writing():
     before = [p.copy() for p in cache.k + cache.v]
     x = np.ones((3, cfg.d_model), np.float32)
     with pytest.raises(ValueError, match='overflow'):
-        attention(x, s.w, cfg, cache, 0, np.array([a, b]), np.array([2, 1]))
+        attention(x, s.w, cfg, cache, 0,
+                  Placement(cache, cfg, np.array([a, b]), np.array([2, 1])))
     assert all(np.array_equal(p, q, equal_nan=True) for p, q in zip(before, cache.k + cache.v))
     s.step([(a, 1)])
 
@@ -288,12 +289,12 @@ def test_attention_prefill_and_decode_match_naive_loop(n_kv_heads):
     cache = BlockKVCache(1, 2, cfg.n_kv_heads, cfg.head_dim, cfg.dtype, max_seqs=2)
     seqs, pre = np.array([cache.allocate(7), cache.allocate(4)]), np.array([5, 2])
     out = [attention(np.concatenate([seqs_x[0][:5], seqs_x[1][:2]]), w, cfg, cache, 0,
-                     seqs, pre)]
+                     Placement(cache, cfg, seqs, pre))]
     cache.advance(seqs, pre)
     for step in range(2):
         ones = np.ones(2, np.int64)
         out.append(attention(np.stack([seqs_x[0][5 + step], seqs_x[1][2 + step]]), w, cfg,
-                             cache, 0, seqs, ones))
+                             cache, 0, Placement(cache, cfg, seqs, ones)))
         cache.advance(seqs, ones)
     got = [np.concatenate([out[0][:5], out[1][:1], out[2][:1]]),
            np.concatenate([out[0][5:], out[1][1:], out[2][1:]])]
@@ -315,8 +316,8 @@ def test_attention_is_causal():
     outs = []
     for v in (x, y):
         cache = BlockKVCache(1, 1, TINY.n_kv_heads, TINY.head_dim, TINY.dtype, max_seqs=1)
-        outs.append(attention(v, w, TINY, cache, 0, np.array([cache.allocate(8)]),
-                              np.array([8])))
+        outs.append(attention(v, w, TINY, cache, 0,
+                              Placement(cache, TINY, np.array([cache.allocate(8)]), np.array([8]))))
     a, b = outs
     np.testing.assert_array_equal(a[:5], b[:5])
     assert np.all(np.abs(a[5:] - b[5:]).max(axis=1) > 1e-3)

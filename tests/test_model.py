@@ -93,8 +93,9 @@ def _run_layers(model, prompts):
     cache, seqs = _fresh_cache(fe, lengths)
     x = fe.embed(np.concatenate(prompts))
     residual, counts = [], {}
+    where = fe.place(cache, seqs, lengths)
     for i in range(cfg.n_layers):
-        x = fe.attention_block(i, x, cache, seqs, lengths)
+        x = fe.attention_block(i, x, cache, where)
         h = fe.ffn_input(i, x)
         if i < cfg.n_dense_layers:
             x = x + fe.dense_ffn(i, h)

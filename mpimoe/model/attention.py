@@ -6,7 +6,9 @@ optionally YaRN-scaled (mpimoe.model.layers.rope_tables).
 
 A batch is packed as in mpimoe.model.layers: ``x [T, d]`` holds the new
 tokens of sequences ``seqs`` (cache handles) back to back, ``ntok[b]`` of them
-for ``seqs[b]``.  The new keys and values go into the cache with one
+for ``seqs[b]``.  Where they go in the cache, their RoPE tables and their
+groups (below) are the same for every layer: a :class:`Placement` holds them,
+computed once per pass.  The new keys and values go into the cache with one
 fancy-indexed assignment (block, offset per token); then the sequences are
 attended in groups, without a loop over sequences or tokens.  A group holds
 the sequences whose new tokens ``n`` and whose keys ``L`` (context after this
@@ -50,18 +52,44 @@ import numpy as np
 from mpimoe.backends.backend import array_module
 from mpimoe.model.layers import apply_rope, as_f32, mm32, rms_norm, rope_tables, yarn_mscale
 
-__all__ = ['attention']
+__all__ = ['Placement', 'attention']
 
 
-def attention(x, w, cfg, cache, layer, seqs, ntok, sum_squares=None):
+class Placement:
+    """Where a micro-batch's new tokens go in the KV cache, and what every
+    layer of one pass needs of them, computed once per pass: for the next
+    ``ntok[b]`` tokens of ``seqs[b]`` (int [B], host) in ``cache`` for model
+    ``cfg`` (ValueError, before anything is written, when they overflow a
+    sequence's reservation).  ``seqs``, ``ntok`` int [B] (host); ``blocks``, ``offsets`` int [T] (on
+    the cache's array module); ``cos``, ``sin`` float32 [T, rope_dim/2] (on
+    the array module: the RoPE tables, built and moved once, not per layer);
+    ``groups``: per group of sequences attended together, (its rows of
+    ``seqs``, their first row in the batch, their new tokens), int [b] each
+    (host).
+    """
+
+    def __init__(self, cache, cfg, seqs, ntok):
+        xp = cache.xp
+        self.seqs, self.ntok = np.asarray(seqs, np.int64), np.asarray(ntok, np.int64)
+        pos, blocks, offsets = cache.locate(self.seqs, self.ntok)                # [T] each
+        self.blocks, self.offsets = xp.asarray(blocks), xp.asarray(offsets)
+        self.cos, self.sin = (xp.asarray(t) for t in rope_tables(pos, cfg.rope_dim,
+                                                                 cfg.rope_theta, cfg.attention))
+        first = np.cumsum(self.ntok) - self.ntok                                 # [B]
+        live = self.ntok > 0
+        group = _buckets(self.ntok, cache.length[self.seqs] + self.ntok)         # [B]
+        self.groups = [(self.seqs[rows], first[rows], self.ntok[rows])
+                       for rows in (live & (group == g) for g in np.unique(group[live]))]
+
+
+def attention(x, w, cfg, cache, layer, where, sum_squares=None):
     """x: [T, d] float32 (already normed); w: the layer's tensors
     (mpimoe.checkpoint.layout: GQA ``wq [d, H*hd]``, ``wk, wv [d, KV*hd]``,
     ``wo [H*hd, d]``, optional biases and QK-norm gains; MLA: see
     :func:`_mla_qkv`); cache: a :class:`~mpimoe.model.kvcache.BlockKVCache`
-    of ``cfg``; seqs, ntok: int [B] (host) with ``sum(ntok) == T``.  Writes
+    of ``cfg``; where: the pass's :class:`Placement` of these T tokens.  Writes
     the new keys/values into ``cache`` at layer ``layer`` (the caller advances
-    the cache after the last layer); ValueError, before writing, when they
-    overflow a sequence's reservation.  Returns [T, d] float32.
+    the cache after the last layer).  Returns [T, d] float32.
 
     sum_squares: for a rank holding a slice of the heads (mpimoe.model.tp_frontend),
     a function summing [T, 2] partial sums (of squares, of columns) over its group, so that
@@ -69,26 +97,17 @@ def attention(x, w, cfg, cache, layer, seqs, ntok, sum_squares=None):
     query's and key's RMS; None: the heads are all here.
     """
     xp = array_module(x)
-    seqs, ntok = np.asarray(seqs, np.int64), np.asarray(ntok, np.int64)
-    pos, blocks, offsets = cache.locate(seqs, ntok)                         # [T] each
-    cos, sin = (xp.asarray(t) for t in rope_tables(pos, cfg.rope_dim, cfg.rope_theta,
-                                                   cfg.attention))
     if cfg.attention.mla:
-        q, latent = _mla_qkv(x, w, cfg, cos, sin)
-        cache.write(layer, blocks, offsets, latent)
+        q, latent = _mla_qkv(x, w, cfg, where.cos, where.sin)
+        cache.write(layer, where.blocks, where.offsets, latent)
         n_kv, v_width = 1, cfg.attention.kv_lora_rank
     else:
-        q, k, v = _gqa_qkv(x, w, cfg, cos, sin, sum_squares)
-        cache.write(layer, blocks, offsets, k, v)
+        q, k, v = _gqa_qkv(x, w, cfg, where.cos, where.sin, sum_squares)
+        cache.write(layer, where.blocks, where.offsets, k, v)
         n_kv, v_width = cfg.n_kv_heads, cfg.head_dim
     out = xp.empty((x.shape[0], cfg.n_heads, v_width), dtype=np.float32)
-    first = np.cumsum(ntok) - ntok                                          # [B]
-    live = ntok > 0
-    group = _buckets(ntok, cache.length[seqs] + ntok)                       # [B]
-    for g in np.unique(group[live]):
-        rows = live & (group == g)
-        _attend(q, out, cache, layer, seqs[rows], first[rows], ntok[rows], n_kv,
-                softmax_scale(cfg), v_width)
+    for seqs, first, ntok in where.groups:
+        _attend(q, out, cache, layer, seqs, first, ntok, n_kv, softmax_scale(cfg), v_width)
     if cfg.attention.mla:
         out = _mla_values(out, w, cfg)
     return mm32(out.reshape(x.shape[0], -1), w['wo'])

@@ -35,6 +35,8 @@ def forward(front, moe, tokens, cache, seqs, ntok, mbs=None, timers=None, poll=N
     mbs = [(0, len(ntok))] if mbs is None else mbs
     bounds = np.concatenate([[0], np.cumsum(ntok)]).astype(np.int64)
     xs = [front.embed(tokens[bounds[a]:bounds[b]]) for a, b in mbs]
+    # cache rows, RoPE tables and attention groups: once per pass, for every layer
+    where = [front.place(cache, seqs[a:b], ntok[a:b]) if a < b else None for a, b in mbs]
     pending = [None] * len(mbs)                 # per micro-batch: its MoEHandle in flight
     for i in range(front.cfg.n_layers):
         for m, (a, b) in enumerate(mbs):
@@ -46,7 +48,7 @@ def forward(front, moe, tokens, cache, seqs, ntok, mbs=None, timers=None, poll=N
                     pending[m] = moe[i].dispatch_empty(m)
                 continue
             with span('attention', 'compute', layer=i, mb=m):
-                xs[m] = front.attention_block(i, xs[m], cache, seqs[a:b], ntok[a:b])
+                xs[m] = front.attention_block(i, xs[m], cache, where[m])
                 h = front.ffn_input(i, xs[m])
             if i in moe:
                 pending[m] = moe[i].dispatch(h, m)

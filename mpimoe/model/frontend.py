@@ -6,7 +6,7 @@ mpimoe.model.kvcache.
 
 from mpimoe.backends.backend import array_module
 from mpimoe.errors import DataError
-from mpimoe.model.attention import attention
+from mpimoe.model.attention import Placement, attention
 from mpimoe.model.kvcache import BlockKVCache
 from mpimoe.model.layers import as_f32, mm32, ffn, rms_norm
 from mpimoe.moe.layer import MoELayer
@@ -90,12 +90,18 @@ class FrontEnd:
                         f'after {where} (the weights are finite, so the numbers overflowed '
                         f'FP32, or {self.cfg.dtype} on the wire); check or reconvert the weights')
 
-    def attention_block(self, i, x, cache, seqs, ntok):
-        """Residual attention block of layer i: x + attn(norm(x)); x: [T, d]."""
+    def place(self, cache, seqs, ntok):
+        """Where the next ``ntok[b]`` tokens of ``seqs[b]`` go in ``cache``,
+        for every layer of one pass: a mpimoe.model.attention.Placement."""
+        return Placement(cache, self.cfg, seqs, ntok)
+
+    def attention_block(self, i, x, cache, where):
+        """Residual attention block of layer i: x + attn(norm(x)); x: [T, d],
+        where: the pass's :meth:`place` of its tokens."""
         self._note(2 * i, x)
         w = self.layer[i]
         return x + self._sum(attention(rms_norm(x, w['attn_norm'], self.cfg.norm_eps), w,
-                                       self.heads, cache, i, seqs, ntok, self._sum_squares))
+                                       self.heads, cache, i, where, self._sum_squares))
 
     def ffn_input(self, i, x):
         """The normed input of layer i's FFN: [T, d]."""
