@@ -39,7 +39,7 @@ logits differ by at most |dh| |w_e| <= tol |h| |w_e| per expert
 (Cauchy-Schwarz, with tol the bound above on the layers before it), a
 sigmoid score by a quarter of that, a group score by twice a score.  Each
 side's choices are counted per layer (transformers' router outputs, mpimoe's
-MoELayer.counts); a sequence routed otherwise is accepted only where its
+MoELayer.take_counts); a sequence routed otherwise is accepted only where its
 first such layer had a near tie by that bound, and is then not compared; at
 least half of the sequences must be compared.
 """
@@ -154,9 +154,9 @@ def _mpimoe_run(model, seq):
     """The reference (in-process) on one sequence: (last logits [V], {MoE
     layer: expert counts int [E]})."""
     for layer in model.moe.values():
-        layer.counts[:] = 0
+        layer.take_counts()
     _, logits = model.generate([np.asarray(seq)], 1)
-    return logits[0], {i: layer.counts.copy() for i, layer in model.moe.items()}
+    return logits[0], {i: layer.take_counts() for i, layer in model.moe.items()}
 
 
 def _near_tie(cfg, h, gate, tol):

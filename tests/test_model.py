@@ -21,7 +21,7 @@ from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for
 from mpimoe.model.layers import apply_rope, expert_ffn, ffn, rms_norm, rope_tables
 from mpimoe.moe.local import moe_local
 from mpimoe.model.reference import ReferenceModel, load_reference
-from mpimoe.moe.router import expert_counts, route
+from mpimoe.moe.router import expert_counts, key_counts, route
 
 
 TINY = model_config('tiny')
@@ -504,3 +504,13 @@ def test_gpu_contract_on_numpy_within_its_bounds(tiny_weights, tiny_inputs):
     assert_logits_close(first_got, first_want, 'GPU contract, last prompt logits')
     assert_greedy_match(got, want, lambda i, t: next_logits(ref, prompts[i], t),
                         tie_rtol=GPU_TIE_RTOL)
+
+
+def test_key_counts_equal_bincount():
+    """key_counts (binary search over sorted keys, no host read-back on
+    CuPy) against NumPy's bincount: empty input, keys never used, the last key."""
+    rng = np.random.default_rng(12)
+    for n, n_keys in ((0, 5), (1, 1), (1000, 7), (5000, 3904)):
+        keys = rng.integers(0, n_keys, n)
+        assert key_counts(np.sort(keys), n_keys).tolist() == \
+            np.bincount(keys, minlength=n_keys).tolist()

@@ -113,15 +113,14 @@ class TPFrontEnd(FrontEnd):
 class GroupMoE:
     """An MoE layer seen by one rank of a TP group: it routes and dispatches
     its :func:`share` of a micro-batch's rows and gathers every rank's
-    combined rows.  layer: the rank's MoELayer (its ``counts`` count this
+    combined rows.  layer: the rank's MoELayer (its counts count this
     rank's share; ``bias`` is set on it)."""
 
     def __init__(self, layer, group):
         self.inner, self.group = layer, group
 
-    @property
-    def counts(self):
-        return self.inner.counts
+    def take_counts(self):
+        return self.inner.take_counts()
 
     @property
     def bias(self):

@@ -7,14 +7,16 @@ arithmetic in the same order.
 
 Arrays are NumPy or CuPy (one module per call, mpimoe.backends.backend.array_module):
 on CuPy every stage runs on the device, with no loop over tokens and no copy
-of rows to the host; only the per-expert row counts (E integers) come back,
-to slice the rows of each expert's GEMMs.
+of rows to the host; only the row counts per key come back (one copy per
+layer and micro-batch: MPI needs them), to size the transfers and slice the
+rows of each expert's GEMMs.
 """
 
 import numpy as np
 
 from mpimoe.backends.backend import array_module, to_numpy
 from mpimoe.model.layers import expert_ffn
+from mpimoe.moe.router import key_counts
 
 __all__ = ['permute', 'unpermute', 'run_experts']
 
@@ -31,7 +33,7 @@ def permute(x16, key, n_keys, out=None):
     flat = np.ravel(key)
     order = np.argsort(flat, kind='stable')
     rows = np.take(x16, order // k, axis=0, out=out)
-    return rows, order, np.bincount(flat, minlength=n_keys).astype(np.int64)
+    return rows, order, key_counts(flat[order], n_keys)
 
 
 def unpermute(y, order, weights):

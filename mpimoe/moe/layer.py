@@ -57,9 +57,9 @@ class MoELayer:
     router: float32 [d, E] (on the backend); dispatcher: see the module
     docstring; score_bias: the checkpoint's FP32 [E] ``router_bias`` or None;
     ``bias``: optional float32 [E] balancing bias, set by the caller.  Both
-    shift the choice, never the weights (mpimoe.moe.router).  ``counts`` int64
-    [E] adds up the token copies routed to each expert, for the caller to read
-    and clear.
+    shift the choice, never the weights (mpimoe.moe.router).
+    :meth:`take_counts` gives the token copies routed to each expert since
+    its last call.
     """
 
     def __init__(self, layer, router, cfg, dispatcher, timers=None, score_bias=None):
@@ -68,7 +68,7 @@ class MoELayer:
         self.timers = timers or NoTimers()
         self.score_bias = score_bias
         self.bias = None
-        self.counts = np.zeros(cfg.n_experts, dtype=np.int64)
+        self._counts = None     # int64 [E] on the router's module, since take_counts
 
     def dispatch(self, h, mb):
         """Stages route, permute, dispatch of micro-batch ``mb``: h float32
@@ -77,11 +77,18 @@ class MoELayer:
         with span('route', 'compute', layer=self.layer, mb=mb):
             chosen, weights = route(h, self.router, cfg.top_k, self._choice_bias(),
                                     cfg.router)                                 # [T, k]
-            self.counts += to_numpy(expert_counts(chosen, cfg.n_experts))
+            counts = expert_counts(chosen, cfg.n_experts)      # stays on the device
+            self._counts = counts if self._counts is None else self._counts + counts
             key, n_keys = self.dispatcher.keys(self.layer, chosen)
         handle = MoEHandle(self.layer, mb, int(chosen.size), weights=weights)
         handle.order = self.dispatcher.dispatch(handle, h, key, n_keys)
         return handle
+
+    def take_counts(self):
+        """Token copies routed to each expert since the last call: int64 [E]
+        on the host (one copy from the device per call: a step, not a layer)."""
+        counts, self._counts = self._counts, None
+        return np.zeros(self.cfg.n_experts, np.int64) if counts is None else to_numpy(counts)
 
     def _choice_bias(self):
         """The bias added to the scores for the choice: float32 [E] or None."""

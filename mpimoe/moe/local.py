@@ -50,4 +50,4 @@ def moe_local(h, w_router, experts, cfg, bias=None):
     layer = MoELayer(0, w_router, cfg, LocalDispatcher(cfg, {0: experts}))
     layer.bias = bias
     out = layer.combine(layer.dispatch(h, 0), 0)
-    return out, layer.counts
+    return out, layer.take_counts()

@@ -20,7 +20,7 @@ import numpy as np
 from mpimoe.backends.backend import array_module
 from mpimoe.model.config import RouterConfig
 
-__all__ = ['route', 'spread_copies', 'expert_counts']
+__all__ = ['route', 'spread_copies', 'expert_counts', 'key_counts']
 
 
 def route(h, w_router, top_k, bias=None, rcfg=RouterConfig()):
@@ -80,5 +80,20 @@ def spread_copies(experts, n_copies, offset=0):
 
 
 def expert_counts(experts, n_experts):
-    """Token copies per expert: experts int [T, k] -> int64 [n_experts]."""
-    return np.bincount(np.ravel(experts), minlength=n_experts).astype(np.int64)
+    """Token copies per expert: experts int [T, k] -> int64 [n_experts], on
+    experts' module (:func:`key_counts` of the copies)."""
+    xp = array_module(experts)
+    return key_counts(xp.sort(xp.ravel(experts)), n_experts)
+
+
+def key_counts(sorted_keys, n_keys):
+    """How many of ``sorted_keys`` (int [n], ascending, each in [0, n_keys))
+    equal each key: int64 [n_keys], on their module.
+
+    Found by binary search rather than ``bincount``, which on CuPy reads the
+    largest key back to the host (a synchronisation per call); this stays on
+    the device until the caller copies the counts.
+    """
+    xp = array_module(sorted_keys)
+    edges = xp.searchsorted(sorted_keys, xp.arange(n_keys + 1), side='left')
+    return xp.diff(edges).astype(np.int64)

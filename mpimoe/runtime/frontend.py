@@ -170,10 +170,7 @@ class FrontEndRank(Role):
         before the first), cleared for the next."""
         if not self.passes:
             return None
-        counts = np.stack([self.moe[i].counts for i in self.cfg.moe_layers])
-        for layer in self.moe.values():
-            layer.counts[:] = 0
-        return counts
+        return np.stack([self.moe[i].take_counts() for i in self.cfg.moe_layers])
 
     def _loads(self, counts, more):
         """Rank 0: add up the front-ends' loads of the last step (``counts``:
