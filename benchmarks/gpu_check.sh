@@ -13,7 +13,8 @@
 #            micro-batches, 2 front-ends on packed:4, bias balancing, float16, a
 #            --tp 2 group)
 #   bench    `mpimoe bench gpu` on 2 ranks: expert GEMM TFLOP/s next to a square
-#            matmul, one MoE layer against a PyTorch loop, MPI transfer rates
+#            matmul, one MoE layer against a PyTorch loop, decode steps of small
+#            at B = 8, 64, 256, MPI transfer rates
 #
 # PYTHON (default python3) is the interpreter with mpimoe importable (an
 # editable install, or PYTHONPATH=.); logs go to $OUT, or to ./gpu-check.

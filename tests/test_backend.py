@@ -355,6 +355,29 @@ def test_gpu_bench_without_a_gpu_is_a_usage_error():
     assert isinstance(err.value, MpimoeError) and '\n' not in str(err.value)
 
 
+def test_gpu_bench_decode_figures_on_numpy():
+    """The decode-step figures of ``mpimoe bench gpu`` run the same code on
+    NumPy (timed by the host clock here, CUDA events on a GPU): one median
+    per batch size, each from warm-up + repeats steps that fit the cache
+    reserved for them (a step past it raises ValueError)."""
+    import time
+    from mpimoe.bench.gpu import decode_figures
+
+    class HostClock:
+        def median_s(self, fn, opts):
+            times = []
+            for i in range(opts.warmup + opts.repeats):
+                t0 = time.perf_counter()
+                fn()
+                if i >= opts.warmup:
+                    times.append(time.perf_counter() - t0)
+            return float(np.median(times))
+
+    got = decode_figures(Backend('numpy'), GpuBenchOptions(decode_batches=(2, 5), repeats=3,
+                                                           warmup=1), HostClock())
+    assert [b for b, _ in got] == [2, 5] and all(t > 0 for _, t in got)
+
+
 def test_gpu_bench_torch_baseline_is_the_same_layer():
     """The PyTorch loop over experts of ``mpimoe bench gpu``, on the CPU, is
     the GPU contract's MoE layer: against moe_local with 16-bit experts

@@ -309,10 +309,10 @@ def test_host_staging_buffers_are_pinned_and_ordered(gpu):
 
 def test_gpu_bench_prints_its_table(capsys):
     from mpimoe.bench.gpu import GpuBenchOptions, run_gpu_bench
-    opts = GpuBenchOptions(gemm_tokens=(128, 1024), square=2048, moe_tokens=512,
-                           repeats=2, warmup=1)
+    opts = GpuBenchOptions(gemm_tokens=(128, 1024), decode_batches=(8, 64), square=2048,
+                           moe_tokens=512, repeats=2, warmup=1)
     assert run_gpu_bench(opts) == 0
     out = capsys.readouterr().out
     for text in ('expert GEMMs', 'square BF16 matmul', 'mpimoe moe_local (CuPy)',
-                 'MPI transfer: needs 2 ranks'):
+                 'decode step: small preset', 'MPI transfer: needs 2 ranks'):
         assert text in out

@@ -11,7 +11,11 @@
    mpimoe.moe.experts.moe_local on CuPy against a PyTorch loop over the experts (the
    eager implementation most MoE code starts from), on the same weights and
    tokens: milliseconds, tokens/s, and the relative difference of the outputs;
-3. **MPI transfer** (under ``mpiexec -n 2``): rows of 1 .. 64 MB between the
+3. **decode step**: one decode step of the ``small`` preset (synthetic
+   weights, the whole model on one GPU: mpimoe.model.reference.ReferenceModel)
+   at batch sizes 8, 64, 256 after prompts of 16..64 tokens: ms per step and
+   per sequence, tokens/s (:func:`decode_figures`);
+4. **MPI transfer** (under ``mpiexec -n 2``): rows of 1 .. 64 MB between the
    two ranks' GPUs, staged through pinned host buffers
    (mpimoe.backends.backend.HostStaging) and, where the MPI library reports CUDA
    support, handed over as device buffers; GB/s one way (half a round trip).
@@ -21,6 +25,8 @@ after synchronising; every figure is the median of ``repeats`` runs after
 ``warmup`` untimed ones, on random data (never zeros).
 """
 
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -29,12 +35,16 @@ import numpy as np
 from mpimoe.backends.backend import (DTYPES, MPI_GPU_MODES, Backend, HostStaging, cuda_problem,
                                     probe_cuda)
 from mpimoe.backends.binding import bind_early
+from mpimoe.checkpoint.weights import WeightFile
+from mpimoe.checkpoint.writer import write_synthetic
+from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for
+from mpimoe.model.reference import ReferenceModel
 from mpimoe.model.config import model_config
 from mpimoe.errors import ConfigError, UsageError
 from mpimoe.model.layers import expert_ffn
 from mpimoe.moe.local import moe_local
 
-__all__ = ['GpuBenchOptions', 'run_gpu_bench']
+__all__ = ['GpuBenchOptions', 'run_gpu_bench', 'decode_figures']
 
 #: experts and tokens per expert of the several-experts line
 _BATCH = (8, 1024)
@@ -44,6 +54,7 @@ _BATCH = (8, 1024)
 class GpuBenchOptions:
     """Options of ``mpimoe bench gpu`` (see its ``--help``)."""
     gemm_tokens: tuple = (128, 256, 512, 1024, 2048, 4096, 8192)
+    decode_batches: tuple = (8, 64, 256)
     square: int = 8192
     moe_tokens: int = 4096
     sizes_mb: tuple = (1, 2, 4, 8, 16, 32, 64)
@@ -63,6 +74,8 @@ class GpuBenchOptions:
                                   f'must be >= {low}')
         if not self.gemm_tokens or min(self.gemm_tokens) < 1:
             raise ConfigError('--gemm-tokens: a list of token counts >= 1')
+        if not self.decode_batches or min(self.decode_batches) < 1:
+            raise ConfigError('--decode-batches: a list of batch sizes >= 1')
         if not self.sizes_mb or min(self.sizes_mb) <= 0:
             raise ConfigError('--sizes-mb: a list of message sizes > 0')
         if self.mpi_gpu not in MPI_GPU_MODES:
@@ -109,14 +122,15 @@ def _bench(opts, world):
         lines += [f'--mpi-gpu {opts.mpi_gpu}: {mode} ({why})', *warnings]
     cfg = model_config('paper-61l')
     clock = _Clock(backend.xp.cuda.Event, backend.xp.cuda.get_elapsed_time)
-    gemm = moe = None
+    gemm = moe = decode = None
     if world.rank == 0:
         gemm = _gemm_figures(backend.xp, cfg, opts, clock)
         moe = _moe_figures(backend, cfg, opts, clock)
+        decode = decode_figures(backend, opts, clock)
     idle(world, opts.deadline)
     transfer = _transfer_figures(world, backend, cfg, opts, modes) if world.size == 2 else None
     if world.rank == 0:
-        _print_table(backend, cfg, opts, lines, gemm, moe, transfer, modes)
+        _print_table(backend, cfg, opts, lines, gemm, moe, decode, transfer, modes)
     return 0
 
 
@@ -242,6 +256,46 @@ def _torch_moe(torch, h, w_router, ups, downs, top_k):
     return out
 
 
+# -------------------------------------------------------------- decode step
+
+#: the model and prompt lengths (min, max) of the decode-step figures
+DECODE_PRESET, DECODE_PROMPT = 'small', (16, 64)
+
+
+def decode_figures(backend, opts, clock):
+    """Median seconds of one decode step of :data:`DECODE_PRESET` per batch
+    size of ``opts.decode_batches``: list of (B, seconds).
+
+    The preset's synthetic weights (seed ``opts.seed``) go to ``backend``
+    (16-bit on a GPU: its numerics contract); each batch is prefilled with
+    random prompts of DECODE_PROMPT tokens, then every step, warm-up
+    included, feeds one token per sequence and advances the cache (the
+    logits come back to the host, as the scheduler needs them).  clock: an
+    object whose ``median_s(fn, opts)`` times fn (CUDA events on a GPU).
+    """
+    cfg = model_config(DECODE_PRESET)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f'{DECODE_PRESET}.h5')
+        write_synthetic(cfg, path, seed=opts.seed)
+        with WeightFile(path) as wf:
+            tensors = backend.weights(wf.read_nonexpert())
+            experts = {i: [backend.weights(wf.read_expert(i, e)) for e in range(cfg.n_experts)]
+                       for i in cfg.moe_layers}
+    model = ReferenceModel(cfg, tensors, experts)
+    rng = np.random.default_rng(opts.seed)
+    steps = opts.warmup + opts.repeats
+    out = []
+    for B in opts.decode_batches:
+        lengths = rng.integers(DECODE_PROMPT[0], DECODE_PROMPT[1] + 1, B)
+        need = lengths + steps
+        cache = model.front.new_cache(BLOCK_TOKENS * int(blocks_for(need).sum()), B)
+        seqs = np.array([cache.allocate(int(n)) for n in need])
+        model.forward(rng.integers(0, cfg.vocab_size, int(lengths.sum())), cache, seqs, lengths)
+        tokens, ones = rng.integers(0, cfg.vocab_size, B), np.ones(B, np.int64)
+        out.append((B, clock.median_s(lambda: model.forward(tokens, cache, seqs, ones), opts)))
+    return out
+
+
 # -------------------------------------------------------------- MPI transfer
 
 def _transfer_figures(world, backend, cfg, opts, modes):
@@ -303,7 +357,7 @@ def _recv(world, backend, staging, mode, rows, peer):
 
 # -------------------------------------------------------------- report
 
-def _print_table(backend, cfg, opts, lines, gemm, moe, transfer, modes):
+def _print_table(backend, cfg, opts, lines, gemm, moe, decode, transfer, modes):
     xp = backend.xp
     props = xp.cuda.runtime.getDeviceProperties(backend.device)
     name = props['name'].decode() if isinstance(props['name'], bytes) else props['name']
@@ -334,6 +388,11 @@ def _print_table(backend, cfg, opts, lines, gemm, moe, transfer, modes):
               f'outputs differ by relative L2 {moe["rel_diff"]:.2g} (one bf16 rounding: 3.9e-3)')
     else:
         print('  PyTorch baseline left out (--no-torch, or no PyTorch with CUDA here)')
+    print(f'decode step: {DECODE_PRESET} preset, whole model on one GPU, prompts of '
+          f'{DECODE_PROMPT[0]}..{DECODE_PROMPT[1]} tokens')
+    print(f'  {"B":>6s}{"ms/step":>10s}{"ms/seq":>10s}{"tokens/s":>12s}')
+    for B, t in decode:
+        print(f'  {B:6d}{1e3 * t:10.2f}{1e3 * t / B:10.3f}{B / t:12.0f}')
     if transfer is None:
         print('MPI transfer: needs 2 ranks (mpiexec -n 2 python -m mpi4py -m mpimoe bench gpu)')
         return

@@ -197,7 +197,8 @@ def _cmd_bench(args):
 
 def _cmd_bench_gpu(args):
     from mpimoe.bench.gpu import GpuBenchOptions, run_gpu_bench
-    opts = GpuBenchOptions(gemm_tokens=args.gemm_tokens, square=args.square,
+    opts = GpuBenchOptions(gemm_tokens=args.gemm_tokens, decode_batches=args.decode_batches,
+                           square=args.square,
                            moe_tokens=args.moe_tokens, sizes_mb=args.sizes_mb,
                            repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                            torch=not args.no_torch, mpi_gpu=args.mpi_gpu,
@@ -392,7 +393,8 @@ def _build_parser():
 
     p = bench.add_parser('gpu', help='GEMM, MoE-layer and MPI transfer figures of a GPU',
                          description='Time BF16 GEMMs and the expert stage by token count, '
-                         'one MoE layer against a PyTorch loop over experts, and (on 2 ranks) '
+                         'one MoE layer against a PyTorch loop over experts, a decode step of '
+                         'the small preset by batch size, and (on 2 ranks) '
                          'MPI transfers of device rows, direct and host-staged. Needs CuPy '
                          'and a CUDA GPU. Launch as: mpiexec -n 2 python -m mpi4py -m mpimoe '
                          'bench gpu')
@@ -400,6 +402,10 @@ def _build_parser():
                    default=GpuBenchOptions.gemm_tokens, metavar='N,N,...',
                    help='token counts of the GEMM figures (default '
                    f'{",".join(map(str, GpuBenchOptions.gemm_tokens))})')
+    p.add_argument('--decode-batches', type=_number_list(int),
+                   default=GpuBenchOptions.decode_batches, metavar='B,B,...',
+                   help='batch sizes of the decode-step figures on the small preset (default '
+                   f'{",".join(map(str, GpuBenchOptions.decode_batches))})')
     p.add_argument('--sizes-mb', type=_number_list(float), default=GpuBenchOptions.sizes_mb,
                    metavar='MB,MB,...', help='message sizes of the transfer figures (default '
                    f'{",".join(map(str, GpuBenchOptions.sizes_mb))})')
