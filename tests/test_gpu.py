@@ -307,6 +307,35 @@ def test_host_staging_buffers_are_pinned_and_ordered(gpu):
 
 # ---------------------------------------------------------------- mpimoe bench gpu
 
+def test_compute_spans_count_device_time(gpu):
+    """On a GPU a compute span counts the time its kernels ran, not the time
+    the host took to queue them: ten FP32 4096^3 matmuls queued in a
+    'compute' span count what CUDA events around the same queued work
+    measure (within a factor of 2: the same kernels, another run), while a
+    'pack' span (host time) around queueing them again returns long before
+    they ran.  Read at summary, after the spans closed."""
+    from mpimoe.runtime.metrics import Timers
+    a = cupy.random.default_rng(7).standard_normal((4096, 4096), dtype=np.float32)
+    work = lambda: [a @ a for _ in range(10)]  # noqa: E731
+    work()
+    cupy.cuda.get_current_stream().synchronize()
+    timers = Timers(cuda=cupy.cuda)
+    with timers.span('expert', 'compute'):
+        work()
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record()
+    work()
+    stop.record()
+    stop.synchronize()
+    events_s = cupy.cuda.get_elapsed_time(start, stop) / 1e3
+    with timers.span('permute', 'pack'):
+        work()
+    got = timers.summary()['stage_s']
+    cupy.cuda.get_current_stream().synchronize()
+    assert events_s / 2 <= got['expert'] <= 2 * events_s
+    assert got['permute'] < events_s / 2
+
+
 def test_gpu_bench_prints_its_table(capsys):
     from mpimoe.bench.gpu import GpuBenchOptions, run_gpu_bench
     opts = GpuBenchOptions(gemm_tokens=(128, 1024), decode_batches=(8, 64), square=2048,

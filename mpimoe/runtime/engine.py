@@ -80,7 +80,7 @@ def _run(opts, world, stop, held):
     _setup_logging(opts, world.rank)
     backend, mode = _select_backend(opts, world)
     threads = _size_threads(opts, world)
-    timers = Timers(trace=bool(opts.trace))
+    timers = Timers(trace=bool(opts.trace), cuda=backend.xp.cuda if backend.is_gpu else None)
     t_start = time.perf_counter()
     with WeightFile(opts.weights) as wf:
         cfg = wf.config
