@@ -307,6 +307,24 @@ def test_host_staging_buffers_are_pinned_and_ordered(gpu):
 
 # ---------------------------------------------------------------- mpimoe bench gpu
 
+def test_counts_come_back_while_the_host_polls(gpu):
+    """Backend.to_host (the row counts of a dispatch) waits for the kernels
+    queued before it, calling poll() meanwhile (MPI progress), and returns
+    the values in page-locked memory; wait_polling likewise."""
+    a = cupy.random.default_rng(8).standard_normal((4096, 4096), dtype=np.float32)
+    calls = []
+    [a @ a for _ in range(5)]                                     # some ms of work queued
+    counts = cupy.arange(7, dtype=cupy.int64) * 3
+    host = gpu.to_host(counts, lambda: calls.append(1))
+    assert host.tolist() == [0, 3, 6, 9, 12, 15, 18] and len(calls) > 0
+    assert cupy.cuda.runtime.pointerGetAttributes(host.ctypes.data).type == \
+        cupy.cuda.runtime.memoryTypeHost
+    calls.clear()
+    [a @ a for _ in range(5)]
+    gpu.wait_polling(lambda: calls.append(1))
+    assert len(calls) > 0 and cupy.cuda.get_current_stream().done
+
+
 def test_compute_spans_count_device_time(gpu):
     """On a GPU a compute span counts the time its kernels ran, not the time
     the host took to queue them: ten FP32 4096^3 matmuls queued in a

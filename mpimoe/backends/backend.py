@@ -38,7 +38,7 @@ from mpimoe.errors import ConfigError, UsageError
 __all__ = ['DTYPES', 'BACKENDS', 'MPI_GPU_MODES', 'storage_dtype', 'to_words', 'from_words',
            'round16', 'array_module', 'to_numpy', 'CudaProbe', 'probe_cuda', 'cuda_problem',
            'choose_backend', 'Backend', 'mpi_cuda_support',
-           'mpi_gpu_mode', 'grown_capacity', 'Rows', 'HostStaging']
+           'mpi_gpu_mode', 'grown_capacity', 'Rows', 'HostStaging', 'poll_until']
 
 #: dtype name -> NumPy dtype of the 16-bit storage type
 DTYPES = {'bfloat16': np.dtype(ml_dtypes.bfloat16), 'float16': np.dtype(np.float16)}
@@ -217,17 +217,24 @@ class Backend:
         if self.is_gpu:
             self.xp.cuda.get_current_stream().synchronize()
 
-    def wait_polling(self, poll):
+    def wait_polling(self, poll=None):
         """Block until the work queued so far on the current stream is done,
         calling ``poll()`` meanwhile (no-op on NumPy, where it is done): the
         host keeps MPI's transfers of other micro-batches moving while the GPU
-        computes, which is where their overlap comes from."""
+        computes, which is where their overlap comes from.  Without ``poll``
+        a plain synchronisation."""
+        if self.is_gpu:
+            poll_until(self.xp.cuda.get_current_stream().record(), poll)
+
+    def to_host(self, a, poll=None):
+        """A host copy of a small device array (row counts), ``poll()`` called
+        while it is computed and copied (:func:`poll_until`); NumPy: ``a``."""
         if not self.is_gpu:
-            return
-        done = self.xp.cuda.get_current_stream().record()
-        while not done.done:
-            poll()
-            time.sleep(_POLL_NAP_S)
+            return a
+        host = self.empty_pinned(a.shape, a.dtype)
+        a.get(out=host, blocking=False)
+        poll_until(self.xp.cuda.get_current_stream().record(), poll)
+        return host
 
     def weights(self, tensors):
         """Weight arrays as the math takes them: dict name -> 16-bit host array
@@ -452,8 +459,19 @@ class HostStaging:
         self.wait()
         self._done = self.backend.copy(self.inp.view(len(rows)), rows, self.stream)
 
-    def wait(self):
-        """Block until the last copy is done; then its host buffer may be reused."""
+    def wait(self, poll=None):
+        """Block until the last copy is done, calling ``poll()`` meanwhile if
+        given; then its host buffer may be reused."""
         if self._done is not None:
-            self._done.synchronize()
+            poll_until(self._done, poll)
             self._done = None
+
+
+def poll_until(event, poll=None):
+    """Block until CUDA ``event`` is done, calling ``poll()`` (and napping a
+    few microseconds) while it is not; without ``poll`` a plain wait."""
+    if poll is not None:
+        while not event.done:
+            poll()
+            time.sleep(_POLL_NAP_S)
+    event.synchronize()

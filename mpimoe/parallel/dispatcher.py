@@ -11,7 +11,7 @@ micro-batches, calling :meth:`MPIDispatcher.poll` to progress the transfers.
 
 import numpy as np
 
-from mpimoe.backends.backend import from_words, storage_dtype, to_numpy, to_words
+from mpimoe.backends.backend import from_words, storage_dtype, to_words
 from mpimoe.moe.experts import permute
 from mpimoe.moe.layer import NoTimers
 from mpimoe.moe.router import spread_copies
@@ -54,9 +54,11 @@ class MPIDispatcher:
             if n:
                 words = to_words(h.astype(storage_dtype(cfg.dtype)))            # [T, d] uint16
                 _, order, per_key = permute(words, key, n_keys, out=slot.out.view(n))
-                counts = to_numpy(per_key).reshape(lc.size, lc.k).astype(np.int32)
+                # the one copy to the host per layer and micro-batch: MPI needs the counts
+                counts = slot.backend.to_host(per_key, self.poll).reshape(lc.size, lc.k) \
+                    .astype(np.int32)
         with self.timers.span('dispatch', 'pack', **where):
-            slot.frontend_start(lc, counts, n)
+            slot.frontend_start(lc, counts, n, self.poll)
         self.bytes_sent[handle.layer - cfg.n_dense_layers] += 2 * n * cfg.d_model * cfg.itemsize
         return order
 

@@ -72,17 +72,18 @@ class Slot:
 
     # -- front-end side -------------------------------------------------------
 
-    def frontend_start(self, lc, send_counts, n_rows):
+    def frontend_start(self, lc, send_counts, n_rows, poll=None):
         """Dispatch ``out[:n_rows]`` and post the receive of its results.
 
         send_counts: int32 [lc.size, K] rows per (destination, local expert),
-        the rows in ``out`` grouped in that order.
+        the rows in ``out`` grouped in that order; poll(): called while the
+        GPU finishes writing the rows (other slots' transfers progress).
         """
         self.wait()
         per_peer = send_counts.sum(axis=1).astype(np.int32)
         zeros = np.zeros(lc.size, dtype=np.int32)
         displ = _displacements(per_peer)
-        out = self._send_view(n_rows)
+        out = self._send_view(n_rows, poll)
         self.reqs = [
             lc.counts.Ialltoall(np.ascontiguousarray(send_counts, dtype=np.int32),
                                 np.empty_like(send_counts, dtype=np.int32)),
@@ -132,12 +133,13 @@ class Slot:
         self.wait(poll)
         return self.received(int(self.peer_counts.sum())), self.peer_counts
 
-    def expert_send(self, n_rows):
-        """Send ``out[:n_rows]`` back, in the order the rows arrived."""
+    def expert_send(self, n_rows, poll=None):
+        """Send ``out[:n_rows]`` back, in the order the rows arrived (poll: as
+        in :meth:`frontend_start`)."""
         lc = self.lc
         per_peer = self.peer_counts.sum(axis=1).astype(np.int32)
         zeros = np.zeros(lc.size, dtype=np.int32)
-        self.reqs = [lc.combine.Ialltoallv([self._send_view(n_rows),
+        self.reqs = [lc.combine.Ialltoallv([self._send_view(n_rows, poll),
                                            (per_peer, _displacements(per_peer)), self.rowtype],
                                           [self.none, (zeros, zeros), self.rowtype])]
         self.what = f'results to ranks {_nonzero(lc.ranks, per_peer)}'
@@ -152,15 +154,16 @@ class Slot:
             self.staging.upload(rows)
         return rows
 
-    def _send_view(self, n_rows):
+    def _send_view(self, n_rows, poll=None):
         """``out[:n_rows]`` as MPI may read it now: the rows themselves once the
-        stream that wrote them is done, or (host mode) their pinned copy."""
+        stream that wrote them is done, or (host mode) their pinned copy;
+        ``poll()`` is called while waiting for either."""
         rows = self.out.view(n_rows)
         if self.staging is None:
-            self.backend.synchronize()
+            self.backend.wait_polling(poll)
             return rows
         host = self.staging.download(rows)
-        self.staging.wait()
+        self.staging.wait(poll)
         return host
 
     def _recv_view(self, n_rows):

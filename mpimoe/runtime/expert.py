@@ -76,7 +76,7 @@ class ExpertRank(Role):
                 out = slot.out.view(len(words))
                 out[slice(None) if regroup is None else regroup] = \
                     to_words(y.astype(storage_dtype(cfg.dtype), copy=False))
-                slot.expert_send(len(words))
+                slot.expert_send(len(words), self._poll)
 
     def _regroup(self, counts):
         """Rows arrive grouped by (sending peer, local expert); the order that
