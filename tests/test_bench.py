@@ -18,6 +18,11 @@ def test_moe_layer_bench_runs_and_matches_the_local_layer(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert re.search(r'RATIO layer / GEMMs only \(\d threads\)\s+\d', proc.stdout), proc.stdout
     assert 'check: max |layer - single-process moe_local| = 0' in proc.stdout, proc.stdout
+    m = re.search(r'overlap efficiency (-?[\d.]+) = \(T_comm ([\d.]+) \+ T_comp ([\d.]+) - '
+                  r'T_layer ([\d.]+)\)', proc.stdout)
+    assert m, proc.stdout
+    eff, comm, comp, layer = map(float, m.groups())
+    assert comm > 0 and comp > 0 and layer > 0
     # the measured rate is what `mpimoe plan --calibration` reads
     constants = load_calibration(cal)
     assert constants['gemm_tflops'] > 0 and constants['gemm_efficiency'] == 1.0

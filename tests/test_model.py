@@ -514,3 +514,15 @@ def test_key_counts_equal_bincount():
         keys = rng.integers(0, n_keys, n)
         assert key_counts(np.sort(keys), n_keys).tolist() == \
             np.bincount(keys, minlength=n_keys).tolist()
+
+
+def test_regroup_order_is_the_stable_sort_by_expert():
+    """The expert rank's regroup (rows arriving by (peer, local expert),
+    computed by (expert, peer)) equals a stable argsort of the rows' expert
+    labels, with empty blocks, one peer, and 3904 peers."""
+    from mpimoe.runtime.expert import regroup_order
+    rng = np.random.default_rng(13)
+    for size, k in ((3, 2), (1, 4), (5, 3), (3904, 2)):
+        counts = rng.integers(0, 4, (size, k)) * rng.integers(0, 2, (size, k))
+        labels = np.repeat(np.tile(np.arange(k), size), counts.ravel())
+        assert regroup_order(counts).tolist() == np.argsort(labels, kind='stable').tolist()

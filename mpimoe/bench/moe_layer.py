@@ -17,7 +17,17 @@ control protocol (mpimoe.runtime.role):
    with 1;
 2. the distributed layer, every rank at 1 BLAS thread: rank 0 dispatches
    every micro-batch, then combines each (as the layer loop,
-   mpimoe.model.forward, does); the expert ranks serve the layer.
+   mpimoe.model.forward, does); the expert ranks serve the layer;
+3. the same layer with experts that send their rows back unchanged (no
+   GEMM): the transfers and the front-end's stages alone.
+
+From 2 and 3 and the slowest expert rank's compute stage in 2 comes the
+*overlap efficiency* ``(T_comm + T_comp - T_layer) / min(T_comm, T_comp)``
+(T_comm: 3; T_comp: the compute; T_layer: 2): 1 when the transfers hide
+entirely behind the experts' GEMMs (or these behind them), 0 when the two
+run one after the other.  Where ranks share cores (more ranks than cores)
+they also compete for them, which this figure cannot tell from a lack of
+overlap: run it with a core per rank (``mpiexec -n 2`` on 2 cores).
 
 The RATIO divides the layer time by the GEMMs with all cores' threads: the P
 ranks share those same cores, so the ratio is the price of routing, packing,
@@ -198,6 +208,7 @@ def _frontend_rounds(role, layer, opts, blas):
         before = _snapshot(role.timers)
         y = _timed(r, 'layer', _layer_pass, role, layer, hs)
         r.update(_since(role.timers, before))
+        _timed(r, 'echo', _layer_pass, role, layer, hs)
         rounds.append(r)
     # at this rank's BLAS threads, which the expert ranks have too: OpenBLAS
     # sums in another order on another number of threads
@@ -219,9 +230,17 @@ def _expert_rounds(role, layer):
         before = _snapshot(role.timers)
         role.serve_layer(layer)
         rounds.append(_since(role.timers, before))
+        compute, role.compute = role.compute, _echo
+        role.serve_layer(layer)
+        role.compute = compute
     for s in role.slots:
         s.wait()
     return rounds
+
+
+def _echo(rows, *args, **kwargs):
+    """An expert stage that computes nothing: the rows go back unchanged."""
+    return rows
 
 
 def idle(world, deadline_s):
@@ -348,6 +367,14 @@ def _print_table(opts, cfg, plan, s, rows):
         print(f'  {label:46s}' + ('' if pair is None else
                                   ''.join(f'{v:10.{digits}f}' for v in pair)))
     print(f'  check: max |layer - single-process moe_local| = {s["error"]:.3g}')
+    comm = f['echo'][0]
+    comp = max(row.get('stage expert', (0.0,))[0] for row in rows[1:])
+    overlap = (comm + comp - f['layer'][0]) / min(comm, comp) if min(comm, comp) > 0 else 0.0
+    print(f'  overlap efficiency {overlap:.2f} = (T_comm {comm:.4f} + T_comp {comp:.4f} - '
+          f'T_layer {f["layer"][0]:.4f}) / min(T_comm, T_comp), medians; T_comm: the layer '
+          'with experts that echo their rows, T_comp: the slowest expert rank\'s expert stage'
+          + ('' if plan.world_size <= c else
+             f' ({plan.world_size} ranks on {c} cores compete for them: a lower bound)'))
     print('  per rank, median seconds per layer (engine timers; cpu: this process)')
     print(f'  {"rank":>6s}  {"role":12s}' + ''.join(f'{k:>10s}' for k in _CATEGORIES + ('cpu',)))
     for r, row in enumerate(rows):

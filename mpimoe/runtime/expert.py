@@ -16,10 +16,22 @@ from mpimoe.backends.backend import from_words, storage_dtype, to_words
 from mpimoe.moe.experts import run_experts
 from mpimoe.runtime.role import MORE, Role
 
-__all__ = ['ExpertRank', 'POLL_ROWS']
+__all__ = ['ExpertRank', 'POLL_ROWS', 'regroup_order']
 
 #: rows an expert computes between two polls of the transfers in flight
 POLL_ROWS = 1024
+
+
+def regroup_order(counts):
+    """The order that groups rows arriving grouped by (peer, local expert) by
+    (local expert, peer), each block's rows in arrival order: counts int
+    [size, K] -> int64 [n], row ``i`` of the result the arriving row it
+    takes (a stable sort by expert, built in O(n) without sorting)."""
+    counts = np.asarray(counts, np.int64)
+    start = (np.cumsum(counts.ravel()) - counts.ravel()).reshape(counts.shape)   # [size, K]
+    by_expert = counts.T.ravel()                                       # blocks in new order
+    first = np.cumsum(by_expert) - by_expert                           # their new offsets
+    return np.repeat(start.T.ravel() - first, by_expert) + np.arange(int(counts.sum()))
 
 
 class ExpertRank(Role):
@@ -85,8 +97,7 @@ class ExpertRank(Role):
         size, k = counts.shape
         if k == 1 or np.count_nonzero(counts.sum(axis=1)) <= 1:
             return None
-        labels = np.repeat(np.tile(np.arange(k), size), counts.ravel())
-        return self.backend.asarray(np.argsort(labels, kind='stable'))
+        return self.backend.asarray(regroup_order(counts))
 
     def _poll(self):
         """Post row receives whose counts arrived (in micro-batch order), test sends."""
