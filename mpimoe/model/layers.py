@@ -2,7 +2,8 @@
 mpimoe.model.attention; the KV cache: mpimoe.model.kvcache; the front-end
 that wires them: mpimoe.model.frontend).
 
-Everything here is FP32 arithmetic on arrays of one array module (NumPy, or CuPy
+Everything here is FP32 arithmetic (but the 16-bit GEMM products stated
+below) on arrays of one array module (NumPy, or CuPy
 through NumPy's dispatch; arrays are created with the module of the input,
 mpimoe.backends.backend.array_module).  A batch is *packed*: ``x [T, d]`` holds the new
 tokens of several sequences back to back, ``ntok [B]`` of them for sequence
