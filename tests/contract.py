@@ -102,7 +102,10 @@ TIE_RTOL = 2.0 ** -5
 # 11 u rms (experts-only: 2.4 u), above TIE_RTOL.  Greedy choices of a GPU run
 # are therefore accepted within 32 u = 2^-3 of the row's RMS, three times the
 # 99th percentile.  The maxima of both (45 u, 238 u) are routing flips
-# (point 3 above), not covered, as for the FP32 contract.
+# (point 3 above), not covered, as for the FP32 contract.  On `small` (48
+# sequences x 16 steps) routing flips reach the 99th percentile (12 u relative
+# L2, 90 u spread; the experts-only contract alike: 17 u, 119 u; medians 0.64 u
+# and 0.35 u): the GPU tests compare the whole model on tiny only.
 
 #: TIE_RTOL for a GPU run against the FP32 reference (argued above)
 GPU_TIE_RTOL = 2.0 ** -3
