@@ -17,9 +17,9 @@ files are kept, and a reference output already there is reused (same
 preset, --seqs and --new only).
 
 ``gpu-contract`` runs the model with its 16-bit weights on NumPy (the GPU's
-numerics contract, mpimoe.model.layers) against the FP32 reference,
-teacher-forced on the reference's greedy tokens, in batches of ``--chunk``,
-and prints the same per-row statistics.
+numerics contract, mpimoe.model.layers) against the FP32 reference, both
+teacher-forced on the reference's greedy tokens in one batch, and prints the
+same per-row statistics.
 
 ``batching`` runs the reference in one process three ways on the same tokens
 (teacher-forced on its own greedy choice): one batch of every sequence (A),
@@ -51,7 +51,7 @@ from mpimoe.io.inputs import read_inputs, write_synthetic_inputs
 from mpimoe.io.outputs import read_outputs  # noqa: E402
 from mpimoe.runtime.options import JobOptions
 from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for  # noqa: E402
-from mpimoe.model.reference import ReferenceModel, load_reference, run_reference  # noqa: E402
+from mpimoe.model.reference import load_reference, run_reference  # noqa: E402
 from mpirun import mpiexec  # noqa: E402
 
 U = 2.0 ** -8
@@ -128,7 +128,7 @@ def _describe(what, other, a):
 
 def batching(args, d):
     import mpimoe.model.layers
-    import mpimoe.moe.experts
+    import mpimoe.moe.local
     weights, inputs = _setup(args, d)
     with WeightFile(weights) as wf:
         model = load_reference(wf)
@@ -139,7 +139,7 @@ def batching(args, d):
     b = np.concatenate([_teacher(model, prompts[i:i + args.chunk], tokens[i:i + args.chunk])
                         for i in range(0, len(prompts), args.chunk)], axis=1)
     # U: expert_ffn and moe_local without their 16-bit roundings
-    mpimoe.model.layers.round16 = mpimoe.moe.experts.round16 = lambda x, dtype: x
+    mpimoe.model.layers.round16 = mpimoe.moe.local.round16 = lambda x, dtype: x
     unrounded = _teacher(model, prompts, tokens)
     print(f'{args.preset}, {args.seqs} sequences x {args.new} steps ({a.shape[0] * a.shape[1]} '
           f'rows); TIE_RTOL {TIE_RTOL:.3g} = {TIE_RTOL / U:.0f} u, LOGIT_RTOL {LOGIT_RTOL:.3g}')
@@ -157,17 +157,11 @@ def gpu_contract(args, d):
     FP32 reference, teacher-forced on the reference's greedy tokens."""
     weights, inputs = _setup(args, d)
     with WeightFile(weights) as wf:
-        model = load_reference(wf)
-        cfg = wf.config
-        g = ReferenceModel(cfg, wf.read_nonexpert(),
-                           {i: [wf.read_expert(i, e) for e in range(cfg.n_experts)]
-                            for i in cfg.moe_layers})
+        model, g, cfg = load_reference(wf), load_reference(wf, dict), wf.config
     seqs = read_inputs(inputs, cfg.vocab_size)
     prompts = [seqs.seq(i) for i in range(len(seqs))]
     tokens = np.stack(model.generate(prompts, args.new)[0])
-    a = _teacher(model, prompts, tokens)
-    gpu = np.concatenate([_teacher(g, prompts[i:i + args.chunk], tokens[i:i + args.chunk])
-                          for i in range(0, len(prompts), args.chunk)], axis=1)
+    a, gpu = _teacher(model, prompts, tokens), _teacher(g, prompts, tokens)   # one batch each
     print(f'{args.preset}, {args.seqs} sequences x {args.new} steps ({a.shape[0] * a.shape[1]} '
           f'rows); TIE_RTOL {TIE_RTOL:.3g} = {TIE_RTOL / U:.0f} u, LOGIT_RTOL {LOGIT_RTOL:.3g}')
     _describe('GPU contract - A', gpu, a)

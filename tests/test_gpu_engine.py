@@ -5,7 +5,7 @@ Every rank of a job shares the one GPU of the test machine (several ranks
 per device is how the multi-GPU paths run there).  Tolerances are
 tests/contract.py's: the GPU contract (16-bit GEMM inputs on the front-end,
 16-bit expert products) differs from the CPU's FP32 one by about 0.6 u
-relative L2 per row of logits (99th percentile 1.9 u), inside LOGIT_RTOL =
+relative L2 per row of logits (99th percentile 2.0 u), inside LOGIT_RTOL =
 8 u, and greedy tokens may differ only after a near-tie of the reference's
 top two logits, within GPU_TIE_RTOL (tests/contract.py argues both).
 Host staging and device buffers hand MPI the same words, so the two modes

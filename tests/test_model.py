@@ -20,7 +20,7 @@ from mpimoe.io.inputs import read_inputs
 from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for
 from mpimoe.model.layers import apply_rope, expert_ffn, ffn, rms_norm, rope_tables
 from mpimoe.moe.local import moe_local
-from mpimoe.model.reference import ReferenceModel, load_reference
+from mpimoe.model.reference import load_reference
 from mpimoe.moe.router import expert_counts, key_counts, route
 
 
@@ -490,10 +490,7 @@ def test_gpu_contract_on_numpy_within_its_bounds(tiny_weights, tiny_inputs):
     16-bit path (a product written in FP32 or a wrong operand) fails the
     first assertion or moves logits by O(1)."""
     with WeightFile(tiny_weights) as wf:
-        ref, cfg = load_reference(wf), wf.config
-        gpu = ReferenceModel(cfg, wf.read_nonexpert(),
-                             {i: [wf.read_expert(i, e) for e in range(cfg.n_experts)]
-                              for i in cfg.moe_layers})
+        ref, gpu, cfg = load_reference(wf), load_reference(wf, dict), wf.config
     seqs = read_inputs(tiny_inputs, cfg.vocab_size)
     prompts = [seqs.seq(i) for i in range(len(seqs))]
     got, _ = gpu.generate(prompts, 8)

@@ -61,9 +61,10 @@ CUBLAS_NO_REDUCED_PRECISION_REDUCTION = 16
 
 _INSTALL_HINT = "pip install -e '.[gpu]'"
 
-#: seconds between two polls of MPI while the GPU computes (a few microseconds
-#: per poll; the kernels of a micro-batch run for 100 us and more)
-_POLL_NAP_S = 2e-5
+#: seconds slept between two polls of MPI while the GPU computes: 0 yields the
+#: core without a timer (a nap of any length takes Linux's timer slack, ~50-100
+#: us, against kernels of ~100 us); a GPU rank has its core to itself
+_POLL_NAP_S = 0
 
 
 def storage_dtype(name):

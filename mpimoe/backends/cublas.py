@@ -51,7 +51,7 @@ def gemm_f32(a, b):
         return c
     a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
     t = CUDA_TYPES[a.dtype.name]
-    handle = device.get_cublas_handle()
+    handle = device.get_cublas_handle()     # CuPy's gemmEx sets its stream: the current one
     mode = cublas.getPointerMode(handle)
     cublas.setPointerMode(handle, CUBLAS_POINTER_MODE_HOST)
     try:

@@ -38,7 +38,7 @@ from mpimoe.backends.binding import bind_early
 from mpimoe.checkpoint.weights import WeightFile
 from mpimoe.checkpoint.writer import write_synthetic
 from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for
-from mpimoe.model.reference import ReferenceModel
+from mpimoe.model.reference import load_reference
 from mpimoe.model.config import model_config
 from mpimoe.errors import ConfigError, UsageError
 from mpimoe.model.layers import expert_ffn
@@ -278,10 +278,7 @@ def decode_figures(backend, opts, clock):
         path = os.path.join(tmp, f'{DECODE_PRESET}.h5')
         write_synthetic(cfg, path, seed=opts.seed)
         with WeightFile(path) as wf:
-            tensors = backend.weights(wf.read_nonexpert())
-            experts = {i: [backend.weights(wf.read_expert(i, e)) for e in range(cfg.n_experts)]
-                       for i in cfg.moe_layers}
-    model = ReferenceModel(cfg, tensors, experts)
+            model = load_reference(wf, backend.weights)
     rng = np.random.default_rng(opts.seed)
     steps = opts.warmup + opts.repeats
     out = []

@@ -19,7 +19,8 @@ control protocol (mpimoe.runtime.role):
    every micro-batch, then combines each (as the layer loop,
    mpimoe.model.forward, does); the expert ranks serve the layer;
 3. the same layer with experts that send their rows back unchanged (no
-   GEMM): the transfers and the front-end's stages alone.
+   GEMM): the transfers and every stage but the expert's (routing and
+   packing on the front-end, unpacking and packing on the expert ranks).
 
 From 2 and 3 and the slowest expert rank's compute stage in 2 comes the
 *overlap efficiency* ``(T_comm + T_comp - T_layer) / min(T_comm, T_comp)``

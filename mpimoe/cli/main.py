@@ -391,7 +391,8 @@ def _build_parser():
                    '`mpimoe plan --calibration`')
     p.set_defaults(func=_cmd_bench)
 
-    p = bench.add_parser('gpu', help='GEMM, MoE-layer and MPI transfer figures of a GPU',
+    p = bench.add_parser('gpu', help='GEMM, MoE-layer, decode-step and MPI transfer figures '
+                         'of a GPU',
                          description='Time BF16 GEMMs and the expert stage by token count, '
                          'one MoE layer against a PyTorch loop over experts, a decode step of '
                          'the small preset by batch size, and (on 2 ranks) '

@@ -19,8 +19,8 @@ class FrontEnd:
     norms, routers and LM head; what a front-end rank holds.
 
     tensors: dict name -> array, names as in weights/FORMAT.md: float32 (NumPy
-    backend) or 16-bit device arrays (CuPy: widened to FP32 at use; the routers,
-    small, once here).
+    backend) or 16-bit device arrays (CuPy: read as they are by the GEMMs,
+    mpimoe.model.layers.mm32; the routers, small, widened to FP32 once here).
 
     :meth:`logits` refuses NaN or Inf logits (DataError, exit 65: the weights are
     finite, the loader checks, so the model's own numbers overflowed; no rerun
@@ -113,8 +113,8 @@ class FrontEnd:
         return self._sum(ffn(h, self.dense[i], self.cfg.expert_kind))
 
     def shared_ffn(self, i, h):
-        """The shared experts of MoE layer i (as one MLP, FP32 like the dense
-        ones), gated by ``sigmoid(h @ shared_gate)`` where the model has the
+        """The shared experts of MoE layer i (as one MLP, with the dense ones'
+        arithmetic: mpimoe.model.layers.mm32), gated by ``sigmoid(h @ shared_gate)`` where the model has the
         gate: h [T, d] -> [T, d] (``self.shared`` is empty without them)."""
         y = self._sum(ffn(h, self.shared[i], self.cfg.expert_kind))
         if self.cfg.shared.gate:

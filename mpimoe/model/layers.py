@@ -186,8 +186,8 @@ def expert_ffn(x16, w, kind, dtype):
     difference of an expert's output is about u (bfloat16: 3.9e-3; measured
     0.94 u to 1.09 u on Gaussian data, d = 64 .. 7168, per row at most 1.25 u
     from d = 1024), the size of one bf16 rounding, where a bug gives O(1).
-    Through a model the difference stays that small: the tiny preset's logits
-    moved by at most 0.4 u (relative L2) between the two contracts.
+    Through a whole model (with the front-end's 16-bit GEMM inputs as well)
+    benchmarks/numerics.py gpu-contract measures it (README, *Numerics*).
     """
     # an overflow here (an expert rank) ends in NaN/Inf logits, which the
     # front-end refuses in one message (FrontEnd.logits); no NumPy warnings

@@ -11,6 +11,7 @@ scheduler and the sampler are the engine's own; only the dispatcher differs
 import numpy as np
 
 from mpimoe import __version__
+from mpimoe.backends.backend import Backend
 from mpimoe.model.forward import forward
 from mpimoe.model.frontend import FrontEnd
 from mpimoe.moe.local import LocalDispatcher
@@ -69,13 +70,20 @@ class ReferenceModel:
         return [results[i] for i in range(len(prompts))]
 
 
-def load_reference(wf):
-    """Read a whole :class:`~mpimoe.checkpoint.weights.WeightFile` into a ReferenceModel."""
+def load_reference(wf, weights=None):
+    """Read a whole :class:`~mpimoe.checkpoint.weights.WeightFile` into a ReferenceModel.
+
+    weights: dict name -> 16-bit host array -> dict name -> array as the
+    math takes them (mpimoe.backends.backend.Backend.weights); default:
+    NumPy's FP32 copies (the reference); ``dict``: the 16-bit arrays
+    themselves, with which NumPy computes the GPU's contract
+    (mpimoe.model.layers).
+    """
     cfg = wf.config
-    tensors = {k: v.astype(np.float32) for k, v in wf.read_nonexpert().items()}
-    experts = {i: [{m: a.astype(np.float32) for m, a in wf.read_expert(i, e).items()}
-                   for e in range(cfg.n_experts)] for i in cfg.moe_layers}
-    return ReferenceModel(cfg, tensors, experts)
+    weights = weights or Backend('numpy').weights
+    experts = {i: [weights(wf.read_expert(i, e)) for e in range(cfg.n_experts)]
+               for i in cfg.moe_layers}
+    return ReferenceModel(cfg, weights(wf.read_nonexpert()), experts)
 
 
 def run_reference(opts, log=print):

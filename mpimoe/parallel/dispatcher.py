@@ -54,7 +54,10 @@ class MPIDispatcher:
             if n:
                 words = to_words(h.astype(storage_dtype(cfg.dtype)))            # [T, d] uint16
                 _, order, per_key = permute(words, key, n_keys, out=slot.out.view(n))
-                # the one copy to the host per layer and micro-batch: MPI needs the counts
+        if n:
+            # the one copy to the host per layer and micro-batch (MPI needs the
+            # counts); on a GPU it waits for the kernels queued so far: a wait
+            with self.timers.span('counts', 'wait', **where):
                 counts = slot.backend.to_host(per_key, self.poll).reshape(lc.size, lc.k) \
                     .astype(np.int32)
         with self.timers.span('dispatch', 'pack', **where):

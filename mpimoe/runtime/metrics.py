@@ -12,7 +12,9 @@ the time to enqueue them: there a ``compute`` span records a CUDA event
 before and after it on the current stream and counts the device time
 between them, read once the events are done: as later
 spans close, and all at :meth:`Timers.summary`.  Other categories (waits,
-packing, I/O) stay host time.
+packing, I/O) stay host time.  In the trace a device-timed span starts
+where the host queued it and lasts its device time, so it may overlap the
+host spans that follow it.
 """
 
 import time
