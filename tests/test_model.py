@@ -486,9 +486,9 @@ def test_gpu_contract_on_numpy_within_its_bounds(tiny_weights, tiny_inputs):
     the FP32 reference on the test prompts, 8 greedy tokens: a different
     contract (the logits are not bit-equal), last logits of the prompts
     within LOGIT_RTOL per row, greedy tokens equal except after near-ties
-    within GPU_TIE_RTOL (tests/contract.py argues both).  A bug in the
-    16-bit path (a product written in FP32 or a wrong operand) fails the
-    first assertion or moves logits by O(1)."""
+    within GPU_TIE_RTOL (tests/contract.py argues both).  A wrong operand or
+    layout in the 16-bit path moves logits by O(1); a product left in FP32
+    is caught by tests/test_backend.py's contract test, not here."""
     with WeightFile(tiny_weights) as wf:
         ref, gpu, cfg = load_reference(wf), load_reference(wf, dict), wf.config
     seqs = read_inputs(tiny_inputs, cfg.vocab_size)
