@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mpimoe.checkpoint.weights import WeightFile  # noqa: E402
 from mpimoe.checkpoint.writer import write_synthetic  # noqa: E402
 from mpimoe.model.config import model_config  # noqa: E402
-from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for  # noqa: E402
+from mpimoe.bench.gpu import prefilled  # noqa: E402
 from mpimoe.model.layers import rms_norm  # noqa: E402
 from mpimoe.model.reference import load_reference  # noqa: E402
 from mpimoe.runtime.threads import apply_threads  # noqa: E402
@@ -40,18 +40,6 @@ from mpimoe.runtime.threads import apply_threads  # noqa: E402
 
 def _ints(text):
     return [int(t) for t in text.split(',')]
-
-
-def prefilled(model, B, prompt, repeats, rng):
-    """B sequences of random prompts prefilled, room for ``repeats`` more
-    tokens each: (cache, handles int [B])."""
-    lengths = rng.integers(prompt[0], prompt[-1] + 1, B)
-    capacity = lengths + repeats
-    cache = model.front.new_cache(BLOCK_TOKENS * int(blocks_for(capacity).sum()), B)
-    seqs = np.array([cache.allocate(int(n)) for n in capacity])
-    model.forward(rng.integers(0, model.cfg.vocab_size, int(lengths.sum())), cache, seqs,
-                  lengths)
-    return cache, seqs
 
 
 def timed_step(model, cache, seqs, rng):

@@ -50,7 +50,6 @@ from mpimoe.model.config import model_config  # noqa: E402
 from mpimoe.io.inputs import read_inputs, write_synthetic_inputs
 from mpimoe.io.outputs import read_outputs  # noqa: E402
 from mpimoe.runtime.options import JobOptions
-from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for  # noqa: E402
 from mpimoe.model.reference import load_reference, run_reference  # noqa: E402
 from mpirun import mpiexec  # noqa: E402
 
@@ -105,9 +104,7 @@ def _teacher(model, prompts, tokens):
     """Logits [n, B, V] of prompts then tokens [B, n] fed one step at a time
     (step s predicts tokens[:, s])."""
     lengths = np.array([len(p) for p in prompts])
-    need = lengths + tokens.shape[1]
-    cache = model.front.new_cache(BLOCK_TOKENS * int(blocks_for(need).sum()), len(prompts))
-    seqs = np.array([cache.allocate(int(n)) for n in need])
+    cache, seqs = model.front.cache_for(lengths + tokens.shape[1])
     ones = np.ones(len(prompts), np.int64)
     out = [model.forward(np.concatenate(prompts).astype(np.int64), cache, seqs, lengths)]
     for s in range(tokens.shape[1] - 1):

@@ -17,7 +17,6 @@ from contract import (GPU_TIE_RTOL, LOGIT_RTOL, TIE_RTOL, assert_greedy_match,
                       assert_logits_close, next_logits, tie_bound)
 from mpimoe.model.config import RouterConfig, model_config
 from mpimoe.io.inputs import read_inputs
-from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for
 from mpimoe.model.layers import apply_rope, expert_ffn, ffn, rms_norm, rope_tables
 from mpimoe.moe.local import moe_local
 from mpimoe.model.reference import load_reference
@@ -45,18 +44,11 @@ def prompts(tiny_inputs):
     return [inputs.seq(i) for i in range(len(inputs))]
 
 
-def _fresh_cache(fe, lengths):
-    """A new cache of FrontEnd ``fe`` just large enough for sequences of
-    ``lengths`` [B] tokens, and their handles int [B]."""
-    cache = fe.new_cache(BLOCK_TOKENS * int(blocks_for(lengths).sum()), len(lengths))
-    return cache, np.array([cache.allocate(int(n)) for n in lengths])
-
-
 def _prefill(model, prompts):
     """One forward over whole ``prompts`` in a fresh cache -> logits [B, V] at
     each prompt's last token."""
     lengths = np.array([len(p) for p in prompts])
-    cache, seqs = _fresh_cache(model.front, lengths)
+    cache, seqs = model.front.cache_for(lengths)
     return model.forward(np.concatenate(prompts), cache, seqs, lengths)
 
 
@@ -68,7 +60,7 @@ def _generate_recorded(model, prompts, n):
     logits ``generated[:, s]`` was picked from.
     """
     lengths = np.array([len(p) for p in prompts])
-    cache, seqs = _fresh_cache(model.front, lengths + n)
+    cache, seqs = model.front.cache_for(lengths + n)
     steps = [model.forward(np.concatenate(prompts), cache, seqs, lengths)]
     generated = np.empty((len(prompts), n), dtype=np.int32)
     for s in range(n):
@@ -90,7 +82,7 @@ def _run_layers(model, prompts):
     """
     fe, cfg = model.front, model.cfg
     lengths = np.array([len(p) for p in prompts])
-    cache, seqs = _fresh_cache(fe, lengths)
+    cache, seqs = fe.cache_for(lengths)
     x = fe.embed(np.concatenate(prompts))
     residual, counts = [], {}
     where = fe.place(cache, seqs, lengths)

@@ -229,12 +229,12 @@ class Backend:
 
     def to_host(self, a, poll=None):
         """A host copy of a small device array (row counts), ``poll()`` called
-        while it is computed and copied (:func:`poll_until`); NumPy: ``a``."""
+        while it is computed and copied (:meth:`wait_polling`); NumPy: ``a``."""
         if not self.is_gpu:
             return a
         host = self.empty_pinned(a.shape, a.dtype)
         a.get(out=host, blocking=False)
-        poll_until(self.xp.cuda.get_current_stream().record(), poll)
+        self.wait_polling(poll)
         return host
 
     def weights(self, tensors):

@@ -37,14 +37,13 @@ from mpimoe.backends.backend import (DTYPES, MPI_GPU_MODES, Backend, HostStaging
 from mpimoe.backends.binding import bind_early
 from mpimoe.checkpoint.weights import WeightFile
 from mpimoe.checkpoint.writer import write_synthetic
-from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for
 from mpimoe.model.reference import load_reference
 from mpimoe.model.config import model_config
 from mpimoe.errors import ConfigError, UsageError
 from mpimoe.model.layers import expert_ffn
 from mpimoe.moe.local import moe_local
 
-__all__ = ['GpuBenchOptions', 'run_gpu_bench', 'decode_figures']
+__all__ = ['GpuBenchOptions', 'run_gpu_bench', 'decode_figures', 'prefilled']
 
 #: experts and tokens per expert of the several-experts line
 _BATCH = (8, 1024)
@@ -280,17 +279,23 @@ def decode_figures(backend, opts, clock):
         with WeightFile(path) as wf:
             model = load_reference(wf, backend.weights)
     rng = np.random.default_rng(opts.seed)
-    steps = opts.warmup + opts.repeats
     out = []
     for B in opts.decode_batches:
-        lengths = rng.integers(DECODE_PROMPT[0], DECODE_PROMPT[1] + 1, B)
-        need = lengths + steps
-        cache = model.front.new_cache(BLOCK_TOKENS * int(blocks_for(need).sum()), B)
-        seqs = np.array([cache.allocate(int(n)) for n in need])
-        model.forward(rng.integers(0, cfg.vocab_size, int(lengths.sum())), cache, seqs, lengths)
+        cache, seqs = prefilled(model, B, DECODE_PROMPT, opts.warmup + opts.repeats, rng)
         tokens, ones = rng.integers(0, cfg.vocab_size, B), np.ones(B, np.int64)
         out.append((B, clock.median_s(lambda: model.forward(tokens, cache, seqs, ones), opts)))
     return out
+
+
+def prefilled(model, B, prompt, room, rng):
+    """B sequences of random prompts of ``prompt`` = (min, max) tokens
+    prefilled in a ReferenceModel, with room for ``room`` more tokens each:
+    (cache, handles int [B])."""
+    lengths = rng.integers(prompt[0], prompt[-1] + 1, B)
+    cache, seqs = model.front.cache_for(lengths + room)
+    model.forward(rng.integers(0, model.cfg.vocab_size, int(lengths.sum())), cache, seqs,
+                  lengths)
+    return cache, seqs
 
 
 # -------------------------------------------------------------- MPI transfer

@@ -60,8 +60,8 @@ class Placement:
     layer of one pass needs of them, computed once per pass: for the next
     ``ntok[b]`` tokens of ``seqs[b]`` (int [B], host) in ``cache`` for model
     ``cfg`` (ValueError, before anything is written, when they overflow a
-    sequence's reservation).  ``seqs``, ``ntok`` int [B] (host); ``blocks``, ``offsets`` int [T] (on
-    the cache's array module); ``cos``, ``sin`` float32 [T, rope_dim/2] (on
+    sequence's reservation).  ``blocks``, ``offsets`` int [T] (on the
+    cache's array module); ``cos``, ``sin`` float32 [T, rope_dim/2] (on
     the array module: the RoPE tables, built and moved once, not per layer);
     ``groups``: per group of sequences attended together, (its rows of
     ``seqs``, their first row in the batch, their new tokens), int [b] each
@@ -70,15 +70,15 @@ class Placement:
 
     def __init__(self, cache, cfg, seqs, ntok):
         xp = cache.xp
-        self.seqs, self.ntok = np.asarray(seqs, np.int64), np.asarray(ntok, np.int64)
-        pos, blocks, offsets = cache.locate(self.seqs, self.ntok)                # [T] each
+        seqs, ntok = np.asarray(seqs, np.int64), np.asarray(ntok, np.int64)
+        pos, blocks, offsets = cache.locate(seqs, ntok)                          # [T] each
         self.blocks, self.offsets = xp.asarray(blocks), xp.asarray(offsets)
         self.cos, self.sin = (xp.asarray(t) for t in rope_tables(pos, cfg.rope_dim,
                                                                  cfg.rope_theta, cfg.attention))
-        first = np.cumsum(self.ntok) - self.ntok                                 # [B]
-        live = self.ntok > 0
-        group = _buckets(self.ntok, cache.length[self.seqs] + self.ntok)         # [B]
-        self.groups = [(self.seqs[rows], first[rows], self.ntok[rows])
+        first = np.cumsum(ntok) - ntok                                           # [B]
+        live = ntok > 0
+        group = _buckets(ntok, cache.length[seqs] + ntok)                        # [B]
+        self.groups = [(seqs[rows], first[rows], ntok[rows])
                        for rows in (live & (group == g) for g in np.unique(group[live]))]
 
 

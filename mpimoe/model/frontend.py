@@ -4,10 +4,12 @@ of mpimoe.model.layers and mpimoe.model.attention and the KV cache of
 mpimoe.model.kvcache.
 """
 
+import numpy as np
+
 from mpimoe.backends.backend import array_module
 from mpimoe.errors import DataError
 from mpimoe.model.attention import Placement, attention
-from mpimoe.model.kvcache import BlockKVCache
+from mpimoe.model.kvcache import BLOCK_TOKENS, BlockKVCache, blocks_for
 from mpimoe.model.layers import as_f32, mm32, ffn, rms_norm
 from mpimoe.moe.layer import MoELayer
 
@@ -60,6 +62,12 @@ class FrontEnd:
         array module for ``kv_tokens`` tokens (rounded up to whole blocks) of
         at most ``max_seqs`` sequences."""
         return BlockKVCache.for_tokens(self.cfg, kv_tokens, max_seqs, self.xp)
+
+    def cache_for(self, lengths):
+        """A new cache just large enough for sequences of ``lengths`` [B]
+        tokens in all, and their handles: (cache, int [B])."""
+        cache = self.new_cache(BLOCK_TOKENS * int(blocks_for(lengths).sum()), len(lengths))
+        return cache, np.array([cache.allocate(int(n)) for n in lengths])
 
     def embed(self, tokens):
         """tokens: int [T] (host) -> x: float32 [T, d]."""

@@ -81,8 +81,11 @@ def spread_copies(experts, n_copies, offset=0):
 
 def expert_counts(experts, n_experts):
     """Token copies per expert: experts int [T, k] -> int64 [n_experts], on
-    experts' module (:func:`key_counts` of the copies)."""
+    experts' module (CuPy: :func:`key_counts` of the sorted copies, no host
+    synchronisation)."""
     xp = array_module(experts)
+    if xp is np:
+        return np.bincount(np.ravel(experts), minlength=n_experts).astype(np.int64)
     return key_counts(xp.sort(xp.ravel(experts)), n_experts)
 
 
