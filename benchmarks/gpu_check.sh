@@ -15,6 +15,10 @@
 #   bench    `mpimoe bench gpu` on 2 ranks: expert GEMM TFLOP/s next to a square
 #            matmul, one MoE layer against a PyTorch loop, decode steps of small
 #            at B = 8, 64, 256, MPI transfer rates
+#   overlap  `mpimoe bench moe-layer --backend cupy` on 2 ranks sharing the GPU: a
+#            Mixtral-sized layer (4096 -> 14336, 8 experts, top-2, 4096 tokens)
+#            over MPI, its overlap efficiency (goal >= 0.8) and the check
+#            against the layer on one rank
 #
 # PYTHON (default python3) is the interpreter with mpimoe importable (an
 # editable install, or PYTHONPATH=.); logs go to $OUT, or to ./gpu-check.
@@ -63,12 +67,16 @@ EOF
 
 step unit 150 "$PYTHON" -m pytest -q -rs tests/test_gpu.py
 step engine 300 "$PYTHON" -m pytest -q -rs tests/test_gpu_engine.py
-step bench 150 "$PYTHON" -c "
+# python -c "$ON_2_RANKS" ARGS...: `mpimoe ARGS` on 2 ranks, under the mpiexec the tests use
+ON_2_RANKS="
 import subprocess, sys
 sys.path.insert(0, 'tests')
 from mpirun import mpiexec_path
 sys.exit(subprocess.call([mpiexec_path(), '-n', '2', sys.executable, '-m', 'mpi4py', '-m',
-                          'mpimoe', 'bench', 'gpu', '--repeats', '5']))"
+                          'mpimoe', *sys.argv[1:]]))"
+step bench 150 "$PYTHON" -c "$ON_2_RANKS" bench gpu --repeats 5
+step overlap 180 "$PYTHON" -c "$ON_2_RANKS" bench moe-layer --backend cupy --placement packed:8 \
+    --d-model 4096 --d-expert 14336 --tokens 4096 --repeats 5
 
 echo "=== summary"
 printf '%s\n' "${SUMMARY[@]}"

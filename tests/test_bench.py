@@ -26,3 +26,19 @@ def test_moe_layer_bench_runs_and_matches_the_local_layer(tmp_path):
     # the measured rate is what `mpimoe plan --calibration` reads
     constants = load_calibration(cal)
     assert constants['gemm_tflops'] > 0 and constants['gemm_efficiency'] == 1.0
+
+
+@pytest.mark.timeout(90)
+def test_moe_layer_bench_on_cupy_without_a_gpu_says_so_once():
+    """--backend cupy where CuPy or a GPU is missing: one line from rank 0, a
+    non-zero exit, before any weights are built (the GPU run is in
+    tests/test_gpu_engine.py)."""
+    from mpimoe.backends.backend import cuda_problem, probe_cuda
+    if cuda_problem(probe_cuda()) is None:
+        pytest.skip('a GPU is usable here: tests/test_gpu_engine.py runs this bench on it')
+    proc = mpiexec(2, ['bench', 'moe-layer', '--placement', 'packed:8', '--backend', 'cupy'],
+                   timeout=60)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if 'error' in line]
+    assert len(errors) == 1 and errors[0].startswith('mpimoe: error: --backend cupy: '), \
+        proc.stderr

@@ -170,3 +170,31 @@ def test_start_up_checks_on_the_device(tmp_path):
         assert mode == 'device' and not warnings, (why, warnings)
     else:
         assert mode == 'host' and why.startswith('auto: the MPI library ') and not warnings
+
+
+@pytest.mark.timeout(RUN_TIMEOUT)
+def test_moe_layer_bench_on_the_gpu():
+    """`bench moe-layer --backend cupy` on 3 ranks sharing the GPU: the layer
+    over MPI gives what moe_local gives on the device, and the overlap line
+    has its three times.
+
+    Both run the same 16-bit expert arithmetic on the same rows; only
+    cuBLAS's choice of kernel for another number of rows (a micro-batch
+    against the whole batch) may sum in another order, which can flip a
+    16-bit rounding of a product or an output by one ulp: a few u of an
+    output at worst (tests/contract.py's expert bound), so 8 u (LOGIT_RTOL's
+    width) of the largest output bounds it, where a wrong row gives O(1)."""
+    import re
+    proc = mpiexec(3, ['bench', 'moe-layer', '--backend', 'cupy', '--mpi-gpu', 'host',
+                       '--placement', 'packed:4', '--d-model', 256, '--experts', 8,
+                       '--d-expert', 512, '--tokens', 1024, '--repeats', 2, '--warmup', 1],
+                   timeout=RUN_TIMEOUT - 20)
+    assert proc.returncode == 0, proc.stderr
+    m = re.search(r'check: max \|layer - single-process moe_local\| = (\S+) \(largest '
+                  r'\|output\| (\S+);', proc.stdout)
+    assert m, proc.stdout
+    error, scale = map(float, m.groups())
+    assert scale > 0 and error <= 2.0 ** -5 * scale, proc.stdout
+    m = re.search(r'overlap efficiency (-?[\d.]+) = \(T_comm ([\d.]+) \+ T_comp ([\d.]+) - '
+                  r'T_layer ([\d.]+)\)', proc.stdout)
+    assert m and all(float(v) > 0 for v in m.groups()[1:]), proc.stdout

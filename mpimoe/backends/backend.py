@@ -209,6 +209,11 @@ class Backend:
     def is_gpu(self):
         return self.name == 'cupy'
 
+    @property
+    def cuda(self):
+        """``cupy.cuda`` (streams, events), or None on NumPy."""
+        return self.xp.cuda if self.is_gpu else None
+
     def asarray(self, a):
         """An array of this backend's module (no copy when it already is one)."""
         return self.xp.asarray(a)

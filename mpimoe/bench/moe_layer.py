@@ -5,16 +5,18 @@ The layer is the engine's own: rank 0, the one front-end, runs the
 mpimoe.moe.layer.MoELayer with the MPI dispatcher (stages route, permute,
 dispatch, combine, unpermute), the others mpimoe.runtime.expert.ExpertRank
 (stage expert), on weights built in memory: a one-layer model whose experts
-are random BF16-rounded FP32 matrices (as the engine holds them on CPU), and
-random activations [T, d].  Each repeat is one *step* of the engine's
-control protocol (mpimoe.runtime.role):
+are random BF16 matrices, held as the engine holds them on the backend
+(``--backend``: FP32 copies on NumPy, 16-bit on a GPU,
+mpimoe.backends.backend.Backend.weights), and random activations [T, d].
+Each repeat is one *step* of the engine's control protocol
+(mpimoe.runtime.role):
 
 1. baselines on rank 0 while the other ranks sleep (:func:`idle`): the bare
    GEMMs of every expert (``x @ up``, ``@ down``) on the rows the router sends
    it, one block per expert, and the expert stage
    :func:`mpimoe.moe.experts.run_experts` (GEMMs, activation, 16-bit rounding) on
-   the same rows; each with as many BLAS threads as rank 0 has cores, and
-   with 1;
+   the same rows; on NumPy each with as many BLAS threads as rank 0 has
+   cores, and with 1; on a GPU once, on the device;
 2. the distributed layer, every rank at 1 BLAS thread: rank 0 dispatches
    every micro-batch, then combines each (as the layer loop,
    mpimoe.model.forward, does); the expert ranks serve the layer;
@@ -28,21 +30,27 @@ From 2 and 3 and the slowest expert rank's compute stage in 2 comes the
 entirely behind the experts' GEMMs (or these behind them), 0 when the two
 run one after the other.  Where ranks share cores (more ranks than cores)
 they also compete for them, which this figure cannot tell from a lack of
-overlap: run it with a core per rank (``mpiexec -n 2`` on 2 cores).
+overlap: run it with a core per rank (``mpiexec -n 2`` on 2 cores).  On a
+GPU the expert stage's time is device time (CUDA events,
+mpimoe.runtime.metrics.Timers), every other figure host time after
+synchronising; ranks that share one GPU compete for it the same way.
 
-The RATIO divides the layer time by the GEMMs with all cores' threads: the P
-ranks share those same cores, so the ratio is the price of routing, packing,
-MPI, the activation and oversubscribing the cores.  One node only.
+The RATIO divides the layer time by the GEMMs with all cores' threads (on a
+GPU: on the device): the P ranks share those same cores (or GPU), so the
+ratio is the price of routing, packing, MPI, the activation and
+oversubscribing the cores.  One node only.
 """
 
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from mpimoe.backends.backend import round16
+from mpimoe.backends.backend import DTYPES, MPI_GPU_MODES, round16, to_numpy
 from mpimoe.errors import ConfigError, UsageError
 from mpimoe.io.files import write_json
 from mpimoe.model.config import ModelConfig
@@ -53,7 +61,7 @@ from mpimoe.moe.router import route
 from mpimoe.parallel.dispatcher import MPIDispatcher
 from mpimoe.parallel.mpiutil import MPI, WaitTimeout, run_guarded, wait_all
 from mpimoe.planning.placement import make_plan
-from mpimoe.runtime.engine import layer_comms
+from mpimoe.runtime.engine import layer_comms, select_backend
 from mpimoe.runtime.expert import ExpertRank
 from mpimoe.runtime.metrics import Timers
 from mpimoe.runtime.options import RunOptions
@@ -85,12 +93,18 @@ class BenchOptions:
     placement: str = 'per-layer'
     deadline: float = 600.0
     calibration_out: str = None
+    backend: str = 'numpy'
+    mpi_gpu: str = 'auto'
 
     def validate(self):
         """ConfigError on options that cannot work."""
         for name, low in (('tokens', 1), ('repeats', 1), ('warmup', 0), ('seed', 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f'--{name} {getattr(self, name)}: must be >= {low}')
+        for name, choices in (('backend', ('numpy', 'cupy')), ('mpi_gpu', MPI_GPU_MODES)):
+            if getattr(self, name) not in choices:
+                raise UsageError(f'--{name.replace("_", "-")} {getattr(self, name)}: choose '
+                                 f'one of {", ".join(choices)}')
 
     def config(self):
         """The benchmarked model: one MoE layer (attention shrunk to one tiny head,
@@ -122,12 +136,14 @@ def _bench(opts, world):
                               '(OpenBLAS, MKL, BLIS) behind NumPy')
     except UsageError as e:
         raise collective(e)
+    backend, mode = select_backend(opts, world)
     layers = layer_comms(world, plan)
     layer = cfg.moe_layers[0]
     t0, cpu0, machine0 = time.perf_counter(), time.process_time(), _machine_cpu_s()
-    role = _make_role(world, cfg, plan, run_opts, layers, opts.seed)
+    role = _make_role(world, cfg, plan, run_opts, layers, opts.seed, backend, mode)
     if role.is_frontend:
         rounds, summary = _frontend_rounds(role, layer, opts, blas)
+        summary['mode'] = mode
     else:
         rounds, summary = _expert_rounds(role, layer), None
     ours = world.reduce(time.process_time() - cpu0, root=0)
@@ -146,33 +162,38 @@ def _bench(opts, world):
 
 # -------------------------------------------------------------- weights
 
-def _make_role(world, cfg, plan, run_opts, layers, seed):
+def _make_role(world, cfg, plan, run_opts, layers, seed, backend, mode):
     """Rank 0: a Role with the layer's MoELayer (``role.moe``) over the MPI
-    dispatcher; the others: an ExpertRank, on weights built in memory."""
+    dispatcher; the others: an ExpertRank, on weights built in memory and
+    held on ``backend`` (MPI buffers for ``mode``, as mpimoe.runtime.role.Role)."""
     layer = cfg.moe_layers[0]
+    timers = Timers(cuda=backend.cuda)
     if plan.is_frontend(world.rank):
-        role = Role(world, cfg, plan, run_opts, layers, Timers())
-        keys = tuple(map(np.asarray, plan.dispatch_keys(0)[:2]))
+        role = Role(world, cfg, plan, run_opts, layers, timers, backend, mode)
+        keys = tuple(map(backend.asarray, plan.dispatch_keys(0)[:2]))
         role.dispatcher = MPIDispatcher(cfg, role.slots, layers, {layer: keys}, world.rank,
                                         role.timers)
-        router = _random((cfg.d_model, cfg.n_experts), seed, 1 << 20)
-        role.moe = MoELayer(layer, router, cfg, role.dispatcher, role.timers)
+        router = _random((cfg.d_model, cfg.n_experts), seed, 1 << 20).astype(np.float32)
+        role.moe = MoELayer(layer, backend.asarray(router), cfg, role.dispatcher, role.timers)
         role.is_frontend = True
         return role
-    hosted = [_expert(cfg, layer, e, seed) for _, e in plan.rank_experts(world.rank)]
-    return ExpertRank(world, cfg, plan, run_opts, layers, Timers(), {layer: hosted})
+    hosted = [backend.weights(_expert(cfg, layer, e, seed))
+              for _, e in plan.rank_experts(world.rank)]
+    return ExpertRank(world, cfg, plan, run_opts, layers, timers, {layer: hosted}, backend,
+                      mode)
 
 
 def _random(shape, seed, *key):
-    """Seeded N(0, 1/shape[0]) float32 values, BF16-rounded (never all zero)."""
+    """Seeded N(0, 1/shape[0]) values as BF16 (never all zero)."""
     rng = np.random.default_rng([seed, *key])
     x = rng.standard_normal(shape, dtype=np.float32)
     x *= np.float32(shape[0] ** -0.5)
-    return round16(x, 'bfloat16')
+    return x.astype(DTYPES['bfloat16'])
 
 
 def _expert(cfg, layer, e, seed):
-    """Expert e of ``layer``: dict matrix name -> float32 [d, h] or [h, d]."""
+    """Expert e of ``layer``: dict matrix name -> BF16 [d, h] or [h, d]
+    (mpimoe.backends.backend.Backend.weights takes it)."""
     d, h = cfg.d_model, cfg.d_expert
     return {m: _random((h, d) if m == 'down' else (d, h), seed, layer, e, i)
             for i, m in enumerate(cfg.expert_matrices)}
@@ -186,38 +207,62 @@ def _frontend_rounds(role, layer, opts, blas):
 
     Returns (per-step dicts of seconds, summary dict for the table).
     """
-    cfg = role.cfg
-    experts = [_expert(cfg, layer, e, opts.seed) for e in range(cfg.n_experts)]
-    h = np.random.default_rng([opts.seed, 2]).standard_normal(
-        (opts.tokens, cfg.d_model), dtype=np.float32)                   # [T, d]
+    cfg, backend = role.cfg, role.backend
+    experts = [backend.weights(_expert(cfg, layer, e, opts.seed)) for e in range(cfg.n_experts)]
+    h = backend.asarray(np.random.default_rng([opts.seed, 2]).standard_normal(
+        (opts.tokens, cfg.d_model), dtype=np.float32))                  # [T, d]
     chosen, _ = route(h, role.moe.router, cfg.top_k)              # [T, k]
-    rows, _, counts = permute(round16(h, cfg.dtype), chosen, cfg.n_experts)
-    hs = np.array_split(h, opts.micro_batches)
+    # the rows as an expert rank takes them (16-bit values; on a GPU the 16-bit dtype)
+    x16 = h.astype(DTYPES[cfg.dtype]) if backend.is_gpu else round16(h, cfg.dtype)
+    rows, _, counts = permute(x16, chosen, cfg.n_experts)
+    counts = to_numpy(counts)
+    hs = backend.xp.array_split(h, opts.micro_batches)
     cores = len(os.sched_getaffinity(0))
+    variants = _baselines(backend, cores)
     rounds = []
     for _ in range(opts.warmup + opts.repeats):
         r = {}
-        # all cores first: OpenBLAS's extra thread spins a while after a call
-        for n in (cores, 1):
-            with threadpool_limits(limits=n, user_api='blas'):
-                _timed(r, f'gemm_{n}', _gemms, rows, counts, experts)
-                _timed(r, f'stage_{n}', run_experts, rows, counts, experts, cfg.expert_kind,
-                       cfg.dtype)
+        for name, limits in variants:
+            with limits():
+                _timed(r, f'gemm_{name}', backend, _gemms, rows, counts, experts)
+                _timed(r, f'stage_{name}', backend, run_experts, rows, counts, experts,
+                       cfg.expert_kind, cfg.dtype)
         idle(role.world, opts.deadline)
         role.next_step(MORE)
         _ready(role.world, opts.deadline)
         before = _snapshot(role.timers)
-        y = _timed(r, 'layer', _layer_pass, role, layer, hs)
+        y = _timed(r, 'layer', backend, _layer_pass, role, layer, hs)
         r.update(_since(role.timers, before))
-        _timed(r, 'echo', _layer_pass, role, layer, hs)
+        _timed(r, 'echo', backend, _layer_pass, role, layer, hs)
         rounds.append(r)
     # at this rank's BLAS threads, which the expert ranks have too: OpenBLAS
     # sums in another order on another number of threads
-    error = float(np.abs(y - (h + moe_local(h, role.moe.router, experts, cfg)[0])).max())
+    want = h + moe_local(h, role.moe.router, experts, cfg)[0]
+    error = float(abs(y - want).max())
     idle(role.world, opts.deadline)
     role.next_step(DONE)
     return rounds, {'counts': counts, 'cores': cores, 'error': error,
-                    'blas': ', '.join(blas)}
+                    'scale': float(abs(want).max()), 'baselines': [n for n, _ in variants],
+                    'blas': ', '.join(blas), 'gpu': _gpu_name(backend),
+                    'gpus': backend.gpus_used}
+
+
+def _baselines(backend, cores):
+    """The baselines' variants: (name, context manager factory) pairs.  On
+    NumPy with all of this rank's cores' BLAS threads, then with 1 (all
+    cores first: OpenBLAS's extra threads spin a while after a call); on a
+    GPU once."""
+    if backend.is_gpu:
+        return [('gpu', nullcontext)]
+    return [(str(n), partial(threadpool_limits, limits=n, user_api='blas')) for n in (cores, 1)]
+
+
+def _gpu_name(backend):
+    """The bound GPU's name, or None on NumPy."""
+    if not backend.is_gpu:
+        return None
+    name = backend.cuda.runtime.getDeviceProperties(backend.device)['name']
+    return name.decode() if isinstance(name, bytes) else name
 
 
 def _expert_rounds(role, layer):
@@ -271,7 +316,8 @@ def _layer_pass(role, layer, hs):
     for m, h in enumerate(hs):
         handles.append(role.moe.dispatch(h, m))
         role.dispatcher.poll()
-    return np.concatenate([role.moe.combine(handle, h) for h, handle in zip(hs, handles)])
+    return role.backend.xp.concatenate([role.moe.combine(handle, h)
+                                        for h, handle in zip(hs, handles)])
 
 
 def _gemms(rows, counts, experts):
@@ -285,25 +331,29 @@ def _gemms(rows, counts, experts):
         start += c
 
 
-def _timed(r, key, fn, *args):
-    """fn(*args), its wall seconds in r[key]; returns fn's result."""
+def _timed(r, key, backend, fn, *args):
+    """fn(*args), its wall seconds until ``backend`` has done the work in
+    r[key]; returns fn's result."""
     t0 = time.perf_counter()
     out = fn(*args)
+    backend.synchronize()
     r[key] = time.perf_counter() - t0
     return out
 
 
 def _snapshot(timers):
-    return dict(timers.by_category), dict(timers.by_stage), time.process_time()
+    s = timers.summary()            # device-timed spans included, once done
+    return s['category_s'], s['stage_s'], time.process_time()
 
 
 def _since(timers, before):
     """Seconds per timer category, per stage (keys 'stage NAME') and of
     CPU ('cpu') since the :func:`_snapshot` ``before``."""
     cats, stages, cpu = before
-    out = {c: timers.by_category.get(c, 0.0) - cats.get(c, 0.0) for c in _CATEGORIES}
-    out['cpu'] = time.process_time() - cpu
-    out.update({f'stage {k}': v - stages.get(k, 0.0) for k, v in timers.by_stage.items()})
+    now_cats, now_stages, now_cpu = _snapshot(timers)
+    out = {c: now_cats.get(c, 0.0) - cats.get(c, 0.0) for c in _CATEGORIES}
+    out['cpu'] = now_cpu - cpu
+    out.update({f'stage {k}': v - stages.get(k, 0.0) for k, v in now_stages.items()})
     return out
 
 
@@ -345,37 +395,42 @@ def _print_table(opts, cfg, plan, s, rows):
     print(f'mpimoe bench moe-layer: d_model {cfg.d_model}, {cfg.n_experts} experts x hidden '
           f'{cfg.d_expert} ({cfg.expert_kind}), top-{cfg.top_k}, {opts.tokens} tokens, '
           f'{opts.micro_batches} micro-batches, BF16 rows')
+    where = (f'on {s["gpu"]} (CuPy; MPI gets {s["mode"]} rows)' if s['gpu'] else
+             f'1 BLAS thread per rank, {c} cores ({s["blas"]})')
     print(f'  {plan.world_size} ranks: 1 front-end + {plan.n_expert_ranks} expert ranks '
-          f'({plan.mode}), 1 BLAS thread per rank, {c} cores ({s["blas"]}); '
-          f'{opts.repeats} repeats after {opts.warmup} warm-up')
+          f'({plan.mode}), {where}; {opts.repeats} repeats after {opts.warmup} warm-up')
     print(f'  rows per expert: min {s["counts"].min()}, max {s["counts"].max()} '
           f'({n_rows} in all); {mb:.1f} MB over MPI per layer (dispatch + combine)')
-    ideal = tuple(t / c for t in f['gemm_1'])
+    top = s['baselines'][0]
+    on = 'on the GPU' if s['gpu'] else f'{c} threads'
     lines = [('distributed layer [s]', f['layer'], 4),
              ('tokens/s (min column: at the min time)',
               tuple(opts.tokens / t for t in f['layer']), 0),
-             ('baselines, rank 0 alone, same rows per expert:', None, 0),
-             (f'  GEMMs only, {c} threads [s]', f[f'gemm_{c}'], 4),
-             ('  GEMMs only, 1 thread [s]', f['gemm_1'], 4),
-             (f'  expert stage, {c} threads [s]', f[f'stage_{c}'], 4),
-             ('  expert stage, 1 thread [s]', f['stage_1'], 4),
-             (f'RATIO layer / GEMMs only ({c} threads)', _ratio(f['layer'], f[f'gemm_{c}']), 3),
-             (f'ratio layer / expert stage ({c} threads)',
-              _ratio(f['layer'], f[f'stage_{c}']), 3),
-             (f'ratio layer / (GEMMs only, 1 thread / {c})', _ratio(f['layer'], ideal), 3)]
+             ('baselines, rank 0 alone, same rows per expert:', None, 0)]
+    for name in s['baselines']:
+        at = on if name == top else '1 thread'
+        lines += [(f'  GEMMs only, {at} [s]', f[f'gemm_{name}'], 4),
+                  (f'  expert stage, {at} [s]', f[f'stage_{name}'], 4)]
+    lines += [(f'RATIO layer / GEMMs only ({on})', _ratio(f['layer'], f[f'gemm_{top}']), 3),
+              (f'ratio layer / expert stage ({on})', _ratio(f['layer'], f[f'stage_{top}']), 3)]
+    if 'gemm_1' in f:
+        ideal = tuple(t / c for t in f['gemm_1'])
+        lines.append((f'ratio layer / (GEMMs only, 1 thread / {c})', _ratio(f['layer'], ideal),
+                      3))
     print(f'  {"":46s}{"median":>10s}{"min":>10s}')
     for label, pair, digits in lines:
         print(f'  {label:46s}' + ('' if pair is None else
                                   ''.join(f'{v:10.{digits}f}' for v in pair)))
-    print(f'  check: max |layer - single-process moe_local| = {s["error"]:.3g}')
+    print(f'  check: max |layer - single-process moe_local| = {s["error"]:.3g}' +
+          ('' if not s['gpu'] else f' (largest |output| {s["scale"]:.3g}; cuBLAS may sum '
+           'in another order for another number of rows)'))
     comm = f['echo'][0]
     comp = max(row.get('stage expert', (0.0,))[0] for row in rows[1:])
     overlap = (comm + comp - f['layer'][0]) / min(comm, comp) if min(comm, comp) > 0 else 0.0
     print(f'  overlap efficiency {overlap:.2f} = (T_comm {comm:.4f} + T_comp {comp:.4f} - '
           f'T_layer {f["layer"][0]:.4f}) / min(T_comm, T_comp), medians; T_comm: the layer '
           'with experts that echo their rows, T_comp: the slowest expert rank\'s expert stage'
-          + ('' if plan.world_size <= c else
-             f' ({plan.world_size} ranks on {c} cores compete for them: a lower bound)'))
+          + _sharing(plan.world_size, s['gpus'] or c, 'GPUs' if s['gpus'] else 'cores'))
     print('  per rank, median seconds per layer (engine timers; cpu: this process)')
     print(f'  {"rank":>6s}  {"role":12s}' + ''.join(f'{k:>10s}' for k in _CATEGORIES + ('cpu',)))
     for r, row in enumerate(rows):
@@ -395,8 +450,16 @@ def _print_table(opts, cfg, plan, s, rows):
               'the run' + ('' if s['others'] < _BUSY_SHARE else
                            ': WARNING, they bias the RATIO low (they take more from one '
                            'process than from P); rerun on an idle node'))
-    print(f'  The RATIO divides by the GEMMs on all {c} cores, the cores the {plan.world_size} '
-          'ranks share; expert stage = moe.run_experts (GEMMs, activation, 16-bit rounding).')
+    print(f'  The RATIO divides by the GEMMs {"on the GPU" if s["gpu"] else f"on all {c} cores"}'
+          f', which the {plan.world_size} ranks share; expert stage = moe.run_experts (GEMMs, '
+          'activation, 16-bit rounding).')
+
+
+def _sharing(ranks, units, what):
+    """The overlap line's note when ranks share cores or GPUs, else ''."""
+    if ranks <= units:
+        return ''
+    return f' ({ranks} ranks on {units} {what} compete for them: a lower bound)'
 
 
 def _write_calibration(path, cfg, s, f):
@@ -404,10 +467,10 @@ def _write_calibration(path, cfg, s, f):
     the expert GEMMs' FLOPs over their median time on all cores (achieved, so
     efficiency 1)."""
     flops = 2 * int(s['counts'].sum()) * cfg.expert_params
-    rate = flops / f[f'gemm_{s["cores"]}'][0] / 1e12
+    rate = flops / f[f'gemm_{s["baselines"][0]}'][0] / 1e12
     write_json(path, {'gemm_tflops': rate, 'gemm_efficiency': 1.0})
-    print(f'  wrote {path}: gemm_tflops {rate:.4g} (expert GEMMs on {s["cores"]} cores), '
-          'gemm_efficiency 1')
+    on = s['gpu'] or f'{s["cores"]} cores'
+    print(f'  wrote {path}: gemm_tflops {rate:.4g} (expert GEMMs on {on}), gemm_efficiency 1')
 
 
 def _ratio(a, b):

@@ -186,12 +186,15 @@ def _cmd_report(args):
 
 
 def _cmd_bench(args):
+    from mpimoe.backends.binding import bind_early
+    bind_early(args.backend)        # the GPU current before MPI_Init creates a context
     from mpimoe.bench.moe_layer import BenchOptions, bench_moe_layer
     opts = BenchOptions(d_model=args.d_model, experts=args.experts, d_expert=args.d_expert,
                         top_k=args.top_k, tokens=args.tokens, micro_batches=args.micro_batches,
                         repeats=args.repeats, warmup=args.warmup, kind=args.kind,
                         seed=args.seed, placement=args.placement, deadline=args.deadline,
-                        calibration_out=args.calibration_out)
+                        calibration_out=args.calibration_out, backend=args.backend,
+                        mpi_gpu=args.mpi_gpu)
     return bench_moe_layer(opts)
 
 
@@ -389,6 +392,10 @@ def _build_parser():
     p.add_argument('--calibration-out', metavar='FILE',
                    help='write the measured GEMM rate as a calibration file for '
                    '`mpimoe plan --calibration`')
+    p.add_argument('--backend', choices=('numpy', 'cupy'), default='numpy',
+                   help='numpy (CPU; default) or cupy (one GPU per rank: node-local rank '
+                   'modulo the visible GPUs; ranks may share one)')
+    _add_mpi_gpu_arg(p)
     p.set_defaults(func=_cmd_bench)
 
     p = bench.add_parser('gpu', help='GEMM, MoE-layer, decode-step and MPI transfer figures '

@@ -34,7 +34,7 @@ from mpimoe.runtime.signals import StopRequest
 from mpimoe.runtime.summary import finish_report, timed_peak
 from mpimoe.runtime.threads import apply_threads, rank_threads
 
-__all__ = ['run_engine', 'layer_comms']
+__all__ = ['run_engine', 'layer_comms', 'select_backend']
 
 log = logging.getLogger('mpimoe')
 
@@ -78,9 +78,9 @@ def _run(opts, world, stop, held):
     from mpimoe.planning.placement import make_plan
     from mpimoe.planning.stats import load_stats
     _setup_logging(opts, world.rank)
-    backend, mode = _select_backend(opts, world)
+    backend, mode = select_backend(opts, world)
     threads = _size_threads(opts, world)
-    timers = Timers(trace=bool(opts.trace), cuda=backend.xp.cuda if backend.is_gpu else None)
+    timers = Timers(trace=bool(opts.trace), cuda=backend.cuda)
     t_start = time.perf_counter()
     with WeightFile(opts.weights) as wf:
         cfg = wf.config
@@ -153,7 +153,7 @@ def _size_threads(opts, world):
             'libraries': libraries}
 
 
-def _select_backend(opts, world):
+def select_backend(opts, world):
     """The :class:`Backend` of ``--backend`` (the same on every rank, bound to
     this rank's GPU) and the ``--mpi-gpu`` mode (None on NumPy).
 
