@@ -325,6 +325,18 @@ def test_counts_come_back_while_the_host_polls(gpu):
     assert len(calls) > 0 and cupy.cuda.get_current_stream().done
 
 
+def test_regroup_order_on_the_device_is_numpys(gpu):
+    """The expert rank's regroup, built on the GPU from the host's row counts,
+    is NumPy's order, element for element (empty blocks, 3904 peers)."""
+    from mpimoe.runtime.expert import regroup_order
+    rng = np.random.default_rng(14)
+    for size, k in ((3, 2), (5, 3), (3904, 2)):
+        counts = rng.integers(0, 4, (size, k)) * rng.integers(0, 2, (size, k))
+        got = regroup_order(counts, cupy)
+        assert isinstance(got, cupy.ndarray) and got.dtype == np.int64
+        assert got.get().tolist() == regroup_order(counts).tolist()
+
+
 def test_compute_spans_count_device_time(gpu):
     """On a GPU a compute span counts the time its kernels ran, not the time
     the host took to queue them: ten FP32 4096^3 matmuls queued in a

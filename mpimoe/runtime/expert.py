@@ -22,16 +22,24 @@ __all__ = ['ExpertRank', 'POLL_ROWS', 'regroup_order']
 POLL_ROWS = 1024
 
 
-def regroup_order(counts):
+def regroup_order(counts, xp=np):
     """The order that groups rows arriving grouped by (peer, local expert) by
     (local expert, peer), each block's rows in arrival order: counts int
-    [size, K] -> int64 [n], row ``i`` of the result the arriving row it
-    takes (a stable sort by expert, built in O(n) without sorting)."""
+    [size, K] (host) -> int64 [n] of array module ``xp``, row ``i`` of the
+    result the arriving row it takes (a stable sort by expert, without sorting).
+
+    The host works on the size x K blocks only; the n rows' order is built
+    where the rows are (on a GPU: one binary search per row, no [n] upload):
+    row i of the new order, in block b, takes arriving row i + shift[b].
+    """
     counts = np.asarray(counts, np.int64)
     start = (np.cumsum(counts.ravel()) - counts.ravel()).reshape(counts.shape)   # [size, K]
     by_expert = counts.T.ravel()                                       # blocks in new order
-    first = np.cumsum(by_expert) - by_expert                           # their new offsets
-    return np.repeat(start.T.ravel() - first, by_expert) + np.arange(int(counts.sum()))
+    ends = np.cumsum(by_expert)                                        # their new ends
+    shift = start.T.ravel() - (ends - by_expert)                       # [size*K]
+    rows = xp.arange(int(ends[-1]), dtype=np.int64)
+    block = xp.searchsorted(xp.asarray(ends), rows, side='right')
+    return rows + xp.asarray(shift)[block]
 
 
 class ExpertRank(Role):
@@ -92,12 +100,12 @@ class ExpertRank(Role):
 
     def _regroup(self, counts):
         """Rows arrive grouped by (sending peer, local expert); the order that
-        groups them by expert: int [n] on the backend, or None when they already
+        groups them by expert: int64 [n] on the backend, or None when they already
         are (one expert here, or one peer sent rows).  counts: int [size, K]."""
         size, k = counts.shape
         if k == 1 or np.count_nonzero(counts.sum(axis=1)) <= 1:
             return None
-        return self.backend.asarray(regroup_order(counts))
+        return regroup_order(counts, self.backend.xp)
 
     def _poll(self):
         """Post row receives whose counts arrived (in micro-batch order), test sends."""
