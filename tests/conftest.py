@@ -8,10 +8,14 @@ mpimoe.io.inputs.write_synthetic_inputs) into a session temporary directory; tes
 treat them as read-only (copy a file before corrupting it).  ``bpe_tokenizer_dir`` is a
 real tokenizer for ``tiny`` (tests/bpe.py's BPE with a generation_config.json).
 ``tiny_reference(weights, max_new)`` is the single-process reference's output
-over ``tiny_inputs``, run once per session for each weight file and length.
+over ``tiny_inputs``, run once per session for each weight file and length;
+``skewed`` is tiny with a router that makes two experts hot (load balancing).
 """
 
+import importlib.util
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer
@@ -47,6 +51,21 @@ def make_weights(tmp_path_factory):
 def tiny_weights(make_weights):
     """Path (str) of the ``tiny`` preset's synthetic weights, seed 0."""
     return make_weights('tiny')
+
+
+@pytest.fixture(scope='session')
+def skewed(tiny_weights, tmp_path_factory):
+    """tiny with 2 added to the router columns of experts 0 and 1 in every MoE
+    layer (benchmarks/balance.py skew_router): they win the gate for most
+    tokens (max/mean ~2 instead of ~1.3)."""
+    spec = importlib.util.spec_from_file_location(
+        'balance_benchmark', Path(__file__).resolve().parents[1] / 'benchmarks' / 'balance.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = tmp_path_factory.mktemp('skewed') / 'hot01.h5'
+    shutil.copyfile(tiny_weights, path)
+    module.skew_router(str(path), [0, 1], 2.0)
+    return str(path)
 
 
 @pytest.fixture(scope='session')

@@ -10,15 +10,12 @@ changes which experts tokens choose, so there the test is the behaviour: on
 weights whose router makes two experts hot, the bias lowers max/mean load.
 """
 
-import importlib.util
 import itertools
 import json
-import shutil
 import subprocess
 import sys
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,17 +32,6 @@ from mpimoe.model.reference import run_reference
 from mpimoe.moe.router import route, spread_copies
 from contract import assert_matches_reference
 from test_engine import REF_NEW_TOKENS, RUN_TIMEOUT
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _benchmark_module():
-    """benchmarks/balance.py as a module (its skew_router makes the skewed file)."""
-    spec = importlib.util.spec_from_file_location('balance_benchmark',
-                                                  REPO / 'benchmarks' / 'balance.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # -- the gate bias rule ------------------------------------------------------------
@@ -280,16 +266,6 @@ def test_cli_plan_replicas(tmp_path):
 
 
 # -- MPI: the engine ---------------------------------------------------------------------
-
-@pytest.fixture(scope='module')
-def skewed(tiny_weights, tmp_path_factory):
-    """tiny with 2 added to the router columns of experts 0 and 1 in every MoE
-    layer: they win the gate for most tokens (max/mean ~2 instead of ~1.3)."""
-    path = tmp_path_factory.mktemp('skewed') / 'hot01.h5'
-    shutil.copyfile(tiny_weights, path)
-    _benchmark_module().skew_router(str(path), [0, 1], 2.0)
-    return str(path)
-
 
 @pytest.fixture(scope='module')
 def reference(tiny_weights, skewed, tiny_inputs, tmp_path_factory):

@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip('cupy')
 
-from contract import GPU_TIE_RTOL, assert_logits_close, assert_matches_reference  # noqa: E402
+from contract import GPU_TIE_RTOL, assert_matches_reference  # noqa: E402
 from mpimoe.backends.backend import cuda_problem, mpi_cuda_support, probe_cuda  # noqa: E402
 from mpimoe.io.outputs import read_outputs  # noqa: E402
 from mpirun import mpiexec  # noqa: E402
@@ -109,29 +109,40 @@ def test_device_buffers_give_what_host_staging_gives(reference, tiny_inputs, tmp
 
 
 @pytest.mark.timeout(2 * RUN_TIMEOUT + 60)
-def test_gpu_bias_balancing_follows_the_cpu_run(reference, tiny_inputs, tmp_path):
-    """--balance bias on the GPU against the same run on NumPy: the bias is
-    updated from integer expert counts, so both runs route alike unless a
-    score is within the contracts' difference of a tie; logits within
-    LOGIT_RTOL, greedy tokens equal."""
-    weights, _ = reference(())
-    opts = ['--placement', 'packed:4', '--balance', 'bias', '--balance-every', '1',
-            '--balance-step', '0.03']
+def test_gpu_bias_balancing_steers_away_from_hot_experts(skewed, tiny_inputs, tmp_path):
+    """--balance bias on the GPU, on weights whose router makes experts 0 and
+    1 hot, in steps of <= 24 tokens: the bias the GPU run learns pushes them
+    down and lowers max/mean load below the same file's on the CPU without
+    balancing; every front-end routes with rank 0's bias; the same number of
+    token copies is routed.
+
+    Not asserted: counts or tokens equal to a CPU run with the bias.  The
+    GPU contract moves router scores by a few u (tests/contract.py), so a
+    token at a near-tie of two experts' scores may go to the other one, and
+    from there the bias, updated from integer counts, takes its own path:
+    what is invariant is what the bias does, not the path."""
+    import zlib
+    opts = ['--placement', 'packed:4', '--batch-tokens', '24']
+    bias_opts = ['--balance', 'bias', '--balance-step', '0.03']
     (tmp_path / 'gpu').mkdir()
     (tmp_path / 'cpu').mkdir()
-    gpu, gpu_report, _ = _run(weights, tiny_inputs, tmp_path / 'gpu', 3,
-                              [*opts, '--mpi-gpu', 'host'])
-    proc = mpiexec(3, ['run', '--weights', weights, '--input', tiny_inputs, '--output',
+    _, on, _ = _run(skewed, tiny_inputs, tmp_path / 'gpu', 3,
+                    [*opts, *bias_opts, '--mpi-gpu', 'host'])
+    proc = mpiexec(3, ['run', '--weights', skewed, '--input', tiny_inputs, '--output',
                        tmp_path / 'cpu' / 'out.h5', '--max-new-tokens', MAX_NEW,
-                       '--save-logits', '--metrics', tmp_path / 'cpu' / 'run.json',
-                       '--backend', 'numpy', *opts], timeout=RUN_TIMEOUT)
+                       '--metrics', tmp_path / 'cpu' / 'run.json', '--backend', 'numpy',
+                       *opts], timeout=RUN_TIMEOUT)
     assert proc.returncode == 0, proc.stderr
-    cpu = read_outputs(tmp_path / 'cpu' / 'out.h5')
-    cpu_report = json.loads((tmp_path / 'cpu' / 'run.json').read_text())
-    assert gpu_report['expert_loads']['counts'] == cpu_report['expert_loads']['counts']
-    assert all(np.array_equal(a, b) for a, b in zip(gpu['generated'], cpu['generated'],
-                                                    strict=True))
-    assert_logits_close(gpu['last_logits'], cpu['last_logits'], 'last_logits')
+    off = json.loads((tmp_path / 'cpu' / 'run.json').read_text())
+    before = np.array(off['expert_loads']['max_over_mean'])         # [Lm]
+    after = np.array(on['expert_loads']['max_over_mean'])
+    assert (before > 1.8).all() and (after < before).all(), (before, after)
+    bias = np.array(on['balance']['bias'])                          # [Lm, E]
+    assert (np.abs(bias) <= 0.5).all() and (bias[:, :2] < 0).all(), bias
+    crc = zlib.crc32(bias.astype(np.float32).tobytes())
+    assert [r['bias_crc32'] for r in on['ranks'] if r['role'] == 'front-end'] == [crc]
+    assert np.array(on['expert_loads']['counts']).sum() == \
+        np.array(off['expert_loads']['counts']).sum()
 
 
 _EXCHANGE = r'''
