@@ -61,7 +61,7 @@ class WeightFile:
         self.name = os.fspath(source) if is_path else getattr(source, 'name', repr(source))
         if is_path:
             regular_file(self.name, 'weights')
-        self._file = self._open(source)
+        self._file = self._open(self.name if is_path else source)
         try:
             self.config = self._check_root()
         except DataError:
@@ -70,8 +70,19 @@ class WeightFile:
         self._specs = dict(tensor_specs(self.config))
 
     def _open(self, source):
-        """h5py.File read-only; OSError -> DataError saying what to do."""
+        """h5py.File read-only; OSError -> DataError saying what to do.
+
+        A path is opened without HDF5's data sieve buffer: through it, a
+        block of columns of a contiguous tensor (a TP rank's part,
+        mpimoe.model.tp_frontend.read_shard) reads every row in 64 KiB
+        windows, the whole tensor for blocks under 64 KiB a row; without it
+        each row's piece is read as such.  Whole tensors and row ranges are
+        one contiguous read either way."""
         try:
+            if isinstance(source, str):
+                fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+                fapl.set_sieve_buf_size(0)
+                return h5py.File(h5py.h5f.open(os.fsencode(source), h5py.h5f.ACC_RDONLY, fapl))
             return h5py.File(source, 'r')
         except FileNotFoundError:
             raise DataError(f'{self.name}: no such file; check the path or write one '
@@ -175,12 +186,14 @@ class WeightFile:
         return ds
 
     def _read_words(self, name, ds, sel=None):
-        """Raw little-endian words of ``ds`` (rows ``sel`` when given): uint16,
-        or float32 for an FP32 tensor."""
-        shape = ds.shape if sel is None else (sel.stop - sel.start,) + ds.shape[1:]
+        """Raw little-endian words of ``ds`` (the block ``sel``, a tuple of
+        slices with start and stop over its leading dimensions, when given):
+        uint16, or float32 for an FP32 tensor."""
+        sel = sel or ()
+        shape = tuple(s.stop - s.start for s in sel) + ds.shape[len(sel):]
         out = np.empty(shape, ds.dtype)
         try:
-            ds.read_direct(out, source_sel=sel)
+            ds.read_direct(out, source_sel=sel or None)
         except OSError as e:
             raise self._error(name, f'read failed: {" ".join(str(e).split())}') from None
         return out
@@ -188,32 +201,36 @@ class WeightFile:
     def _crc_ok(self, ds, crc):
         return int(ds.attrs['crc32']) == crc
 
-    def _nonfinite(self, words, shape, r0=0):
-        """Where the first NaN or Inf of ``words`` (uint16 [r1 - r0, *shape[1:]],
-        rows ``r0..`` of a tensor of ``shape``; or float32 values) is, as a
-        problem string, or None."""
+    def _nonfinite(self, words, sel=()):
+        """Where the first NaN or Inf of ``words`` (uint16, or float32 values:
+        the block ``sel`` of a tensor, as :meth:`_read_words`) is in the
+        tensor, as a problem string, or None."""
         flat = words.reshape(-1)
         mask = None if words.dtype.kind == 'f' else words.dtype.type(_EXPONENT[self.config.dtype])
         for a in range(0, flat.size, SLAB_ELEMS):
             part = flat[a:a + SLAB_ELEMS]
             bad = np.flatnonzero(~np.isfinite(part) if mask is None else (part & mask) == mask)
             if bad.size:
-                at = np.unravel_index(r0 * int(np.prod(shape[1:])) + a + int(bad[0]), shape)
-                return f'value at {list(map(int, at))} is NaN or Inf (not a usable model)'
+                at = np.unravel_index(a + int(bad[0]), words.shape)
+                at = [int(i) + (sel[k].start if k < len(sel) else 0) for k, i in enumerate(at)]
+                return f'value at {at} is NaN or Inf (not a usable model)'
         return None
 
-    def read(self, name, verify=True):
+    def read(self, name, verify=True, part=None):
         """Tensor ``name`` as an array of the 16-bit dtype (float32 for an FP32
-        tensor: layout.tensor_dtype), shape from tensor_specs.
+        tensor: layout.tensor_dtype), shape from tensor_specs; with ``part``
+        (a tuple of slices with start and stop over its leading dimensions)
+        only that block, read from the file as such (an HDF5 hyperslab).
 
-        With ``verify`` the crc32 of the bytes read is checked; NaN and Inf
-        values are refused either way.
+        With ``verify`` the crc32 of the bytes read is checked, for a whole
+        tensor only (a checksum covers the whole); NaN and Inf values are
+        refused either way.
         """
         ds = self._checked(name)
-        words = self._read_words(name, ds)
-        if verify and not self._crc_ok(ds, zlib.crc32(words)):
+        words = self._read_words(name, ds, part)
+        if verify and part is None and not self._crc_ok(ds, zlib.crc32(words)):
             raise self._error(name, 'checksum mismatch (file corrupted?); rewrite it')
-        problem = self._nonfinite(words, ds.shape)
+        problem = self._nonfinite(words, part or ())
         if problem:
             raise self._error(name, f'{problem}; rewrite or reconvert the file')
         return words if words.dtype.kind == 'f' else from_words(words, self.config.dtype)
@@ -305,9 +322,10 @@ class WeightFile:
         (bounded memory), as a problem string, or None."""
         crc, nonfinite = 0, None
         for r0, r1 in row_slabs(ds.shape):
-            words = self._read_words(name, ds, np.s_[r0:r1])
+            slab = (slice(r0, r1),)
+            words = self._read_words(name, ds, slab)
             crc = zlib.crc32(words, crc)
-            nonfinite = nonfinite or self._nonfinite(words, ds.shape, r0)
+            nonfinite = nonfinite or self._nonfinite(words, slab)
         if not self._crc_ok(ds, crc):
             return 'checksum mismatch (file corrupted?)'
         return nonfinite

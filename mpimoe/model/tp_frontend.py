@@ -33,49 +33,65 @@ Allreduce: the FP32 summation order differs, as between two batchings
 
 import numpy as np
 
+from mpimoe.checkpoint.layout import nonexpert_tensor_names, tensor_specs
 from mpimoe.model.frontend import FrontEnd
 from mpimoe.model.kvcache import BlockKVCache
 from mpimoe.parallel.tp_group import share
 
-__all__ = ['shard', 'TPFrontEnd', 'GroupMoE']
+__all__ = ['shard_part', 'read_shard', 'TPFrontEnd', 'GroupMoE']
 
 
-def _cols(a, t, T):
-    n = a.shape[-1] // T
-    return a[..., t * n:(t + 1) * n]
+def shard_part(cfg, name, shape, t, T):
+    """Rank t of T's block of the non-expert tensor ``name`` [shape], as
+    described in the module docstring: a tuple of slices over its leading
+    dimensions (as mpimoe.checkpoint.weights.WeightFile.read takes it), or
+    None where every rank holds the whole tensor."""
+    last = name.rsplit('/', 1)[-1]
+    group = name.split('/')[2] if name.count('/') == 3 else None
+    rows = (name == 'embed' or last == 'wo' or (group in ('mlp', 'shared') and last == 'down'))
+    cols = (name == 'lm_head' or last in ('wq', 'wq_b', 'wk', 'wv', 'wkv_b', 'bq', 'bk', 'bv')
+            or (last in ('q_norm', 'k_norm') and cfg.attention.qk_norm == 'full')
+            or (group in ('mlp', 'shared') and last != 'down'))
+    if rows:
+        n = shape[0] // T
+        return (slice(t * n, (t + 1) * n),)
+    if cols:
+        n = shape[-1] // T
+        return tuple(slice(0, k) for k in shape[:-1]) + (slice(t * n, (t + 1) * n),)
+    return None
 
 
-def _rows(a, t, T):
-    n = a.shape[0] // T
-    return a[t * n:(t + 1) * n]
+def read_shard(wf, t, T):
+    """Rank t of T's non-expert tensors of ``wf`` (a WeightFile): dict name ->
+    16-bit host array (float32 for an FP32 tensor), :func:`shard_part` of
+    each, names unchanged.
 
-
-def shard(cfg, tensors, t, T):
-    """Rank t of T's tensors: dict name -> array (host or device), the
-    slices of ``tensors`` (all non-expert tensors) described in the module
-    docstring; names unchanged.  Slices are copied, so the whole tensors can
-    be freed."""
-    out = {}
-    for name, a in tensors.items():
-        last = name.rsplit('/', 1)[-1]
-        group = name.split('/')[2] if name.count('/') == 3 else None
-        if name == 'embed':
-            a = _rows(a, t, T)
-        elif name == 'lm_head' or last in ('wq', 'wq_b', 'wk', 'wv', 'wkv_b', 'bq', 'bk', 'bv'):
-            a = _cols(a, t, T)
-        elif last == 'wo':
-            a = _rows(a, t, T)
-        elif last in ('q_norm', 'k_norm') and cfg.attention.qk_norm == 'full':
-            a = _cols(a, t, T)          # gains of the whole query / key: this rank's part
-        elif group in ('mlp', 'shared'):
-            a = _rows(a, t, T) if last == 'down' else _cols(a, t, T)
-        out[name] = a.copy()
+    The I/O is the group's, not T whole copies of the front-end: a split
+    tensor is read by each rank as its block only, except that the i-th
+    split tensor is read whole by rank i mod T, which verifies its checksum
+    (a checksum covers the whole tensor) and keeps its block; so the group
+    reads the split tensors about twice over and verifies every checksum,
+    and no rank holds more than its shard and one whole tensor.
+    """
+    cfg = wf.config
+    shapes = dict(tensor_specs(cfg))
+    out, n_split = {}, 0
+    for name in nonexpert_tensor_names(cfg):
+        part = shard_part(cfg, name, shapes[name], t, T)
+        if part is None:
+            out[name] = wf.read(name)
+            continue
+        if n_split % T == t:
+            out[name] = wf.read(name)[part].copy()      # the whole one freed
+        else:
+            out[name] = wf.read(name, part=part)
+        n_split += 1
     return out
 
 
 class TPFrontEnd(FrontEnd):
     """The FrontEnd of rank ``group.rank`` of a TP group: cfg the whole model's,
-    tensors its :func:`shard`; FrontEnd's blocks run on a config of its own
+    tensors its :func:`read_shard`; FrontEnd's blocks run on a config of its own
     heads (``self.heads``) and sum or gather through the group."""
 
     def __init__(self, cfg, tensors, group):

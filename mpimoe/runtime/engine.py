@@ -20,7 +20,7 @@ from mpimoe.backends.backend import Backend, choose_backend
 from mpimoe.backends.binding import sharing_problem
 from mpimoe.errors import ConfigError, DataError, Interrupted, MpimoeError, Stopped, UsageError
 from mpimoe.model.frontend import FrontEnd
-from mpimoe.model.tp_frontend import TPFrontEnd, shard
+from mpimoe.model.tp_frontend import TPFrontEnd, read_shard
 from mpimoe.parallel.mpiutil import MPI, local_rank, node_ids, run_guarded
 from mpimoe.planning.text import rank_list as _ranks
 from mpimoe.parallel.gpu_mpi import choose_mpi_gpu
@@ -314,13 +314,11 @@ def _load_role(world, cfg, plan, opts, layers, wf, timers, backend, mode, io=Non
     group (mpimoe.parallel.tp_group.TensorGroup) or None."""
     args = (world, cfg, plan, opts, layers, timers)
     if plan.is_frontend(world.rank):
-        tensors = wf.read_nonexpert()
         if group is None:
-            front = FrontEnd(cfg, backend.weights(tensors))
+            front = FrontEnd(cfg, backend.weights(wf.read_nonexpert()))
         else:
-            front = TPFrontEnd(cfg, backend.weights(shard(cfg, tensors, group.rank, group.size)),
+            front = TPFrontEnd(cfg, backend.weights(read_shard(wf, group.rank, group.size)),
                                group)
-        del tensors
         return FrontEndRank(*args, front, io, backend=backend, mode=mode, tokenizer=tokenizer,
                             group=group)
     hosted = {}   # layer index in the model -> expert weight dicts in slot order
