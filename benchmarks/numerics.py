@@ -5,7 +5,8 @@ tests/contract.py (LOGIT_RTOL, TIE_RTOL) and README's *Numerics*.
         [--ranks 5] [--placement packed:2] [--out DIR] [--run-options '...']
     python benchmarks/numerics.py batching [--preset tiny] [--seqs 200] [--new 40] \
         [--chunk 7]
-    python benchmarks/numerics.py gpu-contract [--preset tiny] [--seqs 200] [--new 40]
+    python benchmarks/numerics.py gpu-contract [--preset tiny] [--seqs 200] [--new 40] \
+        [--set KEY=VALUE ...]
 
 ``engine`` writes synthetic weights and ``--seqs`` random prompts of 3..20
 tokens, runs ``mpimoe reference`` (one process) and ``mpimoe run`` (under
@@ -43,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'tests'))
 
 from contract import (LOGIT_RTOL, TIE_RTOL, greedy_divergences, next_logits,  # noqa: E402
-                      rel_l2_rows)
+                      rel_l2_rows, teacher_forced)
 from mpimoe.checkpoint.weights import WeightFile  # noqa: E402
 from mpimoe.checkpoint.writer import write_synthetic  # noqa: E402
 from mpimoe.model.config import model_config  # noqa: E402
@@ -58,11 +59,13 @@ U = 2.0 ** -8
 
 def _setup(args, d):
     """(weights path, inputs path) of ``args`` in directory d, written once."""
-    weights, inputs = d / f'{args.preset}.h5', d / f'in-{args.seqs}.jsonl'
+    name = '-'.join([args.preset, *args.set]).replace('/', '_')
+    weights, inputs = d / f'{name}.h5', d / f'in-{args.seqs}.jsonl'
+    cfg = model_config(args.preset, args.set)
     if not weights.exists():
-        write_synthetic(model_config(args.preset), str(weights), seed=0)
+        write_synthetic(cfg, str(weights), seed=0)
     if not inputs.exists():
-        write_synthetic_inputs(inputs, model_config(args.preset).vocab_size,
+        write_synthetic_inputs(inputs, cfg.vocab_size,
                                num_seqs=args.seqs, min_len=3, max_len=20, seed=11)
     return str(weights), str(inputs)
 
@@ -100,18 +103,6 @@ def engine(args, d):
           f'(LOGIT_RTOL {LOGIT_RTOL:.3g})')
 
 
-def _teacher(model, prompts, tokens):
-    """Logits [n, B, V] of prompts then tokens [B, n] fed one step at a time
-    (step s predicts tokens[:, s])."""
-    lengths = np.array([len(p) for p in prompts])
-    cache, seqs = model.front.cache_for(lengths + tokens.shape[1])
-    ones = np.ones(len(prompts), np.int64)
-    out = [model.forward(np.concatenate(prompts).astype(np.int64), cache, seqs, lengths)]
-    for s in range(tokens.shape[1] - 1):
-        out.append(model.forward(tokens[:, s].astype(np.int64), cache, seqs, ones))
-    return np.stack(out)
-
-
 def _describe(what, other, a):
     """Print per-row statistics of other - a (float [..., V])."""
     diff = other.astype(np.float64) - a
@@ -132,12 +123,12 @@ def batching(args, d):
     seqs = read_inputs(inputs, model.cfg.vocab_size)
     prompts = [seqs.seq(i) for i in range(len(seqs))]
     tokens = np.stack(model.generate(prompts, args.new)[0])       # [B, new]: no EOS here
-    a = _teacher(model, prompts, tokens)
-    b = np.concatenate([_teacher(model, prompts[i:i + args.chunk], tokens[i:i + args.chunk])
+    a = teacher_forced(model, prompts, tokens)
+    b = np.concatenate([teacher_forced(model, prompts[i:i + args.chunk], tokens[i:i + args.chunk])
                         for i in range(0, len(prompts), args.chunk)], axis=1)
     # U: expert_ffn and moe_local without their 16-bit roundings
     mpimoe.model.layers.round16 = mpimoe.moe.local.round16 = lambda x, dtype: x
-    unrounded = _teacher(model, prompts, tokens)
+    unrounded = teacher_forced(model, prompts, tokens)
     print(f'{args.preset}, {args.seqs} sequences x {args.new} steps ({a.shape[0] * a.shape[1]} '
           f'rows); TIE_RTOL {TIE_RTOL:.3g} = {TIE_RTOL / U:.0f} u, LOGIT_RTOL {LOGIT_RTOL:.3g}')
     _describe(f'batches of {args.chunk} - A', b, a)
@@ -158,7 +149,7 @@ def gpu_contract(args, d):
     seqs = read_inputs(inputs, cfg.vocab_size)
     prompts = [seqs.seq(i) for i in range(len(seqs))]
     tokens = np.stack(model.generate(prompts, args.new)[0])
-    a, gpu = _teacher(model, prompts, tokens), _teacher(g, prompts, tokens)   # one batch each
+    a, gpu = teacher_forced(model, prompts, tokens), teacher_forced(g, prompts, tokens)   # one batch each
     print(f'{args.preset}, {args.seqs} sequences x {args.new} steps ({a.shape[0] * a.shape[1]} '
           f'rows); TIE_RTOL {TIE_RTOL:.3g} = {TIE_RTOL / U:.0f} u, LOGIT_RTOL {LOGIT_RTOL:.3g}')
     _describe('GPU contract - A', gpu, a)
@@ -170,6 +161,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('mode', choices=['engine', 'batching', 'gpu-contract'])
     p.add_argument('--preset', default='tiny')
+    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                   help='override a field of the preset, as `mpimoe init-weights --set`')
     p.add_argument('--seqs', type=int, default=None)
     p.add_argument('--new', type=int, default=40)
     p.add_argument('--ranks', type=int, default=5)

@@ -36,7 +36,8 @@ import numpy as np
 
 __all__ = ['EPS32', 'unit_roundoff', 'gamma', 'expert_bound', 'GELU_SLOPE', 'SILU_SLOPE',
            'LOGIT_RTOL', 'TIE_RTOL', 'GPU_TIE_RTOL', 'rel_l2_rows', 'assert_logits_close',
-           'tie_bound', 'next_logits', 'greedy_divergences', 'assert_greedy_match', 'assert_matches_reference']
+           'tie_bound', 'next_logits', 'teacher_forced', 'greedy_divergences',
+           'assert_greedy_match', 'assert_matches_reference']
 
 #: unit roundoff of FP32
 EPS32 = 2.0 ** -24
@@ -192,6 +193,20 @@ def next_logits(model, prompt, tokens):
     """A ReferenceModel's logits [V] for the token after ``prompt`` + ``tokens``
     (int arrays), from one prefill of them."""
     return model.generate([np.concatenate([prompt, tokens])], 0)[1][0]
+
+
+def teacher_forced(model, prompts, tokens):
+    """A ReferenceModel's logits [n, B, V] (host) of ``prompts`` (B int arrays)
+    then ``tokens`` int [B, n] fed one step at a time through its KV cache:
+    step s predicts tokens[:, s]; every sequence sees the same tokens
+    whatever its logits, so two evaluations compare step for step."""
+    lengths = np.array([len(p) for p in prompts])
+    cache, seqs = model.front.cache_for(lengths + tokens.shape[1])
+    ones = np.ones(len(prompts), np.int64)
+    out = [model.forward(np.concatenate(prompts).astype(np.int64), cache, seqs, lengths)]
+    for s in range(tokens.shape[1] - 1):
+        out.append(model.forward(tokens[:, s].astype(np.int64), cache, seqs, ones))
+    return np.stack(out)
 
 
 def greedy_divergences(got, ref, recompute, scores=None, tie_rtol=TIE_RTOL):

@@ -492,3 +492,48 @@ def test_slot_host_staging_on_numpy():
     assert np.shares_memory(plain._send_view(2), plain.out.buf)
     assert np.shares_memory(plain._recv_view(2), plain.inp.buf)
 
+
+
+def _as_cublas_reads(x, layout):
+    """What a column-major GEMM reads for operand x (a NumPy view, 2-D or a
+    3-D batch) given operand_layout's (op, ld, batch stride): op(M) per
+    matrix, M the (rows x cols) column-major matrix at x's first element
+    with leading dimension ld (cuBLAS's documented addressing)."""
+    from numpy.lib.stride_tricks import as_strided
+    from mpimoe.backends.cublas import CUBLAS_OP_N
+    op, ld, stride = layout
+    *batch, r, c = x.shape
+    rows, cols = (c, r) if op == CUBLAS_OP_N else (r, c)       # stored M
+    assert ld >= max(rows, 1)                                   # cuBLAS's rule for ld
+    isz = x.itemsize
+    base = as_strided(x, shape=(batch[0] if batch else 1, rows, cols),
+                      strides=(stride * isz, isz, ld * isz))
+    read = base if op == CUBLAS_OP_N else base.transpose(0, 2, 1)
+    return read if batch else read[0]
+
+
+def test_cublas_operands_are_read_as_their_transposes():
+    """gemm_f32's operand layouts (mpimoe.backends.cublas.operand_layout): for
+    row-major matrices, transposed views, one head's columns of an MLA
+    weight, single rows and columns and batches of them, the matrix a
+    column-major GEMM reads at the given op / ld / batch stride is X^T
+    (which makes C^T = B^T A^T the row-major C = A B); layouts no GEMM can
+    read (a 2-D slice with a step in both axes) ask for a copy."""
+    from mpimoe.backends.cublas import operand_layout
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((16, 4 * 20)).astype(np.float32)         # wkv_b [r, H*(8+12)]
+    heads = w.reshape(16, 4, 20).transpose(1, 0, 2)                   # [H, r, 20]
+    q = rng.standard_normal((5, 4, 24)).astype(np.float32)            # [T, H, hd]
+    views = {'matrix': w, 'transposed': w.T, 'rows': w[2:9], 'cols': w[:, 3:40],
+             'row': w[3:4], 'column': w[:, 5:6], 'column-T': w[:, 5:6].T,
+             'w_uk^T': heads[:, :, :8].transpose(0, 2, 1), 'w_uv': heads[:, :, 8:],
+             'q_nope': q[:, :, :8].transpose(1, 0, 2), 'batch': rng.standard_normal((3, 4, 6)),
+             'batch-T': rng.standard_normal((3, 6, 4)).transpose(0, 2, 1)}
+    for name, x in views.items():
+        layout = operand_layout(x.shape, x.strides, x.itemsize)
+        assert layout is not None, name
+        got = _as_cublas_reads(x, layout)
+        want = x.transpose(0, 2, 1) if x.ndim == 3 else x.T
+        assert np.array_equal(got, want), name
+    assert operand_layout(w[::2, ::3].shape, w[::2, ::3].strides, 4) is None
+    assert operand_layout(heads.shape, heads.strides, 4) is not None

@@ -30,7 +30,7 @@ import pytest
 
 cupy = pytest.importorskip('cupy')
 
-from contract import LOGIT_RTOL, expert_bound, gamma, unit_roundoff  # noqa: E402
+from contract import LOGIT_RTOL, expert_bound, gamma, teacher_forced, unit_roundoff  # noqa: E402
 from mpimoe.backends.backend import (CUBLAS_NO_REDUCED_PRECISION_REDUCTION, DTYPES,  # noqa: E402
                                     Backend, HostStaging, cuda_problem, probe_cuda, round16,
                                     choose_backend, to_numpy, to_words)
@@ -243,17 +243,26 @@ def test_moe_layer_on_the_gpu_against_numpy(gpu, kind):
     assert overall <= 1.5 * U and rows.max() <= 2 * U
 
 
-@pytest.fixture(scope='module')
-def tiny(tiny_weights, tiny_inputs):
+def _model(weights, inputs_path):
     """(cfg, NumPy FP32 reference, prompts, the file's 16-bit tensors)."""
-    with WeightFile(tiny_weights) as wf:
+    with WeightFile(weights) as wf:
         ref = load_reference(wf)
         cfg = wf.config
         nonexpert = wf.read_nonexpert()
         experts = {i: [wf.read_expert(i, e) for e in range(cfg.n_experts)]
                    for i in cfg.moe_layers}
-    inputs = read_inputs(tiny_inputs, cfg.vocab_size)
+    inputs = read_inputs(inputs_path, cfg.vocab_size)
     return cfg, ref, [inputs.seq(i) for i in range(len(inputs))], nonexpert, experts
+
+
+@pytest.fixture(scope='module')
+def tiny(tiny_weights, tiny_inputs):
+    return _model(tiny_weights, tiny_inputs)
+
+
+#: tiny with multi-head latent attention (tests/test_tensor_parallel.py's variant)
+MLA = ('attention.kind=mla', 'attention.kv_lora_rank=16', 'attention.qk_nope_head_dim=8',
+       'attention.qk_rope_head_dim=8', 'attention.v_head_dim=12', 'n_kv_heads=4')
 
 
 def test_whole_model_on_the_gpu(gpu, tiny):
@@ -281,6 +290,26 @@ def test_whole_model_on_the_gpu(gpu, tiny):
     assert _rel_rows(logits_dev, logits_same)[0].max() <= unit_roundoff('bfloat16')
     assert _rel_rows(logits_dev, logits_ref)[0].max() <= LOGIT_RTOL
     assert all(np.array_equal(a, b) for a, b in zip(gen_dev, gen_same, strict=True))
+
+
+def test_mla_model_on_the_gpu(gpu, make_weights, tiny_inputs):
+    """MLA on the device: the absorbed products read each head's columns of
+    the 16-bit wkv_b in place through cublasGemmStridedBatchedEx (FP32 out).
+    Teacher-forced on the reference's greedy tokens (prefill, then 3 cached
+    decode steps), every step's logits against NumPy running the same
+    contract (summation order only: u) and against the FP32 reference
+    (LOGIT_RTOL).  Greedy tokens are not compared: on these inputs this
+    variant's top two logits come within 4e-5 of their row's norm."""
+    cfg, ref, prompts, nonexpert, experts = _model(make_weights('tiny', MLA), tiny_inputs)
+    assert cfg.attention.mla
+    dev = ReferenceModel(cfg, gpu.weights(nonexpert),
+                         {i: [gpu.weights(w) for w in ws] for i, ws in experts.items()})
+    same = ReferenceModel(cfg, nonexpert, experts)
+    tokens = np.stack(ref.generate(prompts, 4)[0])                          # [B, 4]
+    got, want, exact = (teacher_forced(m, prompts, tokens) for m in (dev, same, ref))
+    for s in range(len(got)):
+        assert _rel_rows(got[s], want[s])[0].max() <= unit_roundoff('bfloat16'), s
+        assert _rel_rows(got[s], exact[s])[0].max() <= LOGIT_RTOL, s
 
 
 # ---------------------------------------------------------------- host staging

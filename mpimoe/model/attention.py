@@ -42,7 +42,9 @@ rounding only.
 On CuPy everything stays on the device (the array module is the input's,
 mpimoe.backends.backend.array_module); index arrays are built on the host and
 moved with ``xp.asarray``; the gathered 16-bit keys and values are widened to
-FP32 before the batched matmuls (no 16-bit batched GEMM).
+FP32 before the batched matmuls of the scores and weighted sums.  MLA's
+absorbed products read ``wkv_b`` as stored, head by head, through mm32 (on a
+GPU a strided-batched 16-bit GEMM with FP32 output).
 """
 
 import math
@@ -98,7 +100,7 @@ def attention(x, w, cfg, cache, layer, where, sum_squares=None):
     """
     xp = array_module(x)
     if cfg.attention.mla:
-        wkv_b = _wkv_b(w, cfg)          # widened once per layer (CuPy: no batched 16-bit GEMM)
+        wkv_b = _wkv_b(w, cfg)
         q, latent = _mla_qkv(x, w, cfg, where.cos, where.sin, wkv_b)
         cache.write(layer, where.blocks, where.offsets, latent)
         n_kv, v_width = 1, cfg.attention.kv_lora_rank
@@ -178,7 +180,7 @@ def _mla_qkv(x, w, cfg, cos, sin, wkv_b):
     latent = rms_norm(kv[:, :r], w['kv_a_norm'], eps)
     k_rope = apply_rope(kv[:, None, r:], cos, sin)                          # [T, 1, rope]
     w_uk = wkv_b[:, :, :nope]                                               # [H, r, nope]
-    q_latent = (q[:, :, :nope].transpose(1, 0, 2) @ w_uk.transpose(0, 2, 1)).transpose(1, 0, 2)
+    q_latent = mm32(q[:, :, :nope].transpose(1, 0, 2), w_uk.transpose(0, 2, 1)).transpose(1, 0, 2)
     xp = array_module(x)
     queries = xp.concatenate([q_latent, apply_rope(q[:, :, nope:], cos, sin)], axis=-1)
     return queries, xp.concatenate([latent[:, None], k_rope], axis=-1)
@@ -189,13 +191,14 @@ def _mla_values(o, wkv_b, cfg):
     (weights times latents) @ Wuv_h [r, v] -> [T, H, v] float32; wkv_b:
     :func:`_wkv_b` of the layer."""
     w_uv = wkv_b[:, :, cfg.attention.qk_nope_head_dim:]                     # [H, r, v]
-    return (o.transpose(1, 0, 2) @ w_uv).transpose(1, 0, 2)
+    return mm32(o.transpose(1, 0, 2), w_uv).transpose(1, 0, 2)
 
 
 def _wkv_b(w, cfg):
-    """wkv_b [r, H*(nope+v)] as float32 [H, r, nope + v]."""
+    """wkv_b [r, H*(nope+v)] viewed as [H, r, nope + v] (no copy: mm32 reads
+    each head's columns where they are)."""
     a = cfg.attention
-    return as_f32(w['wkv_b']).reshape(a.kv_lora_rank, cfg.n_heads, -1).transpose(1, 0, 2)
+    return w['wkv_b'].reshape(a.kv_lora_rank, cfg.n_heads, -1).transpose(1, 0, 2)
 
 
 def _buckets(ntok, keys):

@@ -38,7 +38,9 @@ def as_f32(w):
 
 
 def mm32(x, w):
-    """The front-end's product, FP32 out: x [n, k] float32 @ w [k, m] -> [n, m] float32.
+    """The front-end's product, FP32 out: x [n, k] float32 @ w [k, m] -> [n, m]
+    float32, or a batch of them (x [B, n, k] @ w [B, k, m], MLA's products per
+    head: w any view of a weight, mpimoe.backends.cublas.gemm_f32).
 
     FP32 ``w`` (the NumPy backend): an FP32 GEMM.  16-bit ``w`` (the CuPy
     backend): ``x`` rounded to w's dtype, a 16-bit GEMM with FP32
