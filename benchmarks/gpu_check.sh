@@ -16,7 +16,7 @@
 #            matmul, one MoE layer against a PyTorch loop, decode steps of small
 #            at B = 8, 64, 256, MPI transfer rates
 #   overlap  `mpimoe bench moe-layer --backend cupy` on 2 ranks sharing the GPU: a
-#            Mixtral-sized layer (4096 -> 14336, 8 experts, top-2, 4096 tokens)
+#            Mixtral-sized layer (4096 -> 14336 SwiGLU, 8 experts, top-2, 4096 tokens)
 #            over MPI, its overlap efficiency (goal >= 0.8) and the check
 #            against the layer on one rank
 #
@@ -76,7 +76,7 @@ sys.exit(subprocess.call([mpiexec_path(), '-n', '2', sys.executable, '-m', 'mpi4
                           'mpimoe', *sys.argv[1:]]))"
 step bench 150 "$PYTHON" -c "$ON_2_RANKS" bench gpu --repeats 5
 step overlap 180 "$PYTHON" -c "$ON_2_RANKS" bench moe-layer --backend cupy --placement packed:8 \
-    --d-model 4096 --d-expert 14336 --tokens 4096 --repeats 5
+    --d-model 4096 --d-expert 14336 --kind swiglu --tokens 4096 --repeats 5
 
 echo "=== summary"
 printf '%s\n' "${SUMMARY[@]}"

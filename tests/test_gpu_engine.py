@@ -113,8 +113,9 @@ def test_gpu_bias_balancing_steers_away_from_hot_experts(skewed, tiny_inputs, tm
     """--balance bias on the GPU, on weights whose router makes experts 0 and
     1 hot, in steps of <= 24 tokens: the bias the GPU run learns pushes them
     down and lowers max/mean load below the same file's on the CPU without
-    balancing; every front-end routes with rank 0's bias; the same number of
-    token copies is routed.
+    balancing; both front-ends (2 on packed:4) end with rank 0's bias; and,
+    as a sanity check (tiny has no EOS: every sequence runs its 6 tokens),
+    the same number of token copies is routed.
 
     Not asserted: counts or tokens equal to a CPU run with the bias.  The
     GPU contract moves router scores by a few u (tests/contract.py), so a
@@ -122,13 +123,13 @@ def test_gpu_bias_balancing_steers_away_from_hot_experts(skewed, tiny_inputs, tm
     from there the bias, updated from integer counts, takes its own path:
     what is invariant is what the bias does, not the path."""
     import zlib
-    opts = ['--placement', 'packed:4', '--batch-tokens', '24']
+    opts = ['--placement', 'packed:4', '--frontends', '2', '--batch-tokens', '24']
     bias_opts = ['--balance', 'bias', '--balance-step', '0.03']
     (tmp_path / 'gpu').mkdir()
     (tmp_path / 'cpu').mkdir()
-    _, on, _ = _run(skewed, tiny_inputs, tmp_path / 'gpu', 3,
+    _, on, _ = _run(skewed, tiny_inputs, tmp_path / 'gpu', 4,
                     [*opts, *bias_opts, '--mpi-gpu', 'host'])
-    proc = mpiexec(3, ['run', '--weights', skewed, '--input', tiny_inputs, '--output',
+    proc = mpiexec(4, ['run', '--weights', skewed, '--input', tiny_inputs, '--output',
                        tmp_path / 'cpu' / 'out.h5', '--max-new-tokens', MAX_NEW,
                        '--metrics', tmp_path / 'cpu' / 'run.json', '--backend', 'numpy',
                        *opts], timeout=RUN_TIMEOUT)
@@ -140,7 +141,7 @@ def test_gpu_bias_balancing_steers_away_from_hot_experts(skewed, tiny_inputs, tm
     bias = np.array(on['balance']['bias'])                          # [Lm, E]
     assert (np.abs(bias) <= 0.5).all() and (bias[:, :2] < 0).all(), bias
     crc = zlib.crc32(bias.astype(np.float32).tobytes())
-    assert [r['bias_crc32'] for r in on['ranks'] if r['role'] == 'front-end'] == [crc]
+    assert [r['bias_crc32'] for r in on['ranks'] if r['role'] == 'front-end'] == [crc, crc]
     assert np.array(on['expert_loads']['counts']).sum() == \
         np.array(off['expert_loads']['counts']).sum()
 
@@ -194,7 +195,8 @@ def test_moe_layer_bench_on_the_gpu():
     against the whole batch) may sum in another order, which can flip a
     16-bit rounding of a product or an output by one ulp: a few u of an
     output at worst (tests/contract.py's expert bound), so 8 u (LOGIT_RTOL's
-    width) of the largest output bounds it, where a wrong row gives O(1)."""
+    width) of the largest MoE output (the residual, the same on both sides,
+    left out) bounds it, where a wrong row gives O(1)."""
     import re
     proc = mpiexec(3, ['bench', 'moe-layer', '--backend', 'cupy', '--mpi-gpu', 'host',
                        '--placement', 'packed:4', '--d-model', 256, '--experts', 8,
@@ -202,7 +204,7 @@ def test_moe_layer_bench_on_the_gpu():
                    timeout=RUN_TIMEOUT - 20)
     assert proc.returncode == 0, proc.stderr
     m = re.search(r'check: max \|layer - single-process moe_local\| = (\S+) \(largest '
-                  r'\|output\| (\S+);', proc.stdout)
+                  r'\|MoE output\| (\S+);', proc.stdout)
     assert m, proc.stdout
     error, scale = map(float, m.groups())
     assert scale > 0 and error <= 2.0 ** -5 * scale, proc.stdout

@@ -217,10 +217,10 @@ SHARD_VARIANTS = {
 def test_each_rank_reads_its_block_and_the_group_every_checksum(make_weights, name):
     """read_shard: each rank's tensors are its shard_part blocks of the whole
     tensors, bit for bit (read from the file as hyperslabs); the split tensors
-    read whole (checksummed) are dealt round-robin, so every one is verified
-    by exactly one rank of the group."""
+    read whole (checksummed) are the ones verifiers() gives each rank, so
+    every one is verified by exactly one rank of the group."""
     from mpimoe.checkpoint.weights import WeightFile
-    from mpimoe.model.tp_frontend import read_shard, shard_part
+    from mpimoe.model.tp_frontend import read_shard, shard_part, verifiers
     path = make_weights('tiny', SHARD_VARIANTS[name])
     with WeightFile(path) as wf:
         cfg, whole = wf.config, wf.read_nonexpert()
@@ -246,31 +246,36 @@ def test_each_rank_reads_its_block_and_the_group_every_checksum(make_weights, na
                     while root.base is not None:
                         root = root.base
                     assert root.nbytes == a.nbytes, n
-                verified += [n for n, part in reads if part is None
-                             and shard_part(cfg, n, shapes[n], t, T) is not None]
+                mine = [n for n, part in reads if part is None
+                        and shard_part(cfg, n, shapes[n], t, T) is not None]
+                assert sorted(mine) == sorted(n for n, r in verifiers(cfg, T).items() if r == t)
+                verified += mine
             split = [n for n in whole if shard_part(cfg, n, shapes[n], 0, T) is not None]
             assert sorted(verified) == sorted(split)
 
 
 def test_a_corrupt_split_tensor_fails_on_its_verifying_rank(make_weights, tmp_path):
-    """A flipped word in lm_head's block of rank 1: the one rank that reads
-    lm_head whole finds the checksum mismatch.  A NaN there (checksum
-    rewritten to match) is found by rank 1 in its block, at its place in the
-    whole tensor, and by the rank that reads it whole."""
+    """A flipped word in lm_head's block of the rank that does not read it
+    whole: the one rank that does finds the checksum mismatch.  A NaN there
+    (checksum rewritten to match) is found by both: by the block's rank at
+    its place in the whole tensor."""
     import shutil
     import zlib
     import h5py
     from mpimoe.checkpoint.weights import WeightFile
     from mpimoe.errors import DataError
-    from mpimoe.model.tp_frontend import read_shard
+    from mpimoe.model.tp_frontend import read_shard, verifiers
+    from mpimoe.model.config import model_config
     src = make_weights('tiny')
+    verifier = verifiers(model_config('tiny'), 2)['lm_head']
+    owner = 1 - verifier
     for kind in ('flip', 'nan'):
         path = tmp_path / f'{kind}.h5'
         shutil.copyfile(src, path)
         with h5py.File(path, 'r+') as f:
-            ds = f['lm_head']                                 # [d, V], rank 1's columns V/2..
+            ds = f['lm_head']                                 # [d, V]: 2 blocks of columns
             row = ds[3]
-            j = ds.shape[1] // 2 + 5
+            j = owner * ds.shape[1] // 2 + 5
             row[j] = 0x7FC0 if kind == 'nan' else row[j] ^ 0x0100
             ds[3] = row
             if kind == 'nan':
@@ -286,15 +291,16 @@ def test_a_corrupt_split_tensor_fails_on_its_verifying_rank(make_weights, tmp_pa
             assert sorted(failed) == [0, 1], failed
             assert all(f'lm_head: value at [3, {j}] is NaN or Inf' in m for m in failed.values())
         else:
-            assert len(failed) == 1 and 'lm_head: checksum mismatch' in [*failed.values()][0], \
-                failed
+            assert list(failed) == [verifier], failed
+            assert 'lm_head: checksum mismatch' in failed[verifier], failed
 
 
 @pytest.mark.skipif(not __import__('os').path.exists('/proc/self/io'), reason='Linux /proc')
 def test_a_block_of_columns_reads_its_bytes_not_the_tensor(make_weights):
     """A TP rank's block of lm_head's columns (1/4 of each row) costs about
     its own bytes of reads (WeightFile opens without HDF5's sieve buffer,
-    through which it read the whole tensor): counted by the kernel (rchar);
+    through which it read a 64 KiB window per row, here the whole tensor):
+    counted by the kernel (rchar);
     the slack is the dataset's metadata."""
     from mpimoe.checkpoint.weights import WeightFile
     from mpimoe.model.tp_frontend import shard_part
@@ -310,3 +316,19 @@ def test_a_block_of_columns_reads_its_bytes_not_the_tensor(make_weights):
         read = rchar() - before
     whole = math.prod(shape) * 2
     assert block.nbytes == whole // 4 and read <= block.nbytes + 4096 < whole, (read, whole)
+
+
+def test_whole_tensor_reads_are_shared_by_bytes():
+    """verifiers(): every split tensor has one verifying rank, and the bytes
+    each rank reads whole differ by at most the largest tensor (deepseek-v3,
+    T = 4 and 8; tiny, T = 2)."""
+    from mpimoe.model.tp_frontend import shard_part, verifiers
+    for preset, T in (('deepseek-v3', 4), ('deepseek-v3', 8), ('tiny', 2)):
+        cfg = model_config(preset)
+        shapes = dict(tensor_specs(cfg))
+        split = {n for n in nonexpert_tensor_names(cfg)
+                 if shard_part(cfg, n, shapes[n], 0, T) is not None}
+        v = verifiers(cfg, T)
+        assert set(v) == split and set(v.values()) <= set(range(T))
+        load = [sum(math.prod(shapes[n]) for n, r in v.items() if r == t) for t in range(T)]
+        assert max(load) - min(load) <= max(math.prod(shapes[n]) for n in split), (preset, T)

@@ -214,6 +214,14 @@ class Backend:
         """``cupy.cuda`` (streams, events), or None on NumPy."""
         return self.xp.cuda if self.is_gpu else None
 
+    @property
+    def device_name(self):
+        """The bound GPU's name (e.g. 'NVIDIA H200'), or None on NumPy."""
+        if not self.is_gpu:
+            return None
+        name = self.cuda.runtime.getDeviceProperties(self.device)['name']
+        return name.decode() if isinstance(name, bytes) else name
+
     def asarray(self, a):
         """An array of this backend's module (no copy when it already is one)."""
         return self.xp.asarray(a)

@@ -361,9 +361,7 @@ def _recv(world, backend, staging, mode, rows, peer):
 
 def _print_table(backend, cfg, opts, lines, gemm, moe, decode, transfer, modes):
     xp = backend.xp
-    props = xp.cuda.runtime.getDeviceProperties(backend.device)
-    name = props['name'].decode() if isinstance(props['name'], bytes) else props['name']
-    print(f'mpimoe bench gpu: {name}, CuPy {xp.__version__}, CUDA runtime '
+    print(f'mpimoe bench gpu: {backend.device_name}, CuPy {xp.__version__}, CUDA runtime '
           f'{xp.cuda.runtime.runtimeGetVersion()}; medians of {opts.repeats} after '
           f'{opts.warmup} warm-up, random data')
     for line in lines:

@@ -31,14 +31,15 @@ entirely behind the experts' GEMMs (or these behind them), 0 when the two
 run one after the other.  Where ranks share cores (more ranks than cores)
 they also compete for them, which this figure cannot tell from a lack of
 overlap: run it with a core per rank (``mpiexec -n 2`` on 2 cores).  On a
-GPU the expert stage's time is device time (CUDA events,
+GPU the compute stages' times are device time (CUDA events,
 mpimoe.runtime.metrics.Timers), every other figure host time after
 synchronising; ranks that share one GPU compete for it the same way.
 
 The RATIO divides the layer time by the GEMMs with all cores' threads (on a
-GPU: on the device): the P ranks share those same cores (or GPU), so the
-ratio is the price of routing, packing, MPI, the activation and
-oversubscribing the cores.  One node only.
+GPU: on rank 0's device): the P ranks share those same cores (or one GPU),
+so the ratio is the price of routing, packing, MPI, the activation and
+oversubscribing the cores; with a GPU per rank it compares P GPUs with one,
+and may fall below 1.  One node only.
 """
 
 import os
@@ -97,7 +98,7 @@ class BenchOptions:
     mpi_gpu: str = 'auto'
 
     def validate(self):
-        """ConfigError on options that cannot work."""
+        """ConfigError on values that cannot work, UsageError on an unknown choice."""
         for name, low in (('tokens', 1), ('repeats', 1), ('warmup', 0), ('seed', 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f'--{name} {getattr(self, name)}: must be >= {low}')
@@ -237,13 +238,13 @@ def _frontend_rounds(role, layer, opts, blas):
         rounds.append(r)
     # at this rank's BLAS threads, which the expert ranks have too: OpenBLAS
     # sums in another order on another number of threads
-    want = h + moe_local(h, role.moe.router, experts, cfg)[0]
-    error = float(abs(y - want).max())
+    moe = moe_local(h, role.moe.router, experts, cfg)[0]
+    error = float(abs(y - (h + moe)).max())
     idle(role.world, opts.deadline)
     role.next_step(DONE)
     return rounds, {'counts': counts, 'cores': cores, 'error': error,
-                    'scale': float(abs(want).max()), 'baselines': [n for n, _ in variants],
-                    'blas': ', '.join(blas), 'gpu': _gpu_name(backend),
+                    'scale': float(abs(moe).max()), 'baselines': [n for n, _ in variants],
+                    'blas': ', '.join(blas), 'gpu': backend.device_name,
                     'gpus': backend.gpus_used}
 
 
@@ -255,14 +256,6 @@ def _baselines(backend, cores):
     if backend.is_gpu:
         return [('gpu', nullcontext)]
     return [(str(n), partial(threadpool_limits, limits=n, user_api='blas')) for n in (cores, 1)]
-
-
-def _gpu_name(backend):
-    """The bound GPU's name, or None on NumPy."""
-    if not backend.is_gpu:
-        return None
-    name = backend.cuda.runtime.getDeviceProperties(backend.device)['name']
-    return name.decode() if isinstance(name, bytes) else name
 
 
 def _expert_rounds(role, layer):
@@ -422,8 +415,8 @@ def _print_table(opts, cfg, plan, s, rows):
         print(f'  {label:46s}' + ('' if pair is None else
                                   ''.join(f'{v:10.{digits}f}' for v in pair)))
     print(f'  check: max |layer - single-process moe_local| = {s["error"]:.3g}' +
-          ('' if not s['gpu'] else f' (largest |output| {s["scale"]:.3g}; cuBLAS may sum '
-           'in another order for another number of rows)'))
+          ('' if not s['gpu'] else f' (largest |MoE output| {s["scale"]:.3g}; cuBLAS may '
+           'sum in another order for another number of rows)'))
     comm = f['echo'][0]
     comp = max(row.get('stage expert', (0.0,))[0] for row in rows[1:])
     overlap = (comm + comp - f['layer'][0]) / min(comm, comp) if min(comm, comp) > 0 else 0.0
@@ -459,7 +452,8 @@ def _sharing(ranks, units, what):
     """The overlap line's note when ranks share cores or GPUs, else ''."""
     if ranks <= units:
         return ''
-    return f' ({ranks} ranks on {units} {what} compete for them: a lower bound)'
+    return f' ({ranks} ranks on {units} {what[:-1] if units == 1 else what} compete for them: ' \
+        'a lower bound)'
 
 
 def _write_calibration(path, cfg, s, f):

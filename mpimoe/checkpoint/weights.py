@@ -74,9 +74,9 @@ class WeightFile:
 
         A path is opened without HDF5's data sieve buffer: through it, a
         block of columns of a contiguous tensor (a TP rank's part,
-        mpimoe.model.tp_frontend.read_shard) reads every row in 64 KiB
-        windows, the whole tensor for blocks under 64 KiB a row; without it
-        each row's piece is read as such.  Whole tensors and row ranges are
+        mpimoe.model.tp_frontend.read_shard) narrower than 64 KiB a row
+        costs a 64 KiB window per row (the whole tensor where rows are
+        shorter than that); without it each row's piece is read as such.  Whole tensors and row ranges are
         one contiguous read either way."""
         try:
             if isinstance(source, str):

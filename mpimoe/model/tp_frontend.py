@@ -31,6 +31,8 @@ Allreduce: the FP32 summation order differs, as between two batchings
 (tests/contract.py's bounds).  The embedding's sum adds exact zeros.
 """
 
+import math
+
 import numpy as np
 
 from mpimoe.checkpoint.layout import nonexpert_tensor_names, tensor_specs
@@ -38,7 +40,7 @@ from mpimoe.model.frontend import FrontEnd
 from mpimoe.model.kvcache import BlockKVCache
 from mpimoe.parallel.tp_group import share
 
-__all__ = ['shard_part', 'read_shard', 'TPFrontEnd', 'GroupMoE']
+__all__ = ['shard_part', 'verifiers', 'read_shard', 'TPFrontEnd', 'GroupMoE']
 
 
 def shard_part(cfg, name, shape, t, T):
@@ -61,31 +63,45 @@ def shard_part(cfg, name, shape, t, T):
     return None
 
 
+def verifiers(cfg, T):
+    """Which rank of a group of T reads each split tensor whole and verifies
+    its checksum: dict name -> rank, the largest tensor first onto the rank
+    with the fewest such bytes yet (ties: the lowest rank), so that the
+    whole-tensor reads are shared by bytes, the same on every rank."""
+    shapes = dict(tensor_specs(cfg))
+    split = [n for n in nonexpert_tensor_names(cfg)
+             if shard_part(cfg, n, shapes[n], 0, T) is not None]
+    load, out = [0] * T, {}
+    for name in sorted(split, key=lambda n: -math.prod(shapes[n])):   # stable: file order
+        rank = load.index(min(load))
+        out[name] = rank
+        load[rank] += math.prod(shapes[name])
+    return out
+
+
 def read_shard(wf, t, T):
     """Rank t of T's non-expert tensors of ``wf`` (a WeightFile): dict name ->
     16-bit host array (float32 for an FP32 tensor), :func:`shard_part` of
     each, names unchanged.
 
     The I/O is the group's, not T whole copies of the front-end: a split
-    tensor is read by each rank as its block only, except that the i-th
-    split tensor is read whole by rank i mod T, which verifies its checksum
-    (a checksum covers the whole tensor) and keeps its block; so the group
+    tensor is read by each rank as its block only, except by the rank that
+    :func:`verifiers` names, which reads it whole, verifies its checksum (a
+    checksum covers the whole tensor) and keeps its block; so the group
     reads the split tensors about twice over and verifies every checksum,
     and no rank holds more than its shard and one whole tensor.
     """
     cfg = wf.config
-    shapes = dict(tensor_specs(cfg))
-    out, n_split = {}, 0
+    shapes, mine = dict(tensor_specs(cfg)), verifiers(cfg, T)
+    out = {}
     for name in nonexpert_tensor_names(cfg):
         part = shard_part(cfg, name, shapes[name], t, T)
         if part is None:
             out[name] = wf.read(name)
-            continue
-        if n_split % T == t:
+        elif mine[name] == t:
             out[name] = wf.read(name)[part].copy()      # the whole one freed
         else:
             out[name] = wf.read(name, part=part)
-        n_split += 1
     return out
 
 

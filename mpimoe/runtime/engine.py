@@ -228,10 +228,7 @@ def _backend_report(backend, mode):
     version, rank 0's device and the distinct GPUs the ranks use."""
     out = {'name': backend.name, 'mpi_gpu': mode}
     if backend.is_gpu:
-        props = backend.xp.cuda.runtime.getDeviceProperties(backend.device)
-        name = props['name']
-        out.update(cupy=backend.xp.__version__,
-                   device=name.decode() if isinstance(name, bytes) else name,
+        out.update(cupy=backend.xp.__version__, device=backend.device_name,
                    gpus_used=backend.gpus_used)
     return out
 
