@@ -30,7 +30,8 @@ import pytest
 
 cupy = pytest.importorskip('cupy')
 
-from contract import LOGIT_RTOL, expert_bound, gamma, teacher_forced, unit_roundoff  # noqa: E402
+from contract import (LOGIT_RTOL, expert_bound, gamma, rel_l2_rows, teacher_forced,  # noqa: E402
+                      unit_roundoff)
 from mpimoe.backends.backend import (CUBLAS_NO_REDUCED_PRECISION_REDUCTION, DTYPES,  # noqa: E402
                                     Backend, HostStaging, cuda_problem, probe_cuda, round16,
                                     choose_backend, to_numpy, to_words)
@@ -42,6 +43,7 @@ from mpimoe.model.layers import activate16, expert_ffn, mm16, mm32  # noqa: E402
 from mpimoe.moe.local import moe_local  # noqa: E402
 from mpimoe.model.reference import ReferenceModel, load_reference  # noqa: E402
 from mpimoe.moe.router import route  # noqa: E402
+from test_tensor_parallel import VARIANTS  # noqa: E402
 
 _PROBLEM = cuda_problem(probe_cuda())
 if _PROBLEM is not None:
@@ -260,9 +262,8 @@ def tiny(tiny_weights, tiny_inputs):
     return _model(tiny_weights, tiny_inputs)
 
 
-#: tiny with multi-head latent attention (tests/test_tensor_parallel.py's variant)
-MLA = ('attention.kind=mla', 'attention.kv_lora_rank=16', 'attention.qk_nope_head_dim=8',
-       'attention.qk_rope_head_dim=8', 'attention.v_head_dim=12', 'n_kv_heads=4')
+#: tiny with multi-head latent attention
+MLA = tuple(VARIANTS['mla-direct-q'][1])
 
 
 def test_whole_model_on_the_gpu(gpu, tiny):
@@ -307,9 +308,8 @@ def test_mla_model_on_the_gpu(gpu, make_weights, tiny_inputs):
     same = ReferenceModel(cfg, nonexpert, experts)
     tokens = np.stack(ref.generate(prompts, 4)[0])                          # [B, 4]
     got, want, exact = (teacher_forced(m, prompts, tokens) for m in (dev, same, ref))
-    for s in range(len(got)):
-        assert _rel_rows(got[s], want[s])[0].max() <= unit_roundoff('bfloat16'), s
-        assert _rel_rows(got[s], exact[s])[0].max() <= LOGIT_RTOL, s
+    assert rel_l2_rows(got, want).max() <= unit_roundoff('bfloat16')       # [steps, B]
+    assert rel_l2_rows(got, exact).max() <= LOGIT_RTOL
 
 
 # ---------------------------------------------------------------- host staging
