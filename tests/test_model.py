@@ -20,7 +20,7 @@ from mpimoe.io.inputs import read_inputs
 from mpimoe.model.layers import apply_rope, expert_ffn, ffn, rms_norm, rope_tables
 from mpimoe.moe.local import moe_local
 from mpimoe.model.reference import load_reference
-from mpimoe.moe.router import expert_counts, key_counts, route
+from mpimoe.moe.router import expert_counts, route, sorted_key_counts
 
 
 TINY = model_config('tiny')
@@ -495,13 +495,14 @@ def test_gpu_contract_on_numpy_within_its_bounds(tiny_weights, tiny_inputs):
                         tie_rtol=GPU_TIE_RTOL)
 
 
-def test_key_counts_equal_bincount():
-    """key_counts (binary search over sorted keys, no host read-back on
-    CuPy) against NumPy's bincount: empty input, keys never used, the last key."""
+def test_sorted_key_counts_equal_bincount():
+    """sorted_key_counts (binary search over sorted keys: key_counts on CuPy,
+    no host read-back) against NumPy's bincount: empty input, keys never
+    used, the last key."""
     rng = np.random.default_rng(12)
     for n, n_keys in ((0, 5), (1, 1), (1000, 7), (5000, 3904)):
         keys = rng.integers(0, n_keys, n)
-        assert key_counts(np.sort(keys), n_keys).tolist() == \
+        assert sorted_key_counts(np.sort(keys), n_keys).tolist() == \
             np.bincount(keys, minlength=n_keys).tolist()
 
 

@@ -482,8 +482,8 @@ class HostStaging:
 
 
 def poll_until(event, poll=None):
-    """Block until CUDA ``event`` is done, calling ``poll()`` (and napping a
-    few microseconds) while it is not; without ``poll`` a plain wait."""
+    """Block until CUDA ``event`` is done, calling ``poll()`` (and yielding the
+    core, :data:`_POLL_NAP_S`) while it is not; without ``poll`` a plain wait."""
     if poll is not None:
         while not event.done:
             poll()

@@ -100,8 +100,7 @@ def attention(x, w, cfg, cache, layer, where, sum_squares=None):
     """
     xp = array_module(x)
     if cfg.attention.mla:
-        wkv_b = _wkv_b(w, cfg)
-        q, latent = _mla_qkv(x, w, cfg, where.cos, where.sin, wkv_b)
+        q, latent = _mla_qkv(x, w, cfg, where.cos, where.sin)
         cache.write(layer, where.blocks, where.offsets, latent)
         n_kv, v_width = 1, cfg.attention.kv_lora_rank
     else:
@@ -112,7 +111,7 @@ def attention(x, w, cfg, cache, layer, where, sum_squares=None):
     for seqs, first, ntok in where.groups:
         _attend(q, out, cache, layer, seqs, first, ntok, n_kv, softmax_scale(cfg), v_width)
     if cfg.attention.mla:
-        out = _mla_values(out, wkv_b, cfg)
+        out = _mla_values(out, w, cfg)
     return mm32(out.reshape(x.shape[0], -1), w['wo'])
 
 
@@ -157,10 +156,9 @@ def _group_rms_norm(x, w, eps, sum_squares):
     return x * (1.0 / xp.sqrt(total[:, :1] / total[:, 1:] + eps)) * as_f32(w)
 
 
-def _mla_qkv(x, w, cfg, cos, sin, wkv_b):
+def _mla_qkv(x, w, cfg, cos, sin):
     """Multi-head latent attention, absorbed: (queries [T, H, r + rope],
-    latent [T, 1, r + rope]), float32, whose dot products are the scores;
-    wkv_b: :func:`_wkv_b` of the layer.
+    latent [T, 1, r + rope]), float32, whose dot products are the scores.
 
     A query head is ``[nope | rope]``; the key of head h is ``[c @ Wuk_h |
     k_rope]`` with c = norm(x @ wkv_a[:, :r]) the latent (width r =
@@ -179,18 +177,17 @@ def _mla_qkv(x, w, cfg, cos, sin, wkv_b):
     kv = mm32(x, w['wkv_a'])                                                # [T, r + rope]
     latent = rms_norm(kv[:, :r], w['kv_a_norm'], eps)
     k_rope = apply_rope(kv[:, None, r:], cos, sin)                          # [T, 1, rope]
-    w_uk = wkv_b[:, :, :nope]                                               # [H, r, nope]
+    w_uk = _wkv_b(w, cfg)[:, :, :nope]                                      # [H, r, nope]
     q_latent = mm32(q[:, :, :nope].transpose(1, 0, 2), w_uk.transpose(0, 2, 1)).transpose(1, 0, 2)
     xp = array_module(x)
     queries = xp.concatenate([q_latent, apply_rope(q[:, :, nope:], cos, sin)], axis=-1)
     return queries, xp.concatenate([latent[:, None], k_rope], axis=-1)
 
 
-def _mla_values(o, wkv_b, cfg):
+def _mla_values(o, w, cfg):
     """The heads' values from their attention over the latents: o [T, H, r]
-    (weights times latents) @ Wuv_h [r, v] -> [T, H, v] float32; wkv_b:
-    :func:`_wkv_b` of the layer."""
-    w_uv = wkv_b[:, :, cfg.attention.qk_nope_head_dim:]                     # [H, r, v]
+    (weights times latents) @ Wuv_h [r, v] -> [T, H, v] float32."""
+    w_uv = _wkv_b(w, cfg)[:, :, cfg.attention.qk_nope_head_dim:]            # [H, r, v]
     return mm32(o.transpose(1, 0, 2), w_uv).transpose(1, 0, 2)
 
 

@@ -33,7 +33,7 @@ def permute(x16, key, n_keys, out=None):
     flat = np.ravel(key)
     order = np.argsort(flat, kind='stable')
     rows = np.take(x16, order // k, axis=0, out=out)
-    return rows, order, key_counts(flat[order], n_keys)
+    return rows, order, key_counts(flat, n_keys, order)
 
 
 def unpermute(y, order, weights):

@@ -20,7 +20,7 @@ import numpy as np
 from mpimoe.backends.backend import array_module
 from mpimoe.model.config import RouterConfig
 
-__all__ = ['route', 'spread_copies', 'expert_counts', 'key_counts']
+__all__ = ['route', 'spread_copies', 'expert_counts', 'key_counts', 'sorted_key_counts']
 
 
 def route(h, w_router, top_k, bias=None, rcfg=RouterConfig()):
@@ -81,22 +81,29 @@ def spread_copies(experts, n_copies, offset=0):
 
 def expert_counts(experts, n_experts):
     """Token copies per expert: experts int [T, k] -> int64 [n_experts], on
-    experts' module (CuPy: :func:`key_counts` of the sorted copies, no host
-    synchronisation)."""
-    xp = array_module(experts)
-    if xp is np:
-        return np.bincount(np.ravel(experts), minlength=n_experts).astype(np.int64)
-    return key_counts(xp.sort(xp.ravel(experts)), n_experts)
+    experts' module (:func:`key_counts`)."""
+    return key_counts(np.ravel(experts), n_experts)
 
 
-def key_counts(sorted_keys, n_keys):
-    """How many of ``sorted_keys`` (int [n], ascending, each in [0, n_keys))
-    equal each key: int64 [n_keys], on their module.
+def key_counts(keys, n_keys, order=None):
+    """How many of ``keys`` (int [n], each in [0, n_keys)) equal each key:
+    int64 [n_keys], on their module.
 
-    Found by binary search rather than ``bincount``, which on CuPy reads the
-    largest key back to the host (a synchronisation per call); this stays on
-    the device until the caller copies the counts.
+    NumPy: ``bincount``.  CuPy: :func:`sorted_key_counts` of the keys sorted
+    (``keys[order]`` where the caller has their stable argsort ``order``),
+    because CuPy's ``bincount`` reads the largest key back to the host (a
+    synchronisation per call); this stays on the device until the caller
+    copies the counts.
     """
+    xp = array_module(keys)
+    if xp is np:
+        return np.bincount(keys, minlength=n_keys).astype(np.int64)
+    return sorted_key_counts(xp.sort(keys) if order is None else keys[order], n_keys)
+
+
+def sorted_key_counts(sorted_keys, n_keys):
+    """:func:`key_counts` of keys already sorted (int [n], ascending), by
+    binary search, on their module."""
     xp = array_module(sorted_keys)
     edges = xp.searchsorted(sorted_keys, xp.arange(n_keys + 1), side='left')
     return xp.diff(edges).astype(np.int64)
