@@ -52,7 +52,7 @@ def timed_step(model, cache, seqs, rng):
     t0 = time.perf_counter()
     where = fe.place(cache, seqs, ones)
     for i in range(cfg.n_layers):
-        fe.attention_block(i, x, cache, where)
+        fe.attention_out(i, x, cache, where).wait()
     t1 = time.perf_counter()
     model.forward(rng.integers(0, cfg.vocab_size, len(seqs)), cache, seqs, ones)
     return time.perf_counter() - t1, t1 - t0

@@ -87,10 +87,10 @@ def _run_layers(model, prompts):
     residual, counts = [], {}
     where = fe.place(cache, seqs, lengths)
     for i in range(cfg.n_layers):
-        x = fe.attention_block(i, x, cache, where)
+        x = x + fe.attention_out(i, x, cache, where).wait()
         h = fe.ffn_input(i, x)
         if i < cfg.n_dense_layers:
-            x = x + fe.dense_ffn(i, h)
+            x = x + fe.dense_ffn(i, h).wait()
         else:
             y, counts[i] = moe_local(h, fe.router[i], model.experts[i], cfg)
             x = x + y

@@ -2,13 +2,18 @@
 for the reference, the engine's front-ends and ``mpimoe bench``.
 
 The batch (``tokens`` [T] of sequences ``seqs`` with ``ntok`` new tokens
-each) is cut into micro-batches of consecutive sequences.  The loop walks
-layer by layer and, within a layer, micro-batch by micro-batch: at an MoE
-layer it dispatches micro-batch m and moves on to m+1, so m's rows travel
-(and its experts compute) while m+1 computes; m's result is combined just
-before m's next attention block.  A layer's shared experts (if any) run
-on the front-end right after its routed rows are sent.  With the local dispatcher and one
-micro-batch this is the plain sequential model.
+each) is cut into micro-batches of consecutive sequences.  Each micro-batch
+walks the layers as a generator (:func:`_micro_batch`) that pauses where it
+has posted a transfer it must wait for, and the pass runs them in turn, in
+micro-batch order: at an MoE layer micro-batch m dispatches its rows and
+pauses, so m's rows travel (and its experts compute) while m+1 computes;
+m's result is combined just before m's next attention block.  In a
+tensor-parallel group (``front.sums_travel``) m also pauses once its
+attention's sum over the group is posted, and its dense or shared experts'
+sum travels with its MoE rows: the group's Allreduces overlap the next
+micro-batch's work as the MoE transfers do.  A layer's shared experts (if
+any) run on the front-end right after its routed rows are sent.  With the
+local dispatcher and one micro-batch this is the plain sequential model.
 """
 
 import numpy as np
@@ -17,6 +22,8 @@ from mpimoe.backends.backend import to_numpy
 from mpimoe.moe.layer import NoTimers
 
 __all__ = ['forward', 'micro_batches']
+
+_DONE = object()
 
 
 def forward(front, moe, tokens, cache, seqs, ntok, mbs=None, timers=None, poll=None):
@@ -31,42 +38,72 @@ def forward(front, moe, tokens, cache, seqs, ntok, mbs=None, timers=None, poll=N
     sequence's last new token.
     """
     timers = timers or NoTimers()
-    span = timers.span
     mbs = [(0, len(ntok))] if mbs is None else mbs
     bounds = np.concatenate([[0], np.cumsum(ntok)]).astype(np.int64)
     xs = [front.embed(tokens[bounds[a]:bounds[b]]) for a, b in mbs]
     # cache rows, RoPE tables and attention groups: once per pass, for every layer
     where = [front.place(cache, seqs[a:b], ntok[a:b]) if a < b else None for a, b in mbs]
-    pending = [None] * len(mbs)                 # per micro-batch: its MoEHandle in flight
-    for i in range(front.cfg.n_layers):
-        for m, (a, b) in enumerate(mbs):
-            if pending[m] is not None:
-                xs[m] = moe[pending[m].layer].combine(pending[m], xs[m])
-                pending[m] = None
-            if a == b:                # an empty micro-batch only posts its collectives
-                if i in moe:
-                    pending[m] = moe[i].dispatch_empty(m)
-                continue
-            with span('attention', 'compute', layer=i, mb=m):
-                xs[m] = front.attention_block(i, xs[m], cache, where[m])
-                h = front.ffn_input(i, xs[m])
-            if i in moe:
-                pending[m] = moe[i].dispatch(h, m)
-                if front.shared:      # they compute while the routed rows travel
-                    with span('shared', 'compute', layer=i, mb=m):
-                        xs[m] = xs[m] + front.shared_ffn(i, h)
-            else:
-                with span('dense', 'compute', layer=i, mb=m):
-                    xs[m] = xs[m] + front.dense_ffn(i, h)
-            if poll is not None:
-                poll()
-    for m, handle in enumerate(pending):
-        if handle is not None:
-            xs[m] = moe[handle.layer].combine(handle, xs[m])
+    runs = [_micro_batch(front, moe, xs, m, cache, where[m], timers.span, poll)
+            for m in range(len(mbs))]
+    while runs:                 # in turn, in micro-batch order, to each one's next pause
+        runs = [run for run in runs if next(run, _DONE) is not _DONE]
     cache.advance(seqs, ntok)
     x = front.xp.concatenate(xs)                    # mbs holds at least one range
-    with span('head', 'compute'):
+    with timers.span('head', 'compute'):
         return to_numpy(front.logits(x[front.xp.asarray(bounds[1:] - 1)]))
+
+
+def _micro_batch(front, moe, xs, m, cache, where, span, poll):
+    """Micro-batch m's way through the layers, from xs[m] [T_m, d] to its
+    output, left in xs[m]; where: its Placement, None for an empty one.
+
+    A generator: it pauses (yields) after the FFN stage of every layer, once
+    its MoE rows, or a TP group's sum of its dense or shared experts, are on
+    their way, and in a TP group also after posting its attention's sum.
+    Every micro-batch pauses as often, an empty one included (it only posts
+    its MoE collectives), so that all post their collectives in micro-batch
+    order on every rank.
+    """
+    poll = poll or (lambda: None)
+    x, handle = xs[m], None
+    for i in range(front.cfg.n_layers):
+        if handle is not None:
+            x = moe[handle.layer].combine(handle, x)
+            handle = None
+        if where is None:
+            if i in moe:
+                handle = moe[i].dispatch_empty(m)
+            for _ in range(2 if front.sums_travel else 1):
+                yield
+            continue
+        with span('attention', 'compute', layer=i, mb=m):
+            out = front.attention_out(i, x, cache, where)
+        if front.sums_travel:
+            poll()
+            yield
+        out = out.wait()
+        with span('attention', 'compute', layer=i, mb=m):
+            x = x + out
+            h = front.ffn_input(i, x)
+        if i in moe:
+            handle = moe[i].dispatch(h, m)
+            stage, out = 'shared', None
+            if front.shared:      # they compute while the routed rows travel
+                with span('shared', 'compute', layer=i, mb=m):
+                    out = front.shared_ffn(i, h)
+        else:
+            stage = 'dense'
+            with span('dense', 'compute', layer=i, mb=m):
+                out = front.dense_ffn(i, h)
+        poll()
+        yield
+        if out is not None:
+            out = out.wait()
+            with span(stage, 'compute', layer=i, mb=m):
+                x = x + out
+    if handle is not None:
+        x = moe[handle.layer].combine(handle, x)
+    xs[m] = x
 
 
 def micro_batches(ntok, m, min_tokens=1):

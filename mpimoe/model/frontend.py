@@ -12,6 +12,7 @@ from mpimoe.model.attention import Placement, attention
 from mpimoe.model.kvcache import BLOCK_TOKENS, BlockKVCache, blocks_for
 from mpimoe.model.layers import as_f32, mm32, ffn, rms_norm
 from mpimoe.moe.layer import MoELayer
+from mpimoe.parallel.posted import Posted
 
 __all__ = ['FrontEnd']
 
@@ -103,13 +104,14 @@ class FrontEnd:
         for every layer of one pass: a mpimoe.model.attention.Placement."""
         return Placement(cache, self.cfg, seqs, ntok)
 
-    def attention_block(self, i, x, cache, where):
-        """Residual attention block of layer i: x + attn(norm(x)); x: [T, d],
+    def attention_out(self, i, x, cache, where):
+        """The attention of layer i, attn(norm(x)), to add to the residual x
+        [T, d]: a Posted of [T, d] (mpimoe.parallel.posted; :meth:`_sum`);
         where: the pass's :meth:`place` of its tokens."""
         self._note(2 * i, x)
         w = self.layer[i]
-        return x + self._sum(attention(rms_norm(x, w['attn_norm'], self.cfg.norm_eps), w,
-                                       self.heads, cache, i, where, self._sum_squares))
+        return self._sum(attention(rms_norm(x, w['attn_norm'], self.cfg.norm_eps), w,
+                                   self.heads, cache, i, where, self._sum_squares))
 
     def ffn_input(self, i, x):
         """The normed input of layer i's FFN: [T, d]."""
@@ -117,17 +119,23 @@ class FrontEnd:
         return rms_norm(x, self.layer[i]['ffn_norm'], self.cfg.norm_eps)
 
     def dense_ffn(self, i, h):
-        """Dense MLP of layer i (i < n_dense_layers): [T, d] -> [T, d]."""
+        """Dense MLP of layer i (i < n_dense_layers): [T, d] -> a Posted of [T, d]."""
         return self._sum(ffn(h, self.dense[i], self.cfg.expert_kind))
 
     def shared_ffn(self, i, h):
         """The shared experts of MoE layer i (as one MLP, with the dense ones'
-        arithmetic: mpimoe.model.layers.mm32), gated by ``sigmoid(h @ shared_gate)`` where the model has the
-        gate: h [T, d] -> [T, d] (``self.shared`` is empty without them)."""
+        arithmetic: mpimoe.model.layers.mm32), gated by ``sigmoid(h @
+        shared_gate)`` where the model has the gate: h [T, d] -> a Posted of
+        [T, d] (``self.shared`` is empty without them)."""
         y = self._sum(ffn(h, self.shared[i], self.cfg.expert_kind))
-        if self.cfg.shared.gate:
-            y *= 1.0 / (1.0 + self.xp.exp(-mm32(h, self.layer[i]['shared_gate'])))   # [T, 1]
-        return y
+        if not self.cfg.shared.gate:
+            return y
+        gate = 1.0 / (1.0 + self.xp.exp(-mm32(h, self.layer[i]['shared_gate'])))    # [T, 1]
+
+        def gated(y):
+            y *= gate
+            return y
+        return y.then(gated)
 
     def logits(self, x):
         """Final norm and LM head: x [n, d] -> float32 [n, vocab]; DataError
@@ -138,10 +146,14 @@ class FrontEnd:
         self._check_finite(out)
         return out
 
+    #: whether :meth:`_sum` hands back a sum still on its way (a TP group's)
+    sums_travel = False
+
     def _sum(self, part):
-        """A row-parallel product's sum over the ranks that share it: itself here
-        (a TPFrontEnd sums over its group)."""
-        return part
+        """A row-parallel product's sum over the ranks that share it, a Posted:
+        ``part`` itself, ready, here (a TPFrontEnd's sum over its group is
+        posted, :attr:`sums_travel`)."""
+        return Posted.ready(part)
 
     def _vocab(self, logits):
         """The logits of the whole vocabulary from this rank's: themselves here."""

@@ -19,9 +19,10 @@ Rank t of the group holds:
   shared-expert gate.
 
 The row-parallel products (the attention output, a dense MLP, the shared
-experts) and the embedding are summed over the group by an Allreduce, the
-LM head's logits gathered; each rank then holds the whole hidden state and
-the same logits.  The routed experts see each token once: rank t routes and
+experts) and the embedding are summed over the group by an Allreduce (the
+products' posted, for the forward pass to run another micro-batch while it
+travels: mpimoe.model.forward), the LM head's logits gathered; each rank
+then holds the whole hidden state and the same logits.  The routed experts see each token once: rank t routes and
 dispatches its :func:`~mpimoe.parallel.tp_group.share` of the micro-batch's
 rows, and the combined rows are gathered back (:class:`GroupMoE`).
 
@@ -38,6 +39,7 @@ import numpy as np
 from mpimoe.checkpoint.layout import nonexpert_tensor_names, tensor_specs
 from mpimoe.model.frontend import FrontEnd
 from mpimoe.model.kvcache import BlockKVCache
+from mpimoe.parallel.posted import Posted
 from mpimoe.parallel.tp_group import share
 
 __all__ = ['shard_part', 'verifiers', 'read_shard', 'TPFrontEnd', 'GroupMoE']
@@ -108,9 +110,14 @@ def read_shard(wf, t, T):
 class TPFrontEnd(FrontEnd):
     """The FrontEnd of rank ``group.rank`` of a TP group: cfg the whole model's,
     tensors its :func:`read_shard`; FrontEnd's blocks run on a config of its own
-    heads (``self.heads``) and sum or gather through the group."""
+    heads (``self.heads``) and sum or gather through the group.
 
-    def __init__(self, cfg, tensors, group):
+    overlap: post the row-parallel products' sums (:attr:`sums_travel`), so
+    that the forward pass runs the other micro-batches while they travel;
+    False: wait for each in place (the baseline of benchmarks/tp_overlap.py).
+    """
+
+    def __init__(self, cfg, tensors, group, overlap=True):
         super().__init__(cfg, tensors)
         T = group.size
         self.group = group
@@ -120,7 +127,10 @@ class TPFrontEnd(FrontEnd):
         self.vocab = share(cfg.vocab_size, group.rank, T)            # [v0, v1)
         # OLMoE's QK-norm over all heads: its sums over the group
         self._sum_squares = group.allreduce if cfg.attention.qk_norm == 'full' else None
-        self._sum, self._vocab = group.allreduce, group.allgather_cols
+        self.sums_travel = overlap
+        self._sum = group.post_allreduce if overlap else \
+            (lambda part: Posted.ready(group.allreduce(part)))
+        self._vocab = group.allgather_cols
 
     def moe_layers(self, dispatcher, timers=None):
         return {i: GroupMoE(layer, self.group)

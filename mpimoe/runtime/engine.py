@@ -91,7 +91,7 @@ def _run(opts, world, stop, held):
                              nodes=node_ids(world), replicas=opts.replicas, tp=opts.tp)
         except (UsageError, DataError) as e:
             raise collective(e)
-        group = _tp_group(world, plan, backend, mode, opts)
+        group = _tp_group(world, plan, backend, mode, opts, timers)
         # rank 0 checks input and output before anyone spends time loading
         with timers.span('open', 'io'):
             # every front-end detokenizes its sequences (text, stop strings)
@@ -292,14 +292,14 @@ def layer_comms(world, plan):
     return out
 
 
-def _tp_group(world, plan, backend, mode, opts):
+def _tp_group(world, plan, backend, mode, opts, timers):
     """The TensorGroup of this front-end rank's TP group (collective over the
     world; None without --tp and on expert ranks)."""
     if plan.tp == 1:
         return None
     mine = plan.is_frontend(world.rank)
     comm = world.Split(world.rank // plan.tp if mine else MPI.UNDEFINED, world.rank)
-    return TensorGroup(comm, backend, mode, opts.deadline) if mine else None
+    return TensorGroup(comm, backend, mode, opts.deadline, timers) if mine else None
 
 
 def _load_role(world, cfg, plan, opts, layers, wf, timers, backend, mode, io=None,

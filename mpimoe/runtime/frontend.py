@@ -68,12 +68,15 @@ class FrontEndRank(Role):
         backend = self.backend
         self.front, self.group = front, group
         self.leader = group is None or group.rank == 0
-        front.attention_block = self.faulty('attention', front.attention_block)
+        front.attention_out = self.faulty('attention', front.attention_out)
         self.stream, self.writer = io or (None, None)
         # layer -> (permute keys int64 [E, copies], copies int64 [E]) (replicas), on the backend
         copy_keys = {layer: tuple(map(backend.asarray, plan.dispatch_keys(m)[:2]))
                      for m, layer in enumerate(cfg.moe_layers)}
         self.dispatcher = MPIDispatcher(cfg, self.slots, layers, copy_keys, world.rank, timers)
+        # between stages: progress the MoE transfers and the group's posted sums
+        self.poll = self.dispatcher.poll if group is None else \
+            (lambda: (self.dispatcher.poll(), group.poll()))
         self.moe = front.moe_layers(self.dispatcher, timers)
         self.scheduler = job_scheduler(front, opts, tokenizer)
         self.loads = LoadHistory(opts.balance_every)        # rank 0's
@@ -145,7 +148,7 @@ class FrontEndRank(Role):
         # at least MIN_EXPERT_ROWS rows per expert in each micro-batch
         mbs = micro_batches(ntok, len(self.slots), MIN_EXPERT_ROWS * cfg.n_experts / cfg.top_k)
         logits = forward(self.front, self.moe, step.tokens, cache, step.seqs, ntok, mbs,
-                         self.timers, self.dispatcher.poll)
+                         self.timers, self.poll)
         tokens = int(np.sum(ntok))
         flops = pass_flops(cfg, tokens, pairs, tokens * cfg.top_k * cfg.n_moe_layers, len(ntok))
         sampled = sum(1 for r in step.running if r.req.params.max_tokens > 0)
