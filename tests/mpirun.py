@@ -30,9 +30,10 @@ def mpiexec_path():
     return found
 
 
-def mpiexec_start(n, args, env=None):
-    """Start ``mpiexec -n n python -m mpi4py -m mpimoe *args`` in a session of
-    its own; Popen with text stdout/stderr pipes.
+def mpiexec_start(n, args, env=None, program=('-m', 'mpimoe')):
+    """Start ``mpiexec -n n python -m mpi4py *program *args`` in a session of
+    its own; Popen with text stdout/stderr pipes.  program: mpimoe, or a
+    script's path (one item).
 
     ``run`` gets ``--backend numpy`` unless args name a backend: the CPU
     tests' FP32 contract is NumPy's, and on a GPU machine ``auto`` would put
@@ -44,7 +45,8 @@ def mpiexec_start(n, args, env=None):
     args = [str(a) for a in args]
     if args[:1] == ['run'] and '--backend' not in args:
         args += ['--backend', 'numpy']
-    cmd = [mpiexec_path(), '-n', str(n), sys.executable, '-m', 'mpi4py', '-m', 'mpimoe', *args]
+    cmd = [mpiexec_path(), '-n', str(n), sys.executable, '-m', 'mpi4py', *map(str, program),
+           *args]
     full_env = {'OMP_NUM_THREADS': '1', 'OPENBLAS_NUM_THREADS': '1', **os.environ,
                 **(env or {})}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -68,12 +70,12 @@ def signal_job(proc, signum):
             pass
 
 
-def mpiexec(n, args, timeout, env=None):
+def mpiexec(n, args, timeout, env=None, program=('-m', 'mpimoe')):
     """Run :func:`mpiexec_start` to its end; CompletedProcess with text
     stdout/stderr.  On ``timeout`` (seconds) every process of the job is
     killed and TimeoutExpired raised.
     """
-    with mpiexec_start(n, args, env) as proc:
+    with mpiexec_start(n, args, env, program) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

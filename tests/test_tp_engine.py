@@ -146,3 +146,17 @@ def test_a_run_stopped_without_tp_resumes_with_tp(files, tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert f'{done} of 60 sequences already committed' in rerun.stderr
     assert_matches_reference(read_outputs(out), read_outputs(ref_out), weights, inputs)
+
+
+@pytest.mark.timeout(RUN_TIMEOUT)
+def test_overlapped_group_sums_compute_what_in_place_ones_do():
+    """benchmarks/tp_overlap.py on a group of 2: passes whose sums are posted
+    and waited for after the other micro-batches' work (one of the three
+    empty) give the logits of sums waited for in place, bit for bit: the same
+    FP32 operations in another order of micro-batches."""
+    script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'tp_overlap.py'
+    proc = mpiexec(2, ['--preset', 'tiny', '--tokens', '64', '--seqs', '2',
+                       '--micro-batches', '3', '--repeats', '5'], timeout=RUN_TIMEOUT,
+                   program=[script])
+    assert proc.returncode == 0, proc.stderr
+    assert 'logits bit-identical: yes' in proc.stdout, proc.stdout
