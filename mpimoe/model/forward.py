@@ -3,17 +3,18 @@ for the reference, the engine's front-ends and ``mpimoe bench``.
 
 The batch (``tokens`` [T] of sequences ``seqs`` with ``ntok`` new tokens
 each) is cut into micro-batches of consecutive sequences.  Each micro-batch
-walks the layers as a generator (:func:`_micro_batch`) that pauses where it
-has posted a transfer it must wait for, and the pass runs them in turn, in
-micro-batch order: at an MoE layer micro-batch m dispatches its rows and
-pauses, so m's rows travel (and its experts compute) while m+1 computes;
-m's result is combined just before m's next attention block.  In a
-tensor-parallel group (``front.sums_travel``) m also pauses once its
-attention's sum over the group is posted, and its dense or shared experts'
-sum travels with its MoE rows: the group's Allreduces overlap the next
-micro-batch's work as the MoE transfers do.  A layer's shared experts (if
-any) run on the front-end right after its routed rows are sent.  With the
-local dispatcher and one micro-batch this is the plain sequential model.
+walks the layers as a generator (:func:`_micro_batch`) that pauses once per
+layer, after its FFN stage, and the pass runs them in turn, in micro-batch
+order: at an MoE layer micro-batch m dispatches its rows and pauses, so m's
+rows travel (and its experts compute) while m+1 computes; m's result is
+combined just before m's next attention block.  A layer's shared experts
+(if any) run on the front-end right after its routed rows are sent.  In a
+tensor-parallel group the sum over the group of m's dense MLP or shared
+experts travels over the pause too; its attention's sum is waited for in
+place: a pause there would hold m's dispatch behind m+1's combine and
+attention, so that with the experts as fast as the front-end a layer of M
+micro-batches would take M+1 attention times instead of M.  With the local
+dispatcher and one micro-batch this is the plain sequential model.
 """
 
 import numpy as np
@@ -59,10 +60,9 @@ def _micro_batch(front, moe, xs, m, cache, where, span, poll):
 
     A generator: it pauses (yields) after the FFN stage of every layer, once
     its MoE rows, or a TP group's sum of its dense or shared experts, are on
-    their way, and in a TP group also after posting its attention's sum.
-    Every micro-batch pauses as often, an empty one included (it only posts
-    its MoE collectives), so that all post their collectives in micro-batch
-    order on every rank.
+    their way.  Every micro-batch pauses as often, an empty one included (it
+    only posts its MoE collectives), so that all post their collectives in
+    micro-batch order on every rank.
     """
     poll = poll or (lambda: None)
     x, handle = xs[m], None
@@ -73,14 +73,10 @@ def _micro_batch(front, moe, xs, m, cache, where, span, poll):
         if where is None:
             if i in moe:
                 handle = moe[i].dispatch_empty(m)
-            for _ in range(2 if front.sums_travel else 1):
-                yield
+            yield
             continue
         with span('attention', 'compute', layer=i, mb=m):
             out = front.attention_out(i, x, cache, where)
-        if front.sums_travel:
-            poll()
-            yield
         out = out.wait()
         with span('attention', 'compute', layer=i, mb=m):
             x = x + out

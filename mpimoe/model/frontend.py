@@ -146,13 +146,10 @@ class FrontEnd:
         self._check_finite(out)
         return out
 
-    #: whether :meth:`_sum` hands back a sum still on its way (a TP group's)
-    sums_travel = False
-
     def _sum(self, part):
         """A row-parallel product's sum over the ranks that share it, a Posted:
         ``part`` itself, ready, here (a TPFrontEnd's sum over its group is
-        posted, :attr:`sums_travel`)."""
+        posted)."""
         return Posted.ready(part)
 
     def _vocab(self, logits):

@@ -20,9 +20,10 @@ Rank t of the group holds:
 
 The row-parallel products (the attention output, a dense MLP, the shared
 experts) and the embedding are summed over the group by an Allreduce (the
-products' posted, for the forward pass to run another micro-batch while it
-travels: mpimoe.model.forward), the LM head's logits gathered; each rank
-then holds the whole hidden state and the same logits.  The routed experts see each token once: rank t routes and
+products' posted, for the forward pass to run another micro-batch while the
+sums of the dense MLPs and shared experts travel: mpimoe.model.forward),
+the LM head's logits gathered; each rank then holds the whole hidden state
+and the same logits.  The routed experts see each token once: rank t routes and
 dispatches its :func:`~mpimoe.parallel.tp_group.share` of the micro-batch's
 rows, and the combined rows are gathered back (:class:`GroupMoE`).
 
@@ -112,9 +113,10 @@ class TPFrontEnd(FrontEnd):
     tensors its :func:`read_shard`; FrontEnd's blocks run on a config of its own
     heads (``self.heads``) and sum or gather through the group.
 
-    overlap: post the row-parallel products' sums (:attr:`sums_travel`), so
-    that the forward pass runs the other micro-batches while they travel;
-    False: wait for each in place (the baseline of benchmarks/tp_overlap.py).
+    overlap: post the row-parallel products' sums, so that the forward pass
+    runs the other micro-batches while those of the dense MLPs and shared
+    experts travel (mpimoe.model.forward); False: wait for each in place (the
+    baseline of benchmarks/tp_overlap.py).
     """
 
     def __init__(self, cfg, tensors, group, overlap=True):
@@ -127,7 +129,6 @@ class TPFrontEnd(FrontEnd):
         self.vocab = share(cfg.vocab_size, group.rank, T)            # [v0, v1)
         # OLMoE's QK-norm over all heads: its sums over the group
         self._sum_squares = group.allreduce if cfg.attention.qk_norm == 'full' else None
-        self.sums_travel = overlap
         self._sum = group.post_allreduce if overlap else \
             (lambda part: Posted.ready(group.allreduce(part)))
         self._vocab = group.allgather_cols
