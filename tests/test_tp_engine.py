@@ -93,6 +93,25 @@ def test_tp_engine_equals_reference(files, tiny_inputs, tmp_path, name, kind, n,
 
 
 @pytest.mark.timeout(RUN_TIMEOUT)
+@pytest.mark.parametrize('tp, n', [(2, 6), (4, 10)])
+def test_a_group_with_no_sequence_passes_over_none(files, tmp_path, tp, n):
+    """One sequence for 2 groups: the second is idle from the start, every
+    step a pass over zero rows (its logits gather [0, V]), and the output is
+    the reference's."""
+    from mpimoe.io.inputs import write_synthetic_inputs
+    weights, _ = files('mha')
+    inputs, out, ref_out = tmp_path / 'one.jsonl', tmp_path / 'out.h5', tmp_path / 'ref.h5'
+    write_synthetic_inputs(inputs, 256, num_seqs=1, min_len=3, max_len=3, seed=4)
+    run_reference(JobOptions(weights=weights, input=str(inputs), output=str(ref_out),
+                             max_new_tokens=MAX_NEW, save_logits=True), log=lambda *a: None)
+    proc = mpiexec(n, _args(weights, inputs, out, ['--tp', tp, '--frontends', 2,
+                                                   '--placement', 'packed:4']),
+                   timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    assert_matches_reference(read_outputs(out), read_outputs(ref_out), weights, inputs)
+
+
+@pytest.mark.timeout(RUN_TIMEOUT)
 @pytest.mark.parametrize('kind, n, extra, message', [
     ('tiny', 4, ['--tp', '3'], '--tp 3 must divide n_heads=4, n_kv_heads=2, vocab_size=256, '
                                 'd_dense=128 (the front-end group splits them); --tp that '
@@ -150,12 +169,14 @@ def test_a_run_stopped_without_tp_resumes_with_tp(files, tmp_path):
 
 @pytest.mark.timeout(RUN_TIMEOUT)
 def test_overlapped_group_sums_compute_what_in_place_ones_do():
-    """benchmarks/tp_overlap.py on a group of 2: passes whose sums are posted
-    and waited for after the other micro-batches' work (one of the three
-    empty) give the logits of sums waited for in place, bit for bit: the same
-    FP32 operations in another order of micro-batches."""
+    """benchmarks/tp_overlap.py on a group of 2, tiny with a gated shared
+    expert: passes whose dense and shared sums are posted and waited for
+    after the next micro-batch's work (one of the three micro-batches
+    empty) give the logits of sums waited for in place, bit for bit: the
+    same FP32 operations in another order of micro-batches."""
     script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'tp_overlap.py'
-    proc = mpiexec(2, ['--preset', 'tiny', '--tokens', '64', '--seqs', '2',
+    shared = [a for o in WEIGHTS['biases-shared'] for a in ('--set', o)]
+    proc = mpiexec(2, ['--preset', 'tiny', *shared, '--tokens', '64', '--seqs', '2',
                        '--micro-batches', '3', '--repeats', '5'], timeout=RUN_TIMEOUT,
                    program=[script])
     assert proc.returncode == 0, proc.stderr

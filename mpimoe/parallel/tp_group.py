@@ -106,7 +106,7 @@ class TensorGroup:
         recv = self._empty(shape)
         self._wait(self.comm.Iallgather(send, recv), 'Allgather of columns')
         out = self._back(recv)                                       # [size, n, w]
-        return out.transpose(1, 0, 2).reshape(x.shape[0], -1)
+        return out.transpose(1, 0, 2).reshape(x.shape[0], self.size * x.shape[1])
 
     def bcast(self, obj):
         """The group leader's ``obj`` (pickled) on every rank of the group."""
