@@ -432,6 +432,8 @@ def test_check_writable_refuses_what_cannot_or_must_not_be_written(tmp_path):
     cases.append((existing, False, DataError, 'exists; pass --overwrite to replace it'))
     os.link(weights, tmp_path / 'hard.h5')
     cases.append((tmp_path / 'hard.h5', True, UsageError, 'is also the --weights'))
+    if os.path.isdir('/proc'):
+        cases.append((Path('/proc/m.json'), True, IOFailure, 'directory /proc is not writable'))
     for path, overwrite, error, message in cases:
         with pytest.raises(error, match=message):
             check_writable(path, '--metrics', overwrite, reads)
@@ -471,6 +473,9 @@ def test_run_refuses_metrics_and_trace_paths_before_compute(tmp_path, tiny_weigh
          f'--metrics {tiny_weights} is also the --weights of this run'),
         (['--trace', tmp_path / 'trace'], 65, f'--trace {trace} exists; pass --overwrite'),
     ]
+    if os.path.isdir('/proc'):  # a directory no one may create files in, root included
+        cases.append((['--metrics', '/proc/run.json'], 74,
+                      '--metrics /proc/run.json: directory /proc is not writable'))
     for extra, code, message in cases:
         proc = _run(tiny_weights, tiny_inputs, out, *extra)
         assert proc.returncode == code, proc.stderr
@@ -489,6 +494,18 @@ def test_run_refuses_metrics_and_trace_paths_before_compute(tmp_path, tiny_weigh
     assert json.loads(metrics.read_text())['options']['output'] == str(out)
     assert 'traceEvents' in json.loads(trace.read_text())
     assert not Path(str(out) + '.lock').exists()
+
+
+@pytest.mark.timeout(100)
+def test_run_with_a_log_dir_that_is_a_file_is_one_line(tmp_path, tiny_weights, tiny_inputs):
+    taken = tmp_path / 'logs'
+    taken.write_text('not a directory')
+    proc = _run(tiny_weights, tiny_inputs, tmp_path / 'out.h5', '--log-dir', taken)
+    assert proc.returncode == 74, proc.stderr
+    assert error_lines(proc.stderr) == [f'mpimoe: error: --log-dir {taken}: File exists '
+                                        '(rank 0); choose a directory every rank can create '
+                                        'and write'], proc.stderr
+    assert taken.read_text() == 'not a directory'
 
 
 # --- OS errors: a full disk ---------------------------------------------------

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 
 import h5py
 
@@ -36,8 +37,12 @@ def check_writable(path, what, overwrite, reads=()):
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise DataError(f'{label}: directory {parent} does not exist; create it first')
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise IOFailure(f'{label}: directory {parent} is not writable')
+    try:        # a real file, not os.access: root passes it on read-only mounts
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise IOFailure(f'{label}: directory {parent} is not writable ({e.strerror}); '
+                        'choose another') from None
     if os.path.exists(path) and not overwrite:
         raise DataError(f'{label} exists; pass --overwrite to replace it')
 

@@ -18,7 +18,8 @@ import time
 from mpimoe import __version__
 from mpimoe.backends.backend import Backend, choose_backend
 from mpimoe.backends.binding import sharing_problem
-from mpimoe.errors import ConfigError, DataError, Interrupted, MpimoeError, Stopped, UsageError
+from mpimoe.errors import (ConfigError, DataError, Interrupted, IOFailure, MpimoeError, Stopped,
+                           UsageError)
 from mpimoe.model.frontend import FrontEnd
 from mpimoe.model.tp_frontend import TPFrontEnd, read_shard
 from mpimoe.parallel.mpiutil import MPI, local_rank, node_ids, run_guarded
@@ -54,9 +55,12 @@ def _run_holding(opts, world, stop):
         return _run(opts, world, stop, held)
 
 
-def _setup_logging(opts, rank):
+def _setup_logging(opts, world):
     """Rank 0 logs to stderr at INFO, the others only warnings unless
-    ``verbose``; with ``log_dir`` every rank also writes ``rank-NNNNN.log``."""
+    ``verbose``; with ``log_dir`` every rank also writes ``rank-NNNNN.log``.
+    Collective: a log file that some rank cannot open (the directory is a
+    file, or cannot be created or written) is one error for every rank."""
+    rank = world.rank
     log.setLevel(logging.DEBUG)
     log.propagate = False
     for h in list(log.handlers):
@@ -65,11 +69,20 @@ def _setup_logging(opts, rank):
     console.setLevel(logging.INFO if rank == 0 or opts.verbose else logging.WARNING)
     console.setFormatter(logging.Formatter(f'mpimoe[{rank}]: %(message)s'))
     log.addHandler(console)
-    if opts.log_dir:
+    if not opts.log_dir:
+        return
+    problem = None
+    try:
         os.makedirs(opts.log_dir, exist_ok=True)
         file = logging.FileHandler(os.path.join(opts.log_dir, f'rank-{rank:05d}.log'))
-        file.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
-        log.addHandler(file)
+    except OSError as e:
+        problem = f'--log-dir {opts.log_dir}: {e.strerror} (rank {rank}); choose a directory ' \
+                  'every rank can create and write'
+    problems = [p for p in world.allgather(problem) if p]
+    if problems:
+        raise collective(IOFailure(problems[0]))
+    file.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
+    log.addHandler(file)
 
 
 def _run(opts, world, stop, held):
@@ -77,7 +90,7 @@ def _run(opts, world, stop, held):
     from mpimoe.io.job import job_tokenizer
     from mpimoe.planning.placement import make_plan
     from mpimoe.planning.stats import load_stats
-    _setup_logging(opts, world.rank)
+    _setup_logging(opts, world)
     backend, mode = select_backend(opts, world)
     threads = _size_threads(opts, world)
     timers = Timers(trace=bool(opts.trace), cuda=backend.cuda)
