@@ -43,3 +43,14 @@ def test_groups_hold_at_least_min_tokens():
         # never more groups than m and the minimum allow; the empty ones last
         assert 1 <= len(used) <= max(1, min(m, int(ntok.sum()) // least))
         assert ranges[:len(used)] == used
+
+
+@pytest.mark.parametrize('m, problem', [(0, 'must be >= 1'), (65, 'must be <= 64')])
+def test_micro_batches_out_of_range_is_one_line(m, problem):
+    """Thousands of micro-batches, each posting its (empty) collectives at every
+    MoE layer of every step, made a run crawl past SIGTERM: refused at start."""
+    from mpimoe.errors import ConfigError
+    from mpimoe.runtime.options import RunOptions
+    RunOptions(weights='w.h5', input='in.jsonl', output='o.h5', micro_batches=64).validate()
+    with pytest.raises(ConfigError, match=f'^--micro-batches {m}: {problem}$'):
+        RunOptions(weights='w.h5', input='in.jsonl', output='o.h5', micro_batches=m).validate()

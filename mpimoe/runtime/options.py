@@ -21,14 +21,21 @@ from mpimoe.runtime.request import SamplingParams
 __all__ = ['JobOptions', 'RunOptions', 'add_arguments', 'from_args']
 
 
+#: the most --micro-batches: every one posts its collectives at every MoE
+#: layer of every step, carrying rows or not (3000 made a tiny run crawl, a
+#: step outlasting SIGTERM's grace); pipelining gains little past a few
+MAX_MICRO_BATCHES = 64
+
+
 def _opt(default, help, *, aliases=(), metavar=None, choices=None, lo=None, above=None,
-         repeat=False):
-    """A field with its command-line metadata: ``lo`` <= value (``above`` <
-    value) when it is set; the field's type is the argparse type; ``repeat``:
-    the option may be given several times, the field is the tuple of them."""
+         hi=None, repeat=False):
+    """A field with its command-line metadata: ``lo`` <= value <= ``hi``
+    (``above`` < value) when it is set; the field's type is the argparse
+    type; ``repeat``: the option may be given several times, the field is
+    the tuple of them."""
     return field(default=default, metadata=dict(
         help=help, aliases=aliases, metavar=metavar, choices=choices, lo=lo, above=above,
-        repeat=repeat))
+        hi=hi, repeat=repeat))
 
 
 def _required(help, metavar='FILE'):
@@ -105,6 +112,8 @@ class JobOptions:
                 raise ConfigError(f'{flag} {v}: must be >= {m["lo"]}')
             if m.get('above') is not None and not v > m['above']:
                 raise ConfigError(f'{flag} {v}: must be > {m["above"]}')
+            if m.get('hi') is not None and v > m['hi']:
+                raise ConfigError(f'{flag} {v}: must be <= {m["hi"]}')
 
     @property
     def kv_cache_tokens(self):
@@ -161,8 +170,8 @@ class RunOptions(JobOptions):
                                '(default 0.01)', metavar='S', above=0.0)
     balance_clip: float = _opt(0.5, 'the bias stays within [-C, C] (default 0.5)',
                                metavar='C', above=0.0)
-    micro_batches: int = _opt(2, 'micro-batches per step, pipelined (default 2: double '
-                              'buffering)', metavar='M', lo=1)
+    micro_batches: int = _opt(2, 'micro-batches per step, pipelined, 1..64 (default 2: '
+                              'double buffering)', metavar='M', lo=1, hi=MAX_MICRO_BATCHES)
     metrics: str = _opt(None, 'write the run report (JSON) to FILE', metavar='FILE')
     deadline: float = _opt(600.0, 'abort the job when a wait makes no progress for this long '
                            '(default 600)', metavar='SECONDS', above=0.0)
