@@ -133,6 +133,10 @@ def test_hdf5_missing_dataset_and_wrong_dtype(tmp_path):
 def test_missing_file_unknown_extension_and_not_hdf5(tmp_path):
     with pytest.raises(DataError, match='input file not found'):
         read_inputs(tmp_path / 'nope.jsonl', VOCAB)
+    (tmp_path / 'd.jsonl').mkdir()
+    with pytest.raises(DataError, match=r'^--input .*d\.jsonl: is a directory, not a regular '
+                                        'file; pass a file$'):
+        read_inputs(tmp_path / 'd.jsonl', VOCAB)
     with pytest.raises(UsageError, match="unknown extension '.txt'"):
         read_inputs(tmp_path / 'in.txt', VOCAB)
     (tmp_path / 'fake.h5').write_text('not hdf5')

@@ -48,6 +48,7 @@ from mpimoe.io.fields import NEEDS_TOKENIZER, id_text, check_defaults
 from mpimoe.io.files import atomic_write, check_writable, file_digest, hdf5_image
 from mpimoe.io.hdf5 import hdf5_sequences, hdf5_slabs
 from mpimoe.io.jsonl import jsonl_lines, jsonl_sequences, parse_line
+from mpimoe.io.paths import regular_file
 from mpimoe.model.kvcache import BLOCK_TOKENS, blocks_for
 from mpimoe.runtime.request import SamplingParams
 
@@ -166,6 +167,7 @@ class InputStream:
             raise UsageError(f'--max-new-tokens {defaults.max_tokens}: leaves no room for a '
                              f'prompt in the context length of the model '
                              f'(max_position_embeddings = {context}); lower it')
+        regular_file(self.path, '--input')
         if not os.path.isfile(self.path):
             raise DataError(f'{self.path}: input file not found')
         with _reading(self.path):
