@@ -56,6 +56,11 @@ _CHUNK_FIELDS = {'start': int, 'stop': int, 'file': str, 'bytes': int, 'sha256':
 _FINAL_FIELDS = {'bytes': int, 'sha256': str}
 
 
+#: what an identity key is made of, where its name alone does not say
+#: (mpimoe.runtime.options.JobOptions.schedule)
+_IDENTITY_NOTES = {'chunk_tokens': ' (--chunk-tokens x front-end groups)'}
+
+
 class OutputWriter:
     """Write the output file (format in the module docstring) in input order,
     in committed chunks, so that a killed job resumes where it stopped.
@@ -155,7 +160,7 @@ class OutputWriter:
     def _committed_chunks(self, before):
         """The chunks (manifest entries) a previous run committed, checked: same
         identity, consecutive ranges, no stray chunk files, sizes and checksums."""
-        diff = [f'{k} {before["identity"].get(k)!r} then, {v!r} now'
+        diff = [f'{k}{_IDENTITY_NOTES.get(k, "")} {before["identity"].get(k)!r} then, {v!r} now'
                 for k, v in self.identity.items() if before['identity'].get(k) != v]
         if diff:
             raise DataError(f'{self.dir} holds a partial run that differs ({"; ".join(diff)}); '
