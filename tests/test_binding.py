@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from mpimoe.backends.binding import LocalRank, launcher_local_rank, sharing_problem
+from mpimoe.backends.binding import LocalRank, launcher_local_rank, launcher_rank, sharing_problem
 from mpimoe.parallel.gpu_mpi import exchange_rows
 from mpirun import mpiexec_path
 
@@ -127,3 +127,15 @@ def test_mpich_launcher_names_the_local_rank_inside_a_slurm_batch_shell():
         assert r['exchange'] is None
         assert r['choice'] == [None, 'the numpy backend hands host arrays to MPI', []]
     assert sorted(r['split'] for r in lines) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize('environ, rank', [
+    ({}, None),
+    ({'PMI_RANK': '3'}, 3),                                       # MPICH's Hydra
+    ({'PMIX_RANK': '0'}, 0),
+    ({'OMPI_COMM_WORLD_RANK': '5'}, 5),                           # Open MPI's mpirun
+    ({'SLURM_PROCID': '7', 'SLURM_STEP_ID': '0'}, 7),             # a task srun started
+    ({'SLURM_PROCID': '0'}, None),                                # the batch shell itself
+])
+def test_launcher_rank(environ, rank):
+    assert launcher_rank(environ) == rank

@@ -57,6 +57,19 @@ def test_abbreviated_option_is_a_usage_error(argv, unknown, capsys):
     assert f'mpimoe: error: unrecognized arguments: {unknown}' in capsys.readouterr().err
 
 
+@pytest.mark.timeout(60)
+def test_a_usage_error_under_mpiexec_is_printed_once():
+    """Every rank parses the command line; only rank 0 says what is wrong."""
+    from mpirun import mpiexec
+    proc = mpiexec(3, ['run', '--weights', 'w.h5', '--input', 'in.jsonl', '--output', 'o.h5',
+                       '--tp', '2.5'], timeout=50)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if 'error:' in line]
+    assert errors == ["mpimoe run: error: argument --tp: '2.5': expected an integer"], \
+        proc.stderr
+    assert proc.stderr.count('usage: mpimoe run') == 1, proc.stderr
+
+
 def _mpimoe(*args, cwd):
     """``python -m mpimoe ARGS`` without any MPI launcher -> CompletedProcess."""
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join(

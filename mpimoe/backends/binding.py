@@ -60,6 +60,16 @@ def launcher_local_rank(environ):
     return None
 
 
+def launcher_rank(environ):
+    """The global rank the launcher gives this process (int), or None outside
+    one: the process manager's (PMI_RANK, PMIX_RANK), Open MPI's, or srun's."""
+    for var in (*_GLOBAL_RANK_VARS, 'OMPI_COMM_WORLD_RANK'):
+        if environ.get(var, '').isdigit():
+            return int(environ[var])
+    procid = environ.get('SLURM_PROCID', '')
+    return int(procid) if 'SLURM_STEP_ID' in environ and procid.isdigit() else None
+
+
 def _started_by_srun(environ):
     procid = environ.get('SLURM_PROCID', '')
     if 'SLURM_STEP_ID' not in environ or not procid.isdigit():

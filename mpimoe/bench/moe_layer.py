@@ -290,7 +290,7 @@ def idle(world, deadline_s):
     t0 = time.perf_counter()
     while not req.Test():
         if time.perf_counter() - t0 > deadline_s:
-            raise WaitTimeout(f'no progress for {deadline_s:.0f} s waiting for the other '
+            raise WaitTimeout(f'no progress for {deadline_s:g} s waiting for the other '
                               'ranks between repeats; a peer rank is hung or dead')
         time.sleep(_IDLE_NAP_S)
 

@@ -8,15 +8,20 @@ and becomes one line on stderr and a non-zero exit code, never a traceback.
 import argparse
 import os
 import sys
+import time
 
 from mpimoe import __version__
 from mpimoe.backends.backend import MPI_GPU_MODES
+from mpimoe.backends.binding import launcher_rank
 from mpimoe.model.config import PRESETS
 from mpimoe.errors import (EXIT_INTERNAL, ConfigError, DataError, IOFailure, MpimoeError,
                            UsageError)
 from mpimoe.runtime.options import JobOptions, RunOptions, add_arguments
 
 __all__ = ['main']
+
+#: seconds a rank other than 0 waits before exiting on a usage error
+_QUIET_EXIT_S = 1.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,6 +31,16 @@ class _Parser(argparse.ArgumentParser):
 
     def __init__(self, **kwargs):
         super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        """Under a launcher only rank 0 prints the usage error (every rank
+        parses the same command line); the others wait a moment, so that an
+        abort on their exit does not cut rank 0's message, and exit 2."""
+        rank = launcher_rank(os.environ)
+        if rank:
+            time.sleep(_QUIET_EXIT_S)
+            sys.exit(2)
+        super().error(message)
 
 
 def _add_model_args(p, required=True):

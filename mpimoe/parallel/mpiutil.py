@@ -131,7 +131,7 @@ def wait_all(requests, deadline_s, what, poll=None):
             poll()
         now = time.perf_counter()
         if now - t0 > deadline_s:
-            raise WaitTimeout(f'no progress for {deadline_s:.0f} s waiting for {what()}; '
+            raise WaitTimeout(f'no progress for {deadline_s:g} s waiting for {what()}; '
                               'a peer rank is hung or dead (raise --deadline if legitimately slow)')
         if nap:
             time.sleep(nap)
