@@ -1,17 +1,21 @@
 """How much of a tensor-parallel group's Allreduce time the next micro-batch
-hides (mpimoe.model.forward): one prefill pass of a TP group, its sums
-posted and waited for after the other micro-batches' work, as the engine
-runs it, against waited for in place, in the same run.
+hides (mpimoe.model.forward): one prefill pass of a TP group, the sums of
+its dense MLPs and shared experts posted and waited for after the next
+micro-batch's work, as the engine runs it, against waited for in place, in
+the same run (the attention's sums are waited for in place in both).
 
     mpiexec -n T python -m mpi4py benchmarks/tp_overlap.py [--preset small] \\
-        [--tokens 2048] [--seqs 16] [--micro-batches 2] [--repeats 7] [--threads 1]
+        [--set KEY=VALUE ...] [--tokens 2048] [--seqs 16] [--micro-batches 2] \\
+        [--repeats 7] [--threads 1]
 
 The T ranks are one TP group (NumPy, ``--threads`` BLAS threads each):
-rank 0 writes the preset's synthetic weights into a temporary directory,
-every rank reads its shard of the non-expert tensors
-(mpimoe.model.tp_frontend.read_shard) and every expert, so that the MoE
-layers run in-process (mpimoe.moe.local) on each rank's share of the rows,
-with the group's gathers as in the engine.  ``--repeats`` rounds, each of
+rank 0 writes the preset's synthetic weights (``--set`` as ``mpimoe
+init-weights --set``; ``small`` has one dense layer and no shared experts,
+``--set shared.n_experts=1 --set shared.d_expert=1024`` gives each MoE
+layer Qwen2-MoE-like ones) into a temporary directory, every rank reads its
+shard of the non-expert tensors (mpimoe.model.tp_frontend.read_shard) and
+every expert, so that the MoE layers run in-process (mpimoe.moe.local) on
+each rank's share of the rows, with the group's gathers as in the engine.  ``--repeats`` rounds, each of
 one pass waited in place and one overlapped (alternating, so that other
 work on the machine slows both alike), each from a fresh KV cache.  Prints
 the medians over rounds of the pass time of the slowest rank and of the
@@ -36,6 +40,7 @@ from mpimoe.parallel.mpiutil import MPI  # noqa: E402
 from mpimoe.backends.backend import Backend  # noqa: E402
 from mpimoe.checkpoint.weights import WeightFile  # noqa: E402
 from mpimoe.checkpoint.writer import write_synthetic  # noqa: E402
+from mpimoe.errors import ConfigError  # noqa: E402
 from mpimoe.model.config import model_config  # noqa: E402
 from mpimoe.model.forward import forward, micro_batches  # noqa: E402
 from mpimoe.model.tp_frontend import TPFrontEnd, read_shard  # noqa: E402
@@ -45,14 +50,14 @@ from mpimoe.runtime.metrics import Timers  # noqa: E402
 from mpimoe.runtime.threads import apply_threads  # noqa: E402
 
 
-def load(comm, preset, timers):
+def load(comm, cfg, timers):
     """This rank's front-end of the group and its MoE layers, both ways:
     {overlap (bool): (TPFrontEnd, moe)}, the same tensors."""
     backend = Backend('numpy')
     with tempfile.TemporaryDirectory() as tmp:
         path = comm.bcast(os.path.join(tmp, 'weights.h5') if comm.rank == 0 else None)
         if comm.rank == 0:
-            write_synthetic(model_config(preset), path, seed=0)
+            write_synthetic(cfg, path, seed=0)
         comm.Barrier()
         with WeightFile(path) as wf:
             cfg = wf.config
@@ -83,6 +88,8 @@ def timed_pass(comm, front, moe, prompts, mbs, timers):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--preset', default='small')
+    ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                    help='override a field of the preset, as `mpimoe init-weights --set`')
     ap.add_argument('--tokens', type=int, default=2048, help='prompt tokens in the pass')
     ap.add_argument('--seqs', type=int, default=16, help='sequences they are cut into')
     ap.add_argument('--micro-batches', type=int, default=2)
@@ -94,8 +101,13 @@ def main(argv=None):
         ap.error('needs --repeats >= 5, --micro-batches >= 2 and at least 2 ranks')
     apply_threads(args.threads)
     timers = Timers()
-    models = load(comm, args.preset, timers)
-    cfg = models[True][0].cfg
+    try:
+        cfg = model_config(args.preset, args.set)
+    except ConfigError as e:
+        if comm.rank == 0:
+            ap.error(str(e))
+        sys.exit(2)
+    models = load(comm, cfg, timers)
     rng = np.random.default_rng(0)
     per = args.tokens // args.seqs
     prompts = [rng.integers(0, cfg.vocab_size, per) for _ in range(args.seqs)]
@@ -112,7 +124,8 @@ def main(argv=None):
             same &= bool(np.array_equal(got[False][2], got[True][2]))
     if comm.rank:
         return
-    print(f'{args.preset}: TP group of {comm.size} ranks, {args.threads} BLAS thread(s) each; '
+    model = ' '.join([args.preset] + [f'--set {o}' for o in args.set])
+    print(f'{model}: TP group of {comm.size} ranks, {args.threads} BLAS thread(s) each; '
           f'{args.seqs} x {per} prompt tokens in {len(mbs)} micro-batches; median of '
           f'{args.repeats} rounds')
     print(f'{"sums":>10s} {"pass s":>8s} {"tp wait s":>10s}')
