@@ -70,6 +70,25 @@ def test_a_usage_error_under_mpiexec_is_printed_once():
     assert proc.stderr.count('usage: mpimoe run') == 1, proc.stderr
 
 
+def test_a_usage_error_outside_mpi_subcommands_is_printed_whatever_the_rank(capsys,
+                                                                           monkeypatch):
+    """A single-process subcommand started as task 1 of srun (or under a rank's
+    PMI_RANK) still says what is wrong: only `run` and `bench` keep quiet
+    on ranks other than 0."""
+    monkeypatch.setenv('PMI_RANK', '1')
+    with pytest.raises(SystemExit) as exit_:
+        main(['plan', '--preset', 'tiny', '--gpus', 'x'])
+    assert exit_.value.code == 2
+    assert "mpimoe plan: error: argument --gpus: invalid int value: 'x'" \
+        in capsys.readouterr().err
+
+
+def test_plan_refuses_micro_batches_that_run_would(capsys):
+    assert main(['plan', '--preset', 'tiny', '--gpus', '9', '--micro-batches', '100']) == 2
+    assert capsys.readouterr().err.strip() == \
+        'mpimoe: error: --micro-batches 100: must be in 1..64'
+
+
 def _mpimoe(*args, cwd):
     """``python -m mpimoe ARGS`` without any MPI launcher -> CompletedProcess."""
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join(

@@ -182,8 +182,9 @@ def test_the_defaults_are_the_outputs_identity(tmp_path, tiny_weights):
             with pytest.raises(DataError, match=said):
                 open_job(dataclasses.replace(opts, **change), wf, {})
         # the same --chunk-tokens on 2 front-end groups: the chunks are twice as long
-        with pytest.raises(DataError, match=r'chunk_tokens \(--chunk-tokens x front-end '
-                                            r'groups\) 1024 then, 2048 now'):
+        with pytest.raises(DataError, match=r'chunk_tokens \(--chunk-tokens, default 16 x '
+                                            r'--max-batch-tokens, x front-end groups\) 1024 '
+                                            r'then, 2048 now'):
             open_job(opts, wf, {}, 2)
         _, again = open_job(opts, wf, {})
         with again:

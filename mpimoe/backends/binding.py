@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from mpimoe.errors import ConfigError
 from mpimoe.planning.text import rank_list
 
-__all__ = ['LOCAL_RANK_VARS', 'LocalRank', 'launcher_local_rank', 'bind_device', 'bind_early',
-           'sharing_problem']
+__all__ = ['LOCAL_RANK_VARS', 'LocalRank', 'launcher_local_rank', 'launcher_rank', 'bind_device',
+           'bind_early', 'sharing_problem']
 
 #: the node-local rank of each launcher, in the order they are trusted: an
 #: MPI launcher's own first, Slurm's only for tasks srun started
@@ -66,14 +66,18 @@ def launcher_rank(environ):
     for var in (*_GLOBAL_RANK_VARS, 'OMPI_COMM_WORLD_RANK'):
         if environ.get(var, '').isdigit():
             return int(environ[var])
-    procid = environ.get('SLURM_PROCID', '')
-    return int(procid) if 'SLURM_STEP_ID' in environ and procid.isdigit() else None
+    return int(environ['SLURM_PROCID']) if _in_srun_step(environ) else None
+
+
+def _in_srun_step(environ):
+    """Whether this process is a task of an srun step (SLURM_PROCID is its rank)."""
+    return 'SLURM_STEP_ID' in environ and environ.get('SLURM_PROCID', '').isdigit()
 
 
 def _started_by_srun(environ):
-    procid = environ.get('SLURM_PROCID', '')
-    if 'SLURM_STEP_ID' not in environ or not procid.isdigit():
+    if not _in_srun_step(environ):
         return False
+    procid = environ['SLURM_PROCID']
     return all(environ[v] == procid for v in _GLOBAL_RANK_VARS if v in environ)
 
 

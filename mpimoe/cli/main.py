@@ -16,7 +16,7 @@ from mpimoe.backends.binding import launcher_rank
 from mpimoe.model.config import PRESETS
 from mpimoe.errors import (EXIT_INTERNAL, ConfigError, DataError, IOFailure, MpimoeError,
                            UsageError)
-from mpimoe.runtime.options import JobOptions, RunOptions, add_arguments
+from mpimoe.runtime.options import MAX_MICRO_BATCHES, JobOptions, RunOptions, add_arguments
 
 __all__ = ['main']
 
@@ -33,11 +33,12 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message):
-        """Under a launcher only rank 0 prints the usage error (every rank
-        parses the same command line); the others wait a moment, so that an
-        abort on their exit does not cut rank 0's message, and exit 2."""
-        rank = launcher_rank(os.environ)
-        if rank:
+        """Under a launcher only rank 0 of ``run`` and ``bench`` (the MPI
+        subcommands, whose every rank parses the same command line) prints
+        the usage error; the others wait a moment, so that an abort on their
+        exit does not cut rank 0's message, and exit 2."""
+        mpi = self.prog.split()[1:2] in (['run'], ['bench'])
+        if mpi and launcher_rank(os.environ):
             time.sleep(_QUIET_EXIT_S)
             sys.exit(2)
         super().error(message)
@@ -106,6 +107,9 @@ def _cmd_plan(args):
         raise ConfigError('--batch-seqs and --seq-len go together (the batch of one pass)')
     if args.emit_sbatch and args.gpus_per_node is None:
         raise ConfigError('--emit-sbatch needs --gpus-per-node (GPUs and tasks per node)')
+    if not 1 <= args.micro_batches <= MAX_MICRO_BATCHES:    # what `run` takes
+        raise ConfigError(f'--micro-batches {args.micro_batches}: must be in '
+                          f'1..{MAX_MICRO_BATCHES}')
     cfg = model_config(args.preset, args.overrides)
     loads = load_stats(args.stats, cfg) if args.stats else None
     plan = make_plan(cfg, args.gpus, mode=args.placement, n_frontends=args.frontends,

@@ -58,7 +58,8 @@ _FINAL_FIELDS = {'bytes': int, 'sha256': str}
 
 #: what an identity key is made of, where its name alone does not say
 #: (mpimoe.runtime.options.JobOptions.schedule)
-_IDENTITY_NOTES = {'chunk_tokens': ' (--chunk-tokens x front-end groups)'}
+_IDENTITY_NOTES = {'chunk_tokens': ' (--chunk-tokens, default 16 x --max-batch-tokens, '
+                                   'x front-end groups)'}
 
 
 class OutputWriter:

@@ -80,6 +80,8 @@ def _setup_logging(opts, world):
                   'every rank can create and write'
     problems = [p for p in world.allgather(problem) if p]
     if problems:
+        if problem is None:
+            file.close()
         raise collective(IOFailure(problems[0]))
     file.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
     log.addHandler(file)

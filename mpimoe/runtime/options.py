@@ -18,7 +18,7 @@ from mpimoe.model.config import int_list
 from mpimoe.runtime.progress import EVERY_S
 from mpimoe.runtime.request import SamplingParams
 
-__all__ = ['JobOptions', 'RunOptions', 'add_arguments', 'from_args']
+__all__ = ['JobOptions', 'RunOptions', 'add_arguments', 'from_args', 'MAX_MICRO_BATCHES']
 
 
 #: the most --micro-batches: every one posts its collectives at every MoE
@@ -170,8 +170,9 @@ class RunOptions(JobOptions):
                                '(default 0.01)', metavar='S', above=0.0)
     balance_clip: float = _opt(0.5, 'the bias stays within [-C, C] (default 0.5)',
                                metavar='C', above=0.0)
-    micro_batches: int = _opt(2, 'micro-batches per step, pipelined, 1..64 (default 2: '
-                              'double buffering)', metavar='M', lo=1, hi=MAX_MICRO_BATCHES)
+    micro_batches: int = _opt(2, f'micro-batches per step, pipelined, 1..{MAX_MICRO_BATCHES} '
+                              '(default 2: double buffering)', metavar='M', lo=1,
+                              hi=MAX_MICRO_BATCHES)
     metrics: str = _opt(None, 'write the run report (JSON) to FILE', metavar='FILE')
     deadline: float = _opt(600.0, 'abort the job when a wait makes no progress for this long '
                            '(default 600)', metavar='SECONDS', above=0.0)
