@@ -149,7 +149,8 @@ def gpu_contract(args, d):
     seqs = read_inputs(inputs, cfg.vocab_size)
     prompts = [seqs.seq(i) for i in range(len(seqs))]
     tokens = np.stack(model.generate(prompts, args.new)[0])
-    a, gpu = teacher_forced(model, prompts, tokens), teacher_forced(g, prompts, tokens)   # one batch each
+    # one batch each
+    a, gpu = teacher_forced(model, prompts, tokens), teacher_forced(g, prompts, tokens)
     print(f'{args.preset}, {args.seqs} sequences x {args.new} steps ({a.shape[0] * a.shape[1]} '
           f'rows); TIE_RTOL {TIE_RTOL:.3g} = {TIE_RTOL / U:.0f} u, LOGIT_RTOL {LOGIT_RTOL:.3g}')
     _describe('GPU contract - A', gpu, a)

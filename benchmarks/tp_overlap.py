@@ -15,9 +15,10 @@ init-weights --set``; ``small`` has one dense layer and no shared experts,
 layer Qwen2-MoE-like ones) into a temporary directory, every rank reads its
 shard of the non-expert tensors (mpimoe.model.tp_frontend.read_shard) and
 every expert, so that the MoE layers run in-process (mpimoe.moe.local) on
-each rank's share of the rows, with the group's gathers as in the engine.  ``--repeats`` rounds, each of
-one pass waited in place and one overlapped (alternating, so that other
-work on the machine slows both alike), each from a fresh KV cache.  Prints
+each rank's share of the rows, with the group's gathers as in the engine.
+``--repeats`` rounds, each of one pass waited in place and one overlapped
+(alternating, so that other work on the machine slows both alike), each
+from a fresh KV cache.  Prints
 the medians over rounds of the pass time of the slowest rank and of the
 group's wait (stage ``tp``, mean over ranks), the ratio of the two pass
 times, and whether the two passes' logits are bit-identical (the same

@@ -493,7 +493,6 @@ def test_slot_host_staging_on_numpy():
     assert np.shares_memory(plain._recv_view(2), plain.inp.buf)
 
 
-
 def _as_cublas_reads(x, layout):
     """What a column-major GEMM reads for operand x (a NumPy view, 2-D or a
     3-D batch) given operand_layout's (op, ld, batch stride): op(M) per

@@ -76,8 +76,8 @@ class WeightFile:
         block of columns of a contiguous tensor (a TP rank's part,
         mpimoe.model.tp_frontend.read_shard) narrower than 64 KiB a row
         costs a 64 KiB window per row (the whole tensor where rows are
-        shorter than that); without it each row's piece is read as such.  Whole tensors and row ranges are
-        one contiguous read either way."""
+        shorter than that); without it each row's piece is read as such.
+        Whole tensors and row ranges are one contiguous read either way."""
         try:
             if isinstance(source, str):
                 fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)

@@ -76,10 +76,7 @@ def _micro_batch(front, moe, xs, m, cache, where, span, poll):
             yield
             continue
         with span('attention', 'compute', layer=i, mb=m):
-            out = front.attention_out(i, x, cache, where)
-        out = out.wait()
-        with span('attention', 'compute', layer=i, mb=m):
-            x = x + out
+            x = x + front.attention_out(i, x, cache, where).wait()
             h = front.ffn_input(i, x)
         if i in moe:
             handle = moe[i].dispatch(h, m)
@@ -94,9 +91,8 @@ def _micro_batch(front, moe, xs, m, cache, where, span, poll):
         poll()
         yield
         if out is not None:
-            out = out.wait()
             with span(stage, 'compute', layer=i, mb=m):
-                x = x + out
+                x = x + out.wait()
     if handle is not None:
         x = moe[handle.layer].combine(handle, x)
     xs[m] = x

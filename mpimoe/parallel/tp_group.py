@@ -4,7 +4,8 @@ on one node that hold one copy of the non-expert weights between them
 
 Every collective is non-blocking and waited for under the run's deadline
 (mpimoe.parallel.mpiutil.wait_all), so a dead peer ends the job instead of
-hanging it; the wait counts as stage ``tp`` of the ``wait`` category.
+hanging it; the wait counts as stage ``tp``, inside the compute stage that
+needs the result (no category of its own, so as not to count it twice).
 :meth:`TensorGroup.post_allreduce` hands back the sum on its way (a
 mpimoe.parallel.posted.Posted), so that the forward pass runs another
 micro-batch before it waits (mpimoe.model.forward).  Rows are FP32.  On
@@ -59,8 +60,8 @@ class TensorGroup:
         return received if self.mode == 'device' else self.backend.asarray(received)
 
     def _wait(self, req, what):
-        with self.timers.span('tp', 'wait'):
-            wait_all([req], self.deadline_s, lambda: f'the tensor-parallel group ({what})')
+        self.timers.add('tp', None, wait_all([req], self.deadline_s,
+                                             lambda: f'the tensor-parallel group ({what})'))
 
     def post_allreduce(self, x):
         """The sum over the group of x float32 [n, d], posted: a Posted of

@@ -84,8 +84,11 @@ class Timers:
                         self.cuda.get_elapsed_time(start, stop) / 1e3, where)
 
     def add(self, stage, category, seconds):
-        """Account ``seconds`` measured elsewhere (e.g. a wait inside a poll)."""
-        self.by_category[category] += seconds
+        """Account ``seconds`` measured elsewhere (e.g. a wait inside a poll);
+        category None: to ``stage`` only, for time that a span around it
+        already counts in its category."""
+        if category is not None:
+            self.by_category[category] += seconds
         self.by_stage[stage] += seconds
 
     def summary(self):
